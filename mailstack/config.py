@@ -1,0 +1,357 @@
+# -*- test-case-name: tests.test_config -*-
+"""
+Options and TOML files become one immutable L{Config}.
+
+Every option is declared once, in L{OPTIONS}: its name, default, parser and
+help.  The twistd options (L{mailstack.tap}), the TOML loader and the
+C{mailstack} command all read that table, so a name cannot mean one thing on
+the command line and another in a file.  Precedence: command line, then the
+file given by C{--config}, then the defaults here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import socket
+import tomllib
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+from mailstack.address import AddressError, normalize_domain
+
+
+class ConfigError(ValueError):
+    """
+    A configuration value or file is wrong; the message says which and why.
+    """
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_duration(text: str | int | float) -> float:
+    """
+    Parse C{"90"}, C{"90s"}, C{"5m"}, C{"4h"}, C{"5d"} into seconds.
+    """
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw]?)\s*", str(text))
+        if match is None:
+            raise ConfigError(f"not a duration: {text!r} (use e.g. 90s, 5m, 4h, 5d)")
+        value = float(match.group(1)) * _UNITS.get(match.group(2) or "s", 1)
+    if value <= 0:
+        raise ConfigError(f"a duration must be positive: {text!r}")
+    return value
+
+
+def parse_schedule(text: str | Sequence[str]) -> tuple[float, ...]:
+    """
+    Parse a retry schedule, C{"5m,10m,4h"} or a TOML list, into seconds.
+    """
+    items = text.split(",") if isinstance(text, str) else list(text)
+    schedule = tuple(parse_duration(item) for item in items if str(item).strip())
+    if not schedule:
+        raise ConfigError("the retry schedule is empty")
+    return schedule
+
+
+def parse_size(text: str | int) -> int:
+    """
+    Parse a size in bytes (a plain integer; C{k}, C{M}, C{G} suffixes allowed).
+    """
+    if isinstance(text, int) and not isinstance(text, bool):
+        value = text
+    else:
+        match = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)[bB]?\s*", str(text))
+        if match is None:
+            raise ConfigError(f"not a size in bytes: {text!r}")
+        scale = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3}
+        value = int(match.group(1)) * scale[match.group(2).lower()]
+    if value < 1024:
+        raise ConfigError(f"a message size limit under 1 KiB makes no sense: {text!r}")
+    return value
+
+
+def parse_networks(
+    text: str | Sequence[str],
+) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """
+    Parse C{"127.0.0.0/8,::1/128"} (or a TOML list) into networks.
+    """
+    items = text.split(",") if isinstance(text, str) else list(text)
+    networks = []
+    for item in items:
+        item = str(item).strip()
+        if not item:
+            continue
+        try:
+            networks.append(ipaddress.ip_network(item, strict=False))
+        except ValueError as e:
+            raise ConfigError(f"not a network: {item!r} ({e})") from None
+    return tuple(networks)
+
+
+def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int]:
+    """
+    Parse C{host:port}, C{[v6addr]:port} or, with a default port, C{host}.
+    """
+    text = str(text).strip()
+    match = re.fullmatch(r"\[([0-9A-Fa-f:.]+)\](?::(\d+))?|([^:\[\]\s]+)(?::(\d+))?", text)
+    if match is None:
+        raise ConfigError(f"not HOST:PORT: {text!r}")
+    host = match.group(1) or match.group(3)
+    port_text = match.group(2) or match.group(4)
+    if port_text is None:
+        if default_port is None:
+            raise ConfigError(f"a port is needed: {text!r}")
+        return host, default_port
+    port = int(port_text)
+    if not 0 < port < 65536:
+        raise ConfigError(f"port out of range: {text!r}")
+    return host, port
+
+
+@dataclass(frozen=True)
+class Route:
+    """
+    A static next hop: mail for C{domain} (C{*} for any) goes to host:port.
+    """
+
+    domain: str
+    host: str
+    port: int
+
+
+def parse_route(text: str) -> Route:
+    """
+    Parse C{DOMAIN=HOST:PORT}.
+    """
+    domain, sep, target = str(text).partition("=")
+    if not sep or not domain.strip():
+        raise ConfigError(f"a route is DOMAIN=HOST:PORT: {text!r}")
+    domain = domain.strip()
+    if domain != "*":
+        domain = _domain(domain)
+    host, port = parse_hostport(target, 25)
+    return Route(domain, host, port)
+
+
+def _domain(text: str) -> str:
+    try:
+        return normalize_domain(str(text))
+    except AddressError as e:
+        raise ConfigError(f"not a domain name: {text!r} ({e})") from None
+
+
+def _endpoint(text: str) -> str | None:
+    text = str(text).strip()
+    if text.lower() == "none":
+        return None
+    if not text:
+        raise ConfigError("an empty endpoint; use 'none' to disable a listener")
+    return text
+
+
+def _positive(text: Any) -> float:
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"not a number: {text!r}") from None
+    if value <= 0:
+        raise ConfigError(f"must be positive: {text!r}")
+    return value
+
+
+def _hostname(text: str) -> str:
+    text = str(text).strip().rstrip(".")
+    if not re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", text):
+        raise ConfigError(f"not a host name: {text!r}")
+    return text.lower()
+
+
+def _text(text: Any) -> str:
+    return str(text)
+
+
+@dataclass(frozen=True)
+class Option:
+    """
+    One configuration option, as the command line and TOML files know it.
+    """
+
+    name: str
+    default: Any
+    parse: Callable[[Any], Any]
+    help: str
+    repeatable: bool = False
+    metavar: str = ""
+
+    @property
+    def attribute(self) -> str:
+        return self.name.replace("-", "_")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("data-dir", "./mailstack-data", _text,
+           "all state: users, aliases, mail, queue, TLS", metavar="DIR"),
+    Option("hostname", None, _hostname,
+           "greeting, HELO/EHLO name, Received headers [default: the machine's FQDN]",
+           metavar="NAME"),
+    Option("domain", ("localhost",), _domain,
+           "a local domain (repeatable) [default: localhost]", repeatable=True,
+           metavar="NAME"),
+    Option("smtp", "tcp:2525:interface=127.0.0.1", _endpoint,
+           "receiving MTA endpoint (port 25 in production), or none", metavar="ENDPOINT"),
+    Option("submission", "tcp:2587:interface=127.0.0.1", _endpoint,
+           "submission endpoint with STARTTLS (587), or none", metavar="ENDPOINT"),
+    Option("submissions", "tcp:2465:interface=127.0.0.1", _endpoint,
+           "submission endpoint with implicit TLS (465), or none", metavar="ENDPOINT"),
+    Option("imap", "tcp:2143:interface=127.0.0.1", _endpoint,
+           "IMAP4rev1 endpoint with STARTTLS, or none", metavar="ENDPOINT"),
+    Option("imaps", "tcp:2993:interface=127.0.0.1", _endpoint,
+           "IMAP endpoint with implicit TLS, or none", metavar="ENDPOINT"),
+    Option("pop3", "tcp:2110:interface=127.0.0.1", _endpoint,
+           "POP3 endpoint with STLS, or none", metavar="ENDPOINT"),
+    Option("tls-cert", None, _text,
+           "PEM certificate chain [default: DATA/tls/cert.pem, generated]", metavar="FILE"),
+    Option("tls-key", None, _text,
+           "PEM private key [default: DATA/tls/key.pem, generated]", metavar="FILE"),
+    Option("dns-server", None, lambda v: parse_hostport(v, 53),
+           "resolver for MX/A/AAAA lookups [default: the system resolver]",
+           metavar="HOST:PORT"),
+    Option("route", (), parse_route,
+           "static next hop for a domain; * is a smarthost (repeatable)",
+           repeatable=True, metavar="DOMAIN=HOST:PORT"),
+    Option("retry-schedule", "5m,10m,20m,40m,80m,160m,4h", parse_schedule,
+           "delays between delivery attempts; the last repeats", metavar="LIST"),
+    Option("max-queue-lifetime", "5d", parse_duration,
+           "after this, undelivered recipients bounce", metavar="DURATION"),
+    Option("max-message-size", 26214400, parse_size,
+           "advertised in SIZE, enforced in DATA", metavar="BYTES"),
+    Option("relay-networks", "", parse_networks,
+           "clients allowed to relay without AUTH [default: none]", metavar="CIDR,..."),
+    Option("smtp-timeout", 300, _positive,
+           "idle seconds before a session is closed (RFC 5321 4.5.3.2)", metavar="SECONDS"),
+)
+
+OPTIONS_BY_NAME: Mapping[str, Option] = {o.name: o for o in OPTIONS}
+
+
+@dataclass(frozen=True)
+class Config:
+    """
+    The effective configuration of one mailstack instance.
+    """
+
+    data_dir: str
+    hostname: str
+    domain: tuple[str, ...]
+    smtp: str | None
+    submission: str | None
+    submissions: str | None
+    imap: str | None
+    imaps: str | None
+    pop3: str | None
+    tls_cert: str | None
+    tls_key: str | None
+    dns_server: tuple[str, int] | None
+    route: tuple[Route, ...]
+    retry_schedule: tuple[float, ...]
+    max_queue_lifetime: float
+    max_message_size: int
+    relay_networks: tuple[Any, ...]
+    smtp_timeout: float
+    source: str = field(default="defaults", compare=False)
+
+    @property
+    def domains(self) -> frozenset[str]:
+        return frozenset(self.domain)
+
+    def describe(self) -> list[str]:
+        """
+        One C{name = value} line per option, for the start-up log.
+        """
+        lines = []
+        for option in OPTIONS:
+            value = getattr(self, option.attribute)
+            if option.name == "route":
+                value = [f"{r.domain}={r.host}:{r.port}" for r in value]
+            elif option.name == "relay-networks":
+                value = [str(n) for n in value]
+            elif isinstance(value, tuple):
+                value = list(value)
+            lines.append(f"{option.name} = {value!r}")
+        return lines
+
+
+def canonical_key(key: str) -> str:
+    """
+    TOML keys may use underscores or dashes: C{data_dir} is C{data-dir}.
+    """
+    return key.strip().replace("_", "-").lower()
+
+
+def read_toml(path: str) -> dict[str, Any]:
+    """
+    Read a TOML configuration file, rejecting keys that are not options.
+    """
+    try:
+        with open(path, "rb") as f:
+            raw = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read {path}: {e.strerror}") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    values: dict[str, Any] = {}
+    unknown = []
+    for key, value in raw.items():
+        name = canonical_key(key)
+        if name not in OPTIONS_BY_NAME or name == "config":
+            unknown.append(key)
+        else:
+            values[name] = value
+    if unknown:
+        known = ", ".join(o.name for o in OPTIONS)
+        raise ConfigError(
+            f"{path}: unknown option(s) {', '.join(sorted(unknown))}; known options: {known}"
+        )
+    return values
+
+
+def build_config(
+    command_line: Mapping[str, Any], config_file: str | None = None
+) -> Config:
+    """
+    Merge command line values (C{None} or missing: not given) over the file's
+    values over the defaults, parse each, and return the L{Config}.
+    """
+    from_file = read_toml(config_file) if config_file else {}
+    values: dict[str, Any] = {}
+    for option in OPTIONS:
+        given = command_line.get(option.name)
+        if given is None or (option.repeatable and not given):
+            given = from_file.get(option.name)
+        origin = "command line" if command_line.get(option.name) else "config file"
+        if given is None:
+            given, origin = option.default, "default"
+        try:
+            if option.repeatable:
+                items = [given] if isinstance(given, str) else list(given)
+                value: Any = tuple(option.parse(item) for item in items)
+                if option.name == "domain" and not value:
+                    raise ConfigError("at least one local domain is needed")
+            elif given is None:
+                value = None
+            else:
+                value = option.parse(given)
+        except ConfigError as e:
+            raise ConfigError(f"--{option.name} ({origin}): {e}") from None
+        values[option.attribute] = value
+    if values["hostname"] is None:
+        values["hostname"] = _hostname(socket.getfqdn() or "localhost")
+    if (values["tls_cert"] is None) != (values["tls_key"] is None):
+        raise ConfigError("--tls-cert and --tls-key go together")
+    values["domain"] = tuple(dict.fromkeys(values["domain"]))
+    return Config(**values, source=config_file or "defaults")

@@ -1,0 +1,132 @@
+# -*- test-case-name: tests.test_service -*-
+"""
+A L{Config} becomes a running mail system: one L{MailStack} MultiService
+holding the listeners and the worker pools.  The reactor is passed in, so
+tests can run the whole thing in-process on port 0.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from twisted.application.internet import StreamServerEndpointService
+from twisted.application.service import MultiService, Service
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+
+from mailstack.config import Config
+from mailstack.delivery.maildir import MaildirDeliveryAgent, MaildirStore, MaildirWriter
+from mailstack.delivery.router import Router
+from mailstack.smtp.policy import ReceivingPolicy
+from mailstack.smtp.server import ServerSettings, SMTPServerFactory
+from mailstack.tls import TLSMaterial
+from mailstack.users import AliasMap, UserDatabase
+
+log = Logger()
+
+
+class ThreadPoolService(Service):
+    """
+    Runs a L{ThreadPool} for the life of the service.
+    """
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+class Listener(StreamServerEndpointService):
+    """
+    A server endpoint that says in the log where it listens, once it does.
+    """
+
+    def __init__(self, label: str, endpoint: Any, factory: Any) -> None:
+        super().__init__(endpoint, factory)
+        self.label = label
+        self.setName(label)
+        self.port: IListeningPort | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._waitingForPort.addCallback(self._listening)
+
+    def _listening(self, port: IListeningPort) -> IListeningPort:
+        self.port = port
+        address = port.getHost()
+        log.info("{label} listening on {host}:{port}", label=self.label,
+                 host=getattr(address, "host", address), port=getattr(address, "port", ""))
+        return port
+
+
+class MailStack(MultiService):
+    """
+    The whole mail system for one L{Config}.
+    """
+
+    def __init__(self, config: Config, reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        data = os.path.abspath(config.data_dir)
+        self.data_dir = data
+        os.makedirs(data, mode=0o700, exist_ok=True)
+
+        self.users = UserDatabase(data)
+        self.aliases = AliasMap(data)
+        self.router = Router(config.domains, self.users, self.aliases)
+
+        # Durable writes: enough threads that fsyncs from concurrent sessions
+        # overlap (the disk batches them); see mailstack.delivery.maildir.
+        self.io_pool = ThreadPool(minthreads=2, maxthreads=8, name="mailstack-io")
+        ThreadPoolService(self.io_pool).setServiceParent(self)
+        self.store = MaildirStore(os.path.join(data, "mail"))
+        self.maildir = MaildirDeliveryAgent(
+            MaildirWriter(self.store, config.hostname), reactor, self.io_pool
+        )
+        self.tls = TLSMaterial.from_config(data, config.hostname, config.tls_cert,
+                                           config.tls_key)
+        self.spool_dir = os.path.join(data, "tmp")
+        self.queue = None
+
+        if config.smtp is not None:
+            policy = ReceivingPolicy(self.router, self.maildir, self.queue,
+                                     config.relay_networks)
+            self.listen("smtp", config.smtp, self.smtp_factory(policy, "smtp"))
+        for name in ("submission", "submissions", "imap", "imaps", "pop3"):
+            if getattr(config, name) is not None:
+                log.warn("{name}: not implemented in this version; listener not started",
+                         name=name)
+
+    def smtp_factory(self, policy: Any, name: str, implicit_tls: bool = False
+                     ) -> SMTPServerFactory:
+        settings = ServerSettings(
+            hostname=self.config.hostname,
+            max_message_size=self.config.max_message_size,
+            timeout=self.config.smtp_timeout,
+            implicit_tls=implicit_tls,
+            name=name,
+        )
+        return SMTPServerFactory(policy, settings, self.reactor, self.spool_dir,
+                                 tls=None if implicit_tls else self.tls.context_factory)
+
+    def listen(self, label: str, description: str, factory: Any) -> Listener:
+        endpoint = serverFromString(self.reactor, description)
+        listener = Listener(label, endpoint, factory)
+        listener.setServiceParent(self)
+        return listener
+
+    def startService(self) -> None:
+        log.info("mailstack starting; configuration from {source}:", source=self.config.source)
+        for line in self.config.describe():
+            log.info("  {line}", line=line)
+        super().startService()

@@ -1,0 +1,67 @@
+# -*- test-case-name: tests.test_tap -*-
+"""
+C{twistd mailstack}: its options and its service.
+
+The options are generated from L{mailstack.config.OPTIONS}; a value not
+given on the command line comes from C{--config FILE}, else its default.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.python import usage
+
+from mailstack.config import OPTIONS, Config, ConfigError, build_config
+
+
+def _help(option: Any) -> str:
+    if option.default in (None, (), "") or "[default" in option.help:
+        return option.help
+    default = option.default
+    if isinstance(default, tuple):
+        default = ",".join(default)
+    return f"{option.help} [default: {default}]"
+
+
+def _repeatable(name: str, doc: str) -> Any:
+    def opt(self: "Options", value: str) -> None:
+        self.setdefault(name, []).append(value)
+
+    opt.__doc__ = doc
+    return opt
+
+
+class Options(usage.Options):
+    synopsis = "[options]"
+    longdesc = (
+        "Run mailstack: a receiving MTA, submission, an outbound queue, IMAP and POP3 "
+        "for one host.  Every option may also be set in the TOML file given by --config "
+        "(same names); the command line wins."
+    )
+    optParameters = [["config", None, None, "TOML configuration file"]] + [
+        [o.name, None, None, _help(o)] for o in OPTIONS if not o.repeatable
+    ]
+    for _o in OPTIONS:
+        if _o.repeatable:
+            locals()["opt_" + _o.attribute] = _repeatable(_o.name, _help(_o))
+    del _o
+
+    config: Config
+
+    def postOptions(self) -> None:
+        try:
+            self.config = build_config(self, self["config"])
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+
+def makeService(options: Options) -> Any:
+    """
+    The one place that takes the global reactor.
+    """
+    from twisted.internet import reactor
+
+    from mailstack.service import MailStack
+
+    return MailStack(options.config, reactor)
