@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -55,6 +56,7 @@ class Listener(StreamServerEndpointService):
         self.label = label
         self.setName(label)
         self.port: IListeningPort | None = None
+        self.listening: Deferred[IListeningPort] = Deferred()
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
@@ -65,6 +67,7 @@ class Listener(StreamServerEndpointService):
         address = port.getHost()
         log.info("{label} listening on {host}:{port}", label=self.label,
                  host=getattr(address, "host", address), port=getattr(address, "port", ""))
+        self.listening.callback(port)
         return port
 
 

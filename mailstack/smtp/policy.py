@@ -91,4 +91,6 @@ class ReceivingPolicy:
             parts.append(self.queue.enqueue(envelope, spool))
         if envelope.local:
             parts.append(self.local_agent.deliver(envelope, spool))
-        return gatherResults(parts, consumeErrors=True).addCallback(lambda _: None)
+        d = gatherResults(parts, consumeErrors=True)
+        d.addErrback(lambda failure: failure.value.subFailure)  # the first real cause
+        return d.addCallback(lambda _: None)

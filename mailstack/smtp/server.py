@@ -159,6 +159,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._buffer = b""
         self._discarding = False
         self._busy = False
+        self._paused = False
         self._processing = False
         self._closed = False
         self._errors = 0
@@ -272,12 +273,15 @@ class SMTPServer(Protocol, TimeoutMixin):
                 self._reply(result)
             return
         self._busy = True
-        self.setTimeout(None)
-        self.transport.pauseProducing()
         if transform is not None:
             result.addCallback(transform)
         result.addErrback(self._failed)
         result.addCallback(self._resume)
+        if self._busy and not self._closed:
+            # Still pending: stop reading and stop the idle clock until it answers.
+            self._paused = True
+            self.setTimeout(None)
+            self.transport.pauseProducing()
 
     def _failed(self, failure: Failure) -> Reply:
         if failure.check(SMTPError):
@@ -295,11 +299,11 @@ class SMTPServer(Protocol, TimeoutMixin):
             return
         if reply is not None:
             self._reply(reply)
-        if self._closed:
-            return
-        self.setTimeout(self.settings.timeout)
-        self.transport.resumeProducing()
-        self._process()
+        if self._paused and not self._closed:
+            self._paused = False
+            self.setTimeout(self.settings.timeout)
+            self.transport.resumeProducing()
+            self._process()
 
     _close_after = False
 
@@ -466,9 +470,12 @@ class SMTPServer(Protocol, TimeoutMixin):
         def accepted(resolution: Any) -> Reply:
             if self.envelope is not envelope:
                 return Reply(503, "5.5.1", "Error: transaction reset")
+            # One copy per mailbox, however many recipients lead to it.
+            mailboxes = {local.user for local in envelope.local}
             for local in resolution.local:
-                if local not in envelope.local:
+                if local.user not in mailboxes:
                     envelope.local.append(local)
+                    mailboxes.add(local.user)
             for remote in resolution.remote:
                 if remote not in envelope.remote:
                     envelope.remote.append(remote)

@@ -1,0 +1,103 @@
+"""
+Helpers for tests that run a real mailstack on 127.0.0.1 port 0.
+"""
+
+import os
+import smtplib
+import ssl
+
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks, returnValue
+from twisted.internet.threads import deferToThread
+
+from mailstack.auth import hash_password
+from mailstack.config import build_config
+from mailstack.service import MailStack
+
+_FAST_HASHES = {}
+
+
+def fast_hash(password):
+    """
+    Argon2 is slow on purpose; tests reuse one hash per password.
+    """
+    if password not in _FAST_HASHES:
+        _FAST_HASHES[password] = hash_password(password)
+    return _FAST_HASHES[password]
+
+
+def test_config(data_dir, **options):
+    """
+    A Config with every listener off but those given, on loopback port 0.
+    """
+    values = {name: "none" for name in
+              ("smtp", "submission", "submissions", "imap", "imaps", "pop3")}
+    values.update({"data-dir": data_dir, "hostname": "mx.test", "domain": ["localhost", "example.test"]})
+    for key, value in options.items():
+        values[key.replace("_", "-")] = value
+    return build_config(values)
+
+
+@inlineCallbacks
+def start_server(testcase, **options):
+    """
+    Start a MailStack with the given listeners (e.g. smtp="tcp:0:interface=127.0.0.1")
+    and return it, with C{ports} mapping each listener to its port number.
+    """
+    data_dir = os.path.abspath(testcase.mktemp())
+    service = MailStack(test_config(data_dir, **options), reactor)
+    service.privilegedStartService()
+    service.startService()
+    testcase.addCleanup(service.stopService)
+    service.ports = {}
+    for listener in service:
+        if hasattr(listener, "listening"):
+            port = yield listener.listening
+            service.ports[listener.label] = port.getHost().port
+    returnValue(service)
+
+
+def add_user(service, address, password="secret"):
+    from mailstack.address import local_address
+    service.users.add(local_address(address), fast_hash(password))
+
+
+def maildir_files(service, address, sub="new"):
+    local, domain = address.split("@")
+    path = os.path.join(service.data_dir, "mail", domain, local, sub)
+    if not os.path.isdir(path):
+        return []
+    return [os.path.join(path, name) for name in sorted(os.listdir(path))]
+
+
+def read_messages(service, address):
+    result = []
+    for path in maildir_files(service, address):
+        with open(path, "rb") as f:
+            result.append(f.read())
+    return result
+
+
+def client_context(service):
+    return ssl.create_default_context(cafile=service.tls.cert_path)
+
+
+def in_thread(f, *args, **kwargs):
+    """
+    Run a blocking client (smtplib, imaplib, ...) off the reactor thread.
+    """
+    return deferToThread(f, *args, **kwargs)
+
+
+def smtp_session(port, actions, host="127.0.0.1"):
+    """
+    Open an SMTP session and run C{actions(client)} in it, in this thread.
+    """
+    client = smtplib.SMTP(host, port, timeout=30)
+    try:
+        return actions(client)
+    finally:
+        try:
+            client.quit()
+        except (smtplib.SMTPServerDisconnected, OSError):
+            pass
