@@ -1,0 +1,7 @@
+"""
+C{python -m mailstack} is the C{mailstack} command.
+"""
+
+from mailstack.cli import main
+
+main()

@@ -1,0 +1,116 @@
+"""
+Durability: a server process killed with SIGKILL in the middle of a load
+has every message it answered 250 for in its Maildir, whole, and nothing
+half-written in new/.
+"""
+
+import os
+import queue
+import re
+import signal
+import smtplib
+import subprocess
+import sys
+import threading
+import time
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailstack.address import local_address
+from mailstack.users import UserDatabase
+from tests.support import fast_hash
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+END = b"END-OF-MESSAGE"
+
+
+def start_server_process(data_dir, timeout=60):
+    """
+    Start C{twist mailstack} on port 0; return the process and its SMTP port.
+    """
+    argv = [sys.executable, "-m", "twisted", "--log-format=text", "mailstack",
+            "--data-dir", data_dir, "--hostname", "mx.test",
+            "--smtp", "tcp:0:interface=127.0.0.1"]
+    argv += [f"--{name}=none" for name in
+             ("submission", "submissions", "imap", "imaps", "pop3")]
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env=dict(os.environ, PYTHONPATH=ROOT), cwd=data_dir)
+    lines = queue.Queue()
+
+    def read_log():
+        # Reads the whole log, so the pipe never fills up and blocks the server.
+        for line in process.stdout:
+            lines.put(line.decode("utf-8", "replace"))
+        lines.put(None)
+
+    threading.Thread(target=read_log, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    output = []
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        output.append(line)
+        match = re.search(r"smtp listening on 127\.0\.0\.1:(\d+)", line)
+        if match:
+            return process, int(match.group(1))
+    process.kill()
+    raise AssertionError("server did not start:\n" + "".join(output))
+
+
+class CrashTests(SynchronousTestCase):
+    def test_sigkill_under_load(self):
+        data_dir = os.path.abspath(self.mktemp())
+        os.makedirs(data_dir)
+        UserDatabase(data_dir).add(local_address("alice@localhost"), fast_hash("pw"))
+        process, port = start_server_process(data_dir)
+        self.addCleanup(lambda: process.poll() is None and process.kill())
+
+        acknowledged = []
+        lock = threading.Lock()
+        stop = threading.Event()
+        filler = b"x" * 76 + b"\r\n"
+
+        def sender(worker):
+            n = 0
+            try:
+                client = smtplib.SMTP("127.0.0.1", port, timeout=30)
+                client.ehlo("load.test")
+                while not stop.is_set() and n < 1000:
+                    subject = f"msg-{worker}-{n}"
+                    body = (f"Subject: {subject}\r\n\r\n".encode() + filler * 50 + END + b"\r\n")
+                    client.sendmail("load@remote.test", ["alice@localhost"], body)
+                    with lock:
+                        acknowledged.append(subject)
+                    n += 1
+            except (smtplib.SMTPException, OSError):
+                pass  # the server died under us: expected
+
+        threads = [threading.Thread(target=sender, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 60
+        while len(acknowledged) < 60 and time.monotonic() < deadline:
+            time.sleep(0.01)  # polling another process; no fake clock can drive it
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(10)
+        stop.set()
+        for t in threads:
+            t.join(30)
+        self.assertGreaterEqual(len(acknowledged), 60)
+
+        new = os.path.join(data_dir, "mail", "localhost", "alice", "new")
+        found = {}
+        for name in os.listdir(new):
+            with open(os.path.join(new, name), "rb") as f:
+                content = f.read()
+            self.assertTrue(content.endswith(END + b"\n"), f"partial file in new/: {name}")
+            self.assertIn(f",S={len(content)}", name)
+            subject = re.search(rb"^Subject: (\S+)$", content, re.M).group(1).decode()
+            found[subject] = found.get(subject, 0) + 1
+        missing = [s for s in acknowledged if s not in found]
+        self.assertEqual(missing, [], "acknowledged with 250 but lost")
+        self.assertEqual([s for s, count in found.items() if count > 1], [])
