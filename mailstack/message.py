@@ -36,6 +36,7 @@ class MessageSpool:
         self._directory = directory
         self._memory: bytearray | None = bytearray()
         self._fd: int | None = None
+        self._prefix = b""
         self.size = 0
         self._head = bytearray()
         self._head_done = False
@@ -59,6 +60,14 @@ class MessageSpool:
             while view:
                 written = os.write(self._fd, view)
                 view = view[written:]
+
+    def add_header(self, lines: bytes) -> None:
+        """
+        Add header lines (trace, fix-ups) in front of the received content;
+        later calls go after earlier ones.  Not part of L{head}.
+        """
+        self._prefix += lines
+        self.size += len(lines)
 
     def _collect_head(self, data: bytes) -> None:
         self._head += data
@@ -88,7 +97,8 @@ class MessageSpool:
     @property
     def head(self) -> bytes:
         """
-        The header section (up to its first empty line), LF line endings.
+        The received header section (up to its first empty line), LF line
+        endings, without what L{add_header} added.
         """
         return bytes(self._head)
 
@@ -102,6 +112,8 @@ class MessageSpool:
         """
         Yield the content from its start; safe in any thread once complete.
         """
+        if self._prefix:
+            yield self._prefix
         if self._memory is not None:
             yield bytes(self._memory)
             return

@@ -16,14 +16,18 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
+from mailstack.auth import PasswordChecker
 from mailstack.config import Config
 from mailstack.delivery.maildir import MaildirDeliveryAgent, MaildirStore, MaildirWriter
 from mailstack.delivery.router import Router
 from mailstack.smtp.policy import ReceivingPolicy
 from mailstack.smtp.server import ServerSettings, SMTPServerFactory
-from mailstack.tls import TLSMaterial
+from mailstack.smtp.submission import SubmissionPolicy
+from mailstack.throttle import LoginThrottle
+from mailstack.tls import ReloadingContextFactory, TLSMaterial
 from mailstack.users import AliasMap, UserDatabase
 
 log = Logger()
@@ -101,11 +105,26 @@ class MailStack(MultiService):
         self.spool_dir = os.path.join(data, "tmp")
         self.queue = None
 
+        # Argon2 takes 64 MiB and tens of milliseconds per check: few threads.
+        self.auth_pool = ThreadPool(minthreads=0, maxthreads=2, name="mailstack-auth")
+        ThreadPoolService(self.auth_pool).setServiceParent(self)
+        self.checker = PasswordChecker(self.users, reactor, self.auth_pool)
+        self.throttle = LoginThrottle(reactor)
+
         if config.smtp is not None:
             policy = ReceivingPolicy(self.router, self.maildir, self.queue,
                                      config.relay_networks)
             self.listen("smtp", config.smtp, self.smtp_factory(policy, "smtp"))
-        for name in ("submission", "submissions", "imap", "imaps", "pop3"):
+        submission = SubmissionPolicy(self.router, self.maildir, self.queue, self.checker,
+                                      self.throttle, reactor, config.hostname)
+        if config.submission is not None:
+            self.listen("submission", config.submission,
+                        self.smtp_factory(submission, "submission"))
+        if config.submissions is not None:
+            factory = self.smtp_factory(submission, "submissions", implicit_tls=True)
+            self.listen("submissions", config.submissions, TLSMemoryBIOFactory(
+                ReloadingContextFactory(self.tls), False, factory))
+        for name in ("imap", "imaps", "pop3"):
             if getattr(config, name) is not None:
                 log.warn("{name}: not implemented in this version; listener not started",
                          name=name)

@@ -16,7 +16,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from OpenSSL import crypto
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mailstack.users import atomic_write
 
@@ -141,3 +143,17 @@ class TLSMaterial:
                       path=self.cert_path, error=e)
         assert self._options is not None
         return self._options
+
+
+@implementer(IOpenSSLContextFactory)
+class ReloadingContextFactory:
+    """
+    A context factory for listeners with implicit TLS: each connection gets
+    the current context of a L{TLSMaterial}.
+    """
+
+    def __init__(self, material: TLSMaterial) -> None:
+        self.material = material
+
+    def getContext(self) -> object:
+        return self.material.context_factory().getContext()

@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
@@ -45,6 +46,7 @@ from mailstack.smtp.reply import Reply, SMTPError
 log = Logger()
 
 MAX_COMMAND_LINE = 512  # octets, with CRLF (RFC 5321 4.5.3.1.4)
+MAX_AUTH_LINE = 12288  # octets, AUTH and its responses (RFC 4954 4)
 _HELO_NAME = re.compile(r"[A-Za-z0-9._:\-\[\]]{1,255}")
 
 
@@ -160,6 +162,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._discarding = False
         self._busy = False
         self._paused = False
+        self._challenge: Deferred[str] | None = None
         self._processing = False
         self._closed = False
         self._errors = 0
@@ -180,6 +183,9 @@ class SMTPServer(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._closed = True
         self.setTimeout(None)
+        if self._challenge is not None:
+            d, self._challenge = self._challenge, None
+            d.errback(ConnectionDone("connection lost during AUTH"))
         self._drop_transaction()
         log.info("disconnect from {client}", client=self.session.client)
 
@@ -206,7 +212,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             return
         self._processing = True
         try:
-            while not self._busy and not self._closed:
+            while not self._closed and (not self._busy or self._challenge is not None):
                 if self._data is not None:
                     if not self._buffer:
                         break
@@ -220,7 +226,10 @@ class SMTPServer(Protocol, TimeoutMixin):
                     line = self._take_line()
                     if line is None:
                         break
-                    self._command(line)
+                    if self._challenge is not None:
+                        self._answer_challenge(line)
+                    else:
+                        self._command(line)
         finally:
             self._processing = False
 
@@ -228,7 +237,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         while True:
             end = self._buffer.find(b"\n")
             if end < 0:
-                if len(self._buffer) > MAX_COMMAND_LINE:
+                if len(self._buffer) > MAX_AUTH_LINE:
                     # No end in sight: answer now, drop the rest of the line as it comes.
                     self._buffer = b""
                     if not self._discarding:
@@ -239,7 +248,8 @@ class SMTPServer(Protocol, TimeoutMixin):
             if self._discarding:
                 self._discarding = False
                 continue
-            if len(line) + 1 > MAX_COMMAND_LINE:
+            auth = self._challenge is not None or line[:5].upper() == b"AUTH "
+            if len(line) + 1 > (MAX_AUTH_LINE if auth else MAX_COMMAND_LINE):
                 self._reply(Reply(500, "5.5.2", "Error: line too long"))
                 if self._closed:
                     return None
@@ -260,6 +270,30 @@ class SMTPServer(Protocol, TimeoutMixin):
             return
         self._respond(maybeDeferred(handler, arg.strip()))
 
+    def challenge(self, text: str) -> "Deferred[str]":
+        """
+        Send a C{334} challenge and return the client's next line (for SASL);
+        input flows again until it arrives.
+        """
+        self._send(Reply(334, "", text))
+        d: Deferred[str] = Deferred()
+        self._challenge = d
+        if self._paused:
+            self._paused = False
+            self.setTimeout(self.settings.timeout)
+            self.transport.resumeProducing()
+        self._process()
+        return d
+
+    def _answer_challenge(self, line: bytes) -> None:
+        d, self._challenge = self._challenge, None
+        assert d is not None
+        d.callback(line.decode("ascii", "replace"))
+        if self._busy and self._challenge is None and not self._paused and not self._closed:
+            self._paused = True
+            self.setTimeout(None)
+            self.transport.pauseProducing()
+
     # Output
 
     def _respond(self, result: Any, transform: Callable[[Any], Any] | None = None) -> None:
@@ -277,7 +311,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             result.addCallback(transform)
         result.addErrback(self._failed)
         result.addCallback(self._resume)
-        if self._busy and not self._closed:
+        if self._busy and self._challenge is None and not self._closed:
             # Still pending: stop reading and stop the idle clock until it answers.
             self._paused = True
             self.setTimeout(None)
@@ -309,7 +343,7 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     def _reply(self, reply: Reply) -> None:
         self._send(reply)
-        if self._close_after:
+        if self._close_after or reply.code == 421:
             self._close()
             return
         if reply.code >= 400 and reply.code != 421:
@@ -501,7 +535,6 @@ class SMTPServer(Protocol, TimeoutMixin):
         if arg:
             return Reply(501, "5.5.4", "Syntax: DATA")
         self._spool = MessageSpool(self.factory.spool_dir)
-        self._spool.write(self.received_header(envelope))
         self._data = DataReader(self._spool.write, self.settings.max_message_size)
         self._send(Reply(354, "", "End data with <CR><LF>.<CR><LF>"))
         return None
@@ -518,7 +551,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         rejection = reader.rejection
         if rejection is None:
             hops = sum(1 for name in spool.header_names() if name in ("received", "delivered-to"))
-            if hops > self.settings.max_hops:
+            if hops >= self.settings.max_hops:
                 rejection = (554, "5.4.6", "Error: too many hops (mail loop?)")
         if rejection is not None:
             spool.close()
@@ -527,6 +560,7 @@ class SMTPServer(Protocol, TimeoutMixin):
                      qid=envelope.queue_id, client=self.session.client, reply=reply)
             self._respond(reply)
             return
+        spool.add_header(self.received_header(envelope))
         log.info("{qid}: from=<{sender}> size={size} nrcpt={nrcpt}",
                  qid=envelope.queue_id, sender=envelope.sender or "", size=spool.size,
                  nrcpt=len(envelope.rcpts))

@@ -1,0 +1,216 @@
+# -*- test-case-name: tests.test_submission -*-
+"""
+The submission policy (RFC 6409): mail from our own users' clients.
+
+  - AUTH PLAIN and LOGIN (RFC 4954), offered and accepted only over TLS;
+  - MAIL and RCPT need AUTH; the envelope sender must belong to the user
+    (their address, its plus-addresses, or an alias that reaches them);
+  - recipients anywhere: local ones through the router, remote ones to
+    the outbound queue;
+  - a missing C{Message-ID:} or C{Date:} is added (RFC 6409 8);
+  - failed logins are throttled per client address and per user.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import email.utils
+import secrets
+from typing import Any
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from mailstack.address import Address, AddressError, parse_address
+from mailstack.delivery.router import AliasLoop, Resolution, UnknownRecipient
+from mailstack.message import Envelope, MessageSpool
+from mailstack.smtp.policy import ReceivingPolicy
+from mailstack.smtp.reply import Reply, SMTPError
+from mailstack.throttle import LoginThrottle
+
+log = Logger()
+
+MECHANISMS = ("PLAIN", "LOGIN")
+NEED_TLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
+NEED_AUTH = Reply(530, "5.7.0", "Authentication required")
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _decode(line: str, empty_ok: bool = False) -> bytes:
+    """
+    Decode one base64 SASL response; C{*} cancels (RFC 4954 4).
+    """
+    line = line.strip()
+    if line == "*":
+        raise _Cancelled()
+    if line == "=" and empty_ok:
+        return b""
+    try:
+        return base64.b64decode(line, validate=True)
+    except (binascii.Error, ValueError):
+        raise SMTPError(501, "5.5.2", "Error: cannot decode response") from None
+
+
+class SubmissionPolicy(ReceivingPolicy):
+    """
+    Mail from authenticated local users, to anywhere.
+    """
+
+    def __init__(
+        self,
+        router: Any,
+        local_agent: Any,
+        queue: Any,
+        checker: Any,
+        throttle: LoginThrottle,
+        clock: IReactorTime,
+        hostname: str,
+    ) -> None:
+        super().__init__(router, local_agent, queue)
+        self.checker = checker
+        self.throttle = throttle
+        self.clock = clock
+        self.hostname = hostname
+
+    def connect(self, session: Any) -> Reply | None:
+        if self.throttle.blocked(session.peer_host):
+            log.info("refused {client}: too many failed logins", client=session.client)
+            return Reply(421, "4.7.0", f"{self.hostname} Error: too many failed logins, "
+                                       "try again later")
+        return None
+
+    def extensions(self, session: Any) -> list[str]:
+        return [f"AUTH {' '.join(MECHANISMS)}"] if session.tls else []
+
+    # AUTH
+
+    def auth(self, protocol: Any, arg: str) -> Any:
+        return Deferred.fromCoroutine(self._auth(protocol, arg))
+
+    async def _auth(self, protocol: Any, arg: str) -> Reply:
+        session = protocol.session
+        if not session.tls:
+            return NEED_TLS
+        if session.helo is None:
+            return Reply(503, "5.5.1", "Error: send EHLO first")
+        if session.user is not None:
+            return Reply(503, "5.5.1", "Error: already authenticated")
+        if protocol.envelope is not None:
+            return Reply(503, "5.5.1", "Error: MAIL transaction in progress")
+        mechanism, _, initial = arg.strip().partition(" ")
+        mechanism = mechanism.upper()
+        if not mechanism:
+            return Reply(501, "5.5.4", "Syntax: AUTH mechanism [initial-response]")
+        if mechanism not in MECHANISMS:
+            return Reply(504, "5.5.4", "Error: unsupported authentication mechanism")
+        try:
+            username, password = await self._exchange(protocol, mechanism, initial.strip())
+        except _Cancelled:
+            return Reply(501, "5.0.0", "Error: authentication cancelled")
+        except UnicodeDecodeError:
+            return Reply(501, "5.5.2", "Error: cannot decode response")
+        ip = session.peer_host
+        delay = self.throttle.delay(ip, username)
+        try:
+            avatar = await self.checker.requestAvatarId(UsernamePassword(username, password))
+        except UnauthorizedLogin:
+            avatar = None
+        if delay:
+            await deferLater(self.clock, delay)
+        if avatar is None:
+            self.throttle.failed(ip, username)
+            log.warn("{client}: SASL {mechanism} authentication failed: user=<{user}>",
+                     client=session.client, mechanism=mechanism, user=username[:100])
+            if self.throttle.blocked(ip):
+                log.warn("{client}: too many failed logins; disconnecting",
+                         client=session.client)
+                return Reply(421, "4.7.0", f"{self.hostname} Error: too many failed logins")
+            return Reply(535, "5.7.8", "Error: authentication credentials invalid")
+        session.user = parse_address(avatar)
+        self.throttle.succeeded(ip, avatar)
+        log.info("{client}: sasl_method={mechanism}, sasl_username={user}",
+                 client=session.client, mechanism=mechanism, user=avatar)
+        return Reply(235, "2.7.0", "Authentication successful")
+
+    async def _exchange(self, protocol: Any, mechanism: str, initial: str) -> tuple[str, str]:
+        if mechanism == "PLAIN":
+            if initial:
+                response = _decode(initial, empty_ok=True)
+            else:
+                response = _decode(await protocol.challenge(""))
+            parts = response.split(b"\0")
+            if len(parts) != 3:
+                raise SMTPError(501, "5.5.2", "Error: malformed PLAIN response")
+            authzid, authcid, password = (p.decode("utf-8") for p in parts)
+            if authzid and authzid != authcid:
+                # Acting as another user is not offered: treat as a failure.
+                return authcid, "\0never matches\0"
+            return authcid, password
+        if initial:
+            username = _decode(initial).decode("utf-8")
+        else:
+            username = _decode(await protocol.challenge("VXNlcm5hbWU6")).decode("utf-8")
+        password = _decode(await protocol.challenge("UGFzc3dvcmQ6")).decode("utf-8")
+        return username, password
+
+    # The envelope
+
+    def mail(self, session: Any, sender: Address | None) -> Reply | None:
+        if not session.tls:
+            raise SMTPError(*NEED_TLS)
+        if session.user is None:
+            raise SMTPError(*NEED_AUTH)
+        if sender is None:
+            raise SMTPError(553, "5.7.1", "Error: the null sender is not allowed here")
+        if not self.owns(session.user, sender):
+            log.info("reject: MAIL from {client}: <{sender}> not owned by {user}",
+                     client=session.client, sender=sender, user=session.user)
+            raise SMTPError(553, "5.7.1", f"<{sender}>: Sender address rejected: "
+                                          f"not owned by user {session.user}")
+        return None
+
+    def owns(self, user: Address, sender: Address) -> bool:
+        """
+        Whether C{user} may use C{sender}: their address, a plus-address of
+        it, or an alias that delivers to them.
+        """
+        key = sender.lower()
+        if key == user or key.base == user:
+            return True
+        if not self.router.is_local(sender):
+            return False
+        try:
+            resolution = self.router.resolve(sender)
+        except (UnknownRecipient, AliasLoop, AddressError):
+            return False
+        return any(local.user == user for local in resolution.local)
+
+    def may_relay(self, session: Any) -> bool:
+        return session.user is not None
+
+    def rcpt(self, session: Any, envelope: Envelope, rcpt: Address) -> Resolution:
+        if not session.tls:
+            raise SMTPError(*NEED_TLS)
+        if session.user is None:
+            raise SMTPError(*NEED_AUTH)
+        return super().rcpt(session, envelope, rcpt)
+
+    def deliver(self, session: Any, envelope: Envelope, spool: MessageSpool) -> Deferred[Any]:
+        names = set(spool.header_names())
+        if "message-id" not in names:
+            token = secrets.token_hex(8)
+            spool.add_header(f"Message-ID: <{envelope.queue_id}.{token}@{self.hostname}>\n"
+                             .encode("ascii"))
+        if "date" not in names:
+            now = datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc)
+            spool.add_header(f"Date: {email.utils.format_datetime(now)}\n".encode("ascii"))
+        return super().deliver(session, envelope, spool)

@@ -1,0 +1,302 @@
+"""
+The submission service: real smtplib clients over real TLS on 127.0.0.1
+port 0, and the login throttle on a fake clock.
+"""
+
+import base64
+import smtplib
+import ssl
+
+from twisted.internet.defer import inlineCallbacks, succeed, fail
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.cred.error import UnauthorizedLogin
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from mailstack.address import local_address
+from mailstack.smtp.server import ServerSettings, SMTPServerFactory
+from mailstack.smtp.submission import SubmissionPolicy
+from mailstack.throttle import LoginThrottle
+from tests.support import (
+    add_user, client_context, in_thread, read_messages, smtp_session, start_server,
+)
+
+LISTEN = "tcp:0:interface=127.0.0.1"
+
+
+def b64(data):
+    return base64.b64encode(data).decode("ascii")
+
+
+class SubmissionTests(TestCase):
+    @inlineCallbacks
+    def setUp(self):
+        self.server = yield start_server(self, submission=LISTEN, submissions=LISTEN)
+        self.port = self.server.ports["submission"]
+        add_user(self.server, "alice@localhost", "alice-pw")
+        add_user(self.server, "bob@example.test", "bob-pw")
+        self.server.aliases.add(local_address("sales@localhost"),
+                                (local_address("alice@localhost"),))
+        self.context = client_context(self.server)
+
+    def session(self, actions, tls=True, login=("alice@localhost", "alice-pw")):
+        def run(client):
+            client.ehlo("client.test")
+            if tls:
+                client.starttls(context=self.context)
+                client.ehlo("client.test")
+            if login:
+                client.login(*login)
+            return actions(client)
+        return in_thread(smtp_session, self.port, run, host="localhost")
+
+    @inlineCallbacks
+    def test_nothing_before_tls(self):
+        """
+        Before STARTTLS there is no AUTH offered, and AUTH and MAIL get
+        530 5.7.0: no password ever crosses in clear text (RCPT, with no
+        MAIL before it, is out of sequence: 503).
+        """
+        def probe(client):
+            return (client.has_extn("auth"), client.has_extn("starttls"),
+                    client.docmd("AUTH", "PLAIN " + b64(b"\0alice@localhost\0alice-pw")),
+                    client.docmd("MAIL", "FROM:<alice@localhost>"),
+                    client.docmd("RCPT", "TO:<bob@example.test>"))
+
+        auth, starttls, *replies = yield self.session(probe, tls=False, login=None)
+        self.assertEqual((auth, starttls), (False, True))
+        self.assertEqual([(c, m.split()[0]) for c, m in replies],
+                         [(530, b"5.7.0"), (530, b"5.7.0"), (503, b"5.5.1")])
+
+    @inlineCallbacks
+    def test_plain_and_login(self):
+        """
+        AUTH PLAIN (with and without initial response) and AUTH LOGIN work
+        after STARTTLS; the mail is delivered, marked ESMTPSA with its TLS.
+        """
+        def plain_no_initial(client):
+            client.user, client.password = "alice@localhost", "alice-pw"
+            code, _ = client.auth("PLAIN", client.auth_plain, initial_response_ok=False)
+            return code
+
+        def login(client):
+            client.user, client.password = "bob@example.test", "bob-pw"
+            code, _ = client.auth("LOGIN", client.auth_login, initial_response_ok=False)
+            client.sendmail("bob@example.test", ["alice@localhost"], b"Subject: s\r\n\r\nhi\r\n")
+            return code
+
+        def plain(client):
+            code, _ = client.docmd("AUTH", "PLAIN " + b64(b"\0alice@localhost\0alice-pw"))
+            return code
+
+        self.assertEqual((yield self.session(plain, login=None)), 235)
+        self.assertEqual((yield self.session(plain_no_initial, login=None)), 235)
+        self.assertEqual((yield self.session(login, login=None)), 235)
+        [message] = read_messages(self.server, "alice@localhost")
+        self.assertIn(b"(authenticated as bob@example.test)", message)
+        self.assertIn(b"with ESMTPSA id", message)
+        self.assertIn(b"(using TLSv1.", message)
+
+    @inlineCallbacks
+    def test_bad_credentials(self):
+        """
+        A wrong password, an unknown user and a foreign authzid get 535 5.7.8;
+        a cancelled exchange 501; garbage 501; AUTH after AUTH 503.
+        """
+        def probe(client):
+            return [
+                client.docmd("AUTH", "PLAIN " + b64(b"\0alice@localhost\0wrong")),
+                client.docmd("AUTH", "PLAIN " + b64(b"\0nobody@localhost\0alice-pw")),
+                client.docmd("AUTH", "PLAIN " + b64(b"bob@example.test\0alice@localhost\0alice-pw")),
+                (client.docmd("AUTH", "LOGIN"), client.docmd("*"))[1],
+                client.docmd("AUTH", "PLAIN !!notbase64!!"),
+                client.docmd("AUTH", "CRAM-MD5"),
+                client.docmd("AUTH", "PLAIN " + b64(b"\0alice@localhost\0alice-pw")),
+                client.docmd("AUTH", "PLAIN " + b64(b"\0alice@localhost\0alice-pw")),
+            ]
+
+        replies = yield self.session(probe, login=None)
+        self.assertEqual([(c, m.split()[0]) for c, m in replies], [
+            (535, b"5.7.8"), (535, b"5.7.8"), (535, b"5.7.8"), (501, b"5.0.0"),
+            (501, b"5.5.2"), (504, b"5.5.4"), (235, b"2.7.0"), (503, b"5.5.1"),
+        ])
+
+    @inlineCallbacks
+    def test_sender_authorization(self):
+        """
+        MAIL needs AUTH; the sender must be the user's own address, a
+        plus-address of it, or an alias that reaches the user.
+        """
+        def unauthenticated(client):
+            return client.docmd("MAIL", "FROM:<alice@localhost>")
+
+        def senders(client):
+            codes = []
+            for sender in ("bob@example.test", "alice@localhost", "Alice+lists@LOCALHOST",
+                           "sales@localhost", "<>", "alice@elsewhere.test"):
+                path = "<>" if sender == "<>" else f"<{sender}>"
+                codes.append(client.docmd("MAIL", f"FROM:{path}")[0])
+                client.rset()
+            return codes
+
+        code, message = yield self.session(unauthenticated, login=None)
+        self.assertEqual((code, message.split()[0]), (530, b"5.7.0"))
+        self.assertEqual((yield self.session(senders)), [553, 250, 250, 250, 553, 553])
+
+    @inlineCallbacks
+    def test_fixups(self):
+        """
+        A missing Message-ID and Date are added; present ones are kept.
+        """
+        def send(client):
+            client.sendmail("alice@localhost", ["bob@example.test"], b"Subject: bare\r\n\r\nx\r\n")
+            client.sendmail("alice@localhost", ["bob@example.test"],
+                            b"Subject: full\r\nMessage-ID: <mine@client.test>\r\n"
+                            b"Date: Mon, 1 Jan 2024 00:00:00 +0000\r\n\r\nx\r\n")
+
+        yield self.session(send)
+        bare, full = sorted(read_messages(self.server, "bob@example.test"),
+                            key=lambda m: b"Subject: full" in m)
+        self.assertRegex(bare, rb"\nMessage-ID: <[0-9A-F]+\.[0-9a-f]+@mx\.test>\n")
+        self.assertRegex(bare, rb"\nDate: \w{3}, \d+ \w{3} \d{4} [\d:]{8} \+0000\n")
+        self.assertEqual(full.count(b"Message-ID:"), 1)
+        self.assertEqual(full.count(b"\nDate:"), 1)
+        self.assertIn(b"Message-ID: <mine@client.test>", full)
+
+    @inlineCallbacks
+    def test_remote_recipients_wait_for_the_queue(self):
+        """
+        Without an outbound queue, a remote recipient gets a 4xx: never
+        accepted and dropped.
+        """
+        def send(client):
+            client.mail("alice@localhost")
+            return client.rcpt("someone@remote.test")
+
+        code, _ = yield self.session(send)
+        self.assertEqual(code // 100, 4)
+
+    @inlineCallbacks
+    def test_implicit_tls(self):
+        """
+        The submissions port speaks TLS from the first byte, verifiable
+        against the generated certificate, and offers AUTH at once.
+        """
+        def run():
+            client = smtplib.SMTP_SSL("localhost", self.server.ports["submissions"],
+                                      context=self.context, timeout=30)
+            try:
+                client.ehlo("c.test")
+                starttls = client.has_extn("starttls")
+                client.login("alice@localhost", "alice-pw")
+                client.sendmail("alice@localhost", ["bob@example.test"], b"Subject: 465\r\n\r\n")
+                return starttls
+            finally:
+                client.quit()
+
+        self.assertFalse((yield in_thread(run)))
+        [message] = read_messages(self.server, "bob@example.test")
+        self.assertIn(b"with ESMTPSA", message)
+
+    @inlineCallbacks
+    def test_certificate_does_not_verify_for_other_names(self):
+        """
+        The generated certificate names this host only.
+        """
+        port = self.server.ports["submissions"]
+        context = self.context
+
+        def wrong_name():
+            import socket
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as raw:
+                with context.wrap_socket(raw, server_hostname="other.test"):
+                    pass
+
+        yield self.assertFailure(in_thread(wrong_name), ssl.SSLCertVerificationError)
+
+
+class FakeChecker:
+    """
+    Accepts one password; answers synchronously.
+    """
+
+    def requestAvatarId(self, credentials):
+        if credentials.password == "right":
+            return succeed(credentials.username)
+        return fail(UnauthorizedLogin())
+
+
+class ThrottleTests(SynchronousTestCase):
+    """
+    Brute force is slowed, then refused; other clients are not affected.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.throttle = LoginThrottle(self.clock)
+        policy = SubmissionPolicy(None, None, None, FakeChecker(), self.throttle, self.clock,
+                                  "mx.test")
+        settings = ServerSettings(hostname="mx.test", max_message_size=10000,
+                                  implicit_tls=True, name="submissions")
+        self.factory = SMTPServerFactory(policy, settings, self.clock)
+
+    def connect(self, host="192.0.2.1"):
+        from twisted.internet.address import IPv4Address
+        transport = StringTransport(peerAddress=IPv4Address("TCP", host, 1234))
+        proto = self.factory.buildProtocol(None)
+        proto.makeConnection(transport)
+        proto.dataReceived(b"EHLO c.test\r\n")
+        transport.clear()
+        return proto, transport
+
+    def auth(self, proto, transport, password):
+        proto.dataReceived(b"AUTH PLAIN " + base64.b64encode(b"\0u@x.test\0" + password) +
+                           b"\r\n")
+        value = transport.value()
+        transport.clear()
+        return value[:3]
+
+    def test_slowed_then_refused(self):
+        """
+        The first failures answer at once; from the third on, answers wait
+        1, 2, 4, 8 s...; the tenth failure disconnects, and the address is
+        refused at connect until its failures age out.
+        """
+        proto, transport = self.connect()
+        waits = []
+        for attempt in range(10):
+            code = self.auth(proto, transport, b"wrong")
+            waited = 0
+            while not code and waited < 100:
+                self.clock.advance(1)
+                waited += 1
+                code = transport.value()[:3]
+                transport.clear() if code else None
+            waits.append(waited)
+            if code == b"421":
+                break
+            self.assertEqual(code, b"535")
+        self.assertEqual(waits, [0, 0, 0, 1, 2, 4, 8, 16, 16, 16])
+        self.assertTrue(transport.disconnecting)
+        other, t = self.connect("192.0.2.9")  # same user, other address: slowed, not refused
+        self.assertEqual(self.auth(other, t, b"right"), b"")
+        self.clock.advance(16)
+        self.assertTrue(t.value().startswith(b"235"))
+
+        from twisted.internet.address import IPv4Address
+        again = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.1", 1))
+        self.factory.buildProtocol(None).makeConnection(again)
+        self.assertTrue(again.value().startswith(b"421 4.7.0"))
+        self.clock.advance(LoginThrottle.window + 1)
+        proto, transport = self.connect()
+        self.assertEqual(self.auth(proto, transport, b"right"), b"235")
+
+    def test_good_clients_elsewhere_unaffected(self):
+        """
+        Failures from one address do not slow another address's other user.
+        """
+        proto, transport = self.connect("192.0.2.1")
+        for _ in range(5):
+            self.auth(proto, transport, b"wrong")
+            self.clock.advance(100)
+        self.assertEqual(self.throttle.delay("192.0.2.2", "v@x.test"), 0)
