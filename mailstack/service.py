@@ -16,13 +16,21 @@ from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.names.client import createResolver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
+from mailstack.address import parse_address
 from mailstack.auth import PasswordChecker
 from mailstack.config import Config
 from mailstack.delivery.maildir import MaildirDeliveryAgent, MaildirStore, MaildirWriter
+from mailstack.delivery.dispatch import Dispatcher
 from mailstack.delivery.router import Router
+from mailstack.queue.control import ControlFactory, control_path
+from mailstack.queue.courier import Courier
+from mailstack.queue.runner import OutboundQueue
+from mailstack.queue.store import QueueStore
+from mailstack.smtp.client import Timeouts
 from mailstack.smtp.policy import ReceivingPolicy
 from mailstack.smtp.server import ServerSettings, SMTPServerFactory
 from mailstack.smtp.submission import SubmissionPolicy
@@ -80,7 +88,23 @@ class MailStack(MultiService):
     The whole mail system for one L{Config}.
     """
 
-    def __init__(self, config: Config, reactor: Any) -> None:
+    def __init__(
+        self,
+        config: Config,
+        reactor: Any,
+        resolver: Any = None,
+        relay_endpoint: Any = None,
+        relay_port: int = 25,
+        relay_timeouts: Timeouts = Timeouts(),
+        clock: Any = None,
+    ) -> None:
+        """
+        @param resolver: DNS for MX/A/AAAA lookups; by default from
+            C{--dns-server} or the system's configuration.
+        @param relay_endpoint: C{(ip, port) -> endpoint}, for tests.
+        @param relay_port: the SMTP port of remote hosts (25; tests change it).
+        @param clock: the queue's clock (the reactor; tests pass a Clock).
+        """
         super().__init__()
         self.config = config
         self.reactor = reactor
@@ -103,7 +127,23 @@ class MailStack(MultiService):
         self.tls = TLSMaterial.from_config(data, config.hostname, config.tls_cert,
                                            config.tls_key)
         self.spool_dir = os.path.join(data, "tmp")
-        self.queue = None
+
+        if resolver is None:
+            servers = [config.dns_server] if config.dns_server else None
+            resolver = createResolver(servers=servers)
+        self.courier = Courier(reactor, resolver, config.hostname, config.route,
+                               port=relay_port, timeouts=relay_timeouts,
+                               endpoint=relay_endpoint)
+        self.queue = OutboundQueue(
+            QueueStore(os.path.join(data, "queue")), self.courier, reactor, clock or reactor,
+            self.io_pool,
+            config.retry_schedule, config.max_queue_lifetime, config.hostname)
+        self.queue.setServiceParent(self)
+        self.dispatcher = Dispatcher(self.router, self.maildir, self.queue, reactor,
+                                     self.spool_dir)
+        self.queue.bounce_to = self.bounce
+        self.listen("control", f"unix:{control_path(data)}:mode=600:lockfile=1",
+                    ControlFactory(self.queue))
 
         # Argon2 takes 64 MiB and tens of milliseconds per check: few threads.
         self.auth_pool = ThreadPool(minthreads=0, maxthreads=2, name="mailstack-auth")
@@ -112,11 +152,10 @@ class MailStack(MultiService):
         self.throttle = LoginThrottle(reactor)
 
         if config.smtp is not None:
-            policy = ReceivingPolicy(self.router, self.maildir, self.queue,
-                                     config.relay_networks)
+            policy = ReceivingPolicy(self.dispatcher, config.relay_networks)
             self.listen("smtp", config.smtp, self.smtp_factory(policy, "smtp"))
-        submission = SubmissionPolicy(self.router, self.maildir, self.queue, self.checker,
-                                      self.throttle, reactor, config.hostname)
+        submission = SubmissionPolicy(self.dispatcher, self.checker, self.throttle, reactor,
+                                      config.hostname)
         if config.submission is not None:
             self.listen("submission", config.submission,
                         self.smtp_factory(submission, "submission"))
@@ -128,6 +167,12 @@ class MailStack(MultiService):
             if getattr(config, name) is not None:
                 log.warn("{name}: not implemented in this version; listener not started",
                          name=name)
+
+    def bounce(self, sender: str, report: bytes) -> Deferred[str]:
+        """
+        Send a delivery status notification from the null sender.
+        """
+        return self.dispatcher.inject(None, [parse_address(sender)], report, client="bounce")
 
     def smtp_factory(self, policy: Any, name: str, implicit_tls: bool = False
                      ) -> SMTPServerFactory:

@@ -3,8 +3,10 @@ Helpers for tests that run a real mailstack on 127.0.0.1 port 0.
 """
 
 import os
+import shutil
 import smtplib
 import ssl
+import tempfile
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks, returnValue
@@ -13,6 +15,7 @@ from twisted.internet.threads import deferToThread
 from mailstack.auth import hash_password
 from mailstack.config import build_config
 from mailstack.service import MailStack
+from mailstack.testing import FakeResolver
 
 _FAST_HASHES = {}
 
@@ -38,14 +41,29 @@ def test_config(data_dir, **options):
     return build_config(values)
 
 
+def short_tempdir(testcase):
+    """
+    A fresh directory with a short path (a UNIX socket path must fit in 108
+    bytes), removed after the test.
+    """
+    path = tempfile.mkdtemp(prefix="ms-")
+    testcase.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
 @inlineCallbacks
-def start_server(testcase, **options):
+def start_server(testcase, resolver=None, relay_endpoint=None, relay_port=25,
+                 relay_timeouts=None, clock=None, **options):
     """
     Start a MailStack with the given listeners (e.g. smtp="tcp:0:interface=127.0.0.1")
     and return it, with C{ports} mapping each listener to its port number.
+    DNS is a L{FakeResolver} unless one is given.
     """
-    data_dir = os.path.abspath(testcase.mktemp())
-    service = MailStack(test_config(data_dir, **options), reactor)
+    data_dir = options.pop("data_dir", None) or short_tempdir(testcase)
+    extra = {"relay_timeouts": relay_timeouts} if relay_timeouts else {}
+    service = MailStack(test_config(data_dir, **options), reactor,
+                        resolver=resolver or FakeResolver(), relay_endpoint=relay_endpoint,
+                        relay_port=relay_port, clock=clock, **extra)
     service.privilegedStartService()
     service.startService()
     testcase.addCleanup(service.stopService)
@@ -53,7 +71,7 @@ def start_server(testcase, **options):
     for listener in service:
         if hasattr(listener, "listening"):
             port = yield listener.listening
-            service.ports[listener.label] = port.getHost().port
+            service.ports[listener.label] = getattr(port.getHost(), "port", None)
     returnValue(service)
 
 

@@ -18,7 +18,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.address import local_address
 from mailstack.users import UserDatabase
-from tests.support import fast_hash
+from tests.support import fast_hash, short_tempdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 END = b"END-OF-MESSAGE"
@@ -63,8 +63,7 @@ def start_server_process(data_dir, timeout=60):
 
 class CrashTests(SynchronousTestCase):
     def test_sigkill_under_load(self):
-        data_dir = os.path.abspath(self.mktemp())
-        os.makedirs(data_dir)
+        data_dir = short_tempdir(self)
         UserDatabase(data_dir).add(local_address("alice@localhost"), fast_hash("pw"))
         process, port = start_server_process(data_dir)
         self.addCleanup(lambda: process.poll() is None and process.kill())

@@ -14,6 +14,7 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailstack.address import local_address
+from mailstack.delivery.dispatch import Dispatcher
 from mailstack.smtp.server import ServerSettings, SMTPServerFactory
 from mailstack.smtp.submission import SubmissionPolicy
 from mailstack.throttle import LoginThrottle
@@ -164,19 +165,6 @@ class SubmissionTests(TestCase):
         self.assertIn(b"Message-ID: <mine@client.test>", full)
 
     @inlineCallbacks
-    def test_remote_recipients_wait_for_the_queue(self):
-        """
-        Without an outbound queue, a remote recipient gets a 4xx: never
-        accepted and dropped.
-        """
-        def send(client):
-            client.mail("alice@localhost")
-            return client.rcpt("someone@remote.test")
-
-        code, _ = yield self.session(send)
-        self.assertEqual(code // 100, 4)
-
-    @inlineCallbacks
     def test_implicit_tls(self):
         """
         The submissions port speaks TLS from the first byte, verifiable
@@ -234,8 +222,8 @@ class ThrottleTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
         self.throttle = LoginThrottle(self.clock)
-        policy = SubmissionPolicy(None, None, None, FakeChecker(), self.throttle, self.clock,
-                                  "mx.test")
+        dispatcher = Dispatcher(None, None, None, self.clock)
+        policy = SubmissionPolicy(dispatcher, FakeChecker(), self.throttle, self.clock, "mx.test")
         settings = ServerSettings(hostname="mx.test", max_message_size=10000,
                                   implicit_tls=True, name="submissions")
         self.factory = SMTPServerFactory(policy, settings, self.clock)

@@ -12,12 +12,12 @@ from __future__ import annotations
 import ipaddress
 from typing import Any, Sequence
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from mailstack.address import Address
-from mailstack.delivery.router import AliasLoop, Resolution, Router, UnknownRecipient
-from mailstack.interfaces import IDeliveryAgent, IOutboundQueue
+from mailstack.delivery.dispatch import Dispatcher
+from mailstack.delivery.router import AliasLoop, Resolution, UnknownRecipient
 from mailstack.message import Envelope, MessageSpool
 from mailstack.smtp.reply import Reply, SMTPError
 
@@ -30,16 +30,9 @@ class ReceivingPolicy:
     C{relay_networks}; no AUTH.
     """
 
-    def __init__(
-        self,
-        router: Router,
-        local_agent: IDeliveryAgent,
-        queue: IOutboundQueue | None = None,
-        relay_networks: Sequence[Any] = (),
-    ) -> None:
-        self.router = router
-        self.local_agent = local_agent
-        self.queue = queue
+    def __init__(self, dispatcher: Dispatcher, relay_networks: Sequence[Any] = ()) -> None:
+        self.dispatcher = dispatcher
+        self.router = dispatcher.router
         self.relay_networks = tuple(relay_networks)
 
     def connect(self, session: Any) -> Reply | None:
@@ -76,21 +69,12 @@ class ReceivingPolicy:
             resolution = Resolution(remote=(rcpt,))
         else:
             raise SMTPError(554, "5.7.1", f"<{rcpt}>: Relay access denied")
-        if resolution.remote and self.queue is None:
+        if resolution.remote and self.dispatcher.queue is None:
             raise SMTPError(451, "4.3.0", f"<{rcpt}>: remote delivery is not available yet")
         return resolution
 
     def deliver(self, session: Any, envelope: Envelope, spool: MessageSpool) -> Deferred[Any]:
         """
-        Make the message durable for every recipient: local copies in their
-        Maildirs, remote ones in the queue.
+        Make the message durable for every recipient.
         """
-        parts = []
-        if envelope.remote:
-            assert self.queue is not None
-            parts.append(self.queue.enqueue(envelope, spool))
-        if envelope.local:
-            parts.append(self.local_agent.deliver(envelope, spool))
-        d = gatherResults(parts, consumeErrors=True)
-        d.addErrback(lambda failure: failure.value.subFailure)  # the first real cause
-        return d.addCallback(lambda _: None)
+        return self.dispatcher.dispatch(envelope, spool)

@@ -67,15 +67,13 @@ class SubmissionPolicy(ReceivingPolicy):
 
     def __init__(
         self,
-        router: Any,
-        local_agent: Any,
-        queue: Any,
+        dispatcher: Any,
         checker: Any,
         throttle: LoginThrottle,
         clock: IReactorTime,
         hostname: str,
     ) -> None:
-        super().__init__(router, local_agent, queue)
+        super().__init__(dispatcher)
         self.checker = checker
         self.throttle = throttle
         self.clock = clock

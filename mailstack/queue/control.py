@@ -1,0 +1,76 @@
+# -*- test-case-name: tests.test_queue -*-
+"""
+The control socket, C{DATA/control.sock}: how C{mailstack queue flush} and
+C{mailstack queue delete} reach a running server.
+
+A UNIX socket in the data directory (mode 0700), so only the owner of the
+data can use it.  One command a line, one answer a line::
+
+    flush            ->  ok 12
+    delete 4F2A9C... ->  ok  |  error no such message
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from typing import Any
+
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.protocol import Factory
+from twisted.protocols.basic import LineOnlyReceiver
+
+from mailstack.queue.store import valid_id
+
+
+class ControlProtocol(LineOnlyReceiver):
+    delimiter = b"\n"
+    MAX_LENGTH = 1024
+
+    def lineReceived(self, line: bytes) -> None:
+        command, _, arg = line.decode("ascii", "replace").strip().partition(" ")
+        queue = self.factory.queue
+        if command == "flush":
+            self.answer(f"ok {queue.flush()}")
+        elif command == "delete" and valid_id(arg.strip()):
+            d = maybeDeferred(queue.delete, arg.strip())
+            d.addCallback(lambda found: self.answer("ok" if found else "error no such message"))
+            d.addErrback(lambda f: self.answer(f"error {f.getErrorMessage()}"))
+        else:
+            self.answer("error unknown command")
+
+    def answer(self, text: str) -> None:
+        self.sendLine(text.encode("utf-8"))
+
+
+class ControlFactory(Factory):
+    protocol = ControlProtocol
+    noisy = False
+
+    def __init__(self, queue: Any) -> None:
+        self.queue = queue
+
+
+def control_path(data_dir: str) -> str:
+    return os.path.join(os.path.abspath(data_dir), "control.sock")
+
+
+def send_command(data_dir: str, command: str, timeout: float = 30) -> str | None:
+    """
+    Send one command to the running server; C{None} if none is running.
+    """
+    path = control_path(data_dir)
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+        except (FileNotFoundError, ConnectionRefusedError):
+            return None
+        s.sendall(command.encode("utf-8") + b"\n")
+        answer = b""
+        while not answer.endswith(b"\n"):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            answer += chunk
+    return answer.decode("utf-8").strip()

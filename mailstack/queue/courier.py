@@ -1,0 +1,238 @@
+# -*- test-case-name: tests.test_relay -*-
+"""
+Delivery of queued mail to other hosts: where to (routes, MX, A/AAAA),
+and one SMTP attempt per destination with per-recipient outcomes.
+
+Routing (RFC 5321 5.1, RFC 7505):
+  - a C{--route} for the domain (or C{*}) wins;
+  - else the MX records, by preference, equal ones in random order;
+  - a null MX (a single C{MX 0 .}) fails permanently at once;
+  - no MX at all: the domain's own A/AAAA;
+  - a domain that does not exist fails permanently.
+Each MX host is tried in turn (all its addresses) until one answers;
+a connection failure, a 4xx greeting or a session-level 4xx moves on to
+the next.  Opportunistic STARTTLS: used when offered, not verified, and
+when the TLS handshake fails the same host is retried once in clear text.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import random
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+
+from OpenSSL.SSL import Error as SSLError
+from twisted.internet import ssl
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+from twisted.names import dns
+from twisted.names.error import DNSNameError, DomainError
+
+from mailstack.config import Route
+from mailstack.smtp.client import (
+    SMTPClientError, SMTPClientProtocol, Timeouts, Transaction, send_transaction,
+)
+from mailstack.smtp.reply import Reply
+
+log = Logger()
+
+
+class RouteError(Exception):
+    """
+    No way to reach a domain; C{permanent} decides bounce or retry.
+    """
+
+    def __init__(self, reply: Reply) -> None:
+        super().__init__(str(reply))
+        self.reply = reply
+
+    @property
+    def permanent(self) -> bool:
+        return self.reply.code >= 500
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """
+    What one attempt did for one recipient.
+    """
+
+    reply: Reply
+    relay: str = ""
+
+    @property
+    def status(self) -> str:
+        if self.reply.code < 300:
+            return "sent"
+        return "bounced" if self.reply.code >= 500 else "deferred"
+
+
+def is_ip(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+        return True
+    except ValueError:
+        return False
+
+
+class Courier:
+    """
+    Delivers to remote hosts.  The resolver and the way to connect are
+    passed in, so tests use a fake DNS and servers on 127.0.0.1.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        resolver: Any,
+        hostname: str,
+        routes: Sequence[Route] = (),
+        port: int = 25,
+        timeouts: Timeouts = Timeouts(),
+        endpoint: Callable[[str, int], IStreamClientEndpoint] | None = None,
+        shuffle: Callable[[list[Any]], None] = random.shuffle,
+    ) -> None:
+        self.reactor = reactor
+        self.resolver = resolver
+        self.hostname = hostname
+        self.routes = {r.domain: r for r in routes}
+        self.port = port
+        self.timeouts = timeouts
+        self.endpoint = endpoint or self._tcp_endpoint
+        self.shuffle = shuffle
+        self.tls_context = ssl.CertificateOptions(verify=False,
+                                                  raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+
+    def _tcp_endpoint(self, ip: str, port: int) -> IStreamClientEndpoint:
+        if ":" in ip:
+            return TCP6ClientEndpoint(self.reactor, ip, port, timeout=30)
+        return TCP4ClientEndpoint(self.reactor, ip, port, timeout=30)
+
+    # Where to
+
+    async def hosts_for(self, domain: str) -> list[tuple[str, int]]:
+        """
+        The hosts to try for C{domain}, in order, with their ports.
+        """
+        route = self.routes.get(domain) or self.routes.get("*")
+        if route is not None:
+            return [(route.host, route.port)]
+        try:
+            answers, _, _ = await self.resolver.lookupMailExchange(domain)
+        except DNSNameError:
+            raise RouteError(Reply(550, "5.1.2", f"Host or domain name not found: {domain}"))
+        except DomainError:
+            answers = []
+        except Exception as e:
+            raise RouteError(Reply(451, "4.4.3", f"DNS lookup of {domain} failed: {e}"))
+        mx = [(a.payload.preference, str(a.payload.name).rstrip("."))
+              for a in answers if a.type == dns.MX]
+        if len(mx) == 1 and mx[0][1] == "":
+            raise RouteError(Reply(556, "5.1.10", f"Domain {domain} does not accept mail "
+                                                  "(null MX)"))
+        if not mx:
+            return [(domain, self.port)]
+        hosts = []
+        for preference in sorted({p for p, _ in mx}):
+            same = [name for p, name in mx if p == preference and name]
+            self.shuffle(same)
+            hosts.extend((name, self.port) for name in same)
+        return hosts
+
+    async def addresses(self, host: str) -> list[str]:
+        """
+        The IPv4 and IPv6 addresses of a host (an IP literal is itself).
+        """
+        if is_ip(host):
+            return [host]
+        found = []
+        for lookup, rtype in ((self.resolver.lookupAddress, dns.A),
+                              (self.resolver.lookupIPV6Address, dns.AAAA)):
+            try:
+                answers, _, _ = await lookup(host)
+            except Exception:
+                continue
+            found.extend(a.payload.dottedQuad() if rtype == dns.A else
+                         _ipv6(a.payload.address)
+                         for a in answers if a.type == rtype)
+        return found
+
+    # One attempt
+
+    async def deliver(self, domain: str, sender: str, recipients: Sequence[str],
+                      open_content: Callable[[], Any], size: int) -> dict[str, Outcome]:
+        """
+        Try to deliver to every recipient at C{domain}; never raises.
+        """
+        try:
+            hosts = await self.hosts_for(domain)
+        except RouteError as e:
+            return {r: Outcome(e.reply) for r in recipients}
+        last = Reply(451, "4.4.1", f"no host for {domain} could be reached")
+        for host, port in hosts:
+            ips = await self.addresses(host)
+            if not ips:
+                last = Reply(451, "4.4.3", f"Host not found: {host}")
+                continue
+            for ip in ips:
+                relay = f"{host}[{ip}]:{port}"
+                for use_tls in (True, False):
+                    try:
+                        result = await self._session(ip, port, sender, recipients,
+                                                     open_content, size, use_tls)
+                    except SMTPClientError as e:
+                        if e.permanent and e.stage in ("MAIL", "DATA", "SIZE"):
+                            return {r: Outcome(e.reply, relay) for r in recipients}
+                        last = Reply(e.reply.code if e.reply.code < 500 else 451,
+                                     e.reply.enhanced or "4.4.0",
+                                     f"{relay} said: {e.reply.code} {e.reply.text}")
+                        if e.reply.code >= 500 and e.stage in ("greeting", "HELO"):
+                            last = e.reply
+                        break
+                    except _TLSFailed as e:
+                        last = Reply(451, "4.7.5", f"{relay}: TLS failed: {e}")
+                        continue  # the same host once more, in clear text
+                    except (ConnectError, ConnectionLost, TimeoutError, SSLError, OSError) as e:
+                        last = Reply(451, "4.4.1", f"connect to {relay}: {_describe(e)}")
+                        break
+                    else:
+                        return {r: Outcome(result.reply_for(r), relay) for r in recipients}
+        return {r: Outcome(last) for r in recipients}
+
+    async def _session(self, ip: str, port: int, sender: str, recipients: Sequence[str],
+                       open_content: Callable[[], Any], size: int, use_tls: bool) -> Any:
+        proto = SMTPClientProtocol(self.reactor)
+        await self.endpoint(ip, port).connect(Factory.forProtocol(lambda: proto))
+        content = open_content()
+        try:
+            return await send_transaction(
+                proto, self.hostname,
+                Transaction(sender, list(recipients), content, size),
+                tls_context=self.tls_context if use_tls else None,
+                timeouts=self.timeouts,
+            )
+        except SSLError as e:
+            if use_tls:
+                raise _TLSFailed(_describe(e)) from None
+            raise
+        finally:
+            content.close()
+            if proto.transport is not None:
+                proto.transport.loseConnection()
+
+
+class _TLSFailed(Exception):
+    pass
+
+
+def _describe(e: BaseException) -> str:
+    text = str(e).strip() or e.__class__.__name__
+    return text.splitlines()[0][:200]
+
+
+def _ipv6(packed: bytes) -> str:
+    return str(ipaddress.IPv6Address(packed))

@@ -1,0 +1,319 @@
+# -*- test-case-name: tests.test_queue -*-
+"""
+The outbound queue at run time: what is due when, and what each attempt did.
+
+The queue is loaded from disk once, at start, into a heap ordered by next
+attempt time, with one timer for the earliest.  Nothing is rescanned: a
+message that is not due costs nothing until it is.  Each attempt delivers
+every pending recipient (grouped by domain, one SMTP transaction per
+domain), records each outcome durably, then:
+
+  - 2xx: the recipient is done;
+  - 5xx: the recipient failed; the sender gets a bounce (RFC 3464);
+  - 4xx or no connection: retried after the next delay of the schedule
+    (the last delay repeats), with a little jitter so that a restart does
+    not retry everything at once; past the queue lifetime it fails.
+
+A bounce is injected before the failure is recorded, so a crash in between
+repeats the bounce rather than losing it.  A message from the null sender
+(a bounce) never bounces.  Time comes from the injected clock.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import random
+from typing import Any, Callable, Sequence
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from mailstack.interfaces import IOutboundQueue
+from mailstack.message import Envelope, MessageSpool
+from mailstack.queue.courier import Courier, Outcome
+from mailstack.queue.dsn import build_report
+from mailstack.smtp.reply import Reply
+from mailstack.queue.store import FAILED, PENDING, SENT, QueueRecord, QueueStore, RecipientState
+
+log = Logger()
+
+
+@implementer(IOutboundQueue)
+class OutboundQueue(Service):
+    """
+    Schedules and runs delivery attempts for the messages in a L{QueueStore}.
+    """
+
+    name = "queue"
+    max_active = 20
+    warn_after = 4 * 3600.0
+
+    def __init__(
+        self,
+        store: QueueStore,
+        courier: Courier,
+        reactor: Any,
+        clock: Any,
+        pool: ThreadPool,
+        schedule: Sequence[float],
+        lifetime: float,
+        hostname: str,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.store = store
+        self.courier = courier
+        self.reactor = reactor
+        self.clock = clock
+        self.pool = pool
+        self.schedule = tuple(schedule)
+        self.lifetime = lifetime
+        self.hostname = hostname
+        self.jitter = jitter
+        self.records: dict[str, QueueRecord] = {}
+        self.active: dict[str, Deferred[None]] = {}
+        self._heap: list[tuple[float, int, str]] = []
+        self._seq = itertools.count()
+        self._timer: Any = None
+        self.bounce_to: Callable[[str, bytes], Deferred[Any]] | None = None
+        self.loaded: Deferred[int] = Deferred()
+
+    def _blocking(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(self.reactor, self.pool, f, *args)
+
+    # Life cycle
+
+    def startService(self) -> None:
+        super().startService()
+        d = self._blocking(lambda: list(self.store.load_all()))
+        d.addCallback(self._loaded)
+        d.addErrback(lambda f: log.failure("cannot load the queue", f))
+
+    def _loaded(self, items: list[Any]) -> None:
+        for item in items:
+            if isinstance(item, tuple):
+                log.error("queue: cannot read the envelope of {qid}: {error}; left on disk",
+                          qid=item[0], error=item[1])
+                continue
+            self.records[item.queue_id] = item
+            self._push(item.queue_id, item.next_attempt)
+        log.info("queue: {n} messages loaded", n=len(self.records))
+        self._rearm()
+        self.loaded.callback(len(self.records))
+
+    def stopService(self) -> Any:
+        super().stopService()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self.active:
+            return DeferredList(list(self.active.values()))
+        return None
+
+    # Scheduling
+
+    def _push(self, queue_id: str, due: float) -> None:
+        heapq.heappush(self._heap, (due, next(self._seq), queue_id))
+
+    def _rearm(self) -> None:
+        if not self.running:
+            return
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._heap:
+            delay = max(0.0, self._heap[0][0] - self.clock.seconds())
+            self._timer = self.clock.callLater(delay, self._run_due)
+
+    def _run_due(self) -> None:
+        self._timer = None
+        now = self.clock.seconds()
+        while self._heap and self._heap[0][0] <= now and len(self.active) < self.max_active:
+            due, _, queue_id = heapq.heappop(self._heap)
+            record = self.records.get(queue_id)
+            if record is None or queue_id in self.active or record.next_attempt != due:
+                continue  # deleted, running, or rescheduled since
+            d = ensureDeferred(self._attempt(record))
+            d.addErrback(lambda f, q=queue_id: log.failure("{qid}: attempt failed", f, qid=q))
+            self.active[queue_id] = d
+            d.addBoth(lambda _, q=queue_id: self._finished(q))
+        self._rearm()
+
+    def _finished(self, queue_id: str) -> None:
+        self.active.pop(queue_id, None)
+        if self.running:
+            self._run_due()
+
+    def delay_after(self, attempts: int) -> float:
+        """
+        The wait after the C{attempts}-th failed attempt, with up to 10% jitter.
+        """
+        base = self.schedule[min(attempts, len(self.schedule)) - 1]
+        return base * (1 + 0.1 * self.jitter())
+
+    # IOutboundQueue
+
+    def enqueue(self, envelope: Envelope, spool: MessageSpool) -> Deferred[None]:
+        now = self.clock.seconds()
+        record = QueueRecord(
+            queue_id=envelope.queue_id,
+            sender=str(envelope.sender) if envelope.sender is not None else "",
+            arrival=now,
+            recipients=[RecipientState(str(a)) for a in envelope.remote],
+            next_attempt=now,
+            received_from=envelope.client,
+        )
+        d = self._blocking(self.store.add, record, spool)
+
+        def stored(_: Any) -> None:
+            log.info("{qid}: queued from=<{sender}> size={size} nrcpt={n}",
+                     qid=record.queue_id, sender=record.sender, size=record.size,
+                     n=len(record.recipients))
+            self.records[record.queue_id] = record
+            self._push(record.queue_id, record.next_attempt)
+            self._rearm()
+
+        return d.addCallback(stored)
+
+    # Control
+
+    def flush(self) -> int:
+        """
+        Make every waiting message due now; return how many.
+        """
+        now = self.clock.seconds()
+        count = 0
+        for record in self.records.values():
+            if record.queue_id not in self.active:
+                record.next_attempt = now
+                self._push(record.queue_id, now)
+                count += 1
+        self._rearm()
+        log.info("queue: flush of {n} messages", n=count)
+        return count
+
+    def delete(self, queue_id: str) -> Deferred[bool]:
+        """
+        Drop a message without bouncing it.
+        """
+        record = self.records.pop(queue_id, None)
+        d = self._blocking(self.store.remove, queue_id)
+
+        def removed(found: bool) -> bool:
+            if found or record is not None:
+                log.info("{qid}: deleted by the administrator", qid=queue_id)
+            return found or record is not None
+
+        return d.addCallback(removed)
+
+    # One attempt
+
+    async def _attempt(self, record: QueueRecord) -> None:
+        pending = record.pending()
+        by_domain: dict[str, list[RecipientState]] = {}
+        for rcpt in pending:
+            by_domain.setdefault(rcpt.domain, []).append(rcpt)
+        path = self.store.content_path(record.queue_id)
+
+        async def one(domain: str, rcpts: list[RecipientState]) -> dict[str, Outcome]:
+            return await self.courier.deliver(
+                domain, record.sender, [r.address for r in rcpts],
+                lambda: open(path, "rb"), record.size)
+
+        results = await DeferredList(
+            [ensureDeferred(one(d, rs)) for d, rs in by_domain.items()], consumeErrors=True)
+        now = self.clock.seconds()
+        failed: list[RecipientState] = []
+        for (ok, outcomes), rcpts in zip(results, by_domain.values()):
+            for rcpt in rcpts:
+                if not ok:
+                    outcome = Outcome(_internal_error(outcomes))
+                else:
+                    outcome = outcomes[rcpt.address]
+                self._record(record, rcpt, outcome, now)
+                if rcpt.state == FAILED:
+                    failed.append(rcpt)
+        record.attempts += 1
+        still = record.pending()
+        if still and now - record.arrival >= self.lifetime:
+            for rcpt in still:
+                rcpt.state = FAILED
+                rcpt.dsn = "4.4.7"
+                rcpt.last_error = f"delivery time expired; last error: {rcpt.last_error}"
+                log.info("{qid}: to=<{to}> status=expired ({error})", qid=record.queue_id,
+                         to=rcpt.address, error=rcpt.last_error)
+                failed.append(rcpt)
+            still = []
+        if failed and not await self._bounce(record, failed):
+            for rcpt in failed:
+                rcpt.state = PENDING  # the bounce could not be stored: try it all again later
+            still = record.pending()
+        if still and not record.warned and now - record.arrival >= self.warn_after:
+            record.warned = await self._bounce(record, still, delayed=True)
+        if record.queue_id not in self.records:
+            return  # deleted meanwhile
+        if not still:
+            await self._blocking(self.store.remove, record.queue_id)
+            del self.records[record.queue_id]
+            log.info("{qid}: removed", qid=record.queue_id)
+            return
+        record.next_attempt = min(now + self.delay_after(record.attempts),
+                                  max(now, record.arrival + self.lifetime))
+        await self._blocking(self.store.save, record)
+        self._push(record.queue_id, record.next_attempt)
+
+    def _record(self, record: QueueRecord, rcpt: RecipientState, outcome: Outcome,
+                now: float) -> None:
+        reply = outcome.reply
+        rcpt.relay = outcome.relay or rcpt.relay
+        rcpt.dsn = reply.enhanced or f"{reply.code // 100}.0.0"
+        text = " ".join(reply.text.split("\n"))
+        if outcome.status == "sent":
+            rcpt.state = SENT
+            rcpt.last_error = ""
+        else:
+            rcpt.last_error = f"{reply.code} {reply.enhanced} {text}".replace("  ", " ")
+            if outcome.relay:
+                rcpt.remote_reply = f"smtp; {reply.code} {reply.enhanced} {text}".replace("  ", " ")
+            if outcome.status == "bounced":
+                rcpt.state = FAILED
+        log.info("{qid}: to=<{to}> relay={relay} delay={delay:.1f} dsn={dsn} "
+                 "status={status} ({reply})",
+                 qid=record.queue_id, to=rcpt.address, relay=outcome.relay or "none",
+                 delay=now - record.arrival, dsn=rcpt.dsn, status=outcome.status,
+                 reply=f"{reply.code} {text}")
+
+    async def _bounce(self, record: QueueRecord, rcpts: list[RecipientState],
+                      delayed: bool = False) -> bool:
+        """
+        Send the sender a DSN about C{rcpts}; True once it is stored (or
+        when none is due: a bounce never bounces).
+        """
+        if not record.sender:
+            log.info("{qid}: bounce of a bounce not sent (to={to})", qid=record.queue_id,
+                     to=",".join(f"<{r.address}>" for r in rcpts))
+            return True
+        if self.bounce_to is None:
+            return False
+        try:
+            headers = await self._blocking(self.store.headers, record.queue_id)
+            report = build_report(self.hostname, record, rcpts, headers, self.clock.seconds(),
+                                  delayed=delayed, retry_until=record.arrival + self.lifetime)
+            bounce_id = await self.bounce_to(record.sender, report)
+        except Exception as e:
+            log.error("{qid}: cannot send the {kind} to <{sender}>: {error}",
+                      qid=record.queue_id, kind="delay warning" if delayed else "bounce",
+                      sender=record.sender, error=e)
+            return False
+        log.info("{qid}: sender {kind} notification: {bounce_id}", qid=record.queue_id,
+                 kind="delay" if delayed else "non-delivery", bounce_id=bounce_id)
+        return True
+
+
+def _internal_error(failure: Any) -> Reply:
+    log.failure("delivery attempt crashed", failure)
+    return Reply(451, "4.3.0", "internal error during delivery")

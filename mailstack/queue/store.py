@@ -1,0 +1,179 @@
+# -*- test-case-name: tests.test_queue -*-
+"""
+The queue on disk: one content file and one envelope record per message.
+
+    DATA/queue/content/<id>        the message (LF line endings), written once
+    DATA/queue/envelope/<id>.json  sender, arrival, attempts, each recipient's state
+    DATA/queue/tmp/                files being written
+
+Writing a message: content to tmp/, fsync, rename into content/; envelope
+to tmp/, fsync, rename into envelope/; fsync both directories.  The
+envelope's rename is the commit: on load, content without an envelope is
+an interrupted write and is removed.  Every later change to the envelope
+(a recipient delivered, an attempt counted) is a new file renamed over the
+old one, so a crash leaves each recipient either pending or done: at worst
+delivered twice, never lost.  All methods block; call them in a thread.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from typing import Iterator
+
+from mailstack.message import MessageSpool
+from mailstack.users import atomic_write, fsync_directory
+
+PENDING, SENT, FAILED = "pending", "sent", "failed"
+_ID = re.compile(r"[0-9A-Za-z]{6,40}")
+
+
+@dataclass
+class RecipientState:
+    """
+    One recipient of a queued message.
+    """
+
+    address: str
+    state: str = PENDING
+    last_error: str = ""
+    dsn: str = ""  # enhanced status of the last answer, e.g. 4.4.1
+    remote_reply: str = ""  # "smtp; 550 5.1.1 ..." for a DSN's Diagnostic-Code
+    relay: str = ""
+
+    @property
+    def domain(self) -> str:
+        return self.address.rpartition("@")[2].lower()
+
+
+@dataclass
+class QueueRecord:
+    """
+    A queued message's envelope and delivery state.
+    """
+
+    queue_id: str
+    sender: str  # "" is the null sender: a bounce, which never bounces
+    arrival: float
+    recipients: list[RecipientState]
+    size: int = 0
+    attempts: int = 0
+    next_attempt: float = 0.0
+    warned: bool = False
+    received_from: str = ""
+
+    def pending(self) -> list[RecipientState]:
+        return [r for r in self.recipients if r.state == PENDING]
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), indent=1, sort_keys=True).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "QueueRecord":
+        raw = json.loads(data)
+        raw["recipients"] = [RecipientState(**r) for r in raw["recipients"]]
+        return cls(**raw)
+
+
+def valid_id(queue_id: str) -> bool:
+    return bool(_ID.fullmatch(queue_id))
+
+
+class QueueStore:
+    """
+    Reads and writes queued messages under C{DATA/queue}.
+    """
+
+    def __init__(self, directory: str) -> None:
+        self.directory = os.path.abspath(directory)
+        self.tmp = os.path.join(self.directory, "tmp")
+        self.content_dir = os.path.join(self.directory, "content")
+        self.envelope_dir = os.path.join(self.directory, "envelope")
+
+    def ensure(self) -> None:
+        for d in (self.directory, self.tmp, self.content_dir, self.envelope_dir):
+            os.makedirs(d, mode=0o700, exist_ok=True)
+
+    def content_path(self, queue_id: str) -> str:
+        return os.path.join(self.content_dir, queue_id)
+
+    def envelope_path(self, queue_id: str) -> str:
+        return os.path.join(self.envelope_dir, queue_id + ".json")
+
+    def add(self, record: QueueRecord, spool: MessageSpool) -> None:
+        """
+        Store a new message durably.
+        """
+        self.ensure()
+        tmp = os.path.join(self.tmp, record.queue_id)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            for chunk in spool.chunks():
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self.content_path(record.queue_id))
+        fsync_directory(self.content_dir)
+        record.size = spool.size
+        atomic_write(self.envelope_path(record.queue_id), record.to_json())
+
+    def save(self, record: QueueRecord) -> None:
+        """
+        Replace a message's envelope record durably.
+        """
+        atomic_write(self.envelope_path(record.queue_id), record.to_json())
+
+    def remove(self, queue_id: str) -> bool:
+        """
+        Remove a message: the envelope first (the commit), then the content.
+        """
+        try:
+            os.unlink(self.envelope_path(queue_id))
+        except FileNotFoundError:
+            return False
+        fsync_directory(self.envelope_dir)
+        try:
+            os.unlink(self.content_path(queue_id))
+        except FileNotFoundError:
+            pass
+        return True
+
+    def load(self, queue_id: str) -> QueueRecord:
+        with open(self.envelope_path(queue_id), "rb") as f:
+            return QueueRecord.from_json(f.read())
+
+    def load_all(self) -> Iterator[QueueRecord | tuple[str, Exception]]:
+        """
+        Every committed message; interrupted writes are cleaned up.  A record
+        that cannot be read is yielded as C{(id, error)}.
+        """
+        self.ensure()
+        for name in os.listdir(self.tmp):
+            os.unlink(os.path.join(self.tmp, name))
+        committed = set()
+        for name in os.listdir(self.envelope_dir):
+            if not name.endswith(".json"):
+                continue
+            queue_id = name[:-5]
+            committed.add(queue_id)
+            try:
+                yield self.load(queue_id)
+            except (OSError, ValueError, TypeError, KeyError) as e:
+                yield queue_id, e
+        for name in os.listdir(self.content_dir):
+            if name not in committed:
+                os.unlink(os.path.join(self.content_dir, name))
+
+    def headers(self, queue_id: str, limit: int = 65536) -> bytes:
+        """
+        The header section of a queued message (for a DSN).
+        """
+        with open(self.content_path(queue_id), "rb") as f:
+            data = f.read(limit)
+        end = data.find(b"\n\n")
+        return data[: end + 1] if end >= 0 else data

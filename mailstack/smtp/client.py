@@ -1,0 +1,343 @@
+# -*- test-case-name: tests.test_smtp_client -*-
+"""
+mailstack's SMTP client: the outbound queue and C{mailstack send} use it.
+
+Not Twisted's C{ESMTPSender}: the audit shows it dot-stuffs each 16 KiB
+chunk on its own (a C{.} line on a chunk boundary goes out unstuffed and
+ends DATA early: smuggling), aborts when opportunistic STARTTLS fails, has
+no timeouts and sends AUTH in clear text.  Here:
+
+  - L{DotStuffer} keeps its line-start state across chunks;
+  - every reply is awaited with a timeout (RFC 5321 4.5.3.2);
+  - AUTH is only ever sent over TLS;
+  - results are per recipient, so the queue can defer or bounce each.
+
+The dialog is a coroutine (L{send_transaction}) over a small protocol that
+turns bytes into replies (L{SMTPClientProtocol}).
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO, Sequence
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone, TimeoutError
+from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.protocols.basic import FileSender
+from twisted.python.failure import Failure
+
+from mailstack.smtp.reply import Reply
+
+MAX_REPLY_LINE = 4096
+MAX_REPLY_LINES = 100
+
+
+@dataclass(frozen=True)
+class Timeouts:
+    """
+    How long to wait for each reply (RFC 5321 4.5.3.2), in seconds.
+    """
+
+    greeting: float = 300
+    command: float = 300
+    data_start: float = 120
+    data_block: float = 180
+    data_end: float = 600
+
+
+class SMTPClientError(Exception):
+    """
+    The session failed as a whole; C{reply} is the server's answer, or a
+    made-up 4xx for a network failure.
+    """
+
+    def __init__(self, reply: Reply, stage: str) -> None:
+        super().__init__(f"{stage}: {reply.code} {reply.text}")
+        self.reply = reply
+        self.stage = stage
+
+    @property
+    def permanent(self) -> bool:
+        return self.reply.code >= 500
+
+
+class TLSRequired(SMTPClientError):
+    """
+    TLS was required but the server does not offer it.
+    """
+
+
+class DotStuffer:
+    """
+    Turns LF-terminated content into DATA: CRLF line endings, a dot doubled
+    at the start of every line, however the content is cut into chunks.
+    """
+
+    def __init__(self) -> None:
+        self.at_line_start = True
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if not chunk:
+            return b""
+        out = chunk.replace(b"\n.", b"\n..")
+        if self.at_line_start and out.startswith(b"."):
+            out = b"." + out
+        self.at_line_start = chunk.endswith(b"\n")
+        return out.replace(b"\n", b"\r\n")
+
+    def finish(self) -> bytes:
+        """
+        The end of DATA, with the CRLF the last line may lack.
+        """
+        return (b"" if self.at_line_start else b"\r\n") + b".\r\n"
+
+
+def parse_reply_lines(lines: list[bytes]) -> Reply:
+    """
+    Join the lines of one reply; split off an enhanced status code if any.
+    """
+    code = int(lines[0][:3])
+    texts = [line[4:].decode("utf-8", "replace") for line in lines]
+    enhanced = ""
+    first = texts[0].split(" ", 1)
+    if len(first) == 2 and first[0].count(".") == 2 and first[0][0] in "245":
+        enhanced = first[0]
+        texts[0] = first[1]
+    return Reply(code, enhanced, "\n".join(texts))
+
+
+class SMTPClientProtocol(Protocol):
+    """
+    Reads replies; a coroutine asks for them one at a time.
+    """
+
+    def __init__(self, clock: IReactorTime) -> None:
+        self.clock = clock
+        self._buffer = b""
+        self._lines: list[bytes] = []
+        self._replies: list[Reply] = []
+        self._waiting: Deferred[Reply] | None = None
+        self._timer: Any = None
+        self._lost: Failure | None = None
+        self.connected_deferred: Deferred[SMTPClientProtocol] = Deferred()
+
+    def connectionMade(self) -> None:
+        self.connected_deferred.callback(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self._buffer += data
+        while True:
+            end = self._buffer.find(b"\n")
+            if end < 0:
+                if len(self._buffer) > MAX_REPLY_LINE:
+                    self._abort("reply line too long")
+                return
+            line, self._buffer = self._buffer[:end].rstrip(b"\r"), self._buffer[end + 1 :]
+            if len(line) < 3 or not line[:3].isdigit() or line[3:4] not in (b"", b" ", b"-"):
+                self._abort(f"malformed reply {line[:60]!r}")
+                return
+            self._lines.append(line)
+            if len(self._lines) > MAX_REPLY_LINES:
+                self._abort("reply too long")
+                return
+            if line[3:4] != b"-":
+                lines, self._lines = self._lines, []
+                self._deliver(parse_reply_lines(lines))
+
+    def _deliver(self, reply: Reply) -> None:
+        if self._waiting is not None:
+            d, self._waiting = self._waiting, None
+            self._cancel_timer()
+            d.callback(reply)
+        else:
+            self._replies.append(reply)
+
+    def _abort(self, why: str) -> None:
+        self._fail(Failure(SMTPClientError(Reply(451, "4.4.0", why), "protocol")))
+        self.transport.abortConnection()
+
+    def _fail(self, failure: Failure) -> None:
+        self._lost = self._lost or failure
+        if self._waiting is not None:
+            d, self._waiting = self._waiting, None
+            self._cancel_timer()
+            d.errback(failure)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+        self._fail(reason)
+
+    def _cancel_timer(self) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+
+    def read_reply(self, timeout: float) -> "Deferred[Reply]":
+        if self._replies:
+            d: Deferred[Reply] = Deferred()
+            d.callback(self._replies.pop(0))
+            return d
+        if self._lost is not None:
+            d = Deferred()
+            d.errback(self._lost)
+            return d
+        self._waiting = Deferred()
+
+        def timed_out() -> None:
+            self._timer = None
+            self._fail(Failure(TimeoutError(f"no reply in {timeout:g}s")))
+            self.transport.abortConnection()
+
+        self._timer = self.clock.callLater(timeout, timed_out)
+        return self._waiting
+
+    def send_line(self, line: str | bytes) -> None:
+        if isinstance(line, str):
+            line = line.encode("utf-8")
+        self.transport.write(line + b"\r\n")
+
+    async def command(self, line: str | bytes, timeout: float) -> Reply:
+        self.send_line(line)
+        return await self.read_reply(timeout)
+
+
+@dataclass
+class Transaction:
+    """
+    One message to send: envelope, size, and its LF-terminated content.
+    """
+
+    sender: str  # "" for the null sender
+    recipients: Sequence[str]
+    content: BinaryIO
+    size: int
+    eightbit: bool = True
+
+
+@dataclass
+class TransactionResult:
+    """
+    The reply to each RCPT, and to the end of DATA if it was sent.
+    """
+
+    recipients: dict[str, Reply] = field(default_factory=dict)
+    data: Reply | None = None
+    tls: bool = False
+
+    def reply_for(self, recipient: str) -> Reply:
+        """
+        What happened to one recipient: its RCPT refusal, or DATA's answer.
+        """
+        reply = self.recipients[recipient]
+        if reply.code >= 300 or self.data is None:
+            return reply
+        return self.data
+
+
+async def send_transaction(
+    proto: SMTPClientProtocol,
+    helo: str,
+    transaction: Transaction,
+    tls_context: Any = None,
+    require_tls: bool = False,
+    credentials: tuple[str, str] | None = None,
+    timeouts: Timeouts = Timeouts(),
+    greeted: bool = False,
+) -> TransactionResult:
+    """
+    Run one SMTP transaction; raise L{SMTPClientError} if the session fails
+    as a whole (greeting, EHLO, TLS, AUTH, MAIL or DATA refused).
+    """
+    result = TransactionResult()
+    if not greeted:
+        greeting = await proto.read_reply(timeouts.greeting)
+        if greeting.code != 220:
+            raise SMTPClientError(greeting, "greeting")
+    extensions = await _hello(proto, helo, timeouts)
+    if "STARTTLS" in extensions and tls_context is not None:
+        reply = await proto.command("STARTTLS", timeouts.command)
+        if reply.code != 220:
+            if require_tls:
+                raise TLSRequired(reply, "STARTTLS")
+        else:
+            proto.transport.startTLS(tls_context)
+            result.tls = True
+            extensions = await _hello(proto, helo, timeouts)
+    elif require_tls:
+        raise TLSRequired(Reply(530, "5.7.10", "the server does not offer STARTTLS"), "EHLO")
+    if credentials is not None:
+        if not result.tls:
+            raise TLSRequired(Reply(530, "5.7.0", "refusing to send a password without TLS"),
+                              "AUTH")
+        await _authenticate(proto, extensions, credentials, timeouts)
+    limit = extensions.get("SIZE", "")
+    if limit.isdigit() and 0 < int(limit) < transaction.size:
+        raise SMTPClientError(Reply(552, "5.3.4", f"message too big for the server (SIZE {limit})"),
+                              "SIZE")
+    mail = f"MAIL FROM:<{transaction.sender}>"
+    if "SIZE" in extensions:
+        mail += f" SIZE={transaction.size}"
+    if transaction.eightbit and "8BITMIME" in extensions:
+        mail += " BODY=8BITMIME"
+    reply = await proto.command(mail, timeouts.command)
+    if reply.code != 250:
+        raise SMTPClientError(reply, "MAIL")
+    for rcpt in transaction.recipients:
+        result.recipients[rcpt] = await proto.command(f"RCPT TO:<{rcpt}>", timeouts.command)
+    if not any(r.code in (250, 251) for r in result.recipients.values()):
+        await _quit(proto)
+        return result
+    reply = await proto.command("DATA", timeouts.data_start)
+    if reply.code != 354:
+        raise SMTPClientError(reply, "DATA")
+    stuffer = DotStuffer()
+    await FileSender().beginFileTransfer(transaction.content, proto.transport, stuffer)
+    proto.transport.write(stuffer.finish())
+    result.data = await proto.read_reply(timeouts.data_end)
+    await _quit(proto)
+    return result
+
+
+async def _hello(proto: SMTPClientProtocol, helo: str, timeouts: Timeouts) -> dict[str, str]:
+    reply = await proto.command(f"EHLO {helo}", timeouts.command)
+    if reply.code != 250:
+        reply = await proto.command(f"HELO {helo}", timeouts.command)
+        if reply.code != 250:
+            raise SMTPClientError(reply, "HELO")
+        return {}
+    extensions = {}
+    for line in reply.text.split("\n")[1:]:
+        keyword, _, params = line.strip().partition(" ")
+        extensions[keyword.upper()] = params
+    return extensions
+
+
+async def _authenticate(proto: SMTPClientProtocol, extensions: dict[str, str],
+                        credentials: tuple[str, str], timeouts: Timeouts) -> None:
+    mechanisms = extensions.get("AUTH", "").upper().split()
+    user, password = credentials
+    if "PLAIN" in mechanisms:
+        token = base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode()).decode()
+        reply = await proto.command(f"AUTH PLAIN {token}", timeouts.command)
+    elif "LOGIN" in mechanisms:
+        reply = await proto.command("AUTH LOGIN", timeouts.command)
+        if reply.code == 334:
+            reply = await proto.command(base64.b64encode(user.encode()), timeouts.command)
+        if reply.code == 334:
+            reply = await proto.command(base64.b64encode(password.encode()), timeouts.command)
+    else:
+        raise SMTPClientError(Reply(504, "5.7.4", "the server offers no PLAIN or LOGIN AUTH"),
+                              "AUTH")
+    if reply.code != 235:
+        raise SMTPClientError(reply, "AUTH")
+
+
+async def _quit(proto: SMTPClientProtocol) -> None:
+    try:
+        proto.send_line("QUIT")
+        await proto.read_reply(10)
+    except Exception:
+        pass
+    proto.transport.loseConnection()
