@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_cli -*-
 """
-The C{mailstack} command: manage users and aliases in the data directory.
+The C{mailstack} command: manage users, aliases and the outbound queue.
 
 It reads the same C{--config} file as the server, so both agree on where
 the data is.  Changes are written atomically; a running server sees them
@@ -13,11 +13,14 @@ import argparse
 import getpass
 import os
 import sys
+import time
 from typing import Sequence, TextIO
 
 from mailstack.address import AddressError, local_address, parse_address
 from mailstack.auth import hash_password
 from mailstack.config import ConfigError, build_config
+from mailstack.queue.control import send_command
+from mailstack.queue.store import QueueStore, valid_id
 from mailstack.users import AliasMap, UserDatabase
 
 
@@ -80,7 +83,78 @@ def parser() -> argparse.ArgumentParser:
     add.add_argument("targets", nargs="+", metavar="TARGET")
     alias.add_parser("del", help="delete an alias").add_argument("alias")
     alias.add_parser("list", help="list aliases")
+
+    queue = commands.add_parser("queue", help="the outbound queue").add_subparsers(
+        dest="action", required=True, metavar="ACTION")
+    queue.add_parser("list", help="list queued messages, like mailq")
+    queue.add_parser("show", help="one message's envelope and state").add_argument("id")
+    queue.add_parser("flush", help="attempt delivery of every queued message now")
+    queue.add_parser("delete", help="remove a message without bouncing it").add_argument("id")
     return p
+
+
+def _age(seconds: float) -> str:
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{max(seconds, 0):.0f}s"
+
+
+def queue_command(args: argparse.Namespace, data_dir: str, stdout: TextIO) -> None:
+    """
+    C{list} and C{show} read the queue directory; C{flush} and C{delete} ask
+    the running server through its control socket (or, when none runs,
+    C{delete} removes the files and C{flush} is left for the next start).
+    """
+    store = QueueStore(os.path.join(data_dir, "queue"))
+    now = time.time()
+    if args.action == "list":
+        records = []
+        if os.path.isdir(store.envelope_dir):
+            for name in os.listdir(store.envelope_dir):
+                if name.endswith(".json"):
+                    try:
+                        records.append(store.load(name[:-5]))
+                    except (OSError, ValueError, TypeError, KeyError):
+                        continue
+        if not records:
+            print("Mail queue is empty", file=stdout)
+            return
+        for record in sorted(records, key=lambda r: r.arrival):
+            print(f"{record.queue_id}  {record.size:>8}  {_age(now - record.arrival):>4}  "
+                  f"<{record.sender}>  next attempt in {_age(record.next_attempt - now)}",
+                  file=stdout)
+            for rcpt in record.recipients:
+                error = f"  ({rcpt.last_error})" if rcpt.last_error else ""
+                print(f"    {rcpt.state:<8} <{rcpt.address}>{error}", file=stdout)
+        print(f"-- {len(records)} messages", file=stdout)
+        return
+    if args.action in ("show", "delete") and not valid_id(args.id):
+        raise CommandError(f"not a queue id: {args.id}", EX_DATAERR)
+    if args.action == "show":
+        try:
+            record = store.load(args.id)
+        except FileNotFoundError:
+            raise CommandError(f"no such message: {args.id}", EX_NOUSER) from None
+        stdout.write(record.to_json().decode("utf-8") + "\n")
+        return
+    command = "flush" if args.action == "flush" else f"delete {args.id}"
+    answer = send_command(data_dir, command)
+    if answer is None:
+        if args.action == "flush":
+            print("the server is not running; queued mail is attempted when it starts",
+                  file=stdout)
+            return
+        if not store.remove(args.id):
+            raise CommandError(f"no such message: {args.id}", EX_NOUSER)
+        print(f"deleted {args.id}", file=stdout)
+        return
+    if not answer.startswith("ok"):
+        raise CommandError(answer.removeprefix("error ").strip(), EX_NOUSER)
+    if args.action == "flush":
+        print(f"flushed {answer.split()[1]} messages", file=stdout)
+    else:
+        print(f"deleted {args.id}", file=stdout)
 
 
 def run(argv: Sequence[str], stdin: TextIO, stdout: TextIO) -> None:
@@ -95,6 +169,9 @@ def run(argv: Sequence[str], stdin: TextIO, stdout: TextIO) -> None:
     except ConfigError as e:
         raise CommandError(str(e), EX_USAGE) from None
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    if args.command == "queue":
+        queue_command(args, data_dir, stdout)
+        return
     users, aliases = UserDatabase(data_dir), AliasMap(data_dir)
 
     def warn_if_not_local(address: object) -> None:

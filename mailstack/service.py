@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
@@ -54,8 +54,9 @@ class ThreadPoolService(Service):
         self.pool.start()
 
     def stopService(self) -> None:
-        super().stopService()
-        self.pool.stop()
+        if self.running:
+            super().stopService()
+            self.pool.stop()
 
 
 class Listener(StreamServerEndpointService):
@@ -191,6 +192,25 @@ class MailStack(MultiService):
         listener = Listener(label, endpoint, factory)
         listener.setServiceParent(self)
         return listener
+
+    def stopService(self) -> Deferred[None]:
+        """
+        Stop listening and let running deliveries finish before the thread
+        pools they need go away.
+        """
+        if not self.running:
+            return succeed(None)
+        Service.stopService(self)
+        services = list(self)
+        pools = [s for s in services if isinstance(s, ThreadPoolService)]
+        others = [maybeDeferred(s.stopService) for s in reversed(services) if s not in pools]
+        d = DeferredList(others)
+
+        def stop_pools(_: Any) -> None:
+            for pool in pools:
+                pool.stopService()
+
+        return d.addCallback(stop_pools)
 
     def startService(self) -> None:
         log.info("mailstack starting; configuration from {source}:", source=self.config.source)
