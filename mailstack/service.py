@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succee
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
+from twisted.names.client import Resolver as DNSClient
 from twisted.names.client import createResolver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
@@ -130,8 +131,10 @@ class MailStack(MultiService):
         self.spool_dir = os.path.join(data, "tmp")
 
         if resolver is None:
-            servers = [config.dns_server] if config.dns_server else None
-            resolver = createResolver(servers=servers)
+            if config.dns_server:
+                resolver = DNSClient(servers=[config.dns_server], reactor=reactor)
+            else:
+                resolver = createResolver()
         self.courier = Courier(reactor, resolver, config.hostname, config.route,
                                port=relay_port, timeouts=relay_timeouts,
                                endpoint=relay_endpoint)

@@ -10,60 +10,50 @@ from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.names import dns
+from twisted.names.common import ResolverBase
 from twisted.names.error import DNSNameError
 
 from mailstack.delivery.router import Resolution
 from mailstack.smtp.reply import Reply, SMTPError
 
 
-class FakeResolver:
+class FakeResolver(ResolverBase):
     """
-    Answers MX, A and AAAA lookups from dictionaries.
+    Answers MX, A and AAAA queries from dictionaries.  Being an
+    C{IResolver}, it can also back a real DNS server on loopback
+    (C{twisted.names.server.DNSServerFactory(clients=[resolver])}).
 
     @param mx: C{{domain: [(preference, host), ...]}}; C{[(0, "")]} is a null MX.
-    @param a: C{{host: ["127.0.0.1", ...]}} (IPv4 and IPv6 mixed).
+    @param a: C{{host: ["127.0.0.1", "::1", ...]}}.
     @param missing: domains that do not exist (NXDOMAIN).
     """
 
     def __init__(self, mx: dict[str, list[tuple[int, str]]] | None = None,
                  a: dict[str, list[str]] | None = None, missing: set[str] | None = None):
+        super().__init__()
         self.mx = mx or {}
         self.a = a or {}
         self.missing = missing or set()
-        self.queries: list[tuple[str, str]] = []
+        self.queries: list[tuple[int, str]] = []
 
-    def _exists(self, name: str) -> bool:
-        return name not in self.missing
-
-    def lookupMailExchange(self, name: str, timeout: Any = None) -> Deferred[Any]:
-        self.queries.append(("MX", name))
-        if not self._exists(name):
-            return fail(DNSNameError(name))
-        answers = [dns.RRHeader(name, dns.MX, payload=dns.Record_MX(preference, host))
-                   for preference, host in self.mx.get(name, [])]
-        return succeed((answers, [], []))
-
-    def _addresses(self, name: str, version: int) -> Deferred[Any]:
-        if not self._exists(name):
+    def _lookup(self, name: bytes | str, cls: int, type: int, timeout: Any) -> Deferred[Any]:
+        name = name.decode("ascii") if isinstance(name, bytes) else name
+        name = name.lower().rstrip(".")
+        self.queries.append((type, name))
+        if name in self.missing:
             return fail(DNSNameError(name))
         answers = []
-        for text in self.a.get(name, []):
-            ip = ipaddress.ip_address(text)
-            if ip.version != version:
-                continue
-            if version == 4:
-                answers.append(dns.RRHeader(name, dns.A, payload=dns.Record_A(text)))
-            else:
-                answers.append(dns.RRHeader(name, dns.AAAA, payload=dns.Record_AAAA(text)))
+        if type == dns.MX:
+            answers = [dns.RRHeader(name, dns.MX, payload=dns.Record_MX(preference, host))
+                       for preference, host in self.mx.get(name, [])]
+        elif type in (dns.A, dns.AAAA):
+            for text in self.a.get(name, []):
+                ip = ipaddress.ip_address(text)
+                if ip.version == 4 and type == dns.A:
+                    answers.append(dns.RRHeader(name, dns.A, payload=dns.Record_A(text)))
+                elif ip.version == 6 and type == dns.AAAA:
+                    answers.append(dns.RRHeader(name, dns.AAAA, payload=dns.Record_AAAA(text)))
         return succeed((answers, [], []))
-
-    def lookupAddress(self, name: str, timeout: Any = None) -> Deferred[Any]:
-        self.queries.append(("A", name))
-        return self._addresses(name, 4)
-
-    def lookupIPV6Address(self, name: str, timeout: Any = None) -> Deferred[Any]:
-        self.queries.append(("AAAA", name))
-        return self._addresses(name, 6)
 
 
 class SinkPolicy:

@@ -57,12 +57,14 @@ def start_server(testcase, resolver=None, relay_endpoint=None, relay_port=25,
     """
     Start a MailStack with the given listeners (e.g. smtp="tcp:0:interface=127.0.0.1")
     and return it, with C{ports} mapping each listener to its port number.
-    DNS is a L{FakeResolver} unless one is given.
+    DNS is a L{FakeResolver} unless one is given, or C{resolver=False} for
+    the one the configuration makes (C{--dns-server}).
     """
     data_dir = options.pop("data_dir", None) or short_tempdir(testcase)
     extra = {"relay_timeouts": relay_timeouts} if relay_timeouts else {}
     service = MailStack(test_config(data_dir, **options), reactor,
-                        resolver=resolver or FakeResolver(), relay_endpoint=relay_endpoint,
+                        resolver=FakeResolver() if resolver is None else (resolver or None),
+                        relay_endpoint=relay_endpoint,
                         relay_port=relay_port, clock=clock, **extra)
     service.privilegedStartService()
     service.startService()

@@ -103,10 +103,10 @@ class RelayTests(TestCase):
         return TCP4ClientEndpoint(reactor, "127.0.0.1", self.ports[ip], timeout=5)
 
     @inlineCallbacks
-    def server(self, data_dir=None, **options):
+    def server(self, data_dir=None, resolver=None, **options):
         options.setdefault("submission", LISTEN)
         server = yield start_server(
-            self, resolver=self.resolver, relay_endpoint=self.endpoint, clock=self.clock,
+            self, resolver=self.resolver if resolver is None else resolver, relay_endpoint=self.endpoint, clock=self.clock,
             relay_timeouts=Timeouts(5, 5, 5, 5, 5), data_dir=data_dir, **options)
         yield server.queue.loaded
         if not server.users.exists(parse_address("alice@localhost")):
@@ -380,3 +380,35 @@ class RelayTests(TestCase):
         yield self.run_queue(server)
         self.assertEqual([r for _, r, _ in self.sink.policy.received], [["out@remote.test"]])
         self.assertEqual(len(read_messages(server, "alice@localhost")), 1)
+
+    @inlineCallbacks
+    def test_mx_through_a_dns_server(self):
+        """
+        With --dns-server, MX and A records come from a real DNS server
+        (UDP on 127.0.0.1), and the mail reaches the MX it names.
+        """
+        from twisted.names.dns import DNSDatagramProtocol
+        from twisted.names.server import DNSServerFactory
+
+        factory = DNSServerFactory(clients=[self.resolver])
+        udp = reactor.listenUDP(0, DNSDatagramProtocol(factory), interface="127.0.0.1")
+        self.addCleanup(udp.stopListening)
+        server = yield self.server(resolver=False,
+                                   dns_server=f"127.0.0.1:{udp.getHost().port}")
+        yield self.inject(server, ["bob@remote.test"])
+        yield self.run_queue(server)
+        self.assertEqual([r for _, r, _ in self.sink.policy.received], [["bob@remote.test"]])
+        self.assertIn((15, "remote.test"), self.resolver.queries)  # 15: MX
+
+    @inlineCallbacks
+    def test_static_route(self):
+        """
+        A --route for a domain skips its MX records; * routes everything else.
+        """
+        server = yield self.server(route=["remote.test=mx2.remote.test:25",
+                                          "*=127.0.0.10:25"])
+        yield self.inject(server, ["bob@remote.test", "x@anywhere.test"])
+        yield self.run_queue(server)
+        self.assertEqual([r for _, r, _ in self.backup.policy.received], [["bob@remote.test"]])
+        self.assertEqual([r for _, r, _ in self.sink.policy.received], [["x@anywhere.test"]])
+        self.assertNotIn((15, "remote.test"), self.resolver.queries)

@@ -1,0 +1,147 @@
+"""
+Tests for L{mailstack.smtp.client}: the dot-stuffer at every chunk
+boundary, and the dialog over a StringTransport with a fake clock.
+"""
+
+import io
+
+from twisted.internet.defer import ensureDeferred
+from twisted.internet.error import TimeoutError
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailstack.smtp.client import (
+    DotStuffer, SMTPClientError, SMTPClientProtocol, Timeouts, TLSRequired, Transaction,
+    send_transaction,
+)
+from mailstack.smtp.data import DataReader
+
+
+def stuff(content, cuts):
+    stuffer = DotStuffer()
+    out, start = [], 0
+    for cut in list(cuts) + [len(content)]:
+        out.append(stuffer(content[start:cut]))
+        start = cut
+    return b"".join(out) + stuffer.finish()
+
+
+class DotStufferTests(SynchronousTestCase):
+    CONTENT = b".first\n..two\nmid\n.\n\n.x\nend.\n."
+
+    def test_every_boundary(self):
+        """
+        Wherever the content is cut, and into however many pieces, the
+        result is the same, correctly stuffed, and a reader gets the
+        original content back (the chunk-boundary hole of Twisted's sender).
+        """
+        expected = stuff(self.CONTENT, [])
+        self.assertEqual(expected,
+                         b"..first\r\n...two\r\nmid\r\n..\r\n\r\n..x\r\nend.\r\n..\r\n.\r\n")
+        n = len(self.CONTENT)
+        for i in range(n + 1):
+            for j in range(i, n + 1):
+                self.assertEqual(stuff(self.CONTENT, [i, j]), expected, (i, j))
+        stored = []
+        reader = DataReader(stored.append, 10**6)
+        self.assertEqual(reader.feed(expected), b"")
+        self.assertEqual(b"".join(stored), self.CONTENT + b"\n")
+
+    def test_single_bytes(self):
+        self.assertEqual(stuff(self.CONTENT, range(1, len(self.CONTENT))),
+                         stuff(self.CONTENT, []))
+
+
+class DialogTests(SynchronousTestCase):
+    """
+    The client against scripted replies.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.proto = SMTPClientProtocol(self.clock)
+        self.transport = StringTransport()
+        self.proto.makeConnection(self.transport)
+
+    def start(self, content=b"Subject: x\n\n.hi\n", recipients=("a@x.test", "b@x.test"),
+              **kwargs):
+        transaction = Transaction("s@y.test", list(recipients), io.BytesIO(content), len(content))
+        self.result = ensureDeferred(send_transaction(self.proto, "me.test", transaction,
+                                                      timeouts=Timeouts(), **kwargs))
+
+    def server(self, *replies):
+        for reply in replies:
+            self.proto.dataReceived(reply)
+
+    def sent(self):
+        value = self.transport.value()
+        self.transport.clear()
+        return value
+
+    def test_per_recipient_results(self):
+        """
+        Each recipient gets its own RCPT answer; DATA's answer applies to the
+        accepted ones; SIZE and BODY are declared when offered.
+        """
+        self.start()
+        self.server(b"220 mx ESMTP\r\n",  # greeting
+                    b"250-mx\r\n250-SIZE 1000\r\n250 8BITMIME\r\n")  # EHLO
+        self.assertEqual(self.sent(), b"EHLO me.test\r\nMAIL FROM:<s@y.test> SIZE=16 BODY=8BITMIME\r\n")
+        self.server(b"250 2.1.0 ok\r\n")  # MAIL
+        self.server(b"250 2.1.5 ok\r\n")  # RCPT a
+        self.server(b"550 5.1.1 unknown\r\n")  # RCPT b
+        self.server(b"354 go\r\n")  # DATA
+        while self.transport.producer is not None:  # a real transport pulls by itself
+            self.transport.producer.resumeProducing()
+        self.assertTrue(self.sent().endswith(b"DATA\r\nSubject: x\r\n\r\n..hi\r\n.\r\n"))
+        self.server(b"250 2.0.0 queued\r\n", b"221 bye\r\n")
+        result = self.successResultOf(self.result)
+        self.assertEqual(result.reply_for("a@x.test")[:2], (250, "2.0.0"))
+        self.assertEqual(result.reply_for("b@x.test")[:2], (550, "5.1.1"))
+
+    def test_size_refused_before_sending(self):
+        """
+        A message over the server's SIZE is not sent at all.
+        """
+        self.start(content=b"x" * 2000)
+        self.server(b"220 mx\r\n", b"250-mx\r\n250 SIZE 1000\r\n")
+        failure = self.failureResultOf(self.result, SMTPClientError)
+        self.assertEqual(failure.value.reply.code, 552)
+
+    def test_timeout(self):
+        """
+        A server that does not answer is given up on after the RFC time.
+        """
+        self.start()
+        self.clock.advance(299)
+        self.assertNoResult(self.result)
+        self.clock.advance(2)
+        self.failureResultOf(self.result, TimeoutError)
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_no_password_without_tls(self):
+        """
+        Credentials are never sent when TLS did not happen.
+        """
+        self.start(credentials=("u", "p"))
+        self.server(b"220 mx\r\n", b"250-mx\r\n250 AUTH PLAIN\r\n")
+        self.failureResultOf(self.result, TLSRequired)
+        self.assertNotIn(b"AUTH", self.sent())
+
+    def test_require_tls(self):
+        self.start(require_tls=True)
+        self.server(b"220 mx\r\n", b"250 mx\r\n")
+        self.failureResultOf(self.result, TLSRequired)
+
+    def test_malformed_reply(self):
+        self.start()
+        self.server(b"hello there\r\n")
+        failure = self.failureResultOf(self.result, SMTPClientError)
+        self.assertEqual(failure.value.stage, "protocol")
+
+    def test_mail_refused(self):
+        self.start()
+        self.server(b"220 mx\r\n", b"250 mx\r\n", b"553 5.7.1 no\r\n")
+        failure = self.failureResultOf(self.result, SMTPClientError)
+        self.assertEqual((failure.value.stage, failure.value.permanent), ("MAIL", True))
