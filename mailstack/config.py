@@ -224,6 +224,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("route", (), parse_route,
            "static next hop for a domain; * is a smarthost (repeatable)",
            repeatable=True, metavar="DOMAIN=HOST:PORT"),
+    Option("require-tls", (), lambda v: "*" if str(v).strip() == "*" else _domain(v),
+           "deliver to DOMAIN only over TLS with a verified certificate; * for all "
+           "(repeatable) [default: opportunistic, unverified TLS]",
+           repeatable=True, metavar="DOMAIN"),
     Option("retry-schedule", "5m,10m,20m,40m,80m,160m,4h", parse_schedule,
            "delays between delivery attempts; the last repeats", metavar="LIST"),
     Option("max-queue-lifetime", "5d", parse_duration,
@@ -258,6 +262,7 @@ class Config:
     tls_key: str | None
     dns_server: tuple[str, int] | None
     route: tuple[Route, ...]
+    require_tls: tuple[str, ...]
     retry_schedule: tuple[float, ...]
     max_queue_lifetime: float
     max_message_size: int

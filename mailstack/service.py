@@ -137,7 +137,7 @@ class MailStack(MultiService):
                 resolver = createResolver()
         self.courier = Courier(reactor, resolver, config.hostname, config.route,
                                port=relay_port, timeouts=relay_timeouts,
-                               endpoint=relay_endpoint)
+                               endpoint=relay_endpoint, require_tls=config.require_tls)
         self.queue = OutboundQueue(
             QueueStore(os.path.join(data, "queue")), self.courier, reactor, clock or reactor,
             self.io_pool,

@@ -412,3 +412,95 @@ class RelayTests(TestCase):
         self.assertEqual([r for _, r, _ in self.backup.policy.received], [["bob@remote.test"]])
         self.assertEqual([r for _, r, _ in self.sink.policy.received], [["x@anywhere.test"]])
         self.assertNotIn((15, "remote.test"), self.resolver.queries)
+
+    @inlineCallbacks
+    def test_delay_warning(self):
+        """
+        After four hours of deferral the sender gets one "delayed" report,
+        and the message stays queued.
+        """
+        server = yield self.server(retry_schedule="1h")
+        server.queue.jitter = lambda: 0
+        self.sink.policy.rcpt_replies = {"bob@remote.test": (451, "4.3.0", "later")}
+        yield self.inject(server, ["bob@remote.test"])
+        yield self.run_queue(server)
+        for _ in range(5):
+            yield self.run_queue(server, 3600)
+        [warning] = read_messages(server, "alice@localhost")
+        report = parse(warning)
+        self.assertEqual(report["Subject"], "Delayed Mail (still being retried)")
+        block = list(report.iter_parts())[1].get_payload()[1]
+        self.assertEqual((block["Action"], block["Status"]), ("delayed", "4.3.0"))
+        self.assertIn("Will-Retry-Until", block)
+        self.assertEqual(len(server.queue.records), 1)
+
+
+class RequireTLSTests(TestCase):
+    """
+    --require-tls: STARTTLS with a verified certificate, or no delivery.
+    """
+
+    @inlineCallbacks
+    def setUp(self):
+        from twisted.internet import ssl
+
+        from mailstack.tls import TLSMaterial, generate_self_signed
+
+        directory = short_tempdir(self)
+        cert, key = os.path.join(directory, "c.pem"), os.path.join(directory, "k.pem")
+        generate_self_signed("mx1.remote.test", cert, key)
+        self.material = TLSMaterial(cert, key)
+        with open(cert, "rb") as f:
+            self.trust = ssl.Certificate.loadPEM(f.read())
+        self.sink = Sink()
+        yield self.sink.start(self)
+        self.resolver = FakeResolver(mx={"remote.test": [(10, "mx1.remote.test")],
+                                         "wrong.test": [(10, "mx.wrong.test")]},
+                                     a={"mx1.remote.test": ["127.0.0.10"],
+                                        "mx.wrong.test": ["127.0.0.10"]})
+
+    def courier(self):
+        from mailstack.queue.courier import Courier
+
+        return Courier(reactor, self.resolver, "me.test", port=25,
+                       timeouts=Timeouts(5, 5, 5, 5, 5),
+                       endpoint=lambda ip, port: TCP4ClientEndpoint(
+                           reactor, "127.0.0.1", self.sink.number, timeout=5),
+                       require_tls=["remote.test", "wrong.test"], trust_root=self.trust)
+
+    def deliver(self, domain):
+        import io
+
+        from twisted.internet.defer import ensureDeferred
+
+        return ensureDeferred(self.courier().deliver(
+            domain, "a@me.test", [f"x@{domain}"], lambda: io.BytesIO(b"S: x\n\nhi\n"), 10))
+
+    @inlineCallbacks
+    def test_no_starttls_defers(self):
+        outcomes = yield self.deliver("remote.test")
+        outcome = outcomes["x@remote.test"]
+        self.assertEqual(outcome.status, "deferred")
+        self.assertIn("STARTTLS", outcome.reply.text)
+        self.assertEqual(self.sink.policy.received, [])
+
+    @inlineCallbacks
+    def test_verified(self):
+        """
+        With STARTTLS and a certificate valid for the MX name, it is sent.
+        """
+        self.sink.port.factory.tls = self.material.context_factory
+        outcomes = yield self.deliver("remote.test")
+        self.assertEqual(outcomes["x@remote.test"].status, "sent")
+        self.assertIn(b"with ESMTPS", self.sink.policy.received[0][2])
+
+    @inlineCallbacks
+    def test_wrong_name_defers(self):
+        """
+        A certificate for another name is refused: deferred, not sent in clear.
+        """
+        self.sink.port.factory.tls = self.material.context_factory
+        outcomes = yield self.deliver("wrong.test")
+        self.assertEqual(outcomes["x@wrong.test"].status, "deferred")
+        self.assertEqual(self.sink.policy.received, [])
+        self.flushLoggedErrors()

@@ -13,6 +13,10 @@ Each MX host is tried in turn (all its addresses) until one answers;
 a connection failure, a 4xx greeting or a session-level 4xx moves on to
 the next.  Opportunistic STARTTLS: used when offered, not verified, and
 when the TLS handshake fails the same host is retried once in clear text.
+For a domain in C{--require-tls}, STARTTLS is required and the
+certificate is verified against the host name (service-identity, the
+system's CAs): no TLS means a deferral, never clear text.
+At most L{max_per_domain} sessions run to one domain at once.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
 from OpenSSL.SSL import Error as SSLError
+from service_identity import VerificationError
 from twisted.internet import ssl
+from twisted.internet.defer import DeferredSemaphore
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -85,6 +91,8 @@ class Courier:
     passed in, so tests use a fake DNS and servers on 127.0.0.1.
     """
 
+    max_per_domain = 5
+
     def __init__(
         self,
         reactor: Any,
@@ -95,6 +103,8 @@ class Courier:
         timeouts: Timeouts = Timeouts(),
         endpoint: Callable[[str, int], IStreamClientEndpoint] | None = None,
         shuffle: Callable[[list[Any]], None] = random.shuffle,
+        require_tls: Sequence[str] = (),
+        trust_root: Any = None,
     ) -> None:
         self.reactor = reactor
         self.resolver = resolver
@@ -106,6 +116,9 @@ class Courier:
         self.shuffle = shuffle
         self.tls_context = ssl.CertificateOptions(verify=False,
                                                   raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+        self.require_tls = frozenset(require_tls)
+        self.trust_root = trust_root
+        self._limits: dict[str, DeferredSemaphore] = {}
 
     def _tcp_endpoint(self, ip: str, port: int) -> IStreamClientEndpoint:
         if ":" in ip:
@@ -168,6 +181,18 @@ class Courier:
         """
         Try to deliver to every recipient at C{domain}; never raises.
         """
+        limit = self._limits.setdefault(domain, DeferredSemaphore(self.max_per_domain))
+        await limit.acquire()
+        try:
+            return await self._deliver(domain, sender, recipients, open_content, size)
+        finally:
+            limit.release()
+            if limit.tokens == self.max_per_domain and not limit.waiting:
+                self._limits.pop(domain, None)
+
+    async def _deliver(self, domain: str, sender: str, recipients: Sequence[str],
+                       open_content: Callable[[], Any], size: int) -> dict[str, Outcome]:
+        verified = domain in self.require_tls or "*" in self.require_tls
         try:
             hosts = await self.hosts_for(domain)
         except RouteError as e:
@@ -180,10 +205,11 @@ class Courier:
                 continue
             for ip in ips:
                 relay = f"{host}[{ip}]:{port}"
-                for use_tls in (True, False):
+                for use_tls in ((True,) if verified else (True, False)):
                     try:
                         result = await self._session(ip, port, sender, recipients,
-                                                     open_content, size, use_tls)
+                                                     open_content, size, use_tls,
+                                                     host if verified else None)
                     except SMTPClientError as e:
                         if e.permanent and e.stage in ("MAIL", "DATA", "SIZE"):
                             return {r: Outcome(e.reply, relay) for r in recipients}
@@ -196,15 +222,33 @@ class Courier:
                     except _TLSFailed as e:
                         last = Reply(451, "4.7.5", f"{relay}: TLS failed: {e}")
                         continue  # the same host once more, in clear text
+                    except VerificationError as e:
+                        last = Reply(451, "4.7.5", f"{relay}: certificate not valid for "
+                                                   f"{host}: {_describe(e)}")
+                        break
                     except (ConnectError, ConnectionLost, TimeoutError, SSLError, OSError) as e:
                         last = Reply(451, "4.4.1", f"connect to {relay}: {_describe(e)}")
+                        break
+                    except Exception as e:
+                        log.failure("session with {relay} failed", relay=relay)
+                        last = Reply(451, "4.3.0", f"{relay}: {_describe(e)}")
                         break
                     else:
                         return {r: Outcome(result.reply_for(r), relay) for r in recipients}
         return {r: Outcome(last) for r in recipients}
 
     async def _session(self, ip: str, port: int, sender: str, recipients: Sequence[str],
-                       open_content: Callable[[], Any], size: int, use_tls: bool) -> Any:
+                       open_content: Callable[[], Any], size: int, use_tls: bool,
+                       verify_host: str | None = None) -> Any:
+        """
+        One SMTP session; with C{verify_host}, TLS is required and the
+        certificate must be valid for that name.
+        """
+        if verify_host is not None:
+            context = ssl.optionsForClientTLS(
+                verify_host, trustRoot=self.trust_root or ssl.platformTrust())
+        else:
+            context = self.tls_context if use_tls else None
         proto = SMTPClientProtocol(self.reactor)
         await self.endpoint(ip, port).connect(Factory.forProtocol(lambda: proto))
         content = open_content()
@@ -212,11 +256,12 @@ class Courier:
             return await send_transaction(
                 proto, self.hostname,
                 Transaction(sender, list(recipients), content, size),
-                tls_context=self.tls_context if use_tls else None,
+                tls_context=context,
+                require_tls=verify_host is not None,
                 timeouts=self.timeouts,
             )
         except SSLError as e:
-            if use_tls:
+            if use_tls and verify_host is None:
                 raise _TLSFailed(_describe(e)) from None
             raise
         finally:
