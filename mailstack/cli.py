@@ -19,7 +19,7 @@ from typing import Sequence, TextIO
 from mailstack.address import AddressError, local_address, parse_address
 from mailstack.auth import hash_password
 from mailstack.config import ConfigError, build_config
-from mailstack.queue.control import send_command
+from mailstack.queue.control import send_command as control_command
 from mailstack.queue.store import QueueStore, valid_id
 from mailstack.users import AliasMap, UserDatabase
 
@@ -34,7 +34,8 @@ class CommandError(Exception):
         self.status = status
 
 
-EX_USAGE, EX_DATAERR, EX_NOUSER, EX_CANTCREAT = 64, 65, 67, 73
+EX_USAGE, EX_DATAERR, EX_NOUSER, EX_UNAVAILABLE, EX_CANTCREAT, EX_TEMPFAIL = (
+    64, 65, 67, 69, 73, 75)
 
 
 def read_password(stdin: TextIO, prompt: bool) -> str:
@@ -90,7 +91,174 @@ def parser() -> argparse.ArgumentParser:
     queue.add_parser("show", help="one message's envelope and state").add_argument("id")
     queue.add_parser("flush", help="attempt delivery of every queued message now")
     queue.add_parser("delete", help="remove a message without bouncing it").add_argument("id")
+
+    send = commands.add_parser("send", help="compose a message and submit it over TLS")
+    send.add_argument("--profile", help="a table of ~/.config/mailstack/client.toml")
+    send.add_argument("--server", help="HOST[:PORT] (port 587 by default)")
+    mode = send.add_mutually_exclusive_group()
+    mode.add_argument("--starttls", action="store_const", const=False, dest="tls",
+                      help="STARTTLS (the default, except on ports 465 and 2465)")
+    mode.add_argument("--tls", action="store_const", const=True, dest="tls",
+                      help="implicit TLS (the default on ports 465 and 2465)")
+    send.set_defaults(tls=None)  # neither given: implicit TLS on port 465 only
+    send.add_argument("--user", help="login name [default: the --from address]")
+    send.add_argument("--password-file", help="file whose first line is the password")
+    send.add_argument("--cafile", help="trust this CA (or self-signed certificate)")
+    send.add_argument("--insecure", action="store_true", default=None,
+                      help="do not verify the server's certificate (never the default)")
+    send.add_argument("--from", dest="sender")
+    send.add_argument("--to", action="append", default=[])
+    send.add_argument("--cc", action="append", default=[])
+    send.add_argument("--bcc", action="append", default=[])
+    send.add_argument("--subject", default="")
+    send.add_argument("--attach", action="append", default=[], metavar="FILE")
+    send.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'")
+    send.add_argument("--body", help="the body [default: read from standard input]")
+    send.add_argument("--dry-run", action="store_true", help="print the message, send nothing")
+    commands.add_parser("sendmail", help="sendmail-compatible local injection "
+                        "([-t] [-i] [-f SENDER] [-F NAME] [RCPT...])", add_help=False)
     return p
+
+
+def _where(args: argparse.Namespace) -> tuple[str, str]:
+    """
+    The data directory and the first local domain, from --config,
+    --data-dir, or the MAILSTACK_CONFIG / MAILSTACK_DATA_DIR environment
+    (for when this runs as C{sendmail}).
+    """
+    config_file = args.config or os.environ.get("MAILSTACK_CONFIG")
+    try:
+        if config_file:
+            config = build_config({}, config_file)
+            return config.data_dir, config.domain[0]
+    except ConfigError as e:
+        raise CommandError(str(e), EX_USAGE) from None
+    return (args.data_dir or os.environ.get("MAILSTACK_DATA_DIR") or "./mailstack-data",
+            "localhost")
+
+
+def sendmail_command(argv: Sequence[str], data_dir: str, domain: str, stdin: TextIO) -> None:
+    from mailstack.mua.sendmail import SendmailError, drop, parse_args, prepare, read_message
+
+    try:
+        options = parse_args(argv)
+        raw = read_message(getattr(stdin, "buffer", stdin), options.ignore_dots)
+        sender, recipients, content = prepare(options, raw, domain)
+        drop(data_dir, sender, recipients, content)
+    except SendmailError as e:
+        raise CommandError(str(e), e.status) from None
+    send_command_to_server(data_dir, "pickup")
+
+
+def send_command_to_server(data_dir: str, command: str) -> None:
+    try:
+        control_command(data_dir, command, timeout=10)
+    except OSError:
+        pass  # not running or busy: it picks up at start and every minute
+
+
+def load_profile(name: str | None) -> dict[str, object]:
+    import tomllib
+
+    path = os.path.join(os.environ.get("XDG_CONFIG_HOME") or
+                        os.path.expanduser("~/.config"), "mailstack", "client.toml")
+    if not os.path.exists(path):
+        if name:
+            raise CommandError(f"no profile file {path}", EX_USAGE)
+        return {}
+    try:
+        with open(path, "rb") as f:
+            profiles = tomllib.load(f)
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise CommandError(f"{path}: {e}", EX_USAGE) from None
+    table = profiles.get(name or "default")
+    if table is None:
+        if name:
+            raise CommandError(f"no profile [{name}] in {path}", EX_USAGE)
+        return {}
+    known = {"server", "user", "password-file", "cafile", "insecure", "tls", "from"}
+    values = {k.replace("_", "-"): v for k, v in table.items()}
+    unknown = set(values) - known
+    if unknown:
+        raise CommandError(f"{path}: unknown key(s) {', '.join(sorted(unknown))} "
+                           f"(known: {', '.join(sorted(known))})", EX_USAGE)
+    return values
+
+
+def send_command(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> None:
+    from twisted.internet.defer import ensureDeferred
+    from twisted.internet.task import react
+
+    from mailstack.config import parse_hostport
+    from mailstack.mua.compose import ComposeError, compose, to_bytes
+    from mailstack.mua.submit import Server, SubmitError, submit
+
+    profile = load_profile(args.profile)
+
+    def pick(value: object, key: str) -> object:
+        return value if value is not None else profile.get(key)
+
+    sender = pick(args.sender, "from")
+    if not sender:
+        raise CommandError("--from is needed", EX_USAGE)
+    recipients = args.to + args.cc + args.bcc
+    if not recipients:
+        raise CommandError("at least one --to, --cc or --bcc is needed", EX_USAGE)
+    body = args.body if args.body is not None else stdin.read()
+    try:
+        message = compose(str(sender), args.to, args.cc, args.subject, body, args.attach,
+                          args.header)
+    except ComposeError as e:
+        raise CommandError(str(e), EX_DATAERR) from None
+    content = to_bytes(message)
+    if args.dry_run:
+        stdout.write(content.decode("utf-8", "replace"))
+        return
+    server_text = pick(args.server, "server")
+    if not server_text:
+        raise CommandError("--server is needed", EX_USAGE)
+    try:
+        host, port = parse_hostport(str(server_text), 587)
+    except ConfigError as e:
+        raise CommandError(str(e), EX_USAGE) from None
+    implicit = pick(args.tls, "tls")
+    # 465 is submissions (RFC 8314); 2465 is mailstack's unprivileged default for it.
+    implicit = (port in (465, 2465)) if implicit is None else bool(implicit)
+    server = Server(host, port, implicit, cafile=pick(args.cafile, "cafile"),
+                    insecure=bool(pick(args.insecure, "insecure")))
+    user = str(pick(args.user, "user") or sender)
+    password_file = pick(args.password_file, "password-file")
+    if password_file:
+        try:
+            with open(os.path.expanduser(str(password_file))) as f:
+                password = f.readline().rstrip("\r\n")
+        except OSError as e:
+            raise CommandError(f"cannot read {password_file}: {e.strerror}", 66) from None
+    elif os.environ.get("MAILSTACK_PASSWORD"):
+        password = os.environ["MAILSTACK_PASSWORD"]
+    else:
+        password = getpass.getpass(f"Password for {user}: ")
+    try:
+        envelope_from = str(parse_address(str(sender).split("<")[-1].strip(" >")))
+    except AddressError as e:
+        raise CommandError(f"bad --from: {e}", EX_DATAERR) from None
+    async def main(reactor: object) -> None:
+        try:
+            replies = await submit(reactor, server, (user, password), envelope_from,
+                                   recipients, content)
+        except SubmitError as e:
+            print(f"mailstack: {e}", file=sys.stderr)
+            raise SystemExit(e.status)
+        failed = {rcpt: reply for rcpt, reply in replies.items() if reply.code >= 300}
+        for rcpt, reply in failed.items():
+            print(f"mailstack: <{rcpt}>: {reply}", file=sys.stderr)
+        if failed:
+            permanent = any(reply.code >= 500 for reply in failed.values())
+            raise SystemExit(EX_UNAVAILABLE if permanent else EX_TEMPFAIL)
+        last = next(iter(replies.values()))
+        print(f"sent to {len(replies)} recipient(s): {last}", file=stdout)
+
+    react(lambda reactor: ensureDeferred(main(reactor)), [])
 
 
 def _age(seconds: float) -> str:
@@ -139,7 +307,7 @@ def queue_command(args: argparse.Namespace, data_dir: str, stdout: TextIO) -> No
         stdout.write(record.to_json().decode("utf-8") + "\n")
         return
     command = "flush" if args.action == "flush" else f"delete {args.id}"
-    answer = send_command(data_dir, command)
+    answer = control_command(data_dir, command)
     if answer is None:
         if args.action == "flush":
             print("the server is not running; queued mail is attempted when it starts",
@@ -158,7 +326,19 @@ def queue_command(args: argparse.Namespace, data_dir: str, stdout: TextIO) -> No
 
 
 def run(argv: Sequence[str], stdin: TextIO, stdout: TextIO) -> None:
+    argv = list(argv)
+    # sendmail's options are not argparse's: hand it everything after the word.
+    position = next((i for i, a in enumerate(argv) if not a.startswith("-") and
+                     (i == 0 or argv[i - 1] not in ("--data-dir", "--config"))), None)
+    if position is not None and argv[position] == "sendmail":
+        args = parser().parse_args(argv[:position] + ["user", "list"])
+        data_dir, domain = _where(args)
+        sendmail_command(argv[position + 1:], data_dir, domain, stdin)
+        return
     args = parser().parse_args(argv)
+    if args.command == "send":
+        send_command(args, stdin, stdout)
+        return
     try:
         if args.config:
             config = build_config({}, args.config)
@@ -224,8 +404,12 @@ def run(argv: Sequence[str], stdin: TextIO, stdout: TextIO) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    if argv is None:
+        argv = sys.argv[1:]
+        if os.path.basename(sys.argv[0]) == "sendmail":
+            argv = ["sendmail", *argv]  # installed as /usr/sbin/sendmail
     try:
-        run(sys.argv[1:] if argv is None else argv, sys.stdin, sys.stdout)
+        run(argv, sys.stdin, sys.stdout)
     except CommandError as e:
         print(f"mailstack: {e}", file=sys.stderr)
         sys.exit(e.status)

@@ -26,6 +26,7 @@ from mailstack.auth import PasswordChecker
 from mailstack.config import Config
 from mailstack.delivery.maildir import MaildirDeliveryAgent, MaildirStore, MaildirWriter
 from mailstack.delivery.dispatch import Dispatcher
+from mailstack.delivery.pickup import Pickup
 from mailstack.delivery.router import Router
 from mailstack.queue.control import ControlFactory, control_path
 from mailstack.queue.courier import Courier
@@ -146,8 +147,10 @@ class MailStack(MultiService):
         self.dispatcher = Dispatcher(self.router, self.maildir, self.queue, reactor,
                                      self.spool_dir)
         self.queue.bounce_to = self.bounce
+        self.pickup = Pickup(data, self.dispatcher, reactor, self.io_pool)
+        self.pickup.setServiceParent(self)
         self.listen("control", f"unix:{control_path(data)}:mode=600:lockfile=1",
-                    ControlFactory(self.queue))
+                    ControlFactory(self.queue, self.pickup))
 
         # Argon2 takes 64 MiB and tens of milliseconds per check: few threads.
         self.auth_pool = ThreadPool(minthreads=0, maxthreads=2, name="mailstack-auth")

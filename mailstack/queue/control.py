@@ -8,6 +8,7 @@ data can use it.  One command a line, one answer a line::
 
     flush            ->  ok 12
     delete 4F2A9C... ->  ok  |  error no such message
+    pickup           ->  ok   (mail was left in DATA/maildrop by sendmail)
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ class ControlProtocol(LineOnlyReceiver):
         queue = self.factory.queue
         if command == "flush":
             self.answer(f"ok {queue.flush()}")
+        elif command == "pickup" and self.factory.pickup is not None:
+            self.factory.pickup.poke()
+            self.answer("ok")
         elif command == "delete" and valid_id(arg.strip()):
             d = maybeDeferred(queue.delete, arg.strip())
             d.addCallback(lambda found: self.answer("ok" if found else "error no such message"))
@@ -47,8 +51,9 @@ class ControlFactory(Factory):
     protocol = ControlProtocol
     noisy = False
 
-    def __init__(self, queue: Any) -> None:
+    def __init__(self, queue: Any, pickup: Any = None) -> None:
         self.queue = queue
+        self.pickup = pickup
 
 
 def control_path(data_dir: str) -> str:

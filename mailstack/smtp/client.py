@@ -245,18 +245,23 @@ async def send_transaction(
     credentials: tuple[str, str] | None = None,
     timeouts: Timeouts = Timeouts(),
     greeted: bool = False,
+    implicit_tls: bool = False,
 ) -> TransactionResult:
     """
     Run one SMTP transaction; raise L{SMTPClientError} if the session fails
     as a whole (greeting, EHLO, TLS, AUTH, MAIL or DATA refused).
+
+    @param implicit_tls: the connection is TLS from its first byte (port 465).
     """
-    result = TransactionResult()
+    result = TransactionResult(tls=implicit_tls)
     if not greeted:
         greeting = await proto.read_reply(timeouts.greeting)
         if greeting.code != 220:
             raise SMTPClientError(greeting, "greeting")
     extensions = await _hello(proto, helo, timeouts)
-    if "STARTTLS" in extensions and tls_context is not None:
+    if result.tls:
+        pass
+    elif "STARTTLS" in extensions and tls_context is not None:
         reply = await proto.command("STARTTLS", timeouts.command)
         if reply.code != 220:
             if require_tls:

@@ -1,0 +1,3 @@
+"""
+Benchmarks for mailstack; see benchmarks/README.rst.
+"""
