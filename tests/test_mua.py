@@ -1,0 +1,164 @@
+"""
+The MUA side end to end: C{mailstack send} and C{mailstack sendmail} run as
+a user runs them (subprocesses) against a real server on 127.0.0.1.
+"""
+
+import email
+import email.policy
+import os
+import subprocess
+import sys
+
+from twisted.internet.defer import inlineCallbacks
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from mailstack.mua.sendmail import parse_args, prepare
+from tests.support import add_user, in_thread, read_messages, short_tempdir, start_server
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LISTEN = "tcp:0:interface=127.0.0.1"
+
+
+def mailstack(*args, stdin=b"", env=None):
+    environment = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
+    return subprocess.run([sys.executable, "-m", "mailstack", *args], input=stdin,
+                          capture_output=True, env=environment, timeout=60)
+
+
+class SendTests(TestCase):
+    @inlineCallbacks
+    def setUp(self):
+        self.server = yield start_server(self, submission=LISTEN, submissions=LISTEN)
+        add_user(self.server, "alice@localhost", "alice-pw")
+        add_user(self.server, "bob@example.test", "bob-pw")
+        self.cafile = self.server.tls.cert_path
+        self.attachment = os.path.join(short_tempdir(self), "report.pdf")
+        with open(self.attachment, "wb") as f:
+            f.write(b"%PDF-1.4 binary \x00\xff data")
+
+    def send(self, *args, password="alice-pw", port="submission"):
+        return in_thread(mailstack, "send", "--server",
+                         f"localhost:{self.server.ports[port]}", "--from", "alice@localhost",
+                         *args, env={"MAILSTACK_PASSWORD": password})
+
+    @inlineCallbacks
+    def test_send_with_attachment(self):
+        """
+        A message with a UTF-8 subject, a body, an attachment and a Bcc is
+        delivered and parses back to the same parts; Bcc is not in it.
+        """
+        result = yield self.send("--cafile", self.cafile, "--to", "bob@example.test",
+                                 "--bcc", "alice@localhost", "--subject", "Grüße, ünïcode",
+                                 "--attach", self.attachment, "--header", "X-Tag: t1",
+                                 "--body", "Hello Bob,\nsee attached.")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        [raw] = read_messages(self.server, "bob@example.test")
+        message = email.message_from_bytes(raw, policy=email.policy.default)
+        self.assertEqual(message["Subject"], "Grüße, ünïcode")
+        self.assertEqual(message["X-Tag"], "t1")
+        self.assertIsNone(message["Bcc"])
+        self.assertNotIn(b"Bcc", raw)
+        body, attachment = message.iter_parts()
+        self.assertEqual(body.get_content(), "Hello Bob,\nsee attached.\n")
+        self.assertEqual(attachment.get_filename(), "report.pdf")
+        self.assertEqual(attachment.get_content_type(), "application/pdf")
+        self.assertEqual(attachment.get_content(), b"%PDF-1.4 binary \x00\xff data")
+        self.assertEqual(len(read_messages(self.server, "alice@localhost")), 1)
+
+    @inlineCallbacks
+    def test_implicit_tls(self):
+        result = yield self.send("--cafile", self.cafile, "--tls", "--to", "bob@example.test",
+                                 "--body", "x", port="submissions")
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+    @inlineCallbacks
+    def test_failures(self):
+        """
+        A wrong password, a certificate that does not verify and a refused
+        recipient each exit non-zero, distinctly, quoting the server.
+        """
+        wrong = yield self.send("--cafile", self.cafile, "--to", "bob@example.test",
+                                "--body", "x", password="nope")
+        self.assertEqual(wrong.returncode, 77)
+        self.assertIn(b"535 5.7.8", wrong.stderr)
+        untrusted = yield self.send("--to", "bob@example.test", "--body", "x")
+        self.assertEqual(untrusted.returncode, 76)
+        self.assertIn(b"certificate", untrusted.stderr)
+        refused = yield self.send("--cafile", self.cafile, "--to", "nobody@localhost",
+                                  "--body", "x")
+        self.assertEqual(refused.returncode, 69)
+        self.assertIn(b"550 5.1.1", refused.stderr)
+        foreign = yield self.send("--cafile", self.cafile, "--to", "bob@example.test",
+                                  "--body", "x", "--user", "bob@example.test",
+                                  password="bob-pw")
+        self.assertEqual(foreign.returncode, 69)
+        self.assertIn(b"553 5.7.1", foreign.stderr)
+        self.assertEqual(read_messages(self.server, "bob@example.test"), [])
+
+    @inlineCallbacks
+    def test_insecure_is_explicit(self):
+        """
+        Only --insecure skips verification.
+        """
+        result = yield self.send("--insecure", "--to", "bob@example.test", "--body", "x")
+        self.assertEqual(result.returncode, 0, result.stderr)
+
+    def test_dry_run(self):
+        result = mailstack("send", "--from", "a@x.test", "--to", "b@y.test", "--subject", "é",
+                           "--dry-run", stdin=b"body from stdin\n")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertIn(b"Subject: =?utf-8?q?=C3=A9?=", result.stdout)
+        self.assertIn(b"body from stdin", result.stdout)
+
+
+class SendmailTests(TestCase):
+    @inlineCallbacks
+    def test_injection(self):
+        """
+        C{sendmail -t} delivers to a local user with Bcc stripped; with -i a
+        line holding one dot is kept; mail injected while the server is
+        stopped is delivered when it starts.
+        """
+        data_dir = short_tempdir(self)
+        message = (b"To: Alice <alice@localhost>\nBcc: bob@example.test\nSubject: cron\n\n"
+                   b"line 1\n.\nline 3\n")
+        result = yield in_thread(mailstack, "--data-dir", data_dir, "sendmail", "-t", "-i",
+                                 "-odi", "-oem", stdin=message)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        self.assertEqual(len(os.listdir(os.path.join(data_dir, "maildrop"))), 1)
+        server = yield start_server(self, data_dir=data_dir, smtp=LISTEN)
+        add_user(server, "alice@localhost")
+        add_user(server, "bob@example.test")
+        yield server.pickup.poke()
+        [delivered] = read_messages(server, "alice@localhost")
+        self.assertNotIn(b"Bcc", delivered)
+        self.assertTrue(delivered.endswith(b"\n\nline 1\n.\nline 3\n"))
+        self.assertIn(b"Message-ID: <", delivered)
+        self.assertEqual(len(read_messages(server, "bob@example.test")), 1)
+        self.assertEqual(os.listdir(os.path.join(data_dir, "maildrop")), [])
+        # While it runs, a new injection is delivered at once (control socket).
+        result = yield in_thread(mailstack, "--data-dir", data_dir, "sendmail",
+                                 "alice@localhost", stdin=b"Subject: two\n\nx\n.\nnot kept\n")
+        self.assertEqual(result.returncode, 0, result.stderr)
+        # Whether the control socket's poke is still running or done, a pick-up
+        # that starts or ends after the file was written has delivered it.
+        yield server.pickup.poke()
+        second = [m for m in read_messages(server, "alice@localhost") if b"two" in m]
+        self.assertEqual(len(second), 1)
+        self.assertTrue(second[0].endswith(b"\n\nx\n"))
+
+
+class SendmailArgumentTests(SynchronousTestCase):
+    def test_flags(self):
+        args = parse_args(["-oi", "-f", "bounce@x.test", "-Fname", "-odi", "-oem", "-v",
+                           "a@x.test", "--", "-b@x.test"])
+        self.assertEqual((args.ignore_dots, args.sender, args.full_name, args.recipients),
+                         (True, "bounce@x.test", "name", ["a@x.test", "-b@x.test"]))
+
+    def test_prepare_adds_headers(self):
+        args = parse_args(["-F", "Cron Daemon", "a@x.test"])
+        sender, rcpts, content = prepare(args, b"Subject: s\n\nbody\n", "mx.test", login="root")
+        self.assertEqual((sender, rcpts), ("root@mx.test", ["a@x.test"]))
+        self.assertIn(b"From: Cron Daemon <root@mx.test>\n", content)
+        self.assertIn(b"Date: ", content)
+        self.assertTrue(content.endswith(b"Subject: s\n\nbody\n"))
