@@ -24,6 +24,7 @@ from twisted.internet.defer import ensureDeferred
 from twisted.internet.task import deferLater
 from twisted.python.threadpool import ThreadPool
 
+from mailstack import safeio
 from mailstack.message import MessageSpool
 from mailstack.queue import store as store_module
 from mailstack.queue.courier import Courier
@@ -49,12 +50,9 @@ def populate(store, count):
     """
     Write COUNT deferred messages without fsync (setup only).
     """
-    real_fsync, real_fsync_dir = os.fsync, store_module.fsync_directory
+    real_fsync, real_fsync_dir = os.fsync, safeio.fsync_directory
     os.fsync = lambda fd: None
-    store_module.fsync_directory = lambda d: None
-    import mailstack.users as users_module
-    real_users_fsync = users_module.fsync_directory
-    users_module.fsync_directory = lambda d: None
+    store_module.fsync_directory = safeio.fsync_directory = lambda d: None
     try:
         spool = MessageSpool()
         spool.write(b"Subject: queued\n\n" + b"x" * 1000 + b"\n")
@@ -66,8 +64,7 @@ def populate(store, count):
             store.add(record, spool)
     finally:
         os.fsync = real_fsync
-        store_module.fsync_directory = real_fsync_dir
-        users_module.fsync_directory = real_users_fsync
+        store_module.fsync_directory = safeio.fsync_directory = real_fsync_dir
 
 
 async def measure(directory, count, idle):

@@ -20,7 +20,7 @@ from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailstack.users import atomic_write
+from mailstack.safeio import atomic_write
 
 log = Logger()
 

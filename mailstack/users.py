@@ -30,40 +30,7 @@ from zope.interface import implementer
 
 from mailstack.address import Address, AddressError, local_address, parse_address
 from mailstack.interfaces import IAliasMap, IUserDatabase
-
-
-def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
-    """
-    Replace C{path} with C{data} durably: write a temporary file beside it,
-    fsync it, rename it into place, fsync the directory.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    fsync_directory(directory)
-
-
-def fsync_directory(directory: str) -> None:
-    """
-    Make a rename or a new file in C{directory} durable.
-    """
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+from mailstack.safeio import atomic_write
 
 
 class _TextTable:

@@ -3,7 +3,7 @@ Tests for L{mailstack.smtp.server}: the session state machine, byte-exact,
 over a StringTransport with a scripted policy and a fake clock.
 """
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase

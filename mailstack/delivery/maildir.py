@@ -39,7 +39,7 @@ from zope.interface import implementer
 from mailstack.address import Address, AddressError, mailbox_name
 from mailstack.interfaces import IDeliveryAgent
 from mailstack.message import Envelope, MessageSpool
-from mailstack.users import fsync_directory
+from mailstack.safeio import fsync_directory, write_file
 
 log = Logger()
 
@@ -191,7 +191,7 @@ class MaildirWriter:
                 name = unique_name(self.hostname, size)
                 tmp = os.path.join(copy.maildir, "tmp", name)
                 staged.append((tmp, os.path.join(copy.maildir, "new", name)))
-                self._write_file(tmp, copy.prefix, spool)
+                write_file(tmp, itertools.chain((copy.prefix,), spool.chunks()))
             for tmp, new in staged:
                 os.rename(tmp, new)
                 committed.append(new)
@@ -205,18 +205,6 @@ class MaildirWriter:
                     pass
             raise
         return committed
-
-    @staticmethod
-    def _write_file(path: str, prefix: bytes, spool: MessageSpool) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            for data in itertools.chain((prefix,), spool.chunks()):
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 @implementer(IDeliveryAgent)

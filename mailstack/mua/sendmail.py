@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Sequence
 
 from mailstack.address import AddressError, parse_address
-from mailstack.users import atomic_write
+from mailstack.safeio import atomic_write
 
 
 class SendmailError(Exception):

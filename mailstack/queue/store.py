@@ -20,11 +20,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Iterator
 
 from mailstack.message import MessageSpool
-from mailstack.users import atomic_write, fsync_directory
+from mailstack.safeio import atomic_write, fsync_directory, write_file
 
 PENDING, SENT, FAILED = "pending", "sent", "failed"
 _ID = re.compile(r"[0-9A-Za-z]{6,40}")
@@ -108,15 +108,7 @@ class QueueStore:
         """
         self.ensure()
         tmp = os.path.join(self.tmp, record.queue_id)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            for chunk in spool.chunks():
-                view = memoryview(chunk)
-                while view:
-                    view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        write_file(tmp, spool.chunks())
         os.rename(tmp, self.content_path(record.queue_id))
         fsync_directory(self.content_dir)
         record.size = spool.size
