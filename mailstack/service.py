@@ -80,8 +80,9 @@ class Listener(StreamServerEndpointService):
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.port = port
         address = port.getHost()
-        log.info("{label} listening on {host}:{port}", label=self.label,
-                 host=getattr(address, "host", address), port=getattr(address, "port", ""))
+        where = (f"{address.host}:{address.port}" if hasattr(address, "port")
+                 else getattr(address, "name", address))
+        log.info("{label} listening on {where}", label=self.label, where=where)
         self.listening.callback(port)
         return port
 
