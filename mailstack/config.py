@@ -138,6 +138,38 @@ def parse_route(text: str) -> Route:
     return Route(domain, host, port)
 
 
+@dataclass(frozen=True)
+class RelayAuth:
+    """
+    Credentials for a next hop (a smarthost): its host name, the user, and
+    the file holding the password (read at start; never on a command line).
+    """
+
+    host: str
+    user: str
+    password_file: str
+
+    def password(self) -> str:
+        with open(self.password_file, encoding="utf-8") as f:
+            return f.readline().rstrip("\r\n")
+
+
+def parse_relay_auth(text: str) -> RelayAuth:
+    """
+    Parse C{HOST=USER:PASSWORD-FILE}.
+    """
+    host, sep, rest = str(text).partition("=")
+    user, sep2, path = rest.rpartition(":")
+    if not (sep and sep2 and host.strip() and user and path):
+        raise ConfigError(f"relay auth is HOST=USER:PASSWORD-FILE: {text!r}")
+    auth = RelayAuth(host.strip().lower(), user, path)
+    try:
+        auth.password()
+    except OSError as e:
+        raise ConfigError(f"cannot read the password file {path}: {e.strerror}") from None
+    return auth
+
+
 def _domain(text: str) -> str:
     try:
         return normalize_domain(str(text))
@@ -224,6 +256,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("route", (), parse_route,
            "static next hop for a domain; * is a smarthost (repeatable)",
            repeatable=True, metavar="DOMAIN=HOST:PORT"),
+    Option("relay-auth", (), parse_relay_auth,
+           "log in to next hop HOST (a smarthost) with USER and the password in FILE; "
+           "needs TLS (repeatable)", repeatable=True, metavar="HOST=USER:PASSWORD-FILE"),
     Option("require-tls", (), lambda v: "*" if str(v).strip() == "*" else _domain(v),
            "deliver to DOMAIN only over TLS with a verified certificate; * for all "
            "(repeatable) [default: opportunistic, unverified TLS]",
@@ -262,6 +297,7 @@ class Config:
     tls_key: str | None
     dns_server: tuple[str, int] | None
     route: tuple[Route, ...]
+    relay_auth: tuple[RelayAuth, ...]
     require_tls: tuple[str, ...]
     retry_schedule: tuple[float, ...]
     max_queue_lifetime: float
@@ -283,6 +319,8 @@ class Config:
             value = getattr(self, option.attribute)
             if option.name == "route":
                 value = [f"{r.domain}={r.host}:{r.port}" for r in value]
+            elif option.name == "relay-auth":
+                value = [f"{a.host}={a.user}:{a.password_file}" for a in value]
             elif option.name == "relay-networks":
                 value = [str(n) for n in value]
             elif isinstance(value, tuple):

@@ -139,7 +139,8 @@ class MailStack(MultiService):
                 resolver = createResolver()
         self.courier = Courier(reactor, resolver, config.hostname, config.route,
                                port=relay_port, timeouts=relay_timeouts,
-                               endpoint=relay_endpoint, require_tls=config.require_tls)
+                               endpoint=relay_endpoint, require_tls=config.require_tls,
+                               relay_auth=config.relay_auth)
         self.queue = OutboundQueue(
             QueueStore(os.path.join(data, "queue")), self.courier, reactor, clock or reactor,
             self.io_pool,

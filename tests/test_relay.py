@@ -435,6 +435,30 @@ class RelayTests(TestCase):
         self.assertEqual(len(server.queue.records), 1)
 
 
+    @inlineCallbacks
+    def test_smarthost_with_auth(self):
+        """
+        With --route '*=HOST' and --relay-auth, mail goes to the smarthost
+        over STARTTLS with AUTH (here another mailstack's submission port).
+        """
+        smarthost = yield start_server(self, submission=LISTEN, domain=["far.test"])
+        add_user(smarthost, "relay@far.test", "relay-pw")
+        add_user(smarthost, "bob@far.test")
+        password_file = os.path.join(short_tempdir(self), "pw")
+        with open(password_file, "w") as f:
+            f.write("relay-pw\n")
+        self.ports["127.0.0.20"] = smarthost.ports["submission"]
+        self.resolver.a["smarthost.test"] = ["127.0.0.20"]
+        server = yield self.server(route=["*=smarthost.test:587"],
+                                   relay_auth=[f"smarthost.test=relay@far.test:{password_file}"])
+        yield self.inject(server, ["bob@far.test"], sender="relay@far.test")
+        yield self.run_queue(server)
+        [message] = read_messages(smarthost, "bob@far.test")
+        self.assertIn(b"(authenticated as relay@far.test)", message)
+        self.assertIn(b"with ESMTPSA", message)
+        self.assertEqual(server.queue.records, {})
+
+
 class RequireTLSTests(TestCase):
     """
     --require-tls: STARTTLS with a verified certificate, or no delivery.

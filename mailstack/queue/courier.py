@@ -13,6 +13,8 @@ Each MX host is tried in turn (all its addresses) until one answers;
 a connection failure, a 4xx greeting or a session-level 4xx moves on to
 the next.  Opportunistic STARTTLS: used when offered, not verified, and
 when the TLS handshake fails the same host is retried once in clear text.
+A next hop with C{--relay-auth} credentials (a smarthost) needs STARTTLS,
+and AUTH PLAIN or LOGIN is done inside it; a refused login bounces.
 For a domain in C{--require-tls}, STARTTLS is required and the
 certificate is verified against the host name (service-identity, the
 system's CAs): no TLS means a deferral, never clear text.
@@ -105,6 +107,7 @@ class Courier:
         shuffle: Callable[[list[Any]], None] = random.shuffle,
         require_tls: Sequence[str] = (),
         trust_root: Any = None,
+        relay_auth: Sequence[Any] = (),
     ) -> None:
         self.reactor = reactor
         self.resolver = resolver
@@ -117,6 +120,7 @@ class Courier:
         self.tls_context = ssl.CertificateOptions(verify=False,
                                                   raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
         self.require_tls = frozenset(require_tls)
+        self.credentials = {a.host: (a.user, a.password()) for a in relay_auth}
         self.trust_root = trust_root
         self._limits: dict[str, DeferredSemaphore] = {}
 
@@ -205,13 +209,15 @@ class Courier:
                 continue
             for ip in ips:
                 relay = f"{host}[{ip}]:{port}"
-                for use_tls in ((True,) if verified else (True, False)):
+                credentials = self.credentials.get(host.lower())
+                strict = verified or credentials is not None
+                for use_tls in ((True,) if strict else (True, False)):
                     try:
                         result = await self._session(ip, port, sender, recipients,
                                                      open_content, size, use_tls,
-                                                     host if verified else None)
+                                                     host if verified else None, credentials)
                     except SMTPClientError as e:
-                        if e.permanent and e.stage in ("MAIL", "DATA", "SIZE"):
+                        if e.permanent and e.stage in ("MAIL", "DATA", "SIZE", "AUTH"):
                             return {r: Outcome(e.reply, relay) for r in recipients}
                         last = Reply(e.reply.code if e.reply.code < 500 else 451,
                                      e.reply.enhanced or "4.4.0",
@@ -239,10 +245,12 @@ class Courier:
 
     async def _session(self, ip: str, port: int, sender: str, recipients: Sequence[str],
                        open_content: Callable[[], Any], size: int, use_tls: bool,
-                       verify_host: str | None = None) -> Any:
+                       verify_host: str | None = None,
+                       credentials: tuple[str, str] | None = None) -> Any:
         """
         One SMTP session; with C{verify_host}, TLS is required and the
-        certificate must be valid for that name.
+        certificate must be valid for that name; with C{credentials}, TLS is
+        required and AUTH is done inside it.
         """
         if verify_host is not None:
             context = ssl.optionsForClientTLS(
@@ -257,7 +265,8 @@ class Courier:
                 proto, self.hostname,
                 Transaction(sender, list(recipients), content, size),
                 tls_context=context,
-                require_tls=verify_host is not None,
+                require_tls=verify_host is not None or credentials is not None,
+                credentials=credentials,
                 timeouts=self.timeouts,
             )
         except SSLError as e:
