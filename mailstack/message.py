@@ -38,6 +38,7 @@ class MessageSpool:
         self._fd: int | None = None
         self._prefix = b""
         self.size = 0
+        self.lines = 0  # LF count: the CRLF size (IMAP, POP3) is size + lines
         self._head = bytearray()
         self._head_done = False
 
@@ -50,6 +51,7 @@ class MessageSpool:
         if not self._head_done:
             self._collect_head(data)
         self.size += len(data)
+        self.lines += data.count(b"\n")
         if self._memory is not None:
             self._memory += data
             if len(self._memory) > self.memory_limit:
@@ -68,6 +70,7 @@ class MessageSpool:
         """
         self._prefix += lines
         self.size += len(lines)
+        self.lines += lines.count(b"\n")
 
     def _collect_head(self, data: bytes) -> None:
         self._head += data

@@ -21,6 +21,7 @@ from twisted.names.client import createResolver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
+from mailstack.access.pop3 import POP3Factory, make_portal
 from mailstack.address import parse_address
 from mailstack.auth import PasswordChecker
 from mailstack.config import Config
@@ -172,7 +173,11 @@ class MailStack(MultiService):
             factory = self.smtp_factory(submission, "submissions", implicit_tls=True)
             self.listen("submissions", config.submissions, TLSMemoryBIOFactory(
                 ReloadingContextFactory(self.tls), False, factory))
-        for name in ("imap", "imaps", "pop3"):
+        if config.pop3 is not None:
+            portal = make_portal(self.store, self.checker, reactor, self.io_pool)
+            self.listen("pop3", config.pop3, POP3Factory(
+                portal, reactor, self.throttle, tls=self.tls.context_factory))
+        for name in ("imap", "imaps"):
             if getattr(config, name) is not None:
                 log.warn("{name}: not implemented in this version; listener not started",
                          name=name)

@@ -152,10 +152,12 @@ class MaildirStore:
 _counter = itertools.count(1)
 
 
-def unique_name(hostname: str, size: int, now: float | None = None) -> str:
+def unique_name(hostname: str, size: int, now: float | None = None,
+                vsize: int | None = None) -> str:
     """
     A Maildir file name unique across processes and hosts (time, pid, a
-    per-process counter and 64 random bits), with Dovecot's C{S=} size.
+    per-process counter and 64 random bits), with Dovecot's C{S=} size and
+    C{W=} size with CRLF line endings (what IMAP and POP3 report).
     """
     now = time.time() if now is None else now
     seconds = int(now)
@@ -163,7 +165,7 @@ def unique_name(hostname: str, size: int, now: float | None = None) -> str:
     host = hostname.replace("/", "\\057").replace(":", "\\072")
     return (
         f"{seconds}.M{micros}P{os.getpid()}Q{next(_counter)}"
-        f"R{secrets.token_hex(8)}.{host},S={size}"
+        f"R{secrets.token_hex(8)}.{host},S={size}" + (f",W={vsize}" if vsize is not None else "")
     )
 
 
@@ -188,7 +190,8 @@ class MaildirWriter:
             for copy in copies:
                 self.store.ensure(copy.maildir)
                 size = len(copy.prefix) + spool.size
-                name = unique_name(self.hostname, size)
+                vsize = size + copy.prefix.count(b"\n") + spool.lines
+                name = unique_name(self.hostname, size, vsize=vsize)
                 tmp = os.path.join(copy.maildir, "tmp", name)
                 staged.append((tmp, os.path.join(copy.maildir, "new", name)))
                 write_file(tmp, itertools.chain((copy.prefix,), spool.chunks()))

@@ -1,0 +1,65 @@
+# -*- test-case-name: tests.test_pop3 -*-
+"""
+Reading a Maildir: the messages of one folder, their sizes as served
+(CRLF), stable unique ids, and deletion.  Used by the POP3 service.
+
+Sizes come from the file name when it carries Dovecot's C{W=} (mailstack's
+writer always adds it), so listing a mailbox reads no message bodies; a
+file from elsewhere is measured once by reading it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+
+_W = re.compile(r",W=(\d+)")
+
+
+@dataclass
+class MaildirMessage:
+    path: str
+    uid: str  # the base name, without the :2,flags info
+    size: int  # with CRLF line endings
+    deleted: bool = False
+
+
+def served_size(path: str) -> int:
+    """
+    The size of a stored message with CRLF line endings.
+    """
+    match = _W.search(os.path.basename(path).split(":")[0])
+    if match:
+        return int(match.group(1))
+    size = lines = 0
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(65536), b""):
+            size += len(chunk)
+            lines += chunk.count(b"\n")
+    return size + lines
+
+
+def scan(maildir: str) -> list[MaildirMessage]:
+    """
+    The messages in C{new/} and C{cur/}, oldest first.  Blocking: call it
+    in a thread.
+    """
+    found = []
+    for sub in ("cur", "new"):
+        directory = os.path.join(maildir, sub)
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if name.startswith("."):
+                continue
+            path = os.path.join(directory, name)
+            try:
+                size = served_size(path)
+            except FileNotFoundError:
+                continue  # removed meanwhile by another session
+            found.append(MaildirMessage(path, name.split(":")[0], size))
+    found.sort(key=lambda m: m.uid)
+    return found
