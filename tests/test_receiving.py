@@ -71,7 +71,8 @@ class ReceivingTests(TestCase):
                                         b"Received: from client.test ([127.0.0.1])\n"))
         self.assertIn(b"by mx.test (mailstack) with ESMTP id ", head)
         name = os.path.basename(maildir_files(self.server, "alice@localhost")[0])
-        self.assertTrue(name.endswith(f",S={len(message)},W={len(message) + message.count(b'\n')}"))
+        crlf_size = len(message) + message.count(b"\n")
+        self.assertTrue(name.endswith(f",S={len(message)},W={crlf_size}"))
 
     @inlineCallbacks
     def test_refusals(self):
