@@ -93,6 +93,8 @@ class MailStack(MultiService):
     The whole mail system for one L{Config}.
     """
 
+    backlog = 1024
+
     def __init__(
         self,
         config: Config,
@@ -201,6 +203,11 @@ class MailStack(MultiService):
                                  tls=None if implicit_tls else self.tls.context_factory)
 
     def listen(self, label: str, description: str, factory: Any) -> Listener:
+        kind = description.split(":", 1)[0].lower()
+        if kind in ("tcp", "tcp6", "unix") and "backlog=" not in description:
+            # Twisted's default backlog (50) overflows when many clients
+            # connect at once; the clients then wait out SYN retries.
+            description += f":backlog={self.backlog}"
         endpoint = serverFromString(self.reactor, description)
         listener = Listener(label, endpoint, factory)
         listener.setServiceParent(self)

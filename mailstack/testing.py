@@ -1,11 +1,19 @@
 """
 Test doubles for mailstack and for code built on it: an in-memory DNS
-resolver, and a scripted remote SMTP server built on mailstack's own.
+resolver, a scripted remote SMTP server built on mailstack's own, and a
+real server in a child process.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred, fail, succeed
@@ -99,3 +107,43 @@ class SinkPolicy:
         self.received.append((str(envelope.sender or ""), [str(r) for r in envelope.rcpts],
                               spool.read()))
         return None
+
+
+def start_server_process(data_dir: str, extra: list[str] | None = None,
+                         pythonpath: str | None = None, timeout: float = 60) -> Any:
+    """
+    Start C{twist mailstack} on 127.0.0.1 port 0 in a child process (SMTP
+    only, for crash tests and benchmarks); return the process and its port.
+    """
+    argv = [sys.executable, "-m", "twisted", "--log-format=text", "mailstack",
+            "--data-dir", data_dir, "--hostname", "mx.test",
+            "--smtp", "tcp:0:interface=127.0.0.1"]
+    argv += [f"--{name}=none" for name in
+             ("submission", "submissions", "imap", "imaps", "pop3")] + (extra or [])
+    env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                               env=env, cwd=data_dir)
+    lines = queue.Queue()
+
+    def read_log():
+        # Reads the whole log, so the pipe never fills up and blocks the server.
+        for line in process.stdout:
+            lines.put(line.decode("utf-8", "replace"))
+        lines.put(None)
+
+    threading.Thread(target=read_log, daemon=True).start()
+    deadline = time.monotonic() + timeout
+    output = []
+    while time.monotonic() < deadline:
+        try:
+            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
+        except queue.Empty:
+            break
+        if line is None:
+            break
+        output.append(line)
+        match = re.search(r"smtp listening on 127\.0\.0\.1:(\d+)", line)
+        if match:
+            return process, int(match.group(1))
+    process.kill()
+    raise AssertionError("server did not start:\n" + "".join(output))

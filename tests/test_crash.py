@@ -5,12 +5,9 @@ half-written in new/.
 """
 
 import os
-import queue
 import re
 import signal
 import smtplib
-import subprocess
-import sys
 import threading
 import time
 
@@ -18,54 +15,18 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.address import local_address
 from mailstack.users import UserDatabase
+from mailstack.testing import start_server_process
 from tests.support import fast_hash, short_tempdir
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 END = b"END-OF-MESSAGE"
 
 
-def start_server_process(data_dir, timeout=60):
-    """
-    Start C{twist mailstack} on port 0; return the process and its SMTP port.
-    """
-    argv = [sys.executable, "-m", "twisted", "--log-format=text", "mailstack",
-            "--data-dir", data_dir, "--hostname", "mx.test",
-            "--smtp", "tcp:0:interface=127.0.0.1"]
-    argv += [f"--{name}=none" for name in
-             ("submission", "submissions", "imap", "imaps", "pop3")]
-    process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               env=dict(os.environ, PYTHONPATH=ROOT), cwd=data_dir)
-    lines = queue.Queue()
-
-    def read_log():
-        # Reads the whole log, so the pipe never fills up and blocks the server.
-        for line in process.stdout:
-            lines.put(line.decode("utf-8", "replace"))
-        lines.put(None)
-
-    threading.Thread(target=read_log, daemon=True).start()
-    deadline = time.monotonic() + timeout
-    output = []
-    while time.monotonic() < deadline:
-        try:
-            line = lines.get(timeout=max(0.1, deadline - time.monotonic()))
-        except queue.Empty:
-            break
-        if line is None:
-            break
-        output.append(line)
-        match = re.search(r"smtp listening on 127\.0\.0\.1:(\d+)", line)
-        if match:
-            return process, int(match.group(1))
-    process.kill()
-    raise AssertionError("server did not start:\n" + "".join(output))
-
-
 class CrashTests(SynchronousTestCase):
     def test_sigkill_under_load(self):
         data_dir = short_tempdir(self)
         UserDatabase(data_dir).add(local_address("alice@localhost"), fast_hash("pw"))
-        process, port = start_server_process(data_dir)
+        process, port = start_server_process(data_dir, pythonpath=ROOT)
         self.addCleanup(lambda: process.poll() is None and process.kill())
 
         acknowledged = []
