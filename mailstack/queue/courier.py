@@ -280,7 +280,9 @@ class Courier:
 
 
 class _TLSFailed(Exception):
-    pass
+    """
+    The TLS handshake of an opportunistic STARTTLS failed: retry in clear.
+    """
 
 
 def _describe(e: BaseException) -> str:

@@ -259,9 +259,8 @@ async def send_transaction(
         if greeting.code != 220:
             raise SMTPClientError(greeting, "greeting")
     extensions = await _hello(proto, helo, timeouts)
-    if result.tls:
-        pass
-    elif "STARTTLS" in extensions and tls_context is not None:
+    upgrade = not result.tls and "STARTTLS" in extensions and tls_context is not None
+    if upgrade:
         reply = await proto.command("STARTTLS", timeouts.command)
         if reply.code != 220:
             if require_tls:
@@ -270,7 +269,7 @@ async def send_transaction(
             proto.transport.startTLS(tls_context)
             result.tls = True
             extensions = await _hello(proto, helo, timeouts)
-    elif require_tls:
+    elif require_tls and not result.tls:
         raise TLSRequired(Reply(530, "5.7.10", "the server does not offer STARTTLS"), "EHLO")
     if credentials is not None:
         if not result.tls:
