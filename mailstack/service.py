@@ -83,6 +83,8 @@ class Listener(StreamServerEndpointService):
         address = port.getHost()
         where = (f"{address.host}:{address.port}" if hasattr(address, "port")
                  else getattr(address, "name", address))
+        if isinstance(where, bytes):
+            where = where.decode("utf-8", "replace")
         log.info("{label} listening on {where}", label=self.label, where=where)
         self.listening.callback(port)
         return port
