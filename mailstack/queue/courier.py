@@ -93,7 +93,7 @@ class Courier:
     passed in, so tests use a fake DNS and servers on 127.0.0.1.
     """
 
-    max_per_domain = 5
+    max_per_domain = 20  # Postfix default_destination_concurrency_limit
 
     def __init__(
         self,
@@ -258,7 +258,9 @@ class Courier:
         else:
             context = self.tls_context if use_tls else None
         proto = SMTPClientProtocol(self.reactor)
-        await self.endpoint(ip, port).connect(Factory.forProtocol(lambda: proto))
+        factory = Factory.forProtocol(lambda: proto)
+        factory.noisy = False
+        await self.endpoint(ip, port).connect(factory)
         content = open_content()
         try:
             return await send_transaction(

@@ -125,7 +125,9 @@ class OutboundQueue(Service):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if self._heap:
+        # At capacity, the next attempt to finish runs _run_due itself; a
+        # timer now would only spin (found by benchmarks/relay.py).
+        if self._heap and len(self.active) < self.max_active:
             delay = max(0.0, self._heap[0][0] - self.clock.seconds())
             self._timer = self.clock.callLater(delay, self._run_due)
 
