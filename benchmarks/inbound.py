@@ -77,7 +77,7 @@ def main(argv=None):
     parser.add_argument("--size", type=int, default=1024)
     args = parser.parse_args(argv)
     result = run(args.sessions, args.messages, args.size)
-    print(f"| sessions | messages | size | msg/s | CPU ms/msg | peak RSS | delivered |")
+    print("| sessions | messages | size | msg/s | CPU ms/msg | peak RSS | delivered |")
     print("|---|---|---|---|---|---|---|")
     print(f"| {args.sessions} | {args.messages} | {args.size} | {result['messages/s']:.0f} | "
           f"{result['cpu ms/msg']:.2f} | {result['peak RSS MiB']:.0f} MiB | "

@@ -120,21 +120,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def _where(args: argparse.Namespace) -> tuple[str, str]:
+def _where(args: argparse.Namespace, environment: bool = False
+           ) -> tuple[str, tuple[str, ...] | None]:
     """
-    The data directory and the first local domain, from --config,
-    --data-dir, or the MAILSTACK_CONFIG / MAILSTACK_DATA_DIR environment
-    (for when this runs as C{sendmail}).
+    The data directory and, when a configuration file says, the local
+    domains: from --config or --data-dir, and with C{environment} (when this
+    runs as C{sendmail}) from MAILSTACK_CONFIG / MAILSTACK_DATA_DIR.
     """
-    config_file = args.config or os.environ.get("MAILSTACK_CONFIG")
-    try:
-        if config_file:
+    config_file = args.config
+    if environment and not (config_file or args.data_dir):
+        config_file = os.environ.get("MAILSTACK_CONFIG")
+    if config_file:
+        try:
             config = build_config({}, config_file)
-            return config.data_dir, config.domain[0]
-    except ConfigError as e:
-        raise CommandError(str(e), EX_USAGE) from None
-    return (args.data_dir or os.environ.get("MAILSTACK_DATA_DIR") or "./mailstack-data",
-            "localhost")
+        except ConfigError as e:
+            raise CommandError(str(e), EX_USAGE) from None
+        return config.data_dir, config.domain
+    default = os.environ.get("MAILSTACK_DATA_DIR") if environment else None
+    return args.data_dir or default or "./mailstack-data", None
 
 
 def sendmail_command(argv: Sequence[str], data_dir: str, domain: str, stdin: TextIO) -> None:
@@ -332,22 +335,15 @@ def run(argv: Sequence[str], stdin: TextIO, stdout: TextIO) -> None:
                      (i == 0 or argv[i - 1] not in ("--data-dir", "--config"))), None)
     if position is not None and argv[position] == "sendmail":
         args = parser().parse_args(argv[:position] + ["user", "list"])
-        data_dir, domain = _where(args)
-        sendmail_command(argv[position + 1:], data_dir, domain, stdin)
+        data_dir, domains = _where(args, environment=True)
+        sendmail_command(argv[position + 1:], data_dir, domains[0] if domains else "localhost",
+                         stdin)
         return
     args = parser().parse_args(argv)
     if args.command == "send":
         send_command(args, stdin, stdout)
         return
-    try:
-        if args.config:
-            config = build_config({}, args.config)
-            data_dir, domains = config.data_dir, config.domains
-        else:
-            data_dir = args.data_dir or "./mailstack-data"
-            domains = None
-    except ConfigError as e:
-        raise CommandError(str(e), EX_USAGE) from None
+    data_dir, domains = _where(args)
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
     if args.command == "queue":
         queue_command(args, data_dir, stdout)

@@ -12,11 +12,13 @@ may be read from several threads at once (each reader keeps its own offset).
 
 from __future__ import annotations
 
+import datetime
+import email.utils
 import os
 import re
 import tempfile
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 from mailstack.address import Address
 
@@ -66,7 +68,7 @@ class MessageSpool:
     def add_header(self, lines: bytes) -> None:
         """
         Add header lines (trace, fix-ups) in front of the received content;
-        later calls go after earlier ones.  Not part of L{head}.
+        later calls go after earlier ones.  L{header_names} does not see them.
         """
         self._prefix += lines
         self.size += len(lines)
@@ -96,14 +98,6 @@ class MessageSpool:
         while view:
             written = os.write(self._fd, view)
             view = view[written:]
-
-    @property
-    def head(self) -> bytes:
-        """
-        The received header section (up to its first empty line), LF line
-        endings, without what L{add_header} added.
-        """
-        return bytes(self._head)
 
     def header_names(self) -> list[str]:
         """
@@ -171,6 +165,29 @@ class Envelope:
     received_at: float = 0.0
     client: str = ""
 
+    def add(self, rcpt: Address, resolution: Any) -> None:
+        """
+        Record an accepted recipient and where it resolved: one copy per
+        mailbox, however many recipients lead to it.
+        """
+        self.rcpts.append(rcpt)
+        mailboxes = {local.user for local in self.local}
+        for local in resolution.local:
+            if local.user not in mailboxes:
+                self.local.append(local)
+                mailboxes.add(local.user)
+        for remote in resolution.remote:
+            if remote not in self.remote:
+                self.remote.append(remote)
+
     @property
     def return_path(self) -> str:
         return f"<{self.sender}>" if self.sender is not None else "<>"
+
+
+def rfc5322_date(timestamp: float) -> str:
+    """
+    A date for a header (Date, Received, DSN), in UTC.
+    """
+    return email.utils.format_datetime(
+        datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc))

@@ -47,7 +47,7 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
     try:
         os.unlink(tmp)  # left by a crash of this same pid number
     except FileNotFoundError:
-        pass
+        pass  # the usual case
     try:
         write_file(tmp, [data], mode)
         os.replace(tmp, path)
@@ -55,6 +55,6 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
         try:
             os.unlink(tmp)
         except OSError:
-            pass
+            pass  # the original error is the one to report
         raise
     fsync_directory(directory)

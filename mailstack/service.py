@@ -180,7 +180,7 @@ class MailStack(MultiService):
         if config.pop3 is not None:
             portal = make_portal(self.store, self.checker, reactor, self.io_pool)
             self.listen("pop3", config.pop3, POP3Factory(
-                portal, reactor, self.throttle, tls=self.tls.context_factory))
+                portal, reactor, self.io_pool, self.throttle, tls=self.tls.context_factory))
         for name in ("imap", "imaps"):
             if getattr(config, name) is not None:
                 log.warn("{name}: not implemented in this version; listener not started",

@@ -23,6 +23,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.mail import pop3
 from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailstack.access.maildir import MaildirMessage, scan
@@ -80,7 +81,7 @@ class MaildirMailbox:
                 try:
                     os.unlink(message.path)
                 except FileNotFoundError:
-                    pass  # another session deleted it first
+                    pass  # another session deleted it first: the same outcome
 
 
 @implementer(IRealm)
@@ -199,6 +200,26 @@ class POP3Server(pop3.POP3):
         log.warn("pop3: failed login from {client}", client=self.client)
         self.failResponse("[AUTH] Authentication failed")
 
+    def do_QUIT(self) -> Any:
+        """
+        Apply the DELEs in a worker thread (there may be thousands of
+        unlinks), then say goodbye (RFC 1939 UPDATE state).
+        """
+        mbox, self.mbox = self.mbox, None
+        if mbox is None:
+            return super().do_QUIT()
+        d = deferToThreadPool(self.factory.reactor, self.factory.pool, mbox.sync)
+
+        def done(result: Any) -> None:
+            if isinstance(result, Failure):
+                log.failure("pop3: cannot remove deleted messages", result)
+                self.failResponse("[SYS/TEMP] some messages were not removed")
+            else:
+                self.successResponse()
+            self.transport.loseConnection()
+
+        return self._longOperation(d.addBoth(done))
+
     def do_RETR(self, i: bytes) -> Any:
         self._stuffer = DotStuffer()
         return super().do_RETR(i)
@@ -220,10 +241,11 @@ class POP3Factory(Factory):
     protocol = POP3Server
     noisy = False
 
-    def __init__(self, portal: Portal, reactor: Any, throttle: LoginThrottle,
+    def __init__(self, portal: Portal, reactor: Any, pool: Any, throttle: LoginThrottle,
                  tls: Any = None, implicit_tls: bool = False, timeout: float = 600) -> None:
         self.portal = portal
         self.reactor = reactor
+        self.pool = pool
         self.throttle = throttle
         self.tls = tls
         self.implicit_tls = implicit_tls

@@ -67,10 +67,7 @@ class Dispatcher:
                 log.warn("{qid}: to=<{to}> status=bounced (unknown local recipient: {e})",
                          qid=envelope.queue_id, to=rcpt, e=e)
                 continue
-            envelope.rcpts.append(rcpt)
-            users = {r.user for r in envelope.local}
-            envelope.local.extend(r for r in resolution.local if r.user not in users)
-            envelope.remote.extend(r for r in resolution.remote if r not in envelope.remote)
+            envelope.add(rcpt, resolution)
         spool = MessageSpool(self.spool_dir)
         spool.write(content)
         log.info("{qid}: from=<{sender}> size={size} nrcpt={n} ({client})",

@@ -51,16 +51,12 @@ log = Logger()
 
 class RouteError(Exception):
     """
-    No way to reach a domain; C{permanent} decides bounce or retry.
+    No way to reach a domain; a 5xx C{reply} bounces, a 4xx retries.
     """
 
     def __init__(self, reply: Reply) -> None:
         super().__init__(str(reply))
         self.reply = reply
-
-    @property
-    def permanent(self) -> bool:
-        return self.reply.code >= 500
 
 
 @dataclass(frozen=True)

@@ -9,16 +9,10 @@ bounce must not carry a payload back to a forged sender.
 
 from __future__ import annotations
 
-import datetime
-import email.utils
 import secrets
 
+from mailstack.message import rfc5322_date as _date
 from mailstack.queue.store import QueueRecord, RecipientState
-
-
-def _date(timestamp: float) -> str:
-    return email.utils.format_datetime(
-        datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc))
 
 
 def build_report(

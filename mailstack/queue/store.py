@@ -132,7 +132,7 @@ class QueueStore:
         try:
             os.unlink(self.content_path(queue_id))
         except FileNotFoundError:
-            pass
+            pass  # a crash between the two unlinks: the envelope was the commit
         return True
 
     def load(self, queue_id: str) -> QueueRecord:

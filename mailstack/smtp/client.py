@@ -122,10 +122,6 @@ class SMTPClientProtocol(Protocol):
         self._waiting: Deferred[Reply] | None = None
         self._timer: Any = None
         self._lost: Failure | None = None
-        self.connected_deferred: Deferred[SMTPClientProtocol] = Deferred()
-
-    def connectionMade(self) -> None:
-        self.connected_deferred.callback(self)
 
     def dataReceived(self, data: bytes) -> None:
         self._buffer += data
@@ -244,7 +240,6 @@ async def send_transaction(
     require_tls: bool = False,
     credentials: tuple[str, str] | None = None,
     timeouts: Timeouts = Timeouts(),
-    greeted: bool = False,
     implicit_tls: bool = False,
 ) -> TransactionResult:
     """
@@ -254,10 +249,9 @@ async def send_transaction(
     @param implicit_tls: the connection is TLS from its first byte (port 465).
     """
     result = TransactionResult(tls=implicit_tls)
-    if not greeted:
-        greeting = await proto.read_reply(timeouts.greeting)
-        if greeting.code != 220:
-            raise SMTPClientError(greeting, "greeting")
+    greeting = await proto.read_reply(timeouts.greeting)
+    if greeting.code != 220:
+        raise SMTPClientError(greeting, "greeting")
     extensions = await _hello(proto, helo, timeouts)
     upgrade = not result.tls and "STARTTLS" in extensions and tls_context is not None
     if upgrade:
@@ -343,5 +337,5 @@ async def _quit(proto: SMTPClientProtocol) -> None:
         proto.send_line("QUIT")
         await proto.read_reply(10)
     except Exception:
-        pass
+        pass  # QUIT is a courtesy: the transaction's result is already known
     proto.transport.loseConnection()

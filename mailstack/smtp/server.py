@@ -23,8 +23,6 @@ state machine instead:
 
 from __future__ import annotations
 
-import datetime
-import email.utils
 import re
 import secrets
 from dataclasses import dataclass
@@ -39,7 +37,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from mailstack.address import AddressError, parse_path
-from mailstack.message import Envelope, MessageSpool
+from mailstack.message import Envelope, MessageSpool, rfc5322_date
 from mailstack.smtp.data import DataReader
 from mailstack.smtp.reply import Reply, SMTPError
 
@@ -504,16 +502,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         def accepted(resolution: Any) -> Reply:
             if self.envelope is not envelope:
                 return Reply(503, "5.5.1", "Error: transaction reset")
-            # One copy per mailbox, however many recipients lead to it.
-            mailboxes = {local.user for local in envelope.local}
-            for local in resolution.local:
-                if local.user not in mailboxes:
-                    envelope.local.append(local)
-                    mailboxes.add(local.user)
-            for remote in resolution.remote:
-                if remote not in envelope.remote:
-                    envelope.remote.append(remote)
-            envelope.rcpts.append(rcpt)
+            envelope.add(rcpt, resolution)
             return Reply(250, "2.1.5", "Ok")
 
         def refused(failure: Failure) -> Failure:
@@ -604,9 +593,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             tls = f"\n\t({info})" if info else ""
         auth = f"\n\t(authenticated as {s.user})" if s.user is not None else ""
         single = f"\n\tfor <{envelope.rcpts[0]}>" if len(envelope.rcpts) == 1 else ""
-        date = email.utils.format_datetime(
-            datetime.datetime.fromtimestamp(self.factory.clock.seconds(), datetime.timezone.utc)
-        )
+        date = rfc5322_date(self.factory.clock.seconds())
         return (
             f"Received: from {s.helo} ([{literal}]){tls}{auth}\n"
             f"\tby {self.settings.hostname} (mailstack) with {s.protocol_name}"

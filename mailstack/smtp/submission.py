@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import datetime
-import email.utils
 import secrets
 from typing import Any
 
@@ -29,7 +27,7 @@ from twisted.logger import Logger
 
 from mailstack.address import Address, AddressError, parse_address
 from mailstack.delivery.router import AliasLoop, Resolution, UnknownRecipient
-from mailstack.message import Envelope, MessageSpool
+from mailstack.message import Envelope, MessageSpool, rfc5322_date
 from mailstack.smtp.policy import ReceivingPolicy
 from mailstack.smtp.reply import Reply, SMTPError
 from mailstack.throttle import LoginThrottle
@@ -42,7 +40,9 @@ NEED_AUTH = Reply(530, "5.7.0", "Authentication required")
 
 
 class _Cancelled(Exception):
-    pass
+    """
+    The client answered a SASL challenge with C{*}.
+    """
 
 
 def _decode(line: str, empty_ok: bool = False) -> bytes:
@@ -209,6 +209,5 @@ class SubmissionPolicy(ReceivingPolicy):
             spool.add_header(f"Message-ID: <{envelope.queue_id}.{token}@{self.hostname}>\n"
                              .encode("ascii"))
         if "date" not in names:
-            now = datetime.datetime.fromtimestamp(self.clock.seconds(), datetime.timezone.utc)
-            spool.add_header(f"Date: {email.utils.format_datetime(now)}\n".encode("ascii"))
+            spool.add_header(f"Date: {rfc5322_date(self.clock.seconds())}\n".encode("ascii"))
         return super().deliver(session, envelope, spool)
