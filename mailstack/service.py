@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
+from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
@@ -21,6 +22,7 @@ from twisted.names.client import createResolver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
+from mailstack.access.imap import IMAPFactory, IMAPRealm
 from mailstack.access.pop3 import POP3Factory, make_portal
 from mailstack.address import parse_address
 from mailstack.auth import PasswordChecker
@@ -181,10 +183,18 @@ class MailStack(MultiService):
             portal = make_portal(self.store, self.checker, reactor, self.io_pool)
             self.listen("pop3", config.pop3, POP3Factory(
                 portal, reactor, self.io_pool, self.throttle, tls=self.tls.context_factory))
-        for name in ("imap", "imaps"):
-            if getattr(config, name) is not None:
-                log.warn("{name}: not implemented in this version; listener not started",
-                         name=name)
+        if config.imap is not None or config.imaps is not None:
+            imap_portal = Portal(IMAPRealm(self.store, config.hostname, reactor, self.io_pool),
+                                 [self.checker])
+        if config.imap is not None:
+            self.listen("imap", config.imap, IMAPFactory(
+                imap_portal, reactor, self.throttle, self.tls.context_factory,
+                config.max_message_size))
+        if config.imaps is not None:
+            factory = IMAPFactory(imap_portal, reactor, self.throttle, None,
+                                  config.max_message_size, implicit_tls=True)
+            self.listen("imaps", config.imaps, TLSMemoryBIOFactory(
+                ReloadingContextFactory(self.tls), False, factory))
 
     def bounce(self, sender: str, report: bytes) -> Deferred[str]:
         """

@@ -1,0 +1,421 @@
+# -*- test-case-name: tests.test_folder -*-
+"""
+One Maildir++ folder as IMAP sees it: stable UIDs, flags, \\Recent.
+
+UIDs live in C{mailstack-uidlist} inside the folder (the role of Dovecot's
+C{dovecot-uidlist}): a header line C{mailstack-uidlist 1 V<validity>
+N<next>}, then one C{<uid> <base name>} line per message.  New UIDs are
+appended and fsynced before any client can see them; the file is compacted
+(rewritten atomically) when most of its lines name messages that are gone.
+A uid list that is missing or does not parse is rebuilt with a new
+UIDVALIDITY, so a UID is never given to two different messages under one
+UIDVALIDITY.  Every reader and writer holds C{flock} on
+C{mailstack-uidlist.lock}, so sessions in several processes agree.
+
+Flags are the Maildir info suffix C{:2,DFPRST}; keywords are not kept.
+Everything here blocks: call it from a worker thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from mailstack.access.maildir import served_size
+from mailstack.delivery.maildir import SUBDIRS, unique_name
+from mailstack.safeio import atomic_write, fsync_directory, write_file
+
+UIDLIST = "mailstack-uidlist"
+VALIDITY = "mailstack-uidvalidity"  # the last UIDVALIDITY given, kept apart
+LOCKFILE = "mailstack-uidlist.lock"
+MAGIC = "mailstack-uidlist 1"
+
+FLAG_LETTERS = {
+    "\\Draft": "D",
+    "\\Flagged": "F",
+    "$Forwarded": "P",
+    "\\Answered": "R",
+    "\\Seen": "S",
+    "\\Deleted": "T",
+}
+LETTER_FLAGS = {letter: flag for flag, letter in FLAG_LETTERS.items()}
+PERMANENT_FLAGS = tuple(FLAG_LETTERS)
+
+
+def flags_from_info(info: str) -> set[str]:
+    return {LETTER_FLAGS[c] for c in info if c in LETTER_FLAGS}
+
+
+def info_from_flags(flags: set[str]) -> str:
+    return "".join(sorted(FLAG_LETTERS[f] for f in flags if f in FLAG_LETTERS))
+
+
+def split_name(name: str) -> tuple[str, str | None]:
+    """
+    A file name's unique base and its info letters (None in C{new/}).
+    """
+    base, sep, info = name.partition(":")
+    if not sep:
+        return base, None
+    return base, info[2:] if info.startswith("2,") else ""
+
+
+@dataclass
+class Entry:
+    """
+    One message of a folder as a session knows it.
+    """
+
+    uid: int
+    base: str
+    sub: str  # "new" or "cur"
+    name: str  # the file name in sub
+    size: int  # as served, with CRLF
+    recent: bool = False
+    flags: set[str] = field(default_factory=set)
+
+    def path(self, folder: str) -> str:
+        return os.path.join(folder, self.sub, self.name)
+
+
+@dataclass
+class Snapshot:
+    validity: int
+    uid_next: int
+    entries: list[Entry]  # by UID
+
+
+@dataclass
+class UidList:
+    validity: int
+    next: int
+    uids: dict[str, int]  # base name -> UID
+    lines: int  # entry lines in the file, live or not
+    clean: bool  # the file parsed and ends with a newline
+
+
+class Folder:
+    """
+    One Maildir (the INBOX root or a C{.Name} subfolder).
+    """
+
+    def __init__(self, path: str, hostname: str = "localhost") -> None:
+        self.path = path
+        self.hostname = hostname
+
+    # -- the uid list --------------------------------------------------------
+
+    @contextmanager
+    def locked(self) -> Iterator[None]:
+        fd = os.open(os.path.join(self.path, LOCKFILE), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+    def _read_uidlist(self) -> UidList | None:
+        try:
+            with open(os.path.join(self.path, UIDLIST), "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            return None
+        text = data.decode("ascii", "replace")
+        lines = text.split("\n")
+        head = lines[0].split(" ")
+        if len(head) != 4 or " ".join(head[:2]) != MAGIC:
+            return None
+        try:
+            validity = int(head[2][1:])
+            next_uid = int(head[3][1:])
+        except ValueError:
+            return None
+        if not head[2].startswith("V") or not head[3].startswith("N") or validity <= 0:
+            return None
+        complete = lines[1:-1]  # the last is empty, or a torn line
+        uids: dict[str, int] = {}
+        seen: set[int] = set()
+        for line in complete:
+            uid_text, _, base = line.partition(" ")
+            if not uid_text.isdigit() or not base or int(uid_text) in seen:
+                return None
+            uid = int(uid_text)
+            seen.add(uid)
+            uids[base] = uid
+            next_uid = max(next_uid, uid + 1)
+        return UidList(validity, next_uid, uids, len(complete), text.endswith("\n"))
+
+    def _rewrite(self, uidlist: UidList) -> None:
+        ordered = sorted(uidlist.uids.items(), key=lambda item: item[1])
+        text = f"{MAGIC} V{uidlist.validity} N{uidlist.next}\n" + "".join(
+            f"{uid} {base}\n" for base, uid in ordered)
+        atomic_write(os.path.join(self.path, UIDLIST), text.encode("ascii"))
+        uidlist.lines = len(ordered)
+        uidlist.clean = True
+
+    def _append(self, uidlist: UidList, added: list[tuple[str, int]]) -> None:
+        fd = os.open(os.path.join(self.path, UIDLIST), os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, "".join(f"{uid} {base}\n" for base, uid in added).encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        uidlist.lines += len(added)
+
+    def _load(self) -> UidList:
+        """
+        The uid list, rebuilt with a new UIDVALIDITY if it is lost or
+        broken.  Call with the lock held.
+        """
+        uidlist = self._read_uidlist()
+        if uidlist is None:
+            previous = self._previous_validity()
+            uidlist = UidList(max(int(time.time()), previous + 1), 1, {}, 0, False)
+            atomic_write(os.path.join(self.path, VALIDITY), b"%d\n" % uidlist.validity)
+        if not uidlist.clean:
+            self._rewrite(uidlist)
+        return uidlist
+
+    def _previous_validity(self) -> int:
+        """
+        The highest UIDVALIDITY this folder may have had, so a rebuilt uid
+        list never repeats it even within the same second.
+        """
+        found = [0]
+        try:
+            with open(os.path.join(self.path, VALIDITY), "rb") as f:
+                found.append(int(f.read().strip() or 0))
+        except (OSError, ValueError):
+            pass  # lost too: the clock alone decides
+        try:
+            with open(os.path.join(self.path, UIDLIST), "rb") as f:
+                head = f.readline().split()
+            if len(head) >= 3 and head[2][:1] == b"V":
+                found.append(int(head[2][1:]))
+        except (OSError, ValueError):
+            pass  # no readable header
+        return max(found)
+
+    def _assign(self, uidlist: UidList, bases: list[str]) -> None:
+        added = []
+        for base in bases:
+            if base not in uidlist.uids:
+                uidlist.uids[base] = uidlist.next
+                added.append((base, uidlist.next))
+                uidlist.next += 1
+        if added:
+            self._append(uidlist, added)
+
+    # -- listing -------------------------------------------------------------
+
+    def _files(self) -> dict[str, tuple[str, str]]:
+        found: dict[str, tuple[str, str]] = {}
+        for sub in ("new", "cur"):  # a name in cur/ wins over the same in new/
+            try:
+                names = os.listdir(os.path.join(self.path, sub))
+            except FileNotFoundError:
+                continue
+            for name in names:
+                if not name.startswith("."):
+                    found[split_name(name)[0]] = (sub, name)
+        return found
+
+    def scan(self, claim_new: bool = False, sizes: dict[str, int] | None = None) -> Snapshot:
+        """
+        Every message with its UID, assigning UIDs to new arrivals.
+
+        @param claim_new: move messages from C{new/} to C{cur/} and mark
+            them recent: this session is the first to see them.
+        @param sizes: sizes already known by base name, to skip measuring.
+        """
+        sizes = sizes or {}
+        with self.locked():
+            uidlist = self._load()
+            files = self._files()
+            fresh = sorted((b for b in files if b not in uidlist.uids),
+                           key=lambda b: (b.split(".", 1)[0].zfill(12), b))
+            self._assign(uidlist, fresh)
+            gone = len(uidlist.uids) - len(files)
+            if gone > 0 and uidlist.lines > 2 * len(files) + 1000:
+                for base in [b for b in uidlist.uids if b not in files]:
+                    del uidlist.uids[base]
+                self._rewrite(uidlist)
+        entries = []
+        for base, (sub, name) in files.items():
+            recent = False
+            if claim_new and sub == "new":
+                target = name if ":" in name else name + ":2,"
+                try:
+                    os.rename(os.path.join(self.path, "new", name),
+                              os.path.join(self.path, "cur", target))
+                except FileNotFoundError:
+                    continue  # another session claimed or removed it meanwhile
+                sub, name, recent = "cur", target, True
+            size = sizes.get(base)
+            if size is None:
+                try:
+                    size = served_size(os.path.join(self.path, sub, name))
+                except FileNotFoundError:
+                    continue
+            info = split_name(name)[1] or ""
+            entries.append(Entry(uidlist.uids[base], base, sub, name, size, recent,
+                                 flags_from_info(info)))
+        entries.sort(key=lambda e: e.uid)
+        return Snapshot(uidlist.validity, uidlist.next, entries)
+
+    def status(self) -> Snapshot:
+        """
+        Like L{scan} without claiming, for STATUS; sizes are not measured.
+        """
+        return self.scan(sizes=_AnySize())
+
+    # -- changing messages ---------------------------------------------------
+
+    def locate(self, entry: Entry) -> bool:
+        """
+        Find a message another session renamed (flags, new to cur); False
+        if it is gone.
+        """
+        if os.path.exists(entry.path(self.path)):
+            return True
+        for sub in ("cur", "new"):
+            try:
+                names = os.listdir(os.path.join(self.path, sub))
+            except FileNotFoundError:
+                continue
+            for name in names:
+                if split_name(name)[0] == entry.base:
+                    entry.sub, entry.name = sub, name
+                    entry.flags = flags_from_info(split_name(name)[1] or "")
+                    return True
+        return False
+
+    def set_flags(self, entry: Entry, flags: set[str]) -> bool:
+        """
+        Rename the file to carry C{flags} (it moves to C{cur/}); False if
+        the message is gone.
+        """
+        for _ in range(3):
+            target = f"{entry.base}:2,{info_from_flags(flags)}"
+            if entry.sub == "cur" and entry.name == target:
+                entry.flags = set(flags)
+                return True
+            try:
+                os.rename(entry.path(self.path), os.path.join(self.path, "cur", target))
+            except FileNotFoundError:
+                if not self.locate(entry):
+                    return False
+                continue
+            entry.sub, entry.name, entry.flags = "cur", target, set(flags)
+            return True
+        return False
+
+    def remove(self, entry: Entry) -> None:
+        for _ in range(3):
+            try:
+                os.unlink(entry.path(self.path))
+                return
+            except FileNotFoundError:
+                if not self.locate(entry):
+                    return
+
+    def add(self, content: bytes, flags: set[str], date: float | None = None) -> int:
+        """
+        Store a message (LF line endings) durably in C{cur/}; its UID.
+        """
+        size = len(content)
+        name = unique_name(self.hostname, size, vsize=size + content.count(b"\n"))
+        base = name
+        target = f"{name}:2,{info_from_flags(flags)}"
+        tmp = os.path.join(self.path, "tmp", name)
+        write_file(tmp, [content])
+        if date is not None:
+            os.utime(tmp, (date, date))
+        try:
+            os.rename(tmp, os.path.join(self.path, "cur", target))
+        except BaseException:
+            os.unlink(tmp)
+            raise
+        fsync_directory(os.path.join(self.path, "cur"))
+        return self.register([base])[0]
+
+    def link_from(self, source: str, entry: Entry, move: bool = False) -> str:
+        """
+        Put a copy (a hard link) or the message itself (a rename) of
+        C{entry} from folder C{source} into C{cur/} here; the new base name.
+        Call L{register} after, then fsync with L{sync}.
+        """
+        old = entry.path(source)
+        size, vsize = _sizes_from_name(entry.base)
+        name = unique_name(self.hostname, size if size is not None else 0,
+                           vsize=vsize if vsize is not None else entry.size)
+        target = os.path.join(self.path, "cur", f"{name}:2,{info_from_flags(entry.flags)}")
+        if move:
+            os.rename(old, target)
+        else:
+            try:
+                os.link(old, target)
+            except OSError as e:
+                if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
+                    raise
+                with open(old, "rb") as f:
+                    write_file(target, [f.read()])
+        return name
+
+    def register(self, bases: list[str]) -> list[int]:
+        """
+        UIDs for messages just put here, in order.
+        """
+        with self.locked():
+            uidlist = self._load()
+            self._assign(uidlist, bases)
+            return [uidlist.uids[b] for b in bases]
+
+    def sync(self) -> None:
+        fsync_directory(os.path.join(self.path, "cur"))
+
+
+class _AnySize(dict):
+    def get(self, key: object, default: object = None) -> int:  # type: ignore[override]
+        return 0
+
+
+def _sizes_from_name(base: str) -> tuple[int | None, int | None]:
+    size = vsize = None
+    for part in base.split(",")[1:]:
+        key, _, value = part.partition("=")
+        if value.isdigit():
+            if key == "S":
+                size = int(value)
+            elif key == "W":
+                vsize = int(value)
+    return size, vsize
+
+
+def ensure_folder(path: str, subfolder: bool) -> None:
+    """
+    Create a Maildir (and C{maildirfolder} in a subfolder) if missing.
+    """
+    created = False
+    if not os.path.isdir(path):
+        os.mkdir(path, 0o700)
+        created = True
+    for sub in SUBDIRS:
+        try:
+            os.mkdir(os.path.join(path, sub), 0o700)
+            created = True
+        except FileExistsError:
+            pass  # already there
+    if subfolder:
+        marker = os.path.join(path, "maildirfolder")
+        if not os.path.exists(marker):
+            write_file(marker, [b""])
+            created = True
+    if created:
+        fsync_directory(path)
+        fsync_directory(os.path.dirname(path))

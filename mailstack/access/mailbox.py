@@ -1,0 +1,672 @@
+# -*- test-case-name: tests.test_imap -*-
+"""
+A user's Maildir++ as Twisted's IMAP interfaces: L{MaildirAccount}
+(C{IAccount}), L{MaildirMailbox} (C{IMailbox}, C{ISearchableMailbox}) and
+L{MaildirMessage} (C{IMessage}, C{IMessageFile}).
+
+INBOX is the Maildir root; another folder C{A.B} is the directory
+C{.A.B} (names in modified UTF-7, hierarchy delimiter C{.}).  Every file
+operation runs in a worker thread and the methods return Deferreds.
+
+A session's view of the selected folder (its sequence numbers) changes
+only when the session asks for L{MaildirMailbox.refresh}, so messages
+delivered, flagged or expunged by others are reported at the moments IMAP
+allows (NOOP, IDLE, EXPUNGE, ...), never in the middle of a FETCH.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import io
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.threads import deferToThreadPool
+from twisted.mail import imap4
+from twisted.mail.imap4 import MailboxException
+from zope.interface import implementer
+
+from mailstack.access.folder import (
+    PERMANENT_FLAGS, Entry, Folder, Snapshot, ensure_folder,
+)
+from mailstack.access.mime import Part, crlf, lf
+from mailstack.access.search import Candidate, Ranges, in_set, matches, needs
+from mailstack.safeio import atomic_write
+
+DELIMITER = "."
+SPECIAL = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk"}
+SUBSCRIPTIONS = "subscriptions"
+
+NOTHING, HEADER, WHOLE = 0, 1, 2
+
+
+def folder_dirname(name: str) -> str:
+    """
+    The directory of folder C{name} under the Maildir root, after checking
+    the name cannot reach outside it.
+    """
+    if name.upper() == "INBOX":
+        return ""
+    if name.upper().startswith("INBOX" + DELIMITER):
+        raise MailboxException("Folders under INBOX are not supported here")
+    parts = name.split(DELIMITER)
+    if (not name or len(name) > 200 or any(not p for p in parts)
+            or any(c in name for c in "/\\\0\r\n") or any(ord(c) < 32 for c in name)):
+        raise MailboxException(f"Invalid folder name {name!r}")
+    encoded = name.encode("imap4-utf-7").decode("ascii")
+    return "." + encoded
+
+
+def folder_name(dirname: str) -> str:
+    return dirname[1:].encode("ascii").decode("imap4-utf-7")
+
+
+@dataclass
+class Loaded:
+    """
+    A message ready to render: its entry, its content as far as needed, and
+    its arrival time.
+    """
+
+    seq: int
+    entry: Entry
+    part: Part | None
+    internal_date: float
+    flags_changed: bool = False
+
+
+@dataclass
+class Changes:
+    """
+    What a refresh found, in the order IMAP reports it.
+    """
+
+    expunged: list[int] = field(default_factory=list)  # sequence numbers, highest first
+    exists: int | None = None
+    recent: int | None = None
+    flags: list[tuple[int, Entry]] = field(default_factory=list)
+
+
+class MissingFolder(MailboxException):
+    """
+    A folder that does not exist (answered C{NO [TRYCREATE]}).
+    """
+
+
+@implementer(imap4.IMessage, imap4.IMessageFile)
+class MaildirMessage:
+    """
+    One message for Twisted's interfaces.  mailstack's own server renders
+    L{Loaded} instead and never calls these on the reactor thread.
+    """
+
+    def __init__(self, loaded: Loaded) -> None:
+        self.loaded = loaded
+
+    def _part(self) -> Part:
+        return self.loaded.part or Part(b"")
+
+    def getHeaders(self, negate: bool, *names: Any) -> dict[str, str]:
+        wanted = {n.decode() if isinstance(n, bytes) else n for n in names}
+        wanted = {n.lower() for n in wanted}
+        fields = self._part().fields
+        return {k.lower(): str(v) for k, v in fields.items()
+                if not names or ((k.lower() in wanted) != negate)}
+
+    def getBodyFile(self) -> io.BytesIO:
+        return io.BytesIO(self._part().body)
+
+    def getSize(self) -> int:
+        return self.loaded.entry.size
+
+    def isMultipart(self) -> bool:
+        return self._part().multipart
+
+    def getSubPart(self, part: int) -> Any:
+        children = self._part().children()
+        if not 0 <= part < len(children):
+            raise IndexError(part)
+        entry = Entry(0, "", "", "", len(children[part].body))
+        return MaildirMessage(Loaded(0, entry, children[part], self.loaded.internal_date))
+
+    def getUID(self) -> int:
+        return self.loaded.entry.uid
+
+    def getFlags(self) -> list[str]:
+        return sorted(self.loaded.entry.flags) + (
+            ["\\Recent"] if self.loaded.entry.recent else [])
+
+    def getInternalDate(self) -> str:
+        return email.utils.formatdate(self.loaded.internal_date, localtime=True)
+
+    def open(self) -> io.BytesIO:
+        return io.BytesIO(self._part().raw)
+
+
+def _read_header(path: str) -> bytes:
+    """
+    The header block of a stored message, without reading its body.
+    """
+    data = b""
+    with open(path, "rb") as f:
+        while len(data) < 1 << 20:
+            chunk = f.read(8192)
+            if not chunk:
+                break
+            data += chunk
+            end = data.find(b"\n\n")
+            if end >= 0 or data.startswith(b"\n"):
+                return data[:end + 2] if end >= 0 else b"\n"
+    return data
+
+
+def load(folder: Folder, items: list[tuple[int, Entry]], level: int,
+         mark_seen: bool = False) -> list[Loaded | None]:
+    """
+    Read what a FETCH or SEARCH needs of each message; None for a message
+    that is gone.  Blocking.
+    """
+    out: list[Loaded | None] = []
+    for seq, entry in items:
+        found = _read(folder, entry, level)
+        if found is None:
+            out.append(None)
+            continue
+        changed = False
+        if mark_seen and "\\Seen" not in entry.flags:
+            changed = folder.set_flags(entry, entry.flags | {"\\Seen"})
+        out.append(Loaded(seq, entry, found[1], found[0], changed))
+    return out
+
+
+def _read(folder: Folder, entry: Entry, level: int) -> tuple[float, Part | None] | None:
+    for _ in range(2):
+        try:
+            path = entry.path(folder.path)
+            mtime = os.stat(path).st_mtime
+            if level == HEADER:
+                return mtime, Part(crlf(_read_header(path)))
+            if level == WHOLE:
+                with open(path, "rb") as f:
+                    return mtime, Part(crlf(f.read()))
+            return mtime, None
+        except FileNotFoundError:
+            if not folder.locate(entry):
+                return None
+    return None
+
+
+def wildcard_match(pattern: str, name: str) -> bool:
+    """
+    LIST patterns: C{*} matches anything, C{%} anything but the delimiter;
+    INBOX matches in any case.
+    """
+    regex = "".join(".*" if c == "*" else "[^.]*" if c == "%" else re.escape(c)
+                    for c in pattern)
+    if name == "INBOX":
+        return re.fullmatch(regex, name, re.IGNORECASE) is not None
+    return re.fullmatch(regex, name) is not None
+
+
+@implementer(imap4.IMailbox, imap4.ISearchableMailbox)
+class MaildirMailbox:
+    """
+    The selected folder of one session.
+    """
+
+    def __init__(self, account: "MaildirAccount", name: str, folder: Folder,
+                 snapshot: Snapshot, rw: bool) -> None:
+        self.account = account
+        self.name = name
+        self.folder = folder
+        self.rw = rw
+        self.view: list[Entry] = snapshot.entries
+        self.validity = snapshot.validity
+        self.uid_next = snapshot.uid_next
+        self.listeners: list[Any] = []
+        self._mtimes = self._directory_mtimes()
+
+    def _run(self, f: Any, *args: Any) -> Deferred[Any]:
+        return self.account.run(f, *args)
+
+    # -- the view --------------------------------------------------------------
+
+    def resolve(self, ranges: Ranges, uid: bool) -> list[tuple[int, Entry]]:
+        """
+        The (sequence number, entry) pairs a sequence set names.
+        """
+        if not self.view:
+            return []
+        if uid:
+            last = self.view[-1].uid
+            return [(i, e) for i, e in enumerate(self.view, 1) if in_set(e.uid, ranges, last)]
+        found: dict[int, Entry] = {}
+        count = len(self.view)
+        for lo, hi in ranges:
+            a = count if lo is None else lo
+            b = count if hi is None else hi
+            for seq in range(max(1, min(a, b)), min(count, max(a, b)) + 1):
+                found[seq] = self.view[seq - 1]
+        return sorted(found.items())
+
+    def _directory_mtimes(self) -> tuple[int, int]:
+        try:
+            return (os.stat(os.path.join(self.folder.path, "new")).st_mtime_ns,
+                    os.stat(os.path.join(self.folder.path, "cur")).st_mtime_ns)
+        except OSError:
+            return (0, 0)
+
+    def changed_on_disk(self) -> bool:
+        """
+        Whether a delivery, a flag change or an expunge by anyone touched
+        the folder since the last refresh (two stat calls, for IDLE).
+        """
+        return self._directory_mtimes() != self._mtimes
+
+    def refresh(self) -> Deferred[Changes]:
+        sizes = {e.base: e.size for e in self.view}
+        mtimes = self._directory_mtimes()
+
+        def scan() -> Snapshot:
+            return self.folder.scan(claim_new=self.rw, sizes=sizes)
+
+        def apply(snapshot: Snapshot) -> Changes:
+            self._mtimes = mtimes
+            changes = Changes()
+            current = {e.uid: e for e in snapshot.entries}
+            kept = []
+            for seq in range(len(self.view), 0, -1):
+                if self.view[seq - 1].uid not in current:
+                    changes.expunged.append(seq)
+            known = set()
+            for entry in self.view:
+                fresh = current.get(entry.uid)
+                if fresh is None:
+                    continue
+                known.add(entry.uid)
+                flags_before = set(entry.flags)
+                entry.sub, entry.name, entry.flags = fresh.sub, fresh.name, fresh.flags
+                kept.append(entry)
+                if entry.flags != flags_before:
+                    changes.flags.append((len(kept), entry))
+            added = [e for e in snapshot.entries if e.uid not in known]
+            self.view = kept + added
+            self.uid_next = snapshot.uid_next
+            if added or changes.expunged:
+                changes.exists = len(self.view)
+            if added:
+                changes.recent = self.getRecentCount()
+            return changes
+
+        return self._run(scan).addCallback(apply)
+
+    # -- operations for the server ----------------------------------------------
+
+    def load(self, items: list[tuple[int, Entry]], level: int,
+             mark_seen: bool = False) -> Deferred[list[Loaded | None]]:
+        return self._run(load, self.folder, items, level, mark_seen and self.rw)
+
+    def store_flags(self, items: list[tuple[int, Entry]], flags: Iterable[str],
+                    mode: int) -> Deferred[list[tuple[int, Entry]]]:
+        """
+        Replace (0), add (1) or remove (-1) flags; the entries still there.
+        """
+        wanted = {f for f in flags if f in PERMANENT_FLAGS}
+
+        def work() -> list[tuple[int, Entry]]:
+            done = []
+            for seq, entry in items:
+                if mode > 0:
+                    new = entry.flags | wanted
+                elif mode < 0:
+                    new = entry.flags - wanted
+                else:
+                    new = set(wanted)
+                if self.folder.set_flags(entry, new):
+                    done.append((seq, entry))
+            return done
+
+        return self._run(work)
+
+    def remove_deleted(self, uids: set[int] | None = None) -> Deferred[None]:
+        """
+        Remove the messages this session sees as \\Deleted (only those in
+        C{uids}, if given).
+        """
+        doomed = [e for e in self.view if "\\Deleted" in e.flags
+                  and (uids is None or e.uid in uids)]
+
+        def work() -> None:
+            for entry in doomed:
+                self.folder.remove(entry)
+
+        return self._run(work)
+
+    def transfer(self, target: Folder, items: list[tuple[int, Entry]], move: bool
+                 ) -> Deferred[tuple[int, list[int], list[int]]]:
+        """
+        Copy (hard links) or move messages into C{target}: its UIDVALIDITY,
+        the source UIDs and the new UIDs, for COPYUID.
+        """
+        def work() -> tuple[int, list[int], list[int]]:
+            sources, bases = [], []
+            for _, entry in items:
+                for _ in range(2):
+                    try:
+                        bases.append(target.link_from(self.folder.path, entry, move))
+                        sources.append(entry.uid)
+                        break
+                    except FileNotFoundError:
+                        if not self.folder.locate(entry):
+                            break
+            target.sync()
+            if move:
+                self.folder.sync()
+            uids = target.register(bases)
+            return target.status().validity, sources, uids
+
+        return self._run(work)
+
+    def search_ids(self, query: list[Any], uid: bool) -> Deferred[list[int]]:
+        level = needs(query)
+        view = list(enumerate(self.view, 1))
+        last_seq = len(view)
+        last_uid = view[-1][1].uid if view else 0
+
+        def work() -> list[int]:
+            found = []
+            for start in range(0, len(view), 200):
+                batch = view[start:start + 200]
+                for loaded in load(self.folder, batch, level):
+                    if loaded is None:
+                        continue
+                    entry = loaded.entry
+                    flags = set(entry.flags) | ({"\\Recent"} if entry.recent else set())
+                    candidate = Candidate(loaded.seq, entry.uid, flags, entry.size,
+                                          loaded.internal_date, loaded.part)
+                    if matches(query, candidate, last_seq, last_uid):
+                        found.append(entry.uid if uid else loaded.seq)
+            return found
+
+        return self._run(work)
+
+    # -- IMailbox ------------------------------------------------------------------
+
+    def getUIDValidity(self) -> int:
+        return self.validity
+
+    def getUIDNext(self) -> int:
+        return self.uid_next
+
+    def getUID(self, message: int) -> int:
+        return self.view[message - 1].uid
+
+    def getMessageCount(self) -> int:
+        return len(self.view)
+
+    def getRecentCount(self) -> int:
+        return sum(1 for e in self.view if e.recent)
+
+    def getUnseenCount(self) -> int:
+        return sum(1 for e in self.view if "\\Seen" not in e.flags)
+
+    def first_unseen(self) -> int | None:
+        for seq, entry in enumerate(self.view, 1):
+            if "\\Seen" not in entry.flags:
+                return seq
+        return None
+
+    def isWriteable(self) -> bool:
+        return self.rw
+
+    def destroy(self) -> None:
+        raise MailboxException("Use DELETE on the folder")
+
+    def requestStatus(self, names: Iterable[str]) -> Deferred[dict[str, int]]:
+        values = {"MESSAGES": self.getMessageCount(), "RECENT": self.getRecentCount(),
+                  "UIDNEXT": self.uid_next, "UIDVALIDITY": self.validity,
+                  "UNSEEN": self.getUnseenCount()}
+        return succeed({n: values[n] for n in (x.upper() for x in names) if n in values})
+
+    def addListener(self, listener: Any) -> None:
+        self.listeners.append(listener)
+
+    def removeListener(self, listener: Any) -> None:
+        if listener in self.listeners:
+            self.listeners.remove(listener)
+
+    def addMessage(self, message: Any, flags: Iterable[str] = (), date: Any = None
+                   ) -> Deferred[int]:
+        return self._run(lambda: self.folder.add(lf(message.read()), set(flags), None))
+
+    def expunge(self) -> Deferred[list[int]]:
+        d = self.remove_deleted()
+        d.addCallback(lambda _: self.refresh())
+        return d.addCallback(lambda changes: changes.expunged)
+
+    def fetch(self, messages: Any, uid: bool) -> Deferred[list[tuple[int, MaildirMessage]]]:
+        ranges = [(lo, hi) for lo, hi in getattr(messages, "ranges", messages)]
+        d = self.load(self.resolve(ranges, uid), WHOLE)
+        return d.addCallback(lambda loaded: [(m.seq, MaildirMessage(m)) for m in loaded if m])
+
+    def store(self, messages: Any, flags: Iterable[str], mode: int, uid: bool
+              ) -> Deferred[dict[int, list[str]]]:
+        ranges = [(lo, hi) for lo, hi in getattr(messages, "ranges", messages)]
+        d = self.store_flags(self.resolve(ranges, uid), flags, mode)
+        return d.addCallback(lambda done: {seq: sorted(e.flags) for seq, e in done})
+
+    def search(self, query: list[Any], uid: bool) -> Deferred[list[int]]:
+        return self.search_ids(query, uid)
+
+    def getFlags(self) -> list[str]:
+        return list(PERMANENT_FLAGS)
+
+    def getHierarchicalDelimiter(self) -> str:
+        return DELIMITER
+
+
+@dataclass
+class FolderInfo:
+    """
+    A LIST line: the name and its attributes.
+    """
+
+    name: str
+    attributes: list[str]
+
+    def getFlags(self) -> list[str]:
+        return self.attributes
+
+    def getHierarchicalDelimiter(self) -> str:
+        return DELIMITER
+
+
+@implementer(imap4.IAccount, imap4.INamespacePresenter)
+class MaildirAccount:
+    """
+    One logged-in user's folders.
+    """
+
+    def __init__(self, root: str, hostname: str, reactor: Any, pool: Any) -> None:
+        self.root = root
+        self.hostname = hostname
+        self.reactor = reactor
+        self.pool = pool
+
+    def run(self, f: Any, *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(self.reactor, self.pool, f, *args)
+
+    def folder(self, name: str) -> Folder:
+        return Folder(os.path.join(self.root, folder_dirname(name)), self.hostname)
+
+    def existing(self, name: str) -> Folder:
+        folder = self.folder(name)
+        if not os.path.isdir(os.path.join(folder.path, "cur")):
+            raise MissingFolder(f"No folder {name}")
+        return folder
+
+    # -- set-up ------------------------------------------------------------------
+
+    def prepare(self) -> None:
+        """
+        First login: the Maildir and the usual folders, subscribed.
+        Blocking.
+        """
+        ensure_folder(self.root, subfolder=False)
+        created = []
+        for name in SPECIAL:
+            path = os.path.join(self.root, folder_dirname(name))
+            if not os.path.isdir(path):
+                ensure_folder(path, subfolder=True)
+                created.append(name)
+        if created or not os.path.exists(os.path.join(self.root, SUBSCRIPTIONS)):
+            self._write_subscriptions(self._subscriptions() | set(created) | {"INBOX"})
+
+    # -- folders -----------------------------------------------------------------
+
+    def folders(self) -> list[FolderInfo]:
+        """
+        Every folder with its LIST attributes.  Blocking.
+        """
+        names = ["INBOX"]
+        for entry in sorted(os.listdir(self.root)):
+            if entry.startswith(".") and entry not in (".", "..") and os.path.isdir(
+                    os.path.join(self.root, entry, "cur")):
+                try:
+                    names.append(folder_name(entry))
+                except (UnicodeError, ValueError):
+                    continue  # not a name mailstack would have written
+        present = set(names)
+        implied = set()
+        for name in names[1:]:
+            parts = name.split(DELIMITER)
+            for i in range(1, len(parts)):
+                parent = DELIMITER.join(parts[:i])
+                if parent not in present:
+                    implied.add(parent)
+        infos = []
+        every = present | implied
+        for name in names + sorted(implied):
+            children = any(other.startswith(name + DELIMITER) for other in every)
+            attributes = ["\\HasChildren" if children else "\\HasNoChildren"]
+            if name in implied:
+                attributes.insert(0, "\\Noselect")
+            if name in SPECIAL:
+                attributes.append(SPECIAL[name])
+            infos.append(FolderInfo(name, attributes))
+        return infos
+
+    def create_folder(self, name: str) -> None:
+        if folder_dirname(name) == "":
+            raise MailboxException("INBOX always exists")
+        path = os.path.join(self.root, folder_dirname(name))
+        if os.path.isdir(path):
+            raise MailboxException(f"{name} already exists")
+        ensure_folder(path, subfolder=True)
+
+    def delete_folder(self, name: str) -> None:
+        dirname = folder_dirname(name)
+        if dirname == "":
+            raise MailboxException("INBOX cannot be deleted")
+        path = os.path.join(self.root, dirname)
+        if not os.path.isdir(path):
+            raise MailboxException(f"No folder {name}")
+        trash = os.path.join(self.root, f".#deleting-{os.getpid()}-{time.monotonic_ns()}")
+        os.rename(path, trash)  # gone at once for everyone, removed at leisure
+        shutil.rmtree(trash, ignore_errors=True)
+        self._write_subscriptions(self._subscriptions() - {name})
+
+    def rename_folder(self, old: str, new: str) -> None:
+        old_dir, new_dir = folder_dirname(old), folder_dirname(new)
+        if "" in (old_dir, new_dir):
+            raise MailboxException("INBOX cannot be renamed here")
+        if not os.path.isdir(os.path.join(self.root, old_dir)):
+            raise MailboxException(f"No folder {old}")
+        if os.path.exists(os.path.join(self.root, new_dir)):
+            raise MailboxException(f"{new} already exists")
+        moves = [(old_dir, new_dir)] + [
+            (entry, new_dir + entry[len(old_dir):]) for entry in os.listdir(self.root)
+            if entry.startswith(old_dir + ".")]
+        for source, target in moves:
+            os.rename(os.path.join(self.root, source), os.path.join(self.root, target))
+        subscribed = self._subscriptions()
+        renamed = {new + s[len(old):] if s == old or s.startswith(old + DELIMITER) else s
+                   for s in subscribed}
+        if renamed != subscribed:
+            self._write_subscriptions(renamed)
+
+    # -- subscriptions -----------------------------------------------------------
+
+    def _subscriptions(self) -> set[str]:
+        try:
+            with open(os.path.join(self.root, SUBSCRIPTIONS), encoding="utf-8") as f:
+                return {line.rstrip("\n") for line in f if line.strip()}
+        except FileNotFoundError:
+            return set()
+
+    def _write_subscriptions(self, names: set[str]) -> None:
+        text = "".join(f"{n}\n" for n in sorted(names))
+        atomic_write(os.path.join(self.root, SUBSCRIPTIONS), text.encode("utf-8"))
+
+    def subscriptions(self) -> set[str]:
+        return self._subscriptions()
+
+    def set_subscribed(self, name: str, subscribed: bool) -> None:
+        folder_dirname(name)  # checks the name
+        names = self._subscriptions()
+        if (name in names) != subscribed:
+            self._write_subscriptions(names | {name} if subscribed else names - {name})
+
+    # -- IAccount --------------------------------------------------------------------
+
+    def select(self, name: str, rw: bool = True) -> Deferred[MaildirMailbox | None]:
+        def work() -> MaildirMailbox | None:
+            try:
+                folder = self.existing(name)
+            except MissingFolder:
+                return None
+            snapshot = folder.scan(claim_new=rw)
+            return MaildirMailbox(self, "INBOX" if name.upper() == "INBOX" else name,
+                                  folder, snapshot, rw)
+        return self.run(work)
+
+    def addMailbox(self, name: str, mbox: Any = None) -> Deferred[None]:
+        return self.run(self.create_folder, name)
+
+    def create(self, pathspec: str) -> Deferred[bool]:
+        return self.run(self.create_folder, pathspec.rstrip(DELIMITER)).addCallback(
+            lambda _: True)
+
+    def delete(self, name: str) -> Deferred[None]:
+        return self.run(self.delete_folder, name)
+
+    def rename(self, oldname: str, newname: str) -> Deferred[None]:
+        return self.run(self.rename_folder, oldname, newname)
+
+    def isSubscribed(self, name: str) -> bool:
+        return name in self._subscriptions()
+
+    def subscribe(self, name: str) -> Deferred[None]:
+        return self.run(self.set_subscribed, name, True)
+
+    def unsubscribe(self, name: str) -> Deferred[None]:
+        return self.run(self.set_subscribed, name, False)
+
+    def listMailboxes(self, ref: str, wildcard: str) -> Deferred[list[tuple[str, FolderInfo]]]:
+        pattern = ref + wildcard
+        return self.run(self.folders).addCallback(
+            lambda infos: [(i.name, i) for i in infos if wildcard_match(pattern, i.name)])
+
+    def getPersonalNamespaces(self) -> list[list[str]]:
+        return [["", DELIMITER]]
+
+    def getSharedNamespaces(self) -> None:
+        return None
+
+    def getOtherNamespaces(self) -> None:
+        return None

@@ -1,0 +1,253 @@
+# -*- test-case-name: tests.test_imap_mime -*-
+"""
+What IMAP FETCH shows of a message: its sections byte for byte,
+BODYSTRUCTURE, ENVELOPE, and IMAP strings.
+
+The message is split by hand on its boundaries, so C{BODY[1.2]} is the
+exact bytes of that part (the C{email} package re-serialises, which can
+change bytes); the C{email} package only parses header fields.  Header
+values keep their raw bytes (8-bit headers go out as literals).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+from email.message import Message
+from email.parser import BytesHeaderParser
+from email.policy import compat32
+
+_parser = BytesHeaderParser(policy=compat32)
+
+
+def crlf(data: bytes) -> bytes:
+    """
+    Stored (LF) content as served (CRLF).
+    """
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def lf(data: bytes) -> bytes:
+    """
+    Client (CRLF) content as stored (LF).
+    """
+    return data.replace(b"\r\n", b"\n")
+
+
+def literal(value: bytes) -> bytes:
+    return b"{%d}\r\n" % len(value) + value
+
+
+def string(value: bytes | str | None) -> bytes:
+    """
+    An IMAP nstring: NIL, a quoted string, or a literal when it must be.
+    """
+    if value is None:
+        return b"NIL"
+    if isinstance(value, str):
+        value = value.encode("utf-8", "surrogateescape")
+    if len(value) > 1000 or re.search(rb"[\x00\r\n\x80-\xff]", value):
+        return literal(value)
+    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+
+
+def header_fields(header: bytes) -> list[tuple[bytes, bytes]]:
+    """
+    The fields of a header block as (lowercased name, raw bytes with CRLF).
+    """
+    fields: list[tuple[bytes, bytes]] = []
+    for line in header.split(b"\r\n"):
+        if not line:
+            continue
+        if line[:1] in (b" ", b"\t") and fields:
+            name, raw = fields[-1]
+            fields[-1] = (name, raw + line + b"\r\n")
+        else:
+            fields.append((line.split(b":", 1)[0].strip().lower(), line + b"\r\n"))
+    return fields
+
+
+def select_fields(header: bytes, names: list[bytes], negate: bool) -> bytes:
+    wanted = {n.lower() for n in names}
+    kept = [raw for name, raw in header_fields(header) if (name in wanted) != negate]
+    return b"".join(kept) + b"\r\n"
+
+
+class Part:
+    """
+    A message or a MIME entity: its header block (blank line included) and
+    its body, both with CRLF line endings.
+    """
+
+    def __init__(self, raw: bytes, default_type: str = "text/plain") -> None:
+        if raw.startswith(b"\r\n"):
+            self.header, self.body = b"\r\n", raw[2:]
+        else:
+            end = raw.find(b"\r\n\r\n")
+            if end < 0:
+                self.header, self.body = raw + (b"" if raw.endswith(b"\r\n") else b"\r\n"), b""
+            else:
+                self.header, self.body = raw[:end + 4], raw[end + 4:]
+        self.raw = raw
+        self.fields: Message = _parser.parsebytes(self.header)
+        self.fields.set_default_type(default_type)
+        self.type = self.fields.get_content_type()
+        self._children: list[Part] | None = None
+
+    @property
+    def multipart(self) -> bool:
+        return self.type.startswith("multipart/") and bool(self.fields.get_param("boundary"))
+
+    @property
+    def encapsulates(self) -> bool:
+        return self.type == "message/rfc822"
+
+    def children(self) -> list[Part]:
+        if self._children is None:
+            if self.multipart:
+                self._children = self._split()
+            elif self.encapsulates:
+                self._children = [Part(self.body)]
+            else:
+                self._children = []
+        return self._children
+
+    def _split(self) -> list[Part]:
+        boundary = str(self.fields.get_param("boundary")).encode("utf-8", "surrogateescape")
+        default = "message/rfc822" if self.type == "multipart/digest" else "text/plain"
+        delimiter = re.compile(rb"(?:^|\r\n)--" + re.escape(boundary) + rb"(--)?[ \t]*(?:\r\n|$)")
+        parts: list[Part] = []
+        start = None
+        for match in delimiter.finditer(self.body):
+            if start is not None:
+                parts.append(Part(self.body[start:match.start()], default))
+            if match.group(1):
+                break
+            start = match.end()
+        return parts
+
+    def header_value(self, name: str) -> bytes | None:
+        value = self.fields.get(name)
+        if value is None:
+            return None
+        return str(value).encode("utf-8", "surrogateescape").strip()
+
+    # -- sections --------------------------------------------------------------
+
+    def subpart(self, numbers: tuple[int, ...]) -> Part | None:
+        """
+        The entity named by part numbers (RFC 3501 6.4.5).
+        """
+        node = self
+        for n in numbers:
+            while node.encapsulates and node is not self:
+                node = node.children()[0]
+            if node.multipart:
+                children = node.children()
+                if not 1 <= n <= len(children):
+                    return None
+                node = children[n - 1]
+            elif n != 1:
+                return None
+        return node
+
+    def section(self, numbers: tuple[int, ...], kind: str, names: list[bytes] = (),  # type: ignore[assignment]
+                negate: bool = False) -> bytes:
+        """
+        The bytes of C{BODY[numbers.kind]}; kind is "", HEADER, HEADER.FIELDS,
+        TEXT or MIME.
+        """
+        node = self.subpart(numbers)
+        if node is None:
+            return b""
+        if kind == "":
+            return node.body if numbers else node.raw
+        if kind == "MIME":
+            return node.header
+        if numbers and node.encapsulates:
+            node = node.children()[0]
+        if kind == "TEXT":
+            return node.body
+        if kind == "HEADER":
+            return node.header
+        return select_fields(node.header, names, negate)
+
+    # -- structure -------------------------------------------------------------
+
+    def _params(self, header: str) -> bytes:
+        params = self.fields.get_params(header=header) or []
+        pairs = [(k, v) for k, v in params[1:] if k]
+        if not pairs:
+            return b"NIL"
+        flat = []
+        for key, value in pairs:
+            if isinstance(value, tuple):  # RFC 2231: leave it encoded
+                value = email.utils.encode_rfc2231(value[2], value[0], value[1])
+            flat.append(string(key.upper()) + b" " + string(str(value)))
+        return b"(" + b" ".join(flat) + b")"
+
+    def _disposition(self) -> bytes:
+        value = self.fields.get("content-disposition")
+        if value is None:
+            return b"NIL"
+        kind = str(value).split(";", 1)[0].strip()
+        return b"(" + string(kind.upper()) + b" " + self._params("content-disposition") + b")"
+
+    def bodystructure(self, extended: bool = True) -> bytes:
+        if self.multipart:
+            children = b"".join(c.bodystructure(extended) for c in self.children())
+            out = children + b" " + string(self.type.split("/", 1)[1].upper())
+            if extended:
+                out += b" " + self._params("content-type") + b" " + self._disposition() + b" NIL NIL"
+            return b"(" + out + b")"
+        maintype, subtype = self.type.split("/", 1)
+        encoding = self.header_value("content-transfer-encoding") or b"7BIT"
+        out = b" ".join([
+            string(maintype.upper()), string(subtype.upper()), self._params("content-type"),
+            string(self.header_value("content-id")),
+            string(self.header_value("content-description")),
+            string(encoding.upper()), b"%d" % len(self.body),
+        ])
+        lines = self.body.count(b"\r\n") + (0 if not self.body or self.body.endswith(b"\r\n")
+                                            else 1)
+        if maintype == "text":
+            out += b" %d" % lines
+        elif self.encapsulates:
+            inner = self.children()[0]
+            out += b" " + inner.envelope() + b" " + inner.bodystructure(extended) + b" %d" % lines
+        if extended:
+            out += b" NIL " + self._disposition() + b" NIL NIL"
+        return b"(" + out + b")"
+
+    def envelope(self) -> bytes:
+        def addresses(name: str, fallback: str | None = None) -> bytes:
+            value = self.header_value(name)
+            if value is None and fallback is not None:
+                value = self.header_value(fallback)
+            if value is None:
+                return b"NIL"
+            found = email.utils.getaddresses([value.decode("utf-8", "surrogateescape")])
+            items = []
+            for display, address in found:
+                if not address and not display:
+                    continue
+                mailbox, at, host = address.rpartition("@")
+                if not at:
+                    mailbox, host = address, None
+                items.append(b"(" + b" ".join([
+                    string(display or None), b"NIL", string(mailbox or None), string(host),
+                ]) + b")")
+            return b"(" + b"".join(items) + b")" if items else b"NIL"
+
+        return b"(" + b" ".join([
+            string(self.header_value("date")),
+            string(self.header_value("subject")),
+            addresses("from"),
+            addresses("sender", "from"),
+            addresses("reply-to", "from"),
+            addresses("to"),
+            addresses("cc"),
+            addresses("bcc"),
+            string(self.header_value("in-reply-to")),
+            string(self.header_value("message-id")),
+        ]) + b")"

@@ -1,0 +1,244 @@
+# -*- test-case-name: tests.test_imap_search -*-
+"""
+IMAP sequence sets and SEARCH keys (RFC 3501 6.4.4).
+
+Twisted's own search helpers compare C{str} header values with C{bytes}
+search strings on Python 3 and cannot match; this evaluator works on what
+the mailbox loaded: flags, sizes and dates from the file name and C{stat},
+the header block only when a key needs it, the body only for BODY/TEXT.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import time
+from dataclasses import dataclass
+from datetime import date, datetime
+from email.header import decode_header, make_header
+from typing import Any
+
+from mailstack.access.mime import Part
+
+Ranges = list[tuple[int | None, int | None]]
+
+_MONTHS = {m: i for i, m in enumerate(
+    ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1)}
+
+
+class SearchError(ValueError):
+    """
+    A malformed sequence set or search key (answered with BAD).
+    """
+
+
+def parse_set(text: bytes) -> Ranges:
+    """
+    C{1:3,7,9:*} as ranges; None stands for C{*}.
+    """
+    ranges: Ranges = []
+    for item in text.split(b","):
+        ends = item.split(b":")
+        if len(ends) > 2 or not item:
+            raise SearchError(f"bad sequence set {text!r}")
+        values: list[int | None] = []
+        for end in ends:
+            if end == b"*":
+                values.append(None)
+            elif end.isdigit() and int(end) > 0:
+                values.append(int(end))
+            else:
+                raise SearchError(f"bad sequence set {text!r}")
+        ranges.append((values[0], values[-1]))
+    return ranges
+
+
+def in_set(n: int, ranges: Ranges, last: int) -> bool:
+    for lo, hi in ranges:
+        a = last if lo is None else lo
+        b = last if hi is None else hi
+        if min(a, b) <= n <= max(a, b):
+            return True
+    return False
+
+
+def is_set(word: Any) -> bool:
+    return isinstance(word, bytes) and bool(word) and all(
+        c in b"0123456789:*," for c in word)
+
+
+@dataclass
+class Candidate:
+    """
+    One message as a search key sees it.
+    """
+
+    seq: int
+    uid: int
+    flags: set[str]
+    size: int
+    internal_date: float
+    part: Part | None  # the header only, or all of it, as needed
+
+
+HEADER_KEYS = {b"BCC", b"CC", b"FROM", b"HEADER", b"SUBJECT", b"TO", b"SENTBEFORE",
+               b"SENTON", b"SENTSINCE"}
+BODY_KEYS = {b"BODY", b"TEXT"}
+ARGS = {b"BCC": 1, b"BEFORE": 1, b"BODY": 1, b"CC": 1, b"FROM": 1, b"HEADER": 2,
+        b"KEYWORD": 1, b"LARGER": 1, b"ON": 1, b"SENTBEFORE": 1, b"SENTON": 1,
+        b"SENTSINCE": 1, b"SINCE": 1, b"SMALLER": 1, b"SUBJECT": 1, b"TEXT": 1, b"TO": 1,
+        b"UID": 1, b"UNKEYWORD": 1, b"NOT": 0, b"OR": 0}
+FLAG_KEYS = {
+    b"ANSWERED": ("\\Answered", True), b"UNANSWERED": ("\\Answered", False),
+    b"DELETED": ("\\Deleted", True), b"UNDELETED": ("\\Deleted", False),
+    b"DRAFT": ("\\Draft", True), b"UNDRAFT": ("\\Draft", False),
+    b"FLAGGED": ("\\Flagged", True), b"UNFLAGGED": ("\\Flagged", False),
+    b"SEEN": ("\\Seen", True), b"UNSEEN": ("\\Seen", False),
+    b"RECENT": ("\\Recent", True), b"OLD": ("\\Recent", False),
+}
+
+
+def needs(query: list[Any]) -> int:
+    """
+    What the keys read: 0 nothing, 1 the header block, 2 the whole message.
+    """
+    level = 0
+    for word in query:
+        if isinstance(word, list):
+            level = max(level, needs(word))
+        elif isinstance(word, bytes):
+            upper = word.upper()
+            if upper in BODY_KEYS:
+                return 2
+            if upper in HEADER_KEYS:
+                level = 1
+    return level
+
+
+def parse_date(word: Any) -> date:
+    try:
+        day, month, year = word.decode("ascii").split("-")
+        return date(int(year), _MONTHS[month.lower()], int(day))
+    except (AttributeError, ValueError, KeyError, UnicodeDecodeError):
+        raise SearchError(f"bad date {word!r}")
+
+
+def _text(value: bytes | None) -> str:
+    if value is None:
+        return ""
+    raw = value.decode("utf-8", "replace")
+    try:
+        return str(make_header(decode_header(raw))).lower()
+    except (ValueError, LookupError, UnicodeError):
+        return raw.lower()
+
+
+def _needle(word: Any) -> str:
+    if not isinstance(word, bytes):
+        raise SearchError("a search string is missing")
+    return word.decode("utf-8", "replace").lower()
+
+
+def _sent(c: Candidate) -> date | None:
+    value = c.part.header_value("date") if c.part else None
+    if value is None:
+        return None
+    parsed = email.utils.parsedate(value.decode("ascii", "replace"))
+    return date(*parsed[:3]) if parsed else None
+
+
+def matches(query: list[Any], c: Candidate, last_seq: int, last_uid: int) -> bool:
+    """
+    Whether every key of C{query} holds for C{c}.
+    """
+    words = list(query)
+    while words:
+        if not _one(words, c, last_seq, last_uid):
+            return False
+    return True
+
+
+def _take(words: list[Any]) -> Any:
+    if not words:
+        raise SearchError("a search key lacks its argument")
+    return words.pop(0)
+
+
+def _one(words: list[Any], c: Candidate, last_seq: int, last_uid: int) -> bool:
+    word = words.pop(0)
+    if isinstance(word, list):
+        return matches(word, c, last_seq, last_uid)
+    if not isinstance(word, bytes):
+        raise SearchError(f"bad search key {word!r}")
+    key = word.upper()
+    if is_set(key):
+        return in_set(c.seq, parse_set(key), last_seq)
+    if key == b"ALL":
+        return True
+    if key in FLAG_KEYS:
+        flag, wanted = FLAG_KEYS[key]
+        return (flag in c.flags) == wanted
+    if key == b"NEW":
+        return "\\Recent" in c.flags and "\\Seen" not in c.flags
+    if key == b"NOT":
+        return not _one(words, c, last_seq, last_uid)
+    if key == b"OR":
+        first = _one(words, c, last_seq, last_uid)
+        second = _one(words, c, last_seq, last_uid)
+        return first or second
+    if key in (b"KEYWORD", b"UNKEYWORD"):
+        _take(words)
+        return key == b"UNKEYWORD"  # no keywords are kept
+    if key in (b"LARGER", b"SMALLER"):
+        arg = _take(words)
+        if not isinstance(arg, bytes) or not arg.isdigit():
+            raise SearchError(f"bad size {arg!r}")
+        return c.size > int(arg) if key == b"LARGER" else c.size < int(arg)
+    if key == b"UID":
+        return in_set(c.uid, parse_set(_take(words)), last_uid)
+    if key in (b"BEFORE", b"ON", b"SINCE"):
+        wanted = parse_date(_take(words))
+        day = datetime.fromtimestamp(c.internal_date).date()
+        return _compare(key, day, wanted)
+    if key in (b"SENTBEFORE", b"SENTON", b"SENTSINCE"):
+        wanted = parse_date(_take(words))
+        sent = _sent(c)
+        return sent is not None and _compare(key[4:], sent, wanted)
+    if key in (b"FROM", b"TO", b"CC", b"BCC", b"SUBJECT"):
+        needle = _needle(_take(words))
+        value = c.part.header_value(key.decode().lower()) if c.part else None
+        return needle in _text(value)
+    if key == b"HEADER":
+        name = _take(words)
+        needle = _needle(_take(words))
+        if not isinstance(name, bytes) or c.part is None:
+            return False
+        value = c.part.header_value(name.decode("ascii", "replace"))
+        return value is not None and needle in _text(value)
+    if key in BODY_KEYS:
+        needle = _needle(_take(words)).encode("utf-8")
+        if c.part is None:
+            return False
+        haystack = (c.part.raw if key == b"TEXT" else c.part.body).lower()
+        return needle in haystack
+    raise SearchError(f"unknown search key {word.decode('ascii', 'replace')}")
+
+
+def _compare(key: bytes, day: date, wanted: date) -> bool:
+    if key == b"BEFORE":
+        return day < wanted
+    if key == b"ON":
+        return day == wanted
+    return day >= wanted
+
+
+def imap_date(timestamp: float) -> bytes:
+    """
+    An INTERNALDATE: C{"17-Jul-1996 02:44:25 -0700"}, local time.
+    """
+    local = time.localtime(timestamp)
+    offset = local.tm_gmtoff // 60
+    sign = "+" if offset >= 0 else "-"
+    month = list(_MONTHS)[local.tm_mon - 1].capitalize()
+    return (f'"{local.tm_mday:2d}-{month}-{local.tm_year} '
+            f'{local.tm_hour:02d}:{local.tm_min:02d}:{local.tm_sec:02d} '
+            f'{sign}{abs(offset) // 60:02d}{abs(offset) % 60:02d}"').encode("ascii")
