@@ -110,10 +110,12 @@ class SinkPolicy:
 
 
 def start_server_process(data_dir: str, extra: list[str] | None = None,
-                         pythonpath: str | None = None, timeout: float = 60) -> Any:
+                         pythonpath: str | None = None, timeout: float = 60,
+                         listener: str = "smtp") -> Any:
     """
     Start C{twist mailstack} on 127.0.0.1 port 0 in a child process (SMTP
-    only, for crash tests and benchmarks); return the process and its port.
+    only unless C{extra} enables more, for crash tests and benchmarks);
+    return the process and the port of C{listener}.
     """
     argv = [sys.executable, "-m", "twisted", "--log-format=text", "mailstack",
             "--data-dir", data_dir, "--hostname", "mx.test",
@@ -142,7 +144,7 @@ def start_server_process(data_dir: str, extra: list[str] | None = None,
         if line is None:
             break
         output.append(line)
-        match = re.search(r"smtp listening on 127\.0\.0\.1:(\d+)", line)
+        match = re.search(listener + r" listening on 127\.0\.0\.1:(\d+)", line)
         if match:
             return process, int(match.group(1))
     process.kill()
