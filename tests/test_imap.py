@@ -510,3 +510,60 @@ class UidListTests(IMAPTestMixin, TestCase):
         new = int(re.search(rb"UIDVALIDITY (\d+)", after).group(1))
         self.assertGreater(new, old)
         self.assertIn(b"MESSAGES 1", after)
+
+
+class HostileInputTests(IMAPTestMixin, TestCase):
+    @inlineCallbacks
+    def setUp(self):
+        yield self.start()
+        yield deliver(self.server, PLAIN)
+
+    @inlineCallbacks
+    def test_malformed_commands(self):
+        """
+        Malformed commands get BAD or NO with their tag; the session goes on
+        and other sessions are served.
+        """
+        junk = [
+            b"x1 FETCH abc (FLAGS)", b"x2 FETCH 1 (BODY[99.TEXT])", b"x3 FETCH 0:* FLAGS",
+            b"x4 SEARCH BOGUS", b"x5 SEARCH SINCE 99-Abc-2020", b"x6 STORE 1 SETFLAGS (\\Seen)",
+            b"x8 CREATE INBOX.x", b"x9 UID FROB 1",
+            b"x10 COPY 1 Nowhere", b"x11 APPEND INBOX {999999999999}", b"x12 STATUS INBOX (BOGUS)",
+            b"x13 FETCH 1:4294967295 (UID)", b"x14 UID FETCH 1:4294967295 (UID)",
+            b"x15 LIST \"\" \"%%%%%%%%%%%%%%%%%%%%%%%%*\"", b"x16 " + b"A" * 2000,
+            b"x17 SEARCH CHARSET KOI8 ALL", b"x18 FETCH 1 (BODY[]<5.3>)",
+            b"x7 SELECT ../../etc",  # last: a failed SELECT leaves no folder selected
+        ]
+
+        def probe():
+            raw = socket.create_connection(("127.0.0.1", self.server.ports["imaps"]), 30)
+            tls = self.context.wrap_socket(raw, server_hostname="localhost")
+            reader = tls.makefile("rb")
+            reader.readline()
+            tls.sendall(b"a LOGIN alice@localhost alice-pw\r\nb SELECT INBOX\r\n")
+            while not reader.readline().startswith(b"b "):
+                pass
+            answers = {}
+            for line in junk:
+                tls.sendall(line + b"\r\n")
+                tag = line.split()[0]
+                while True:
+                    reply = reader.readline()
+                    if reply.startswith(tag + b" "):
+                        answers[tag] = reply.split()[1]
+                        break
+                    if not reply:
+                        return answers, b"closed"
+            tls.sendall(b"z NOOP\r\n")
+            final = reader.readline()
+            tls.close()
+            return answers, final
+
+        answers, final = yield in_thread(probe)
+        self.assertEqual(final[:4], b"z OK")
+        for tag in (b"x1", b"x3", b"x4", b"x5", b"x6", b"x9", b"x11", b"x12", b"x16"):
+            self.assertEqual(answers[tag], b"BAD", tag)
+        for tag in (b"x7", b"x8", b"x10", b"x17"):
+            self.assertEqual(answers[tag], b"NO", tag)
+        for tag in (b"x2", b"x13", b"x14", b"x15", b"x18"):
+            self.assertEqual(answers[tag], b"OK", tag)

@@ -181,6 +181,7 @@ class IMAPServer(imap4.IMAP4Server):
         self._paused: Deferred[None] | None = None
         self._idle: LoopingCall | None = None
         self._idle_refresh: Deferred[Any] | None = None
+        self._lost = False
         self.client = "?"
 
     # -- connection ---------------------------------------------------------------
@@ -197,6 +198,7 @@ class IMAPServer(imap4.IMAP4Server):
         super().connectionMade()
 
     def connectionLost(self, reason: Any = None) -> None:
+        self._lost = True
         self._stop_idle()
         self._waiting = []
         if self._paused is not None:
@@ -609,7 +611,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.transport.registerProducer(self, True)
         try:
             start = 0
-            while start < len(items):
+            while start < len(items) and not self._lost:
                 end, size = start, 0
                 while end < len(items) and end - start < BATCH_MESSAGES and (
                         level < WHOLE or size < BATCH_BYTES or end == start):
