@@ -376,6 +376,10 @@ class Folder:
             self._assign(uidlist, bases)
             return [uidlist.uids[b] for b in bases]
 
+    def uid_validity(self) -> int:
+        with self.locked():
+            return self._load().validity
+
     def sync(self) -> None:
         fsync_directory(os.path.join(self.path, "cur"))
 

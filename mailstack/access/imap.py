@@ -730,7 +730,7 @@ class IMAPServer(imap4.IMAP4Server):
             wanted = {known[n.lower()] for n in names if n.lower() in known}
             when = _parse_date(date)
             uid = await account.run(lambda: folder.add(lf(message.read()), wanted, when))
-            validity = (await account.run(folder.status)).validity
+            validity = await account.run(folder.uid_validity)
             log.info("imap: APPEND to {folder} by {client}", folder=mailbox, client=self.client)
             if self.mbox is not None and self.mbox.folder.path == folder.path:
                 await self._refresh()

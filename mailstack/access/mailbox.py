@@ -368,7 +368,7 @@ class MaildirMailbox:
             if move:
                 self.folder.sync()
             uids = target.register(bases)
-            return target.status().validity, sources, uids
+            return target.uid_validity(), sources, uids
 
         return self._run(work)
 
