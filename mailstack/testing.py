@@ -78,10 +78,11 @@ class SinkPolicy:
         self.rcpt_replies: dict[str, tuple[int, str, str]] | Callable[..., Any] = {}
         self.data_reply: tuple[int, str, str] | None = None
         self.received: list[tuple[str, list[str], bytes]] = []
-        self.attempts = 0
+        self.attempts = 0  # transactions (MAIL commands)
+        self.connections = 0
 
     def connect(self, session: Any) -> None:
-        self.attempts += 1
+        self.connections += 1
 
     def extensions(self, session: Any) -> list[str]:
         return []
@@ -90,7 +91,7 @@ class SinkPolicy:
         return Reply(503, "5.5.1", "no AUTH here")
 
     def mail(self, session: Any, sender: Any) -> None:
-        return None
+        self.attempts += 1
 
     def rcpt(self, session: Any, envelope: Any, rcpt: Any) -> Resolution:
         if callable(self.rcpt_replies):

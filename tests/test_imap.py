@@ -349,11 +349,14 @@ class ReadingTests(IMAPTestMixin, TestCase):
         message = b"From: alice@localhost\r\nSubject: sent\r\n\r\nbody\r\n"
 
         def work(client):
-            appended = client.append("Sent", "(\\Seen)", None, message)
+            appended = client.append("Sent", "(\\Seen)", '"17-Jul-1996 02:44:25 -0700"',
+                                     message)
             ok(client.select("Sent"))
-            return appended, ok(client.fetch("1", "(FLAGS BODY.PEEK[])"))
+            date = ok(client.fetch("1", "(INTERNALDATE)"))
+            return appended, ok(client.fetch("1", "(FLAGS BODY.PEEK[])")), date
 
-        appended, fetched = yield self.imap(work)
+        appended, fetched, date = yield self.imap(work)
+        self.assertEqual(time.mktime(imaplib.Internaldate2tuple(date[0])), 837596665.0)
         self.assertEqual(appended[0], "OK")
         self.assertRegex(appended[1][0], rb"\[APPENDUID \d+ 1\]")
         self.assertEqual(fetched[0][1], message)

@@ -3,7 +3,7 @@ Unit tests for the queue scheduler (L{mailstack.queue.runner}) on a fake
 clock, with a courier that answers when the test says so.
 """
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import succeed, Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -23,6 +23,9 @@ class HeldCourier:
         d = Deferred()
         self.pending.append(d)
         return d
+
+    def close_idle(self):
+        return succeed(None)
 
 
 class PathOnlyStore:

@@ -154,6 +154,27 @@ class RelayTests(TestCase):
         self.assertEqual(os.listdir(server.queue.store.envelope_dir), [])
 
     @inlineCallbacks
+    def test_session_reused_for_next_message(self):
+        """
+        A second message to the same MX within the cache time goes over the
+        session the first one opened: one connection, two transactions; a
+        session the remote closed meanwhile is replaced without a failure.
+        """
+        server = yield self.server()
+        for number in range(2):
+            yield self.inject(server, [f"r{number}@remote.test"])
+            yield self.run_queue(server)
+        self.assertEqual(len(self.sink.policy.received), 2)
+        self.assertEqual(self.sink.policy.connections, 1)
+        # The remote drops the idle session: the next message still goes.
+        [[(session, _)]] = server.courier._idle.values()
+        session.proto.transport.loseConnection()
+        yield self.inject(server, ["r2@remote.test"])
+        yield self.run_queue(server)
+        self.assertEqual(len(self.sink.policy.received), 3)
+        self.assertEqual(os.listdir(server.queue.store.envelope_dir), [])
+
+    @inlineCallbacks
     def test_failover_and_a_fallback(self):
         """
         A dead MX is skipped for the next one; a domain without MX gets its
@@ -486,11 +507,13 @@ class RequireTLSTests(TestCase):
     def courier(self):
         from mailstack.queue.courier import Courier
 
-        return Courier(reactor, self.resolver, "me.test", port=25,
+        courier = Courier(reactor, self.resolver, "me.test", port=25,
                        timeouts=Timeouts(5, 5, 5, 5, 5),
                        endpoint=lambda ip, port: TCP4ClientEndpoint(
                            reactor, "127.0.0.1", self.sink.number, timeout=5),
                        require_tls=["remote.test", "wrong.test"], trust_root=self.trust)
+        self.addCleanup(courier.close_idle)
+        return courier
 
     def deliver(self, domain):
         import io

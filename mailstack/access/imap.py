@@ -153,7 +153,8 @@ def render(loaded: Loaded, query: list[Any], uid: bool) -> bytes:
 def _parse_date(value: bytes | None) -> float | None:
     if value is None:
         return None
-    parsed = email.utils.parsedate_tz(value.decode("ascii", "replace").replace("-", " "))
+    # "17-Jul-1996 02:44:25 -0700": only the date's dashes become spaces.
+    parsed = email.utils.parsedate_tz(value.decode("ascii", "replace").replace("-", " ", 2))
     if parsed is None:
         raise IllegalClientResponse("bad date-time")
     return float(email.utils.mktime_tz(parsed))

@@ -31,9 +31,9 @@ from typing import Any, Callable, Sequence
 from OpenSSL.SSL import Error as SSLError
 from service_identity import VerificationError
 from twisted.internet import ssl
-from twisted.internet.defer import DeferredSemaphore
+from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError
+from twisted.internet.error import ConnectError, ConnectionClosed, TimeoutError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -42,7 +42,8 @@ from twisted.names.error import DNSNameError, DomainError
 
 from mailstack.config import Route
 from mailstack.smtp.client import (
-    SMTPClientError, SMTPClientProtocol, Timeouts, Transaction, send_transaction,
+    Session, SMTPClientError, SMTPClientProtocol, Timeouts, Transaction, close_session,
+    open_session, run_transaction,
 )
 from mailstack.smtp.reply import Reply
 
@@ -90,6 +91,8 @@ class Courier:
     """
 
     max_per_domain = 20  # Postfix default_destination_concurrency_limit
+    idle_time = 2.0  # seconds a session waits for the next message (Postfix: 2s)
+    reuse_limit = 100  # transactions per session
 
     def __init__(
         self,
@@ -119,6 +122,8 @@ class Courier:
         self.credentials = {a.host: (a.user, a.password()) for a in relay_auth}
         self.trust_root = trust_root
         self._limits: dict[str, DeferredSemaphore] = {}
+        self._idle: dict[tuple[Any, ...], list[tuple[Session, Any]]] = {}
+        self._closing = False
 
     def _tcp_endpoint(self, ip: str, port: int) -> IStreamClientEndpoint:
         if ":" in ip:
@@ -228,7 +233,7 @@ class Courier:
                         last = Reply(451, "4.7.5", f"{relay}: certificate not valid for "
                                                    f"{host}: {_describe(e)}")
                         break
-                    except (ConnectError, ConnectionLost, TimeoutError, SSLError, OSError) as e:
+                    except (ConnectError, ConnectionClosed, TimeoutError, SSLError, OSError) as e:
                         last = Reply(451, "4.4.1", f"connect to {relay}: {_describe(e)}")
                         break
                     except Exception as e:
@@ -244,10 +249,29 @@ class Courier:
                        verify_host: str | None = None,
                        credentials: tuple[str, str] | None = None) -> Any:
         """
-        One SMTP session; with C{verify_host}, TLS is required and the
-        certificate must be valid for that name; with C{credentials}, TLS is
-        required and AUTH is done inside it.
+        One transaction, on a cached session to the same place if there is
+        one, else on a new session; with C{verify_host}, TLS is required and
+        the certificate must be valid for that name; with C{credentials},
+        TLS is required and AUTH is done inside it.
         """
+        key = (ip, port, use_tls, verify_host, credentials)
+        transaction = Transaction(sender, list(recipients), None, size)  # type: ignore[arg-type]
+        cached = self._take_idle(key)
+        if cached is not None:
+            transaction.content = open_content()
+            try:
+                result = await run_transaction(cached, transaction, self.timeouts)
+            except Exception as e:
+                cached.proto.transport.loseConnection()
+                if cached.stage != "MAIL":
+                    raise
+                # Closed by the other side while idle: nothing was sent yet.
+                log.debug("cached session to {ip} was stale: {e}", ip=ip, e=_describe(e))
+            else:
+                self._park(key, cached)
+                return result
+            finally:
+                transaction.content.close()
         if verify_host is not None:
             context = ssl.optionsForClientTLS(
                 verify_host, trustRoot=self.trust_root or ssl.platformTrust())
@@ -257,24 +281,79 @@ class Courier:
         factory = Factory.forProtocol(lambda: proto)
         factory.noisy = False
         await self.endpoint(ip, port).connect(factory)
-        content = open_content()
+        transaction.content = open_content()
+        session = None
         try:
-            return await send_transaction(
-                proto, self.hostname,
-                Transaction(sender, list(recipients), content, size),
-                tls_context=context,
+            session = await open_session(
+                proto, self.hostname, tls_context=context,
                 require_tls=verify_host is not None or credentials is not None,
-                credentials=credentials,
-                timeouts=self.timeouts,
-            )
+                credentials=credentials, timeouts=self.timeouts)
+            result = await run_transaction(session, transaction, self.timeouts)
         except SSLError as e:
+            proto.transport.loseConnection()
             if use_tls and verify_host is None:
                 raise _TLSFailed(_describe(e)) from None
             raise
+        except BaseException:
+            proto.transport.loseConnection()
+            raise
         finally:
-            content.close()
-            if proto.transport is not None:
-                proto.transport.loseConnection()
+            transaction.content.close()
+        self._park(key, session)
+        return result
+
+    # Sessions kept open between messages to the same place (Postfix's
+    # connection cache): a queue backlog to one destination costs one
+    # greeting, EHLO and STARTTLS per session, not per message.
+
+    def _take_idle(self, key: tuple[Any, ...]) -> Session | None:
+        pool = self._idle.get(key)
+        while pool:
+            session, timer = pool.pop()
+            if timer.active():
+                timer.cancel()
+            if session.alive:
+                if not pool:
+                    del self._idle[key]
+                return session
+        self._idle.pop(key, None)
+        return None
+
+    def _park(self, key: tuple[Any, ...], session: Session) -> None:
+        if (self._closing or not session.clean or not session.alive
+                or session.transactions >= self.reuse_limit):
+            self._quit(session)
+            return
+        timer = self.reactor.callLater(self.idle_time, self._expire, key, session)
+        self._idle.setdefault(key, []).append((session, timer))
+
+    def _expire(self, key: tuple[Any, ...], session: Session) -> None:
+        pool = self._idle.get(key, [])
+        for i, (parked, _) in enumerate(pool):
+            if parked is session:
+                del pool[i]
+                break
+        if not pool:
+            self._idle.pop(key, None)
+        self._quit(session)
+
+    def _quit(self, session: Session) -> Deferred[None]:
+        d = Deferred.fromCoroutine(close_session(session))
+        return d.addErrback(lambda f: session.proto.transport.abortConnection())
+
+    def close_idle(self) -> Deferred[Any]:
+        """
+        Say QUIT on every cached session (at shutdown).
+        """
+        self._closing = True
+        quits = []
+        for pool in self._idle.values():
+            for session, timer in pool:
+                if timer.active():
+                    timer.cancel()
+                quits.append(self._quit(session))
+        self._idle.clear()
+        return DeferredList(quits)
 
 
 class _TLSFailed(Exception):

@@ -110,9 +110,8 @@ class OutboundQueue(Service):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if self.active:
-            return DeferredList(list(self.active.values()))
-        return None
+        d = DeferredList(list(self.active.values()))
+        return d.addCallback(lambda _: self.courier.close_idle())
 
     # Scheduling
 

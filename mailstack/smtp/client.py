@@ -232,28 +232,48 @@ class TransactionResult:
         return self.data
 
 
-async def send_transaction(
+@dataclass
+class Session:
+    """
+    An open SMTP session, greeted (and upgraded, and logged in): ready for
+    transactions, one after another.
+    """
+
+    proto: SMTPClientProtocol
+    extensions: dict[str, str]
+    tls: bool
+    transactions: int = 0
+    clean: bool = True  # the last transaction ended in a state to start another
+    stage: str = "MAIL"  # where the current transaction is
+
+    @property
+    def alive(self) -> bool:
+        return self.proto._lost is None and self.proto.transport is not None and \
+            not self.proto.transport.disconnecting
+
+
+async def open_session(
     proto: SMTPClientProtocol,
     helo: str,
-    transaction: Transaction,
     tls_context: Any = None,
     require_tls: bool = False,
     credentials: tuple[str, str] | None = None,
     timeouts: Timeouts = Timeouts(),
     implicit_tls: bool = False,
-) -> TransactionResult:
+) -> Session:
     """
-    Run one SMTP transaction; raise L{SMTPClientError} if the session fails
-    as a whole (greeting, EHLO, TLS, AUTH, MAIL or DATA refused).
+    Greeting, EHLO, STARTTLS when offered (required with C{require_tls}),
+    AUTH inside TLS with C{credentials}; raise L{SMTPClientError} if any
+    of them fails.
 
     @param implicit_tls: the connection is TLS from its first byte (port 465).
     """
-    result = TransactionResult(tls=implicit_tls)
+    tls = implicit_tls
     greeting = await proto.read_reply(timeouts.greeting)
     if greeting.code != 220:
         raise SMTPClientError(greeting, "greeting")
     extensions = await _hello(proto, helo, timeouts)
-    upgrade = not result.tls and "STARTTLS" in extensions and tls_context is not None
+    upgrade = not tls and "STARTTLS" in extensions and tls_context is not None
     if upgrade:
         reply = await proto.command("STARTTLS", timeouts.command)
         if reply.code != 220:
@@ -261,15 +281,29 @@ async def send_transaction(
                 raise TLSRequired(reply, "STARTTLS")
         else:
             proto.transport.startTLS(tls_context)
-            result.tls = True
+            tls = True
             extensions = await _hello(proto, helo, timeouts)
-    elif require_tls and not result.tls:
+    elif require_tls and not tls:
         raise TLSRequired(Reply(530, "5.7.10", "the server does not offer STARTTLS"), "EHLO")
     if credentials is not None:
-        if not result.tls:
+        if not tls:
             raise TLSRequired(Reply(530, "5.7.0", "refusing to send a password without TLS"),
                               "AUTH")
         await _authenticate(proto, extensions, credentials, timeouts)
+    return Session(proto, extensions, tls)
+
+
+async def run_transaction(session: Session, transaction: Transaction,
+                          timeouts: Timeouts = Timeouts()) -> TransactionResult:
+    """
+    MAIL, RCPT, DATA and the content on an open session; raise
+    L{SMTPClientError} if MAIL or DATA is refused.  The session stays open.
+    """
+    proto, extensions = session.proto, session.extensions
+    session.transactions += 1
+    session.clean = False
+    session.stage = "MAIL"
+    result = TransactionResult(tls=session.tls)
     limit = extensions.get("SIZE", "")
     if limit.isdigit() and 0 < int(limit) < transaction.size:
         raise SMTPClientError(Reply(552, "5.3.4", f"message too big for the server (SIZE {limit})"),
@@ -282,11 +316,16 @@ async def send_transaction(
     reply = await proto.command(mail, timeouts.command)
     if reply.code != 250:
         raise SMTPClientError(reply, "MAIL")
+    session.stage = "RCPT"
     for rcpt in transaction.recipients:
         result.recipients[rcpt] = await proto.command(f"RCPT TO:<{rcpt}>", timeouts.command)
     if not any(r.code in (250, 251) for r in result.recipients.values()):
-        await _quit(proto)
+        try:
+            session.clean = (await proto.command("RSET", timeouts.command)).code == 250
+        except Exception:
+            session.clean = False  # the outcome is known; the session is just not reusable
         return result
+    session.stage = "DATA"
     reply = await proto.command("DATA", timeouts.data_start)
     if reply.code != 354:
         raise SMTPClientError(reply, "DATA")
@@ -294,7 +333,33 @@ async def send_transaction(
     await FileSender().beginFileTransfer(transaction.content, proto.transport, stuffer)
     proto.transport.write(stuffer.finish())
     result.data = await proto.read_reply(timeouts.data_end)
-    await _quit(proto)
+    session.clean = True
+    return result
+
+
+async def close_session(session: Session) -> None:
+    await _quit(session.proto)
+
+
+async def send_transaction(
+    proto: SMTPClientProtocol,
+    helo: str,
+    transaction: Transaction,
+    tls_context: Any = None,
+    require_tls: bool = False,
+    credentials: tuple[str, str] | None = None,
+    timeouts: Timeouts = Timeouts(),
+    implicit_tls: bool = False,
+) -> TransactionResult:
+    """
+    One session with one transaction, then QUIT; raise L{SMTPClientError}
+    if the session fails as a whole (greeting, EHLO, TLS, AUTH, MAIL or
+    DATA refused).
+    """
+    session = await open_session(proto, helo, tls_context, require_tls, credentials,
+                                 timeouts, implicit_tls)
+    result = await run_transaction(session, transaction, timeouts)
+    await close_session(session)
     return result
 
 
