@@ -38,6 +38,6 @@ class RunnerSmokeTests(TestCase):
         text = run.table(report)
         self.assertEqual(text.count("| mailstack |"), 3)
         for system in systems:
-            pss, greeted = report["idle"][system.name]
+            pss, connected, greeted = report["idle"][system.name]
             self.assertGreater(pss, 0)
-            self.assertGreater(greeted, 0)
+            self.assertEqual((connected, greeted), (20, 20))

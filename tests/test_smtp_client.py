@@ -6,9 +6,10 @@ boundary, and the dialog over a StringTransport with a fake clock.
 import io
 
 from twisted.internet.defer import ensureDeferred
-from twisted.internet.error import TimeoutError
+from twisted.internet.error import ConnectionDone, TimeoutError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.smtp.client import (
@@ -99,6 +100,40 @@ class DialogTests(SynchronousTestCase):
         result = self.successResultOf(self.result)
         self.assertEqual(result.reply_for("a@x.test")[:2], (250, "2.0.0"))
         self.assertEqual(result.reply_for("b@x.test")[:2], (550, "5.1.1"))
+
+    def test_pipelined(self):
+        """
+        With PIPELINING, MAIL, the RCPTs and DATA go in one write and the
+        replies are matched in order.
+        """
+        self.start()
+        self.server(b"220 mx ESMTP\r\n", b"250-mx\r\n250 PIPELINING\r\n")
+        self.assertEqual(self.sent(), b"EHLO me.test\r\nMAIL FROM:<s@y.test>\r\n"
+                                      b"RCPT TO:<a@x.test>\r\nRCPT TO:<b@x.test>\r\nDATA\r\n")
+        self.server(b"250 ok\r\n550 5.1.1 unknown\r\n250 ok\r\n354 go\r\n")
+        while self.transport.producer is not None:
+            self.transport.producer.resumeProducing()
+        self.assertEqual(self.sent(), b"Subject: x\r\n\r\n..hi\r\n.\r\n")
+        self.server(b"250 2.0.0 queued\r\n", b"221 bye\r\n")
+        result = self.successResultOf(self.result)
+        self.assertEqual(result.reply_for("a@x.test")[:2], (550, "5.1.1"))
+        self.assertEqual(result.reply_for("b@x.test")[:2], (250, "2.0.0"))
+
+    def test_pipelined_closed_after_421(self):
+        """
+        A server that answers a RCPT with 421 and closes: that recipient
+        gets the 421, the ones without an answer are deferred, no content is
+        sent, and nothing raises.
+        """
+        self.start()
+        self.server(b"220 mx ESMTP\r\n", b"250-mx\r\n250 PIPELINING\r\n")
+        self.sent()
+        self.server(b"250 ok\r\n421 4.3.2 shutting down\r\n")
+        self.proto.connectionLost(Failure(ConnectionDone()))
+        result = self.successResultOf(self.result)
+        self.assertEqual(result.reply_for("a@x.test")[:2], (421, "4.3.2"))
+        self.assertEqual(result.reply_for("b@x.test").code, 421)
+        self.assertNotIn(b"Subject", self.sent())
 
     def test_size_refused_before_sending(self):
         """

@@ -313,12 +313,41 @@ async def run_transaction(session: Session, transaction: Transaction,
         mail += f" SIZE={transaction.size}"
     if transaction.eightbit and "8BITMIME" in extensions:
         mail += " BODY=8BITMIME"
-    reply = await proto.command(mail, timeouts.command)
-    if reply.code != 250:
-        raise SMTPClientError(reply, "MAIL")
-    session.stage = "RCPT"
-    for rcpt in transaction.recipients:
-        result.recipients[rcpt] = await proto.command(f"RCPT TO:<{rcpt}>", timeouts.command)
+    if "PIPELINING" in extensions:
+        # RFC 2920: MAIL, every RCPT and DATA in one write, replies in order.
+        lines = [mail] + [f"RCPT TO:<{rcpt}>" for rcpt in transaction.recipients] + ["DATA"]
+        proto.transport.write("".join(line + "\r\n" for line in lines).encode("utf-8"))
+        reply = await proto.read_reply(timeouts.command)
+        rcpt_replies: list[Reply] = []
+        try:
+            for _ in transaction.recipients:
+                rcpt_replies.append(await proto.read_reply(timeouts.command))
+            data_reply = await proto.read_reply(timeouts.data_start)
+        except Exception as e:
+            # Closed after a reply (a 421 to a RCPT, say): what was answered
+            # stands, the rest is deferred.
+            lost = next((r for r in reversed(rcpt_replies) if r.code == 421), None) or Reply(
+                451, "4.4.2", f"connection lost: {str(e).strip() or e.__class__.__name__}")
+            rcpt_replies += [lost] * (len(transaction.recipients) - len(rcpt_replies))
+            data_reply = lost
+        if data_reply.code == 354 and (reply.code != 250 or not any(
+                r.code in (250, 251) for r in rcpt_replies)):
+            # A server that should have refused DATA: end an empty message.
+            proto.transport.write(b".\r\n")
+            await proto.read_reply(timeouts.data_end)
+        if reply.code != 250:
+            raise SMTPClientError(reply, "MAIL")
+        session.stage = "RCPT"
+        result.recipients = dict(zip(transaction.recipients, rcpt_replies))
+    else:
+        reply = await proto.command(mail, timeouts.command)
+        if reply.code != 250:
+            raise SMTPClientError(reply, "MAIL")
+        session.stage = "RCPT"
+        for rcpt in transaction.recipients:
+            result.recipients[rcpt] = await proto.command(f"RCPT TO:<{rcpt}>",
+                                                          timeouts.command)
+        data_reply = None
     if not any(r.code in (250, 251) for r in result.recipients.values()):
         try:
             session.clean = (await proto.command("RSET", timeouts.command)).code == 250
@@ -326,9 +355,10 @@ async def run_transaction(session: Session, transaction: Transaction,
             session.clean = False  # the outcome is known; the session is just not reusable
         return result
     session.stage = "DATA"
-    reply = await proto.command("DATA", timeouts.data_start)
-    if reply.code != 354:
-        raise SMTPClientError(reply, "DATA")
+    if data_reply is None:
+        data_reply = await proto.command("DATA", timeouts.data_start)
+    if data_reply.code != 354:
+        raise SMTPClientError(data_reply, "DATA")
     stuffer = DotStuffer()
     await FileSender().beginFileTransfer(transaction.content, proto.transport, stuffer)
     proto.transport.write(stuffer.finish())
