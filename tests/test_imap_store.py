@@ -241,3 +241,27 @@ class InterfaceTests(TestCase):
         self.assertTrue(verifyClass(imap4.ISearchableMailbox, MaildirMailbox))
         self.assertTrue(verifyClass(imap4.IMessage, MaildirMessage))
         self.assertTrue(verifyClass(imap4.IMessageFile, MaildirMessage))
+
+
+class ResolveTests(TestCase):
+    def test_sequence_sets(self):
+        """
+        UID sets are matched by bisection (so 1:4294967295 costs nothing),
+        C{n:*} always includes the highest UID, sequence numbers are clamped.
+        """
+        from mailstack.access.folder import Entry
+        from mailstack.access.mailbox import MaildirMailbox
+
+        mbox = MaildirMailbox.__new__(MaildirMailbox)
+        mbox.view = [Entry(uid, f"b{uid}", "cur", f"b{uid}:2,", 1) for uid in (3, 5, 9, 20)]
+
+        def uids(ranges, uid):
+            return [(seq, entry.uid) for seq, entry in mbox.resolve(ranges, uid)]
+
+        self.assertEqual(uids(parse_set(b"4:*"), True), [(2, 5), (3, 9), (4, 20)])
+        self.assertEqual(uids(parse_set(b"21:*"), True), [(4, 20)])
+        self.assertEqual(uids(parse_set(b"1:4294967295"), True), [(1, 3), (2, 5), (3, 9), (4, 20)])
+        self.assertEqual(uids(parse_set(b"6:8"), True), [])
+        self.assertEqual(uids(parse_set(b"1:2,4,*"), False), [(1, 3), (2, 5), (4, 20)])
+        self.assertEqual(uids(parse_set(b"3:1"), False), [(1, 3), (2, 5), (3, 9)])
+        self.assertEqual(uids(parse_set(b"7:9"), False), [])

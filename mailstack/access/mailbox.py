@@ -16,6 +16,7 @@ allows (NOOP, IDLE, EXPUNGE, ...), never in the middle of a FETCH.
 
 from __future__ import annotations
 
+import bisect
 import email.utils
 import io
 import os
@@ -35,7 +36,7 @@ from mailstack.access.folder import (
     PERMANENT_FLAGS, Entry, Folder, Snapshot, ensure_folder,
 )
 from mailstack.access.mime import Part, crlf, lf
-from mailstack.access.search import Candidate, Ranges, in_set, matches, needs
+from mailstack.access.search import Candidate, Ranges, matches, needs
 from mailstack.safeio import atomic_write
 
 DELIMITER = "."
@@ -242,17 +243,21 @@ class MaildirMailbox:
         """
         if not self.view:
             return []
-        if uid:
-            last = self.view[-1].uid
-            return [(i, e) for i, e in enumerate(self.view, 1) if in_set(e.uid, ranges, last)]
-        found: dict[int, Entry] = {}
         count = len(self.view)
-        for lo, hi in ranges:
-            a = count if lo is None else lo
-            b = count if hi is None else hi
-            for seq in range(max(1, min(a, b)), min(count, max(a, b)) + 1):
-                found[seq] = self.view[seq - 1]
-        return sorted(found.items())
+        chosen: set[int] = set()  # indexes into the view
+        if uid:
+            uids = [e.uid for e in self.view]  # ascending
+            for lo, hi in ranges:
+                a = uids[-1] if lo is None else lo
+                b = uids[-1] if hi is None else hi
+                chosen.update(range(bisect.bisect_left(uids, min(a, b)),
+                                    bisect.bisect_right(uids, max(a, b))))
+        else:
+            for lo, hi in ranges:
+                a = count if lo is None else lo
+                b = count if hi is None else hi
+                chosen.update(range(max(1, min(a, b)) - 1, min(count, max(a, b))))
+        return [(i + 1, self.view[i]) for i in sorted(chosen)]
 
     def _directory_mtimes(self) -> tuple[int, int]:
         try:
