@@ -12,7 +12,6 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
-from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.interfaces import IListeningPort
@@ -22,8 +21,9 @@ from twisted.names.client import createResolver
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
-from mailstack.access.imap import IMAPFactory, IMAPRealm
-from mailstack.access.pop3 import POP3Factory, make_portal
+from mailstack.access.imap import IMAPFactory
+from mailstack.access.pop3 import POP3Factory
+from mailstack.access.realm import make_portal
 from mailstack.address import parse_address
 from mailstack.auth import PasswordChecker
 from mailstack.config import Config
@@ -179,19 +179,17 @@ class MailStack(MultiService):
             factory = self.smtp_factory(submission, "submissions", implicit_tls=True)
             self.listen("submissions", config.submissions, TLSMemoryBIOFactory(
                 ReloadingContextFactory(self.tls), False, factory))
+        # Reading mail: one portal for IMAP and POP3.
+        portal = make_portal(self.store, config.hostname, self.checker, reactor, self.io_pool)
         if config.pop3 is not None:
-            portal = make_portal(self.store, self.checker, reactor, self.io_pool)
             self.listen("pop3", config.pop3, POP3Factory(
                 portal, reactor, self.io_pool, self.throttle, tls=self.tls.context_factory))
-        if config.imap is not None or config.imaps is not None:
-            imap_portal = Portal(IMAPRealm(self.store, config.hostname, reactor, self.io_pool),
-                                 [self.checker])
         if config.imap is not None:
             self.listen("imap", config.imap, IMAPFactory(
-                imap_portal, reactor, self.throttle, self.tls.context_factory,
+                portal, reactor, self.throttle, self.tls.context_factory,
                 config.max_message_size))
         if config.imaps is not None:
-            factory = IMAPFactory(imap_portal, reactor, self.throttle, None,
+            factory = IMAPFactory(portal, reactor, self.throttle, None,
                                   config.max_message_size, implicit_tls=True)
             self.listen("imaps", config.imaps, TLSMemoryBIOFactory(
                 ReloadingContextFactory(self.tls), False, factory))

@@ -7,7 +7,6 @@ import imaplib
 import os
 import re
 import socket
-import ssl
 import time
 
 from twisted.internet.defer import inlineCallbacks
@@ -83,6 +82,40 @@ class IMAPTestMixin:
                 except (imaplib.IMAP4.error, OSError):
                     pass
         return in_thread(run)
+
+
+class RawSession:
+    """
+    A logged-in IMAPS session on a raw TLS socket, for what imaplib cannot
+    say (IDLE, pipelining, malformed commands).
+    """
+
+    def __init__(self, server, context, select=True):
+        raw = socket.create_connection(("127.0.0.1", server.ports["imaps"]), 30)
+        self.tls = context.wrap_socket(raw, server_hostname="localhost")
+        self.reader = self.tls.makefile("rb")
+        self.reader.readline()  # greeting
+        if select:
+            self.send(b"a LOGIN alice@localhost alice-pw\r\nb SELECT INBOX\r\n")
+            self.until(b"b ")
+
+    def send(self, data):
+        self.tls.sendall(data)
+
+    def until(self, prefix):
+        """
+        Read lines until one starts with C{prefix}; all of them.
+        """
+        lines = []
+        while not lines or not lines[-1].startswith(prefix):
+            line = self.reader.readline()
+            if not line:
+                break
+            lines.append(line)
+        return lines
+
+    def close(self):
+        self.tls.close()
 
 
 def ok(result):
@@ -417,26 +450,18 @@ class ConcurrencyTests(IMAPTestMixin, TestCase):
         A delivery made during IDLE is reported as EXISTS while idling.
         """
         def idle():
-            raw = socket.create_connection(("127.0.0.1", self.server.ports["imaps"]), 30)
-            tls = self.context.wrap_socket(raw, server_hostname="localhost")
-            reader = tls.makefile("rb")
-            reader.readline()
-            tls.sendall(b"a LOGIN alice@localhost alice-pw\r\nb SELECT INBOX\r\n")
-            while not reader.readline().startswith(b"b OK"):
-                pass
-            tls.sendall(b"c IDLE\r\n")
-            self.assertTrue(reader.readline().startswith(b"+"))
+            session = RawSession(self.server, self.context)
+            session.send(b"c IDLE\r\n")
+            self.assertTrue(session.reader.readline().startswith(b"+"))
             started = time.monotonic()
             smtp_session(self.server.ports["smtp"], lambda c: c.sendmail(
                 "bob@remote.test", ["alice@localhost"], b"Subject: during idle\r\n\r\nx\r\n"))
-            line = reader.readline()
+            line = session.reader.readline()
             waited = time.monotonic() - started
-            tls.sendall(b"DONE\r\n")
-            rest = []
-            while not rest or not rest[-1].startswith(b"c "):
-                rest.append(reader.readline())
-            tls.close()
-            return line, rest[-1], waited
+            session.send(b"DONE\r\n")
+            done = session.until(b"c ")[-1]
+            session.close()
+            return line, done, waited
 
         line, done, waited = yield in_thread(idle)
         self.assertEqual(line, b"* 3 EXISTS\r\n")
@@ -473,17 +498,12 @@ class ConcurrencyTests(IMAPTestMixin, TestCase):
     @inlineCallbacks
     def test_pipelined_commands_answered_in_order(self):
         def probe():
-            raw = socket.create_connection(("127.0.0.1", self.server.ports["imaps"]), 30)
-            tls = self.context.wrap_socket(raw, server_hostname="localhost")
-            reader = tls.makefile("rb")
-            reader.readline()
-            tls.sendall(b"a LOGIN alice@localhost alice-pw\r\nb SELECT INBOX\r\n"
-                        b"c FETCH 1:* (UID)\r\nd STORE 1 +FLAGS (\\Seen)\r\ne LOGOUT\r\n")
-            tags = []
-            for line in reader:
-                if line[:1] in b"abcde" and line[1:2] == b" ":
-                    tags.append(line[:4])
-            tls.close()
+            session = RawSession(self.server, self.context, select=False)
+            session.send(b"a LOGIN alice@localhost alice-pw\r\nb SELECT INBOX\r\n"
+                         b"c FETCH 1:* (UID)\r\nd STORE 1 +FLAGS (\\Seen)\r\ne LOGOUT\r\n")
+            tags = [line[:4] for line in session.until(b"e ")
+                    if line[:1] in b"abcde" and line[1:2] == b" "]
+            session.close()
             return tags
 
         tags = yield in_thread(probe)
@@ -539,27 +559,18 @@ class HostileInputTests(IMAPTestMixin, TestCase):
         ]
 
         def probe():
-            raw = socket.create_connection(("127.0.0.1", self.server.ports["imaps"]), 30)
-            tls = self.context.wrap_socket(raw, server_hostname="localhost")
-            reader = tls.makefile("rb")
-            reader.readline()
-            tls.sendall(b"a LOGIN alice@localhost alice-pw\r\nb SELECT INBOX\r\n")
-            while not reader.readline().startswith(b"b "):
-                pass
+            session = RawSession(self.server, self.context)
             answers = {}
             for line in junk:
-                tls.sendall(line + b"\r\n")
+                session.send(line + b"\r\n")
                 tag = line.split()[0]
-                while True:
-                    reply = reader.readline()
-                    if reply.startswith(tag + b" "):
-                        answers[tag] = reply.split()[1]
-                        break
-                    if not reply:
-                        return answers, b"closed"
-            tls.sendall(b"z NOOP\r\n")
-            final = reader.readline()
-            tls.close()
+                reply = session.until(tag + b" ")[-1]
+                if not reply.startswith(tag + b" "):
+                    return answers, b"closed"
+                answers[tag] = reply.split()[1]
+            session.send(b"z NOOP\r\n")
+            final = session.reader.readline()
+            session.close()
             return answers, final
 
         answers, final = yield in_thread(probe)

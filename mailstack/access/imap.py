@@ -24,7 +24,7 @@ import email.utils
 from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin
-from twisted.cred.portal import IRealm, Portal
+from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory
@@ -44,8 +44,6 @@ from mailstack.access.mailbox import (
 )
 from mailstack.access.mime import lf, literal, string
 from mailstack.access.search import SearchError, imap_date, parse_set
-from mailstack.address import parse_address
-from mailstack.delivery.maildir import MaildirStore
 from mailstack.throttle import LoginThrottle
 
 log = Logger()
@@ -318,27 +316,28 @@ class IMAPServer(imap4.IMAP4Server):
 
     unauth_STARTTLS = (do_STARTTLS,)
 
-    def do_LOGIN(self, tag: bytes, user: bytes, passwd: bytes) -> None:
+    def _may_login(self, tag: bytes) -> bool:
+        """
+        No password outside TLS, none from a client the throttle blocks.
+        """
         if not self.startedTLS:
             self.sendNegativeResponse(tag, b"[PRIVACYREQUIRED] Use STARTTLS first")
-            return
+            return False
         if self.factory.throttle.blocked(self.ip):
             self.sendNegativeResponse(tag, b"[UNAVAILABLE] Too many failed logins")
             self.transport.loseConnection()
-            return
-        super().do_LOGIN(tag, user, passwd)
+            return False
+        return True
+
+    def do_LOGIN(self, tag: bytes, user: bytes, passwd: bytes) -> None:
+        if self._may_login(tag):
+            super().do_LOGIN(tag, user, passwd)
 
     unauth_LOGIN = (do_LOGIN, imap4.IMAP4Server.arg_astring, imap4.IMAP4Server.arg_finalastring)
 
     def do_AUTHENTICATE(self, tag: bytes, args: bytes) -> None:
-        if not self.startedTLS:
-            self.sendNegativeResponse(tag, b"[PRIVACYREQUIRED] Use STARTTLS first")
-            return
-        if self.factory.throttle.blocked(self.ip):
-            self.sendNegativeResponse(tag, b"[UNAVAILABLE] Too many failed logins")
-            self.transport.loseConnection()
-            return
-        super().do_AUTHENTICATE(tag, args)
+        if self._may_login(tag):
+            super().do_AUTHENTICATE(tag, args)
 
     unauth_AUTHENTICATE = (do_AUTHENTICATE, imap4.IMAP4Server.arg_atom)
 
@@ -806,35 +805,6 @@ class _ThrottledPortal:
 
         d = self.portal.login(credentials, mind, *interfaces)
         return d.addCallbacks(ok, failed)
-
-
-@implementer(IRealm)
-class IMAPRealm:
-    """
-    A logged-in user gets an account over their Maildir, with the usual
-    folders created on the first login.
-    """
-
-    def __init__(self, store: MaildirStore, hostname: str, reactor: Any, pool: Any) -> None:
-        self.store = store
-        self.hostname = hostname
-        self.reactor = reactor
-        self.pool = pool
-
-    def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Deferred[Any]:
-        if imap4.IAccount not in interfaces:
-            raise NotImplementedError("only IMAP accounts here")
-        user = parse_address(avatar_id if isinstance(avatar_id, str) else avatar_id.decode())
-        account = MaildirAccount(self.store.path_for(user), self.hostname, self.reactor,
-                                 self.pool)
-        root = self.store.path_for(user)
-
-        def prepare() -> None:
-            self.store.ensure(root)
-            account.prepare()
-
-        return account.run(prepare).addCallback(
-            lambda _: (imap4.IAccount, account, lambda: None))
 
 
 class IMAPFactory(Factory):

@@ -16,9 +16,7 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from twisted.cred.checkers import ICredentialsChecker
-from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred
+from twisted.cred.portal import Portal
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.mail import pop3
@@ -26,9 +24,7 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailstack.access.maildir import MaildirMessage, scan
-from mailstack.address import parse_address
-from mailstack.delivery.maildir import MaildirStore
+from mailstack.access.maildir import MaildirMessage
 from mailstack.smtp.client import DotStuffer
 from mailstack.throttle import LoginThrottle
 
@@ -82,27 +78,6 @@ class MaildirMailbox:
                     os.unlink(message.path)
                 except FileNotFoundError:
                     pass  # another session deleted it first: the same outcome
-
-
-@implementer(IRealm)
-class MaildirRealm:
-    """
-    Logged-in users get their Maildir's INBOX, listed in a worker thread.
-    """
-
-    def __init__(self, store: MaildirStore, reactor: Any, pool: Any) -> None:
-        self.store = store
-        self.reactor = reactor
-        self.pool = pool
-
-    def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Deferred[Any]:
-        if pop3.IMailbox not in interfaces:
-            raise NotImplementedError("only POP3 mailboxes here")
-        user = parse_address(avatar_id if isinstance(avatar_id, str) else avatar_id.decode())
-        path = self.store.path_for(user)
-        d = deferToThreadPool(self.reactor, self.pool, scan, path)
-        return d.addCallback(lambda messages: (pop3.IMailbox, MaildirMailbox(messages),
-                                               lambda: None))
 
 
 class POP3Server(pop3.POP3):
@@ -250,8 +225,3 @@ class POP3Factory(Factory):
         self.tls = tls
         self.implicit_tls = implicit_tls
         self.timeout = timeout
-
-
-def make_portal(store: MaildirStore, checker: ICredentialsChecker, reactor: Any,
-                pool: Any) -> Portal:
-    return Portal(MaildirRealm(store, reactor, pool), [checker])

@@ -1,0 +1,59 @@
+# -*- test-case-name: tests.test_imap,tests.test_pop3 -*-
+"""
+Who a login becomes: one realm for IMAP and POP3, over the same Maildirs.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.mail import imap4, pop3
+from zope.interface import implementer
+
+from mailstack.access.mailbox import MaildirAccount
+from mailstack.access.maildir import scan
+from mailstack.access.pop3 import MaildirMailbox
+from mailstack.address import parse_address
+from mailstack.delivery.maildir import MaildirStore
+
+
+@implementer(IRealm)
+class MaildirRealm:
+    """
+    A logged-in user gets, for IMAP, an account over their Maildir++ (the
+    usual folders created on the first login); for POP3, their INBOX as
+    listed at login.  All file work runs in the worker pool.
+    """
+
+    def __init__(self, store: MaildirStore, hostname: str, reactor: Any, pool: Any) -> None:
+        self.store = store
+        self.hostname = hostname
+        self.reactor = reactor
+        self.pool = pool
+
+    def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Deferred[Any]:
+        user = parse_address(avatar_id if isinstance(avatar_id, str) else avatar_id.decode())
+        root = self.store.path_for(user)
+        if imap4.IAccount in interfaces:
+            account = MaildirAccount(root, self.hostname, self.reactor, self.pool)
+
+            def prepare() -> None:
+                self.store.ensure(root)
+                account.prepare()
+
+            d = deferToThreadPool(self.reactor, self.pool, prepare)
+            return d.addCallback(lambda _: (imap4.IAccount, account, lambda: None))
+        if pop3.IMailbox in interfaces:
+            d = deferToThreadPool(self.reactor, self.pool, scan, root)
+            return d.addCallback(lambda messages: (pop3.IMailbox, MaildirMailbox(messages),
+                                                   lambda: None))
+        raise NotImplementedError("IMAP accounts and POP3 mailboxes only")
+
+
+def make_portal(store: MaildirStore, hostname: str, checker: ICredentialsChecker,
+                reactor: Any, pool: Any) -> Portal:
+    return Portal(MaildirRealm(store, hostname, reactor, pool), [checker])
