@@ -177,7 +177,7 @@ def count_files(directories: list[str]) -> int:
             with os.scandir(directory) as it:
                 total += sum(1 for _ in it)
         except FileNotFoundError:
-            pass
+            pass  # not created yet: nothing delivered there
     return total
 
 

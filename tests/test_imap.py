@@ -402,6 +402,24 @@ class ReadingTests(IMAPTestMixin, TestCase):
             self.assertEqual(f.read(), message.replace(b"\r\n", b"\n"))
 
     @inlineCallbacks
+    def test_examine_is_read_only(self):
+        """
+        EXAMINE leaves new/ alone, refuses STORE, EXPUNGE and MOVE, and
+        BODY[] does not set \\Seen there.
+        """
+        def work(client):
+            ok(client.select("INBOX", readonly=True))  # EXAMINE
+            refused = [client.store("1", "+FLAGS", "(\\Deleted)")[0], client.expunge()[0],
+                       client.uid("MOVE", "1:*", "Trash")[0]]
+            ok(client.fetch("1", "(BODY[])"))
+            return refused, ok(client.fetch("1", "(FLAGS)"))
+
+        refused, flags = yield self.imap(work)
+        self.assertEqual(refused, ["NO", "NO", "NO"])
+        self.assertNotIn(b"\\Seen", flags[0])
+        self.assertEqual(len(maildir_files(self.server, "alice@localhost", "new")), 2)
+
+    @inlineCallbacks
     def test_append_to_missing_folder(self):
         def work(client):
             return client.append("Nowhere", None, None, b"Subject: x\r\n\r\ny\r\n")

@@ -148,6 +148,16 @@ def render(loaded: Loaded, query: list[Any], uid: bool) -> bytes:
     return b"* %d FETCH (" % loaded.seq + b" ".join(items) + b")\r\n"
 
 
+def _system_flags(flags: list[Any]) -> set[str]:
+    """
+    The flags mailstack keeps, spelled as IMAP spells them; others dropped
+    (PERMANENTFLAGS does not offer keywords).
+    """
+    known = {f.lower(): f for f in PERMANENT_FLAGS}
+    names = (f.decode("utf-8", "replace") if isinstance(f, bytes) else f for f in flags)
+    return {known[n.lower()] for n in names if n.lower() in known}
+
+
 def _parse_date(value: bytes | None) -> float | None:
     if value is None:
         return None
@@ -596,6 +606,15 @@ class IMAPServer(imap4.IMAP4Server):
         pending = self._idle_refresh or succeed(None)
         pending.addBoth(lambda _: self.sendPositiveResponse(tag, b"IDLE terminated"))
 
+    def _changeable(self, tag: bytes) -> MaildirMailbox | None:
+        """
+        The selected folder if this session may change it; else say NO.
+        """
+        if self.mbox is not None and self.mbox.rw:
+            return self.mbox
+        self.sendNegativeResponse(tag, b"[READ-ONLY] Folder is read-only")
+        return None
+
     # -- FETCH, STORE, SEARCH -----------------------------------------------------------
 
     def do_FETCH(self, tag: bytes, ranges: Any, query: list[Any], uid: int = 0) -> None:
@@ -639,19 +658,15 @@ class IMAPServer(imap4.IMAP4Server):
     def do_STORE(self, tag: bytes, ranges: Any, mode: bytes, flags: list[bytes],
                  uid: int = 0) -> None:
         async def work() -> None:
-            mbox = self.mbox
-            assert mbox is not None
-            if not mbox.rw:
-                self.sendNegativeResponse(tag, b"[READ-ONLY] Folder is read-only")
+            mbox = self._changeable(tag)
+            if mbox is None:
                 return
             kind = mode.upper()
             if kind.lstrip(b"+-") not in (b"FLAGS", b"FLAGS.SILENT"):
                 raise IllegalClientResponse(f"bad STORE item {mode!r}")
             direction = 1 if kind.startswith(b"+") else -1 if kind.startswith(b"-") else 0
-            names = [f.decode("utf-8", "replace") for f in flags]
-            known = {f.lower(): f for f in PERMANENT_FLAGS}
-            names = [known.get(n.lower(), n) for n in names]
-            done = await mbox.store_flags(mbox.resolve(ranges, bool(uid)), names, direction)
+            done = await mbox.store_flags(mbox.resolve(ranges, bool(uid)),
+                                          _system_flags(flags), direction)
             if not kind.endswith(b".SILENT"):
                 for seq, entry in done:
                     extra = b" UID %d" % entry.uid if uid else b""
@@ -683,10 +698,8 @@ class IMAPServer(imap4.IMAP4Server):
 
     def _transfer(self, tag: bytes, ranges: Any, name: bytes, uid: int, move: bool) -> None:
         async def work() -> None:
-            mbox, account = self.mbox, self.account
-            assert mbox is not None and account is not None
-            if move and not mbox.rw:
-                self.sendNegativeResponse(tag, b"[READ-ONLY] Folder is read-only")
+            mbox, account = self._changeable(tag) if move else self.mbox, self.account
+            if mbox is None or account is None:
                 return
             target = account.existing(_parseMbox(name))
             items = mbox.resolve(ranges, bool(uid))
@@ -724,10 +737,7 @@ class IMAPServer(imap4.IMAP4Server):
             assert account is not None
             mailbox = _parseMbox(name)
             folder = account.existing(mailbox)
-            names = [f.decode("utf-8", "replace") if isinstance(f, bytes) else f
-                     for f in (flags or [])]
-            known = {f.lower(): f for f in PERMANENT_FLAGS}
-            wanted = {known[n.lower()] for n in names if n.lower() in known}
+            wanted = _system_flags(flags or [])
             when = _parse_date(date)
             uid = await account.run(lambda: folder.add(lf(message.read()), wanted, when))
             validity = await account.run(folder.uid_validity)
@@ -745,10 +755,8 @@ class IMAPServer(imap4.IMAP4Server):
 
     def do_EXPUNGE(self, tag: bytes, uids: Any = None) -> None:
         async def work() -> None:
-            mbox = self.mbox
-            assert mbox is not None
-            if not mbox.rw:
-                self.sendNegativeResponse(tag, b"[READ-ONLY] Folder is read-only")
+            mbox = self._changeable(tag)
+            if mbox is None:
                 return
             chosen = None
             if uids is not None:
