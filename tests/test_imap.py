@@ -191,6 +191,33 @@ class LoginTests(IMAPTestMixin, TestCase):
         self.assertEqual(exists, [b"0"])
 
     @inlineCallbacks
+    def test_failed_logins_throttled(self):
+        """
+        Wrong passwords count towards SMTP AUTH's throttle: answers slow
+        down, and at its limit the client is refused (even with the right
+        password) and disconnected.
+        """
+        self.server.throttle.max_delay = 0.01  # the schedule, compressed
+
+        def probe(client):
+            answers = []
+            for _ in range(self.server.throttle.limit):
+                try:
+                    client.login("alice@localhost", "wrong")
+                except imaplib.IMAP4.error as e:
+                    answers.append(str(e))
+            try:
+                client.login("alice@localhost", "alice-pw")
+            except (imaplib.IMAP4.error, OSError) as e:
+                answers.append(str(e))
+            return answers
+
+        answers = yield self.imap(probe, login=False, implicit=True)
+        self.assertEqual(len(answers), self.server.throttle.limit + 1)
+        self.assertTrue(all("failed" in a for a in answers[:-1]), answers)
+        self.assertIn("UNAVAILABLE", answers[-1])
+
+    @inlineCallbacks
     def test_starttls_injection(self):
         """
         A command sent in the same packet as STARTTLS, in clear text, is

@@ -28,7 +28,7 @@ from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory
-from twisted.internet.task import LoopingCall
+from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.mail import imap4
 from twisted.mail.imap4 import (
@@ -784,8 +784,9 @@ class IMAPServer(imap4.IMAP4Server):
 
 class _ThrottledPortal:
     """
-    The portal as one session sees it: failures counted by the throttle and
-    logged, successes logged.
+    The portal as one session sees it, with SMTP AUTH's throttle: from the
+    fourth recent failure every answer (right or wrong) is delayed, and
+    failures and logins are logged.
     """
 
     def __init__(self, portal: Portal, throttle: LoginThrottle, session: IMAPServer) -> None:
@@ -794,25 +795,28 @@ class _ThrottledPortal:
         self.session = session
 
     def login(self, credentials: Any, mind: Any, *interfaces: Any) -> Deferred[Any]:
+        return Deferred.fromCoroutine(self._login(credentials, mind, *interfaces))
+
+    async def _login(self, credentials: Any, mind: Any, *interfaces: Any) -> Any:
         user = getattr(credentials, "username", b"")
         if isinstance(user, bytes):
             user = user.decode("utf-8", "replace")
         session = self.session
-
-        def ok(result: Any) -> Any:
-            self.throttle.succeeded(session.ip, user)
-            log.info("imap: login of {user} from {client}", user=user, client=session.client)
-            return result
-
-        def failed(failure: Failure) -> Failure:
-            if failure.check(UnauthorizedLogin):
-                self.throttle.failed(session.ip, user or None)
-                log.warn("imap: failed login for {user} from {client}", user=user,
-                         client=session.client)
-            return failure
-
-        d = self.portal.login(credentials, mind, *interfaces)
-        return d.addCallbacks(ok, failed)
+        delay = self.throttle.delay(session.ip, user or None)
+        try:
+            result = await self.portal.login(credentials, mind, *interfaces)
+        except UnauthorizedLogin:
+            if delay:
+                await deferLater(session.factory.reactor, delay)
+            self.throttle.failed(session.ip, user or None)
+            log.warn("imap: failed login for {user} from {client}", user=user[:100],
+                     client=session.client)
+            raise
+        if delay:
+            await deferLater(session.factory.reactor, delay)
+        self.throttle.succeeded(session.ip, user)
+        log.info("imap: login of {user} from {client}", user=user, client=session.client)
+        return result
 
 
 class IMAPFactory(Factory):
