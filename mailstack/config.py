@@ -207,6 +207,13 @@ def _text(text: Any) -> str:
     return str(text)
 
 
+def _filter_name(text: Any) -> str:
+    name = str(text).strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
+        raise ConfigError(f"not a filter name: {text!r}")
+    return name
+
+
 @dataclass(frozen=True)
 class Option:
     """
@@ -273,6 +280,9 @@ OPTIONS: tuple[Option, ...] = (
            "clients allowed to relay without AUTH [default: none]", metavar="CIDR,..."),
     Option("smtp-timeout", 300, _positive,
            "idle seconds before a session is closed (RFC 5321 4.5.3.2)", metavar="SECONDS"),
+    Option("filter", (), _filter_name,
+           "enable a message filter plugin from mailstack.plugins, e.g. greylist "
+           "(repeatable; they run in this order)", repeatable=True, metavar="NAME"),
 )
 
 OPTIONS_BY_NAME: Mapping[str, Option] = {o.name: o for o in OPTIONS}
@@ -304,6 +314,7 @@ class Config:
     max_message_size: int
     relay_networks: tuple[Any, ...]
     smtp_timeout: float
+    filter: tuple[str, ...] = ()
     source: str = field(default="defaults", compare=False)
 
     @property

@@ -60,3 +60,59 @@ class IDeliveryAgent(Interface):
         recipient of C{envelope}; the Deferred fires once every copy is
         durable, or fails having left none visible.
         """
+
+
+class IMessageFilter(Interface):
+    """
+    A verdict on an SMTP transaction at connect, MAIL, RCPT and DATA.
+
+    Each method returns C{None} (no objection), a refusal
+    (L{mailstack.smtp.reply.Reply} with a 4xx or 5xx code), or a Deferred
+    of either; raising L{mailstack.smtp.reply.SMTPError} refuses too.  The
+    session (L{mailstack.smtp.server.Session}) tells who the client is:
+    C{peer_host}, C{helo}, C{tls}, C{user} (after AUTH) and C{service}
+    (C{smtp}, C{submission}, C{submissions}).  Filters run after
+    mailstack's own checks at connect, MAIL and RCPT (an unknown user is
+    refused before any filter sees it), and before delivery at DATA.
+    """
+
+    name = Attribute("The filter's name, for log lines.")
+
+    def connect(session):  # type: ignore[no-untyped-def]
+        """
+        A client connected.
+        """
+
+    def mail(session, sender):  # type: ignore[no-untyped-def]
+        """
+        MAIL FROM: C{sender} is an L{Address}, or C{None} for the null sender.
+        """
+
+    def rcpt(session, sender, rcpt):  # type: ignore[no-untyped-def]
+        """
+        RCPT TO: an L{Address} the server would accept.
+        """
+
+    def data(session, envelope, spool):  # type: ignore[no-untyped-def]
+        """
+        The whole message (C{spool}, a L{MessageSpool}: C{read()},
+        C{chunks()}, C{size}) is in, before it is made durable.
+        """
+
+
+class IMessageFilterFactory(Interface):
+    """
+    A message filter plugin: an object provided by a module in the
+    C{mailstack.plugins} package (any C{mailstack/plugins/} directory on
+    C{sys.path}), found with C{twisted.plugin.getPlugins} and enabled with
+    C{--filter NAME}.
+    """
+
+    name = Attribute("What --filter calls it.")
+    description = Attribute("One line for --help and the log.")
+
+    def build(config, reactor):  # type: ignore[no-untyped-def]
+        """
+        Make the L{IMessageFilter} for a running server with this
+        L{mailstack.config.Config}.
+        """

@@ -36,6 +36,7 @@ from mailstack.queue.courier import Courier
 from mailstack.queue.runner import OutboundQueue
 from mailstack.queue.store import QueueStore
 from mailstack.smtp.client import Timeouts
+from mailstack.smtp.filters import FilteredPolicy, load_filters
 from mailstack.smtp.policy import ReceivingPolicy
 from mailstack.smtp.server import ServerSettings, SMTPServerFactory
 from mailstack.smtp.submission import SubmissionPolicy
@@ -167,11 +168,17 @@ class MailStack(MultiService):
         self.checker = PasswordChecker(self.users, reactor, self.auth_pool)
         self.throttle = LoginThrottle(reactor)
 
+        # Message filter plugins (--filter) stand in front of both policies.
+        filters = load_filters(config, reactor)
+
+        def filtered(policy: Any) -> Any:
+            return FilteredPolicy(policy, filters) if filters else policy
+
         if config.smtp is not None:
-            policy = ReceivingPolicy(self.dispatcher, config.relay_networks)
+            policy = filtered(ReceivingPolicy(self.dispatcher, config.relay_networks))
             self.listen("smtp", config.smtp, self.smtp_factory(policy, "smtp"))
-        submission = SubmissionPolicy(self.dispatcher, self.checker, self.throttle, reactor,
-                                      config.hostname)
+        submission = filtered(SubmissionPolicy(self.dispatcher, self.checker, self.throttle,
+                                               reactor, config.hostname))
         if config.submission is not None:
             self.listen("submission", config.submission,
                         self.smtp_factory(submission, "submission"))

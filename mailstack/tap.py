@@ -50,10 +50,18 @@ class Options(usage.Options):
     config: Config
 
     def postOptions(self) -> None:
+        from mailstack.smtp.filters import available_filters
+
         try:
             self.config = build_config(self, self["config"])
         except ConfigError as e:
             raise usage.UsageError(str(e)) from None
+        known = available_filters() if self.config.filter else {}
+        for name in self.config.filter:
+            if name not in known:
+                raise usage.UsageError(
+                    f"--filter: no filter plugin named {name!r} "
+                    f"(available: {', '.join(sorted(known)) or 'none installed'})")
 
 
 def makeService(options: Options) -> Any:
