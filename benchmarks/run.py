@@ -303,7 +303,11 @@ class Postfix:
         with open(os.path.join(self.conf, "vmailbox"), "w") as f:
             for user in recipients_for(case):
                 f.write(f"{user}@{DOMAIN} {DOMAIN}/{user}/\n")
-        with open("/etc/postfix/master.cf") as f:
+        shipped = [p for p in ("/etc/postfix/master.cf", "/usr/share/postfix/master.cf.dist")
+                   if os.path.exists(p)]
+        if not shipped:
+            raise RuntimeError("no master.cf to start from: is the postfix package installed?")
+        with open(shipped[0]) as f:
             master = f.read()
         master = re.sub(r"(?m)^smtp\s+inet\s.*$",
                         f"127.0.0.1:{self.port} inet n - n - - smtpd", master)
