@@ -217,6 +217,7 @@ class Sink:
 
 class Mailstack:
     name = "mailstack"
+    receivers = 1  # mailstack's --receivers
 
     def __init__(self, case: Case, work: str, sink: Sink | None) -> None:
         self.case, self.work = case, work
@@ -225,9 +226,9 @@ class Mailstack:
         password = hash_password("x")
         for user in recipients_for(case):
             users.add(local_address(f"{user}@{DOMAIN}"), password)
-        extra = []
+        extra = ["--receivers", str(self.receivers)]
         if sink is not None:
-            extra = ["--relay-networks", "127.0.0.0/8", "--route", f"*=127.0.0.2:{sink.port}"]
+            extra += ["--relay-networks", "127.0.0.0/8", "--route", f"*=127.0.0.2:{sink.port}"]
         self.process, self.port = start_server_process(self.data, extra)
         self.root = self.process.pid
 
@@ -245,6 +246,16 @@ class Mailstack:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def mailstack_with(receivers: int) -> type:
+    """
+    The mailstack system with C{--receivers N}, named C{mailstack:N}.
+    """
+    if receivers == 1:
+        return Mailstack
+    return type(f"Mailstack{receivers}", (Mailstack,),
+                {"name": f"mailstack:{receivers}", "receivers": receivers})
 
 
 POSTFIX_MAIN = """\
@@ -392,7 +403,7 @@ class Result:
 
 
 def measure(system_class: type, case: Case, timeout: float = 600) -> Result:
-    work = tempfile.mkdtemp(prefix=f"bench-{system_class.name}-")
+    work = tempfile.mkdtemp(prefix=f"bench-{system_class.name.replace(':', '-')}-")
     sink = Sink() if case.relay else None
     system = None
     try:
@@ -441,7 +452,7 @@ def measure_idle(system_class: type, connections: int) -> tuple[float, int, int]
     """
     import select
 
-    work = tempfile.mkdtemp(prefix=f"bench-idle-{system_class.name}-")
+    work = tempfile.mkdtemp(prefix=f"bench-idle-{system_class.name.replace(':', '-')}-")
     case = Case("idle", 1, 1, 1024)
     system = None
     sockets: list[socket.socket] = []
@@ -510,7 +521,7 @@ def table(report: dict) -> str:
                 continue
             rates[name] = median(runs, "rate")
             ratio = ""
-            if name == "mailstack" and "postfix" in names:
+            if name.startswith("mailstack") and "postfix" in names:
                 other = report["results"].get((case.name, "postfix"))
                 if other:
                     ratio = f"{rates[name] / median(other, 'rate'):.2f}x"
@@ -530,17 +541,19 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every case's message count (0.01 for a smoke run)")
-    parser.add_argument("--systems", default="mailstack,postfix")
+    parser.add_argument("--systems", default="mailstack,mailstack:2,postfix",
+                        help="mailstack:N runs mailstack with --receivers N")
     parser.add_argument("--cases", default=",".join(c.name for c in CASES))
     parser.add_argument("--idle", type=int, default=1000,
                         help="idle connections to hold (0: skip)")
+
     args = parser.parse_args(argv)
     wanted = args.systems.split(",")
     ensure_tools("postfix" in wanted)
     systems: list[type] = []
     for name in wanted:
-        if name == "mailstack":
-            systems.append(Mailstack)
+        if name == "mailstack" or name.startswith("mailstack:"):
+            systems.append(mailstack_with(int(name.partition(":")[2] or 1)))
         elif name == "postfix":
             if os.getuid() != 0:
                 print("postfix: needs root for a private instance; skipped", file=sys.stderr)

@@ -207,6 +207,16 @@ def _text(text: Any) -> str:
     return str(text)
 
 
+def _count(text: Any) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"not a whole number: {text!r}") from None
+    if not 1 <= value <= 64:
+        raise ConfigError(f"must be between 1 and 64: {value}")
+    return value
+
+
 def _filter_name(text: Any) -> str:
     name = str(text).strip()
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
@@ -280,6 +290,9 @@ OPTIONS: tuple[Option, ...] = (
            "clients allowed to relay without AUTH [default: none]", metavar="CIDR,..."),
     Option("smtp-timeout", 300, _positive,
            "idle seconds before a session is closed (RFC 5321 4.5.3.2)", metavar="SECONDS"),
+    Option("receivers", 1, _count,
+           "processes accepting on the smtp listener (the main one and N-1 more); "
+           "their logs go to standard output", metavar="N"),
     Option("filter", (), _filter_name,
            "enable a message filter plugin from mailstack.plugins, e.g. greylist "
            "(repeatable; they run in this order)", repeatable=True, metavar="NAME"),
@@ -314,6 +327,7 @@ class Config:
     max_message_size: int
     relay_networks: tuple[Any, ...]
     smtp_timeout: float
+    receivers: int = 1
     filter: tuple[str, ...] = ()
     source: str = field(default="defaults", compare=False)
 

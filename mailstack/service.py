@@ -33,9 +33,11 @@ from mailstack.delivery.pickup import Pickup
 from mailstack.delivery.router import Router
 from mailstack.queue.control import ControlFactory, control_path
 from mailstack.queue.courier import Courier
+from mailstack.queue.handoff import QueueHandoff
 from mailstack.queue.runner import OutboundQueue
 from mailstack.queue.store import QueueStore
 from mailstack.smtp.client import Timeouts
+from mailstack.receivers import AdoptedPort, ReceiverPool
 from mailstack.smtp.filters import FilteredPolicy, load_filters
 from mailstack.smtp.policy import ReceivingPolicy
 from mailstack.smtp.server import ServerSettings, SMTPServerFactory
@@ -109,8 +111,13 @@ class MailStack(MultiService):
         relay_port: int = 25,
         relay_timeouts: Timeouts = Timeouts(),
         clock: Any = None,
+        receiver: tuple[int, int] | None = None,
     ) -> None:
         """
+        @param receiver: C{(fd, address family)} of an inherited listening
+            socket: this is a receiver process (C{--receivers}), serving
+            only the receiving MTA on that socket and handing remote mail
+            to the main process's queue.
         @param resolver: DNS for MX/A/AAAA lookups; by default from
             C{--dns-server} or the system's configuration.
         @param relay_endpoint: C{(ip, port) -> endpoint}, for tests.
@@ -139,6 +146,18 @@ class MailStack(MultiService):
         self.tls = TLSMaterial.from_config(data, config.hostname, config.tls_cert,
                                            config.tls_key)
         self.spool_dir = os.path.join(data, "tmp")
+        # Message filter plugins (--filter) stand in front of the SMTP policies.
+        self.filters = load_filters(config, reactor)
+
+        if receiver is not None:
+            self.queue = QueueHandoff(QueueStore(os.path.join(data, "queue")), data, reactor,
+                                      self.io_pool)
+            self.dispatcher = Dispatcher(self.router, self.maildir, self.queue, reactor,
+                                         self.spool_dir)
+            policy = self.filtered(ReceivingPolicy(self.dispatcher, config.relay_networks))
+            AdoptedPort(reactor, *receiver, self.smtp_factory(policy, "smtp")).setServiceParent(
+                self)
+            return
 
         if resolver is None:
             if config.dns_server:
@@ -159,7 +178,9 @@ class MailStack(MultiService):
         self.queue.bounce_to = self.bounce
         self.pickup = Pickup(data, self.dispatcher, reactor, self.io_pool)
         self.pickup.setServiceParent(self)
-        self.listen("control", f"unix:{control_path(data)}:mode=600:lockfile=1",
+        # Endpoint syntax: a ':' or '\' in the data directory's path is escaped.
+        escaped = control_path(data).replace("\\", "\\\\").replace(":", "\\:")
+        self.listen("control", f"unix:{escaped}:mode=600:lockfile=1",
                     ControlFactory(self.queue, self.pickup))
 
         # Argon2 takes 64 MiB and tens of milliseconds per check: few threads.
@@ -168,16 +189,13 @@ class MailStack(MultiService):
         self.checker = PasswordChecker(self.users, reactor, self.auth_pool)
         self.throttle = LoginThrottle(reactor)
 
-        # Message filter plugins (--filter) stand in front of both policies.
-        filters = load_filters(config, reactor)
-
-        def filtered(policy: Any) -> Any:
-            return FilteredPolicy(policy, filters) if filters else policy
-
         if config.smtp is not None:
-            policy = filtered(ReceivingPolicy(self.dispatcher, config.relay_networks))
+            policy = self.filtered(ReceivingPolicy(self.dispatcher, config.relay_networks))
             self.listen("smtp", config.smtp, self.smtp_factory(policy, "smtp"))
-        submission = filtered(SubmissionPolicy(self.dispatcher, self.checker, self.throttle,
+            if config.receivers > 1:
+                ReceiverPool(self, config.receivers - 1).setServiceParent(self)
+                self.queue.sweep_interval = 60.0
+        submission = self.filtered(SubmissionPolicy(self.dispatcher, self.checker, self.throttle,
                                                reactor, config.hostname))
         if config.submission is not None:
             self.listen("submission", config.submission,
@@ -200,6 +218,9 @@ class MailStack(MultiService):
                                   config.max_message_size, implicit_tls=True)
             self.listen("imaps", config.imaps, TLSMemoryBIOFactory(
                 ReloadingContextFactory(self.tls), False, factory))
+
+    def filtered(self, policy: Any) -> Any:
+        return FilteredPolicy(policy, self.filters) if self.filters else policy
 
     def bounce(self, sender: str, report: bytes) -> Deferred[str]:
         """
@@ -250,7 +271,9 @@ class MailStack(MultiService):
         return d.addCallback(stop_pools)
 
     def startService(self) -> None:
-        log.info("mailstack starting; configuration from {source}:", source=self.config.source)
-        for line in self.config.describe():
-            log.info("  {line}", line=line)
+        if not isinstance(self.queue, QueueHandoff):  # a receiver's settings are the main's
+            log.info("mailstack starting; configuration from {source}:",
+                     source=self.config.source)
+            for line in self.config.describe():
+                log.info("  {line}", line=line)
         super().startService()

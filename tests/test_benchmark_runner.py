@@ -20,10 +20,12 @@ class RunnerSmokeTests(TestCase):
     def test_tiny_load_counts(self):
         """
         Three-recipient inbound and relay cases, scaled down to a few
-        messages: every system delivers every copy exactly once, and the
-        table has a row per case and system plus the idle row.
+        messages: every system (mailstack alone and with a receiver process,
+        Postfix when root) delivers every copy exactly once, and the table
+        has a row per case and system plus the idle row.
         """
-        systems = [run.Mailstack] + ([run.Postfix] if os.getuid() == 0 else [])
+        systems = [run.Mailstack, run.mailstack_with(2)] + (
+            [run.Postfix] if os.getuid() == 0 else [])
         cases = [c.scaled(0.004) for c in run.CASES if c.name in ("inbound-3rcpt", "relay")]
         out = io.StringIO()
         report = run.run(cases, systems, runs=1, idle=20, out=out)
@@ -37,6 +39,7 @@ class RunnerSmokeTests(TestCase):
         self.assertEqual(report["results"][("inbound-3rcpt", "mailstack")][0].detail, expected)
         text = run.table(report)
         self.assertEqual(text.count("| mailstack |"), 3)
+        self.assertEqual(text.count("| mailstack:2 |"), 3)
         for system in systems:
             pss, connected, greeted = report["idle"][system.name]
             self.assertGreater(pss, 0)

@@ -40,6 +40,10 @@ class ControlProtocol(LineOnlyReceiver):
             d = maybeDeferred(queue.delete, arg.strip())
             d.addCallback(lambda found: self.answer("ok" if found else "error no such message"))
             d.addErrback(lambda f: self.answer(f"error {f.getErrorMessage()}"))
+        elif command == "adopt" and valid_id(arg.strip()):
+            d = maybeDeferred(queue.adopt, arg.strip())
+            d.addCallback(lambda found: self.answer("ok" if found else "error no such message"))
+            d.addErrback(lambda f: self.answer(f"error {f.getErrorMessage()}"))
         else:
             self.answer("error unknown command")
 

@@ -27,7 +27,8 @@ import random
 from typing import Any, Callable, Sequence
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, DeferredList, ensureDeferred
+from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -44,6 +45,26 @@ log = Logger()
 
 
 @implementer(IOutboundQueue)
+def new_record(envelope: Envelope, now: float) -> QueueRecord:
+    """
+    The queue record of a message just accepted for its remote recipients.
+    """
+    return QueueRecord(
+        queue_id=envelope.queue_id,
+        sender=str(envelope.sender) if envelope.sender is not None else "",
+        arrival=now,
+        recipients=[RecipientState(str(a)) for a in envelope.remote],
+        next_attempt=now,
+        received_from=envelope.client,
+    )
+
+
+def log_queued(record: QueueRecord) -> None:
+    log.info("{qid}: queued from=<{sender}> size={size} nrcpt={n}",
+             qid=record.queue_id, sender=record.sender, size=record.size,
+             n=len(record.recipients))
+
+
 class OutboundQueue(Service):
     """
     Schedules and runs delivery attempts for the messages in a L{QueueStore}.
@@ -87,8 +108,20 @@ class OutboundQueue(Service):
 
     # Life cycle
 
+    sweep_interval: float | None = None  # set when receiver processes share the queue
+
     def startService(self) -> None:
         super().startService()
+        if self.sweep_interval:
+            self._sweeper = LoopingCall(
+                lambda: self.sweep().addErrback(lambda f: log.failure("queue sweep failed", f)))
+            self._sweeper.clock = self.clock
+
+            def start_sweeping(count: int) -> int:
+                self._sweeper.start(self.sweep_interval, now=False)
+                return count
+
+            self.loaded.addCallback(start_sweeping)
         d = self._blocking(lambda: list(self.store.load_all()))
         d.addCallback(self._loaded)
         d.addErrback(lambda f: log.failure("cannot load the queue", f))
@@ -107,6 +140,9 @@ class OutboundQueue(Service):
 
     def stopService(self) -> Any:
         super().stopService()
+        sweeper = getattr(self, "_sweeper", None)
+        if sweeper is not None and sweeper.running:
+            sweeper.stop()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
@@ -159,26 +195,60 @@ class OutboundQueue(Service):
     # IOutboundQueue
 
     def enqueue(self, envelope: Envelope, spool: MessageSpool) -> Deferred[None]:
-        now = self.clock.seconds()
-        record = QueueRecord(
-            queue_id=envelope.queue_id,
-            sender=str(envelope.sender) if envelope.sender is not None else "",
-            arrival=now,
-            recipients=[RecipientState(str(a)) for a in envelope.remote],
-            next_attempt=now,
-            received_from=envelope.client,
-        )
+        record = new_record(envelope, self.clock.seconds())
         d = self._blocking(self.store.add, record, spool)
 
         def stored(_: Any) -> None:
-            log.info("{qid}: queued from=<{sender}> size={size} nrcpt={n}",
-                     qid=record.queue_id, sender=record.sender, size=record.size,
-                     n=len(record.recipients))
-            self.records[record.queue_id] = record
-            self._push(record.queue_id, record.next_attempt)
-            self._rearm()
+            log_queued(record)
+            if record.queue_id not in self.records:  # a sweep may have been first
+                self._schedule(record)
 
         return d.addCallback(stored)
+
+    def _schedule(self, record: QueueRecord) -> None:
+        self.records[record.queue_id] = record
+        self._push(record.queue_id, record.next_attempt)
+        self._rearm()
+
+    def adopt(self, queue_id: str) -> Deferred[bool]:
+        """
+        Take up a message another process (a receiver) stored in the queue
+        directory; False if it is not there or already known.
+        """
+        if queue_id in self.records or not self.loaded.called:
+            return succeed(queue_id in self.records)
+        d = self._blocking(self.store.load, queue_id)
+
+        def loaded(record: QueueRecord) -> bool:
+            if record.queue_id in self.records:
+                return True
+            self._schedule(record)
+            return True
+
+        def missing(failure: Any) -> bool:
+            failure.trap(OSError)
+            return False
+
+        return d.addCallbacks(loaded, missing)
+
+    def sweep(self) -> Deferred[int]:
+        """
+        Adopt every committed message on disk the queue does not know (one a
+        receiver stored but could not announce); how many.
+        """
+        if not self.loaded.called:
+            return succeed(0)
+        d = self._blocking(self.store.committed_ids)
+
+        def adopt_all(ids: list[str]) -> Deferred[int]:
+            unknown = [i for i in ids if i not in self.records]
+            adoptions = [self.adopt(i) for i in unknown]
+            if unknown:
+                log.info("queue: sweep found {n} messages to take up", n=len(unknown))
+            return DeferredList(adoptions).addCallback(
+                lambda results: sum(1 for ok, found in results if ok and found))
+
+        return d.addCallback(adopt_all)
 
     # Control
 

@@ -139,6 +139,13 @@ class QueueStore:
         with open(self.envelope_path(queue_id), "rb") as f:
             return QueueRecord.from_json(f.read())
 
+    def committed_ids(self) -> list[str]:
+        """
+        The ids of every committed message (an envelope on disk).
+        """
+        self.ensure()
+        return [n[:-5] for n in os.listdir(self.envelope_dir) if n.endswith(".json")]
+
     def load_all(self) -> Iterator[QueueRecord | tuple[str, Exception]]:
         """
         Every committed message; interrupted writes are cleaned up.  A record
