@@ -86,7 +86,10 @@ def recipients_for(case: Case) -> list[str]:
 
 # -- measuring processes -------------------------------------------------------------
 
-def _proc_children() -> dict[int, list[int]]:
+def children_by_parent() -> dict[int, list[int]]:
+    """
+    Every process's children, from /proc.
+    """
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -101,7 +104,7 @@ def _proc_children() -> dict[int, list[int]]:
 
 
 def tree(root: int) -> list[int]:
-    children = _proc_children()
+    children = children_by_parent()
     found, todo = [], [root]
     while todo:
         pid = todo.pop()

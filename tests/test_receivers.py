@@ -15,6 +15,7 @@ import time
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
+from benchmarks.run import children_by_parent
 from mailstack.address import local_address, parse_address
 from mailstack.delivery.dispatch import Dispatcher
 from mailstack.queue.handoff import QueueHandoff
@@ -84,18 +85,13 @@ class ThreadSink:
 
 def receiver_pids(main_pid):
     found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
+    for pid in children_by_parent().get(main_pid, []):
         try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
-        except (OSError, ValueError, IndexError):
-            continue
-        if ppid == main_pid and b"mailstack.receivers" in cmdline:
-            found.append(int(entry))
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if b"mailstack.receivers" in f.read():
+                    found.append(pid)
+        except OSError:
+            continue  # ended meanwhile
     return found
 
 
