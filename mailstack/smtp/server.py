@@ -65,6 +65,11 @@ class ServerSettings:
     max_message_size: int
     timeout: float = 300.0
     max_recipients: int = 100
+    # Postfix's smtpd_recipient_overshoot_limit: recipients refused past
+    # max_recipients count as errors only beyond this many.
+    recipient_overshoot: int = 1000
+    # Postfix's smtpd_hard_error_limit: errors without a delivery; a
+    # delivered message starts the count again.
     max_errors: int = 20
     max_hops: int = 50
     implicit_tls: bool = False
@@ -164,6 +169,8 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._processing = False
         self._closed = False
         self._errors = 0
+        self._uncounted = False  # the next reply is no client error (see _reply)
+        self._overshoot = 0
         self._data: DataReader | None = None
         self._spool: MessageSpool | None = None
         self.callLater = self.factory.clock.callLater  # type: ignore[assignment]
@@ -255,6 +262,16 @@ class SMTPServer(Protocol, TimeoutMixin):
             return line[:-1] if line.endswith(b"\r") else line
 
     def _command(self, line: bytes) -> None:
+        if b"\0" not in line and not line.isascii() and line[:5].upper() in (b"MAIL ", b"RCPT "):
+            # RFC 6531 3.7.4.1 and Postfix: an 8-bit address without
+            # SMTPUTF8 is 553 5.6.7, a refusal of the address, no
+            # protocol error, so it does not count toward max_errors.
+            log.info("reject: {verb} from {client}: 8-bit address without SMTPUTF8",
+                     verb=line[:4].decode("ascii").upper(), client=self.session.client)
+            self._uncounted = True
+            self._respond(Reply(553, "5.6.7", "Error: 8-bit characters in an address "
+                                              "need SMTPUTF8, which is not offered"))
+            return
         if b"\0" in line or not line.isascii():
             self._respond(Reply(500, "5.5.2", "Error: bad characters in command"))
             return
@@ -344,7 +361,8 @@ class SMTPServer(Protocol, TimeoutMixin):
         if self._close_after or reply.code == 421:
             self._close()
             return
-        if reply.code >= 400 and reply.code != 421:
+        uncounted, self._uncounted = self._uncounted, False
+        if reply.code >= 400 and not uncounted:
             self._errors += 1
             if self._errors >= self.settings.max_errors:
                 log.info("too many errors from {client}", client=self.session.client)
@@ -362,6 +380,7 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     def _drop_transaction(self) -> None:
         self.envelope = None
+        self._overshoot = 0
         self._data = None
         if self._spool is not None:
             self._spool.close()
@@ -497,6 +516,10 @@ class SMTPServer(Protocol, TimeoutMixin):
                      qid=envelope.queue_id, client=self.session.client, rcpt=rcpt)
             return Reply(553, "5.1.3", "Error: %-hack and bang-path addresses are not accepted")
         if len(envelope.rcpts) >= self.settings.max_recipients:
+            # RFC 5321 4.5.3.1.10: the client sends the rest in another
+            # transaction; that is no error until the overshoot limit.
+            self._overshoot += 1
+            self._uncounted = self._overshoot <= self.settings.recipient_overshoot
             return Reply(452, "4.5.3", "Error: too many recipients")
 
         def accepted(resolution: Any) -> Reply:
@@ -537,6 +560,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._data = None
         self._spool = None
         self.envelope = None
+        self._overshoot = 0
         rejection = reader.rejection
         if rejection is None:
             hops = sum(1 for name in spool.header_names() if name in ("received", "delivered-to"))
@@ -555,7 +579,10 @@ class SMTPServer(Protocol, TimeoutMixin):
                  nrcpt=len(envelope.rcpts))
 
         def delivered(reply: Reply | None) -> Reply:
-            return reply or Reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}")
+            reply = reply or Reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}")
+            if reply.code == 250:
+                self._errors = 0  # the hard error limit is for sessions delivering nothing
+            return reply
 
         def done(result: Any) -> Any:
             spool.close()
