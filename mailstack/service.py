@@ -133,7 +133,9 @@ class MailStack(MultiService):
 
         self.users = UserDatabase(data)
         self.aliases = AliasMap(data)
-        self.router = Router(config.domains, self.users, self.aliases)
+        self.router = Router(config.domains, self.users, self.aliases,
+                             parse_address(config.postmaster or
+                                           f"postmaster@{config.domain[0]}"))
 
         # Durable writes: enough threads that fsyncs from concurrent sessions
         # overlap (the disk batches them); see mailstack.delivery.maildir.
@@ -236,6 +238,7 @@ class MailStack(MultiService):
             timeout=self.config.smtp_timeout,
             implicit_tls=implicit_tls,
             name=name,
+            postmaster_domain=self.config.domain[0],
         )
         return SMTPServerFactory(policy, settings, self.reactor, self.spool_dir,
                                  tls=None if implicit_tls else self.tls.context_factory)

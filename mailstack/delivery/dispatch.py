@@ -13,7 +13,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 
 from mailstack.address import Address
-from mailstack.delivery.router import AliasLoop, Router, UnknownRecipient
+from mailstack.delivery.router import AliasLoop, EmptyResolution, Router, UnknownRecipient
 from mailstack.interfaces import IDeliveryAgent, IOutboundQueue
 from mailstack.message import Envelope, MessageSpool
 
@@ -63,7 +63,7 @@ class Dispatcher:
         for rcpt in recipients:
             try:
                 resolution = self.router.resolve(rcpt)
-            except (UnknownRecipient, AliasLoop) as e:
+            except (UnknownRecipient, AliasLoop, EmptyResolution) as e:
                 log.warn("{qid}: to=<{to}> status=bounced (unknown local recipient: {e})",
                          qid=envelope.queue_id, to=rcpt, e=e)
                 continue

@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from mailstack.address import AddressError, parse_path
+from mailstack.address import Address, AddressError, parse_path
 from mailstack.message import Envelope, MessageSpool, rfc5322_date
 from mailstack.smtp.data import DataReader
 from mailstack.smtp.reply import Reply, SMTPError
@@ -74,6 +74,9 @@ class ServerSettings:
     max_hops: int = 50
     implicit_tls: bool = False
     name: str = "smtp"
+    # A bare RCPT TO:<postmaster> (RFC 5321 4.5.1) means postmaster@ this
+    # domain (the first local domain); None: the hostname.
+    postmaster_domain: str | None = None
 
 
 @dataclass
@@ -508,7 +511,11 @@ class SMTPServer(Protocol, TimeoutMixin):
         path, rest = split_path(arg[match.end():])
         if rest:
             return Reply(555, "5.5.4", "Unsupported RCPT parameters")
-        rcpt = parse_path(path)
+        if path.lower() == "<postmaster>":  # RFC 5321 4.1.1.3: no domain needed
+            rcpt = Address("postmaster",
+                           self.settings.postmaster_domain or self.settings.hostname)
+        else:
+            rcpt = parse_path(path)
         if rcpt is None:
             return Reply(501, "5.1.3", "Error: the null address is not a recipient")
         if "%" in rcpt.local or "!" in rcpt.local:

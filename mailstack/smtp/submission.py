@@ -26,7 +26,7 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from mailstack.address import Address, AddressError, parse_address
-from mailstack.delivery.router import AliasLoop, Resolution, UnknownRecipient
+from mailstack.delivery.router import AliasLoop, EmptyResolution, Resolution, UnknownRecipient
 from mailstack.message import Envelope, MessageSpool, rfc5322_date
 from mailstack.smtp.policy import ReceivingPolicy
 from mailstack.smtp.reply import Reply, SMTPError
@@ -188,7 +188,7 @@ class SubmissionPolicy(ReceivingPolicy):
             return False
         try:
             resolution = self.router.resolve(sender)
-        except (UnknownRecipient, AliasLoop, AddressError):
+        except (UnknownRecipient, AliasLoop, EmptyResolution, AddressError):
             return False
         return any(local.user == user for local in resolution.local)
 
