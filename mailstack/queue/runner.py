@@ -34,7 +34,8 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from mailstack.interfaces import IOutboundQueue
+from mailstack.clock import wall_seconds
+from mailstack.interfaces import IOutboundQueue, IPrepared, ITwoPhaseStore
 from mailstack.message import Envelope, MessageSpool
 from mailstack.queue.courier import Courier, Outcome
 from mailstack.queue.dsn import build_report
@@ -65,6 +66,7 @@ def log_queued(record: QueueRecord) -> None:
              n=len(record.recipients))
 
 
+@implementer(IOutboundQueue, ITwoPhaseStore)
 class OutboundQueue(Service):
     """
     Schedules and runs delivery attempts for the messages in a L{QueueStore}.
@@ -195,15 +197,16 @@ class OutboundQueue(Service):
     # IOutboundQueue
 
     def enqueue(self, envelope: Envelope, spool: MessageSpool) -> Deferred[None]:
-        record = new_record(envelope, self.clock.seconds())
-        d = self._blocking(self.store.add, record, spool)
+        return self.prepare(envelope, spool).addCallback(lambda staged: staged.commit())
 
-        def stored(_: Any) -> None:
-            log_queued(record)
-            if record.queue_id not in self.records:  # a sweep may have been first
-                self._schedule(record)
-
-        return d.addCallback(stored)
+    def prepare(self, envelope: Envelope, spool: MessageSpool) -> "Deferred[StagedMessage]":
+        """
+        Phase 1 (L{ITwoPhaseStore}): content and envelope on disk, not yet
+        in C{envelope/}, so neither this queue nor its sweep delivers it.
+        """
+        record = new_record(envelope, wall_seconds(self.clock))
+        d = self._blocking(self.store.stage, record, spool)
+        return d.addCallback(lambda _: StagedMessage(self, record))
 
     def _schedule(self, record: QueueRecord) -> None:
         self.records[record.queue_id] = record
@@ -383,6 +386,37 @@ class OutboundQueue(Service):
         log.info("{qid}: sender {kind} notification: {bounce_id}", qid=record.queue_id,
                  kind="delay" if delayed else "non-delivery", bounce_id=bounce_id)
         return True
+
+
+@implementer(IPrepared)
+class StagedMessage:
+    """
+    A message staged in the queue, waiting for the dispatcher's word.
+    """
+
+    def __init__(self, queue: OutboundQueue, record: QueueRecord) -> None:
+        self.queue = queue
+        self.record = record
+        self.committed = False
+
+    def commit(self) -> Deferred[None]:
+        record = self.record
+        d = self.queue._blocking(self.queue.store.commit, record.queue_id)
+
+        def stored(_: Any) -> None:
+            self.committed = True
+            log_queued(record)
+            if record.queue_id not in self.queue.records:  # a sweep may have been first
+                self.queue._schedule(record)
+
+        return d.addCallback(stored)
+
+    def abort(self) -> Deferred[None]:
+        if self.committed:
+            log.warn("{qid}: removed from the queue again: another store failed",
+                     qid=self.record.queue_id)
+            self.queue.records.pop(self.record.queue_id, None)
+        return self.queue._blocking(self.queue.store.abort, self.record.queue_id)
 
 
 def _internal_error(failure: Any) -> Reply:

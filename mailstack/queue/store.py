@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass
 from typing import Iterator
 
 from mailstack.message import MessageSpool
-from mailstack.safeio import atomic_write, fsync_directory, write_file
+from mailstack.safeio import atomic_write, discard, fsync_directory, rename, unlink, write_file
 
 PENDING, SENT, FAILED = "pending", "sent", "failed"
 _ID = re.compile(r"[0-9A-Za-z]{6,40}")
@@ -106,13 +106,56 @@ class QueueStore:
         """
         Store a new message durably.
         """
+        self.stage(record, spool)
+        self.commit(record.queue_id)
+
+    def staged_envelope_path(self, queue_id: str) -> str:
+        return os.path.join(self.tmp, queue_id + ".json")
+
+    def stage(self, record: QueueRecord, spool: MessageSpool) -> None:
+        """
+        Phase 1 of L{add}: the content in C{content/} and the envelope in
+        C{tmp/}, both fsynced; no envelope in C{envelope/} yet, so nothing
+        is delivered.  On failure nothing is left.
+        """
         self.ensure()
         tmp = os.path.join(self.tmp, record.queue_id)
-        write_file(tmp, spool.chunks())
-        os.rename(tmp, self.content_path(record.queue_id))
-        fsync_directory(self.content_dir)
-        record.size = spool.size
-        atomic_write(self.envelope_path(record.queue_id), record.to_json())
+        staged = self.staged_envelope_path(record.queue_id)
+        try:
+            write_file(tmp, spool.chunks())
+            rename(tmp, self.content_path(record.queue_id))
+            fsync_directory(self.content_dir)
+            record.size = spool.size
+            write_file(staged, [record.to_json()])
+        except BaseException:
+            for path in (tmp, self.content_path(record.queue_id), staged):
+                discard(path)
+            raise
+
+    def commit(self, queue_id: str) -> None:
+        """
+        Phase 2 of L{add}: the envelope's rename into C{envelope/}, then its
+        directory fsynced.  On failure nothing is left.
+        """
+        try:
+            rename(self.staged_envelope_path(queue_id), self.envelope_path(queue_id))
+            fsync_directory(self.envelope_dir)
+        except BaseException:
+            self.abort(queue_id)
+            raise
+
+    def abort(self, queue_id: str) -> None:
+        """
+        Remove a message staged or committed, whatever of it exists.
+        """
+        discard(self.staged_envelope_path(queue_id))
+        if os.path.exists(self.envelope_path(queue_id)):
+            discard(self.envelope_path(queue_id))
+            try:
+                fsync_directory(self.envelope_dir)
+            except OSError:
+                pass  # the removal is what matters
+        discard(self.content_path(queue_id))
 
     def save(self, record: QueueRecord) -> None:
         """
@@ -125,12 +168,12 @@ class QueueStore:
         Remove a message: the envelope first (the commit), then the content.
         """
         try:
-            os.unlink(self.envelope_path(queue_id))
+            unlink(self.envelope_path(queue_id))
         except FileNotFoundError:
             return False
         fsync_directory(self.envelope_dir)
         try:
-            os.unlink(self.content_path(queue_id))
+            unlink(self.content_path(queue_id))
         except FileNotFoundError:
             pass  # a crash between the two unlinks: the envelope was the commit
         return True
