@@ -14,6 +14,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThreadPool
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.names.client import Resolver as DNSClient
@@ -241,7 +242,14 @@ class MailStack(MultiService):
             postmaster_domain=self.config.domain[0],
         )
         return SMTPServerFactory(policy, settings, self.reactor, self.spool_dir,
-                                 tls=None if implicit_tls else self.tls.context_factory)
+                                 tls=None if implicit_tls else self.tls.context_factory,
+                                 blocking=self.blocking)
+
+    def blocking(self, f: Any, *args: Any) -> Deferred[Any]:
+        """
+        Run C{f(*args)} in the I/O thread pool.
+        """
+        return deferToThreadPool(self.reactor, self.io_pool, f, *args)
 
     def listen(self, label: str, description: str, factory: Any) -> Listener:
         kind = description.split(":", 1)[0].lower()

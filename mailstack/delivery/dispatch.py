@@ -133,6 +133,9 @@ class Dispatcher:
             envelope.add(rcpt, resolution)
         spool = MessageSpool(self.spool_dir)
         spool.write(content)
+        if spool.error is not None:
+            spool.close()
+            raise spool.error
         log.info("{qid}: from=<{sender}> size={size} nrcpt={n} ({client})",
                  qid=envelope.queue_id, sender=sender or "", size=spool.size,
                  n=len(envelope.rcpts), client=client)

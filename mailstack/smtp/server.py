@@ -37,6 +37,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from mailstack.address import Address, AddressError, parse_path
+from mailstack.clock import wall_seconds
 from mailstack.message import Envelope, MessageSpool, rfc5322_date
 from mailstack.smtp.data import DataReader
 from mailstack.smtp.reply import Reply, SMTPError
@@ -492,7 +493,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             reply = reply or Reply(250, "2.1.0", "Ok")
             if reply.code == 250:
                 self.envelope = Envelope(
-                    new_queue_id(), sender, received_at=self.factory.clock.seconds(),
+                    new_queue_id(), sender, received_at=wall_seconds(self.factory.clock),
                     client=self.session.client,
                 )
                 log.info("{qid}: client={client}", qid=self.envelope.queue_id,
@@ -553,7 +554,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             return Reply(554, "5.5.1", "Error: no valid recipients")
         if arg:
             return Reply(501, "5.5.4", "Syntax: DATA")
-        self._spool = MessageSpool(self.factory.spool_dir)
+        self._spool = MessageSpool(self.factory.spool_dir, self.factory.blocking)
         self._data = DataReader(self._spool.write, self.settings.max_message_size)
         self._send(Reply(354, "", "End data with <CR><LF>.<CR><LF>"))
         return None
@@ -568,6 +569,23 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._spool = None
         self.envelope = None
         self._overshoot = 0
+        # A message over 1 MiB is being written to DATA/tmp in a worker
+        # thread; the answer waits for the last of it.
+        d = spool.finished()
+        d.addCallbacks(lambda _: self._complete(reader, spool, envelope),
+                       self._spool_failed, errbackArgs=(spool, envelope))
+        self._respond(d)
+
+    def _spool_failed(self, failure: Failure, spool: MessageSpool, envelope: Envelope) -> Reply:
+        spool.close()
+        failure.trap(OSError)
+        reply = Reply(451, "4.3.0", "Error: could not store the message, try again later")
+        log.error("{qid}: reject: DATA from {client}: {reply} (spool: {error})",
+                  qid=envelope.queue_id, client=self.session.client, reply=reply,
+                  error=failure.value.strerror or failure.value)
+        return reply
+
+    def _complete(self, reader: DataReader, spool: MessageSpool, envelope: Envelope) -> Any:
         rejection = reader.rejection
         if rejection is None:
             hops = sum(1 for name in spool.header_names() if name in ("received", "delivered-to"))
@@ -578,8 +596,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             reply = Reply(*rejection)
             log.info("{qid}: reject: DATA from {client}: {reply}",
                      qid=envelope.queue_id, client=self.session.client, reply=reply)
-            self._respond(reply)
-            return
+            return reply
         spool.add_header(self.received_header(envelope))
         log.info("{qid}: from=<{sender}> size={size} nrcpt={nrcpt}",
                  qid=envelope.queue_id, sender=envelope.sender or "", size=spool.size,
@@ -599,11 +616,16 @@ class SMTPServer(Protocol, TimeoutMixin):
         d.addCallback(delivered)
         d.addErrback(self._delivery_failed, envelope)
         d.addBoth(done)
-        self._respond(d)
+        return d
 
     def _delivery_failed(self, failure: Failure, envelope: Envelope) -> Reply:
         if failure.check(SMTPError):
             reply = failure.value.reply
+        elif failure.check(OSError):
+            # A full disk is no bug: one line, not a traceback.
+            log.error("{qid}: could not store the message: {error}",
+                      qid=envelope.queue_id, error=failure.value)
+            reply = Reply(451, "4.3.0", "Error: could not store the message, try again later")
         else:
             log.failure("{qid}: delivery failed", failure, qid=envelope.queue_id)
             reply = Reply(451, "4.3.0", "Error: could not store the message, try again later")
@@ -627,7 +649,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             tls = f"\n\t({info})" if info else ""
         auth = f"\n\t(authenticated as {s.user})" if s.user is not None else ""
         single = f"\n\tfor <{envelope.rcpts[0]}>" if len(envelope.rcpts) == 1 else ""
-        date = rfc5322_date(self.factory.clock.seconds())
+        date = rfc5322_date(wall_seconds(self.factory.clock))
         return (
             f"Received: from {s.helo} ([{literal}]){tls}{auth}\n"
             f"\tby {self.settings.hostname} (mailstack) with {s.protocol_name}"
@@ -666,9 +688,15 @@ class SMTPServerFactory(Factory):
         clock: IReactorTime,
         spool_dir: str | None = None,
         tls: Callable[[], Any] | None = None,
+        blocking: Callable[..., Deferred[Any]] | None = None,
     ) -> None:
+        """
+        @param blocking: C{blocking(f, *args)} runs C{f} in a worker thread
+            (a message spilled to C{spool_dir} is written there).
+        """
         self.policy = policy
         self.settings = settings
         self.clock = clock
         self.spool_dir = spool_dir
         self.tls = tls
+        self.blocking = blocking
