@@ -132,19 +132,20 @@ class OutboundQueue(Service):
         d.addErrback(lambda f: log.failure("cannot load the queue", f))
 
     def _loaded(self, items: list[Any]) -> None:
+        moved = []
         for item in items:
             if isinstance(item, tuple):
                 queue_id, error = item
                 if isinstance(error, OrphanContent):
                     log.warn("queue: {qid}: {error}", qid=queue_id, error=error)
                 else:
-                    self._quarantine(queue_id, f"unusable at start: {error}")
+                    moved.append(self._quarantine(queue_id, f"unusable at start: {error}"))
                 continue
             self.records[item.queue_id] = item
             self._push(item.queue_id, item.next_attempt)
         log.info("queue: {n} messages loaded", n=len(self.records))
         self._rearm()
-        self.loaded.callback(len(self.records))
+        DeferredList(moved).addCallback(lambda _: self.loaded.callback(len(self.records)))
 
     def _quarantine(self, queue_id: str, reason: str) -> Deferred[Any]:
         """
