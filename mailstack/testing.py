@@ -34,7 +34,8 @@ class FakeResolver(ResolverBase):
     @param mx: C{{domain: [(preference, host), ...]}}; C{[(0, "")]} is a null MX.
     @param a: C{{host: ["127.0.0.1", "::1", ...]}}.
     @param missing: domains that do not exist (NXDOMAIN).
-    @param servfail: names whose every lookup fails with SERVFAIL.
+    @param servfail: names whose MX lookup fails with SERVFAIL (their A
+        and AAAA lookups still answer).
     """
 
     def __init__(self, mx: dict[str, list[tuple[int, str]]] | None = None,
@@ -53,7 +54,7 @@ class FakeResolver(ResolverBase):
         self.queries.append((type, name))
         if name in self.missing:
             return fail(DNSNameError(name))
-        if name in self.servfail:
+        if name in self.servfail and type == dns.MX:
             return fail(DNSServerError(name))
         answers = []
         if type == dns.MX:
