@@ -9,10 +9,8 @@ Faults come from L{RecordingDisk}, never from a full disk.
 
 import os
 
-from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -20,7 +18,7 @@ from zope.interface import implementer
 from mailstack import safeio
 from mailstack.address import Address, local_address
 from mailstack.delivery.dispatch import Dispatcher
-from mailstack.interfaces import IDeliveryAgent, IOutboundQueue, IPrepared, ITwoPhaseStore
+from mailstack.interfaces import IDeliveryAgent, IPrepared, ITwoPhaseStore
 from mailstack.message import Envelope, LocalRecipient, MessageSpool
 from mailstack.safeio import RecordingDisk, use_disk
 from mailstack.smtp.server import SMTPServer

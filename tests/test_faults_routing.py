@@ -5,7 +5,6 @@ being acknowledged and lost; bad lines in users/aliases are logged.
 """
 
 import os
-import smtplib
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.logger import globalLogPublisher

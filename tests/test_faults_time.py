@@ -5,7 +5,7 @@ L{mailstack.clock.use_monotonic_time} gives it a monotonic one; the queue
 schedules by the reactor's clock and writes wall time only to disk.
 """
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import succeed
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
