@@ -34,6 +34,7 @@ class MessageSpool:
     """
 
     memory_limit = 1024 * 1024
+    backlog_limit = 4 * 1024 * 1024  # bytes waiting for the spill thread
     chunk_size = 256 * 1024
     head_limit = 256 * 1024
 
@@ -57,6 +58,8 @@ class MessageSpool:
         self._closed = False
         self._writes: Deferred[None] | None = None  # the last queued spill write
         self.error: OSError | None = None  # the first failed spill write
+        self.backlog = 0  # bytes given to write() and not yet written
+        self._drain_waiters: list[Deferred[None]] = []
 
     def write(self, data: bytes) -> None:
         """
@@ -97,8 +100,34 @@ class MessageSpool:
             failure.trap(OSError)
             self.error = self.error or failure.value
 
+        def written(result: Any) -> Any:
+            self.backlog -= len(data)
+            if self.backlog <= self.backlog_limit // 2:
+                waiting, self._drain_waiters = self._drain_waiters, []
+                for d in waiting:
+                    d.callback(None)
+            return result
+
+        self.backlog += len(data)
         previous = self._writes if self._writes is not None else succeed(None)
-        self._writes = previous.addCallback(run).addErrback(failed)
+        self._writes = previous.addCallback(run).addErrback(failed).addBoth(written)
+
+    @property
+    def backlog_full(self) -> bool:
+        """
+        Whether more than L{backlog_limit} bytes wait to be written.
+        """
+        return self.backlog > self.backlog_limit
+
+    def drained(self) -> Deferred[None]:
+        """
+        Fire when the bytes waiting to be written are down to half the limit.
+        """
+        if self.backlog <= self.backlog_limit // 2:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._drain_waiters.append(d)
+        return d
 
     def finished(self) -> Deferred[None]:
         """

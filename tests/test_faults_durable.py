@@ -410,3 +410,51 @@ class SafeioTests(SynchronousTestCase):
         self.assertFalse(os.path.exists(path))
         self.assertRaises(OSError, safeio.atomic_write, path, b"data")
         self.assertEqual(os.listdir(self.dir), [])
+
+
+class SpillBackpressureTests(SynchronousTestCase):
+    """
+    When the spill thread falls behind, the session stops reading instead
+    of holding the message in memory.
+    """
+
+    def test_paused_until_written(self):
+        from twisted.internet.task import Clock as _Clock
+
+        from mailstack.smtp.server import ServerSettings, SMTPServerFactory
+        from tests.test_smtp_server import ScriptedPolicy, TLSStringTransport
+
+        pending = []
+
+        def blocking(f, *args):
+            d = Deferred()
+            pending.append((d, f, args))
+            return d
+
+        policy = ScriptedPolicy()
+        factory = SMTPServerFactory(policy, ServerSettings("mx.test", 10**8), _Clock(),
+                                    spool_dir=os.path.abspath(self.mktemp()), blocking=blocking)
+        transport = TLSStringTransport()
+        proto = factory.buildProtocol(None)
+        proto.makeConnection(transport)
+        proto.dataReceived(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\nRCPT TO:<u@mx.test>\r\n"
+                           b"DATA\r\n")
+        line = b"z" * 998 + b"\r\n"
+        for _ in range(6000):  # 6 MB, more than the 4 MiB backlog allowed
+            proto.dataReceived(line)
+            if transport.producerState == "paused":
+                break
+        self.assertEqual(transport.producerState, "paused")
+        while pending:
+            d, f, args = pending.pop(0)
+            f(*args)
+            d.callback(None)
+        self.assertEqual(transport.producerState, "producing")
+        transport.clear()
+        proto.dataReceived(b".\r\n")
+        while pending:
+            d, f, args = pending.pop(0)
+            f(*args)
+            d.callback(None)
+        self.assertTrue(transport.value().startswith(b"250 "), transport.value())
+        self.assertTrue(policy.delivered[0][1].endswith(b"z" * 998 + b"\n"))

@@ -228,6 +228,10 @@ class SMTPServer(Protocol, TimeoutMixin):
                     chunk, self._buffer = self._buffer, b""
                     rest = self._data.feed(chunk)
                     if rest is None:
+                        if self._spool is not None and self._spool.backlog_full:
+                            # The disk is slower than the client: stop reading
+                            # until the spill file catches up.
+                            self._respond(self._spool.drained())
                         break
                     self._buffer = rest
                     self._end_data()
