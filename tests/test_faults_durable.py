@@ -179,6 +179,19 @@ class DurableTests(TestCase):
         self.assertEqual(queue_files(self.server), [])
 
     @inlineCallbacks
+    def test_queue_stage_fails_with_maildir_staged(self):
+        """
+        Local and remote recipients; the queue's write fails while the
+        Maildir copy is staged: 451, nothing in new/ nor tmp/.
+        """
+        self.disk.fail("fsync", "/queue/tmp/")
+        code, _ = yield self.send(["alice@localhost", "bob@remote.test"])
+        self.assertEqual(code, 451)
+        self.assertEqual(maildir_files(self.server, "alice@localhost", "new"), [])
+        self.assertEqual(maildir_files(self.server, "alice@localhost", "tmp"), [])
+        self.assertEqual(queue_files(self.server), [])
+
+    @inlineCallbacks
     def test_one_log_line_per_failed_store(self):
         """
         A failed store is one error line, without a traceback.
