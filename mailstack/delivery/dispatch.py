@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -92,11 +92,10 @@ class Dispatcher:
             [maybeDeferred(_prepare, store, envelope, spool) for store, _ in stores],
             consumeErrors=True)
         prepared = [value for ok, value in results if ok]
-        failures = [(name, value) for (ok, value), (_, name) in zip(results, stores) if not ok]
+        failures = [value for ok, value in results if not ok]
         if failures:
             await self._abort(envelope, prepared)
-            name, failure = failures[0]
-            failure.raiseException()
+            failures[0].raiseException()  # the first store's failure
         for staged in prepared:
             try:
                 await maybeDeferred(staged.commit)
@@ -135,7 +134,7 @@ class Dispatcher:
         spool.write(content)
         if spool.error is not None:
             spool.close()
-            raise spool.error
+            return fail(spool.error)
         log.info("{qid}: from=<{sender}> size={size} nrcpt={n} ({client})",
                  qid=envelope.queue_id, sender=sender or "", size=spool.size,
                  n=len(envelope.rcpts), client=client)
