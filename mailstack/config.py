@@ -217,6 +217,14 @@ def _count(text: Any) -> int:
     return value
 
 
+def _postmaster(text: Any) -> str:
+    from mailstack.address import parse_address
+    try:
+        return str(parse_address(str(text).strip()))
+    except AddressError as e:
+        raise ConfigError(f"not an address: {text!r} ({e})") from None
+
+
 def _filter_name(text: Any) -> str:
     name = str(text).strip()
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
@@ -296,6 +304,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("filter", (), _filter_name,
            "enable a message filter plugin from mailstack.plugins, e.g. greylist "
            "(repeatable; they run in this order)", repeatable=True, metavar="NAME"),
+    Option("postmaster", None, _postmaster,
+           "where mail to postmaster (bare, or at any local domain) goes when no user "
+           "or alias of that name exists [default: postmaster@ the first --domain, "
+           "a Maildir of its own]", metavar="ADDRESS"),
 )
 
 OPTIONS_BY_NAME: Mapping[str, Option] = {o.name: o for o in OPTIONS}
@@ -329,6 +341,7 @@ class Config:
     smtp_timeout: float
     receivers: int = 1
     filter: tuple[str, ...] = ()
+    postmaster: str | None = None
     source: str = field(default="defaults", compare=False)
 
     @property
