@@ -9,6 +9,7 @@ import stat
 import dkim
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred
+from twisted.internet.task import Clock
 from twisted.names.client import Resolver
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
@@ -232,7 +233,11 @@ class VerifyTests(TestCase):
         self.assertEqual([r.result for r in results], ["permerror"] * 2)
         results = await self.verify(signed, {}, servfail={k.record_name() for k in made})
         self.assertEqual([r.result for r in results], ["temperror"] * 2)
-        results = await self.verify(signed, {}, silent={k.record_name() for k in made})
+        clock = Clock()
+        cache = DNSCache(ZoneResolver({}, silent={k.record_name() for k in made}), clock, 10)
+        pending = Deferred.fromCoroutine(verify_dkim(signed, cache, reactor))
+        clock.advance(10)
+        results = await pending
         self.assertEqual([r.result for r in results], ["temperror"] * 2)
         broken = b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org\n" + MESSAGE
         results = await self.verify(broken, zone_for(made))

@@ -27,6 +27,7 @@ from typing import Any
 import dkim
 from cryptography.hazmat.primitives import serialization
 from dkim.util import InvalidTagValueList, parse_tag_value
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThreadPool
 
 from mailstack.mailauth.keys import DKIMKey
@@ -157,13 +158,16 @@ async def verify_dkim(message: bytes, cache: DNSCache, reactor: Any,
         results.append(None)
         keys.setdefault(name, None)
     failed: dict[bytes, str] = {}
-    for name in keys:
+
+    async def fetch(name: bytes) -> None:
         try:
             records = await cache.text(name.decode("ascii", "replace"))
         except DNSTempError as e:
             failed[name] = f"key lookup failed: {e}"
-            continue
+            return
         keys[name] = records[0] if records else None
+
+    await gatherResults([Deferred.fromCoroutine(fetch(name)) for name in list(keys)])
 
     def check(idx: int, tags: dict[bytes, bytes]) -> DKIMResult:
         base = _describe(tags)
