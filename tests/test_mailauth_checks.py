@@ -11,14 +11,22 @@ from twisted.names.client import Resolver
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailstack.mailauth.dkim import DKIMSigner
-from mailstack.mailauth.dmarc import (DMARCRecordError, aligned, organizational_domain,
-                                      parse_record)
+from mailstack.mailauth.dmarc import (
+    DMARCRecordError,
+    aligned,
+    organizational_domain,
+    parse_record,
+)
 from mailstack.mailauth.lookup import DNSCache
 from mailstack.mailauth.results import authserv_id, remove_ours
 from mailstack.mailauth.spf import check_spf
 from mailstack.mailauth.testing import ZoneResolver, serve_zone
-from mailstack.mailauth.verify import (Authenticator, AuthResults, PolicyOptions,
-                                       policy_verdict)
+from mailstack.mailauth.verify import (
+    Authenticator,
+    AuthResults,
+    PolicyOptions,
+    policy_verdict,
+)
 from tests.test_mailauth_dkim import key_set, zone_for
 
 GOOD_IP = "192.0.2.10"    # allowed by example.org's SPF
@@ -321,13 +329,13 @@ class PureTests(SynchronousTestCase):
         Values that are not tokens are quoted, comments escaped, controls
         dropped: the field stays one parsable field.
         """
-        from mailstack.mailauth.spf import SPFResult
         from mailstack.mailauth.dmarc import DMARCResult
+        from mailstack.mailauth.spf import SPFResult
         results = AuthResults("mx.test", SPFResult("fail", "mailfrom", "example.org",
                                                    'we"ird\r\nX-Injected: 1@example.org',
                                                    "bad (host)"),
                               None, (), DMARCResult("none"))
         header = results.header()
         self.assertNotIn(b"\nX-Injected", header)
-        ident, entries = parse(header)
+        _, entries = parse(header)
         self.assertEqual(entries[1][0:2], ("spf", "fail"))

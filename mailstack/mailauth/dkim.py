@@ -213,4 +213,4 @@ def _describe(tags: dict[bytes, bytes]) -> dict[str, str]:
             "algorithm": text(b"a").lower(), "identity": text(b"i"), "b": b[:8]}
 
 
-__all__ = ["DKIMSigner", "DKIMResult", "verify_dkim", "signed_fields"]
+__all__ = ["DKIMResult", "DKIMSigner", "signed_fields", "verify_dkim"]

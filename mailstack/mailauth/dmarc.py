@@ -14,9 +14,9 @@ sent.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from email.utils import getaddresses
-from typing import Callable, Iterable
 
 import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value

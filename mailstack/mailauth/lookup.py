@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from twisted.internet.defer import Deferred, TimeoutError as DeferredTimeout
+from twisted.internet.defer import Deferred
+from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.names import dns
-from twisted.names.error import DNSNameError, DomainError
+from twisted.names.error import DNSNameError, DomainError, ResolverError
 
 #: Longest time an answer is kept, whatever its TTL (seconds).
 MAX_TTL = 6 * 3600
@@ -96,9 +97,8 @@ class DNSCache:
             except DNSNameError as e:
                 answers, ttl = [], _negative_ttl(getattr(e.args[0], "authority", []) if e.args
                                                   else [])
-            except (DomainError, DeferredTimeout) as e:
-                raise DNSTempError(f"{name}: {type(e).__name__}") from None
-            except Exception as e:  # SERVFAIL, REFUSED, a socket error: all may pass
+            except (DomainError, ResolverError, DeferredTimeout, OSError) as e:
+                # SERVFAIL, REFUSED, a timeout, a socket error: all may pass.
                 raise DNSTempError(f"{name}: {type(e).__name__}") from None
         except DNSTempError as e:
             for waiting in self._pending.pop(key):

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import contextvars
 import ipaddress
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import spf as pyspf
 from twisted.names import dns

@@ -13,8 +13,9 @@ rejection.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
 
@@ -141,8 +142,8 @@ def policy_verdict(results: AuthResults, options: PolicyOptions = PolicyOptions(
         return Verdict("reject", 550, "5.7.23",
                        f"SPF of {spf.domain} does not allow this host to send its mail",
                        reasons=("spf=fail",))
-    if dmarc.result == "fail" and dmarc.disposition in ("quarantine", "reject"):
-        if options.dmarc_quarantine:
-            return Verdict("quarantine", folder=options.junk_folder,
+    if (dmarc.result == "fail" and dmarc.disposition in ("quarantine", "reject")
+            and options.dmarc_quarantine):
+        return Verdict("quarantine", folder=options.junk_folder,
                            reasons=(f"dmarc=fail p={dmarc.disposition}",))
     return Verdict("accept")
