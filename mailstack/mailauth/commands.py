@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from typing import Any, TextIO
 
 EX_USAGE, EX_DATAERR, EX_CANTCREAT = 64, 65, 73
