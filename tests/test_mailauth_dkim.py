@@ -11,7 +11,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.names.client import Resolver
-from twisted.trial.unittest import SynchronousTestCase, TestCase
+from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from mailstack.mailauth import keys
 from mailstack.mailauth.dkim import DKIMSigner, signed_fields, verify_dkim
@@ -92,6 +92,20 @@ class KeygenTests(SynchronousTestCase):
         keys.activate(self.data, "example.org", "202612")
         self.assertEqual(keys.signing_keys(self.data, "example.org"), later)
         self.assertEqual(sorted(keys.key_sets(self.data, "example.org")), ["202611", "202612"])
+
+    def test_owner(self):
+        """
+        Run as root for a data directory owned by another user, the keys and
+        their directories belong to that user.
+        """
+        if os.geteuid() != 0:
+            raise SkipTest("needs root")
+        os.chown(self.data, 65534, 65534)
+        keys.generate(self.data, "example.org", "o1")
+        for path in ("dkim", "dkim/example.org", "dkim/example.org/o1-rsa.key",
+                     "dkim/example.org/o1-ed25519.key", "dkim/example.org/active"):
+            st = os.stat(os.path.join(self.data, path))
+            self.assertEqual((st.st_uid, st.st_gid), (65534, 65534), path)
 
     def test_refusals(self):
         """
