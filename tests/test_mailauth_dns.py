@@ -199,6 +199,45 @@ class CheckCommandTests(TestCase):
         self.assertIn("2 records start with v=dmarc1", wrong)
         self.assertEqual(wrong.count("WRONG"), 4, out)
 
+    async def test_config_file(self):
+        """
+        With --config, the check asks the configuration's dns-server and
+        takes its hostname as the MX host.
+        """
+        port, listening = serve_zone(reactor, ZoneResolver(
+            full_zone("example.org", "mx.example.org", key_set())))
+        for p in listening:
+            self.addCleanup(p.stopListening)
+        config = os.path.abspath(self.mktemp())
+        with open(config, "w") as f:
+            f.write(f'data-dir = "{self.data}"\nhostname = "mx.example.org"\n'
+                    f'dns-server = "127.0.0.1:{port}"\n')
+        out, err, code = await getProcessOutputAndValue(
+            sys.executable, ["-m", "mailstack", "--config", config, "dns", "example.org",
+                             "--check"], env=dict(os.environ, PYTHONPATH=ROOT), reactor=reactor)
+        self.assertEqual(code, 0, out + err)
+        self.assertEqual(out.decode().splitlines()[-1], "15 of 15 records are right")
+
+    def test_resolvers(self):
+        """
+        --dns-server gives a client of that server alone; without it, the
+        system's configuration (no query is made here).
+        """
+        from twisted.names.client import Resolver
+        from twisted.names.resolve import ResolverChain
+
+        from mailstack.mailauth.commands import make_resolver
+        one = make_resolver(("127.0.0.1", 5353), reactor)
+        self.assertIsInstance(one, Resolver)
+        self.assertEqual(one.servers, [("127.0.0.1", 5353)])
+        chain = make_resolver(None, reactor)
+        for resolver in chain.resolvers:  # it re-reads resolv.conf every minute
+            call = getattr(resolver, "_parseCall", None)
+            if call is not None and call.active():
+                call.cancel()
+        self.assertIsInstance(chain, ResolverChain)
+        self.assertTrue(any(isinstance(r, Resolver) for r in chain.resolvers))
+
     async def test_print_and_keygen(self):
         """
         Without --check the records are printed; keygen prints the TXT

@@ -46,6 +46,18 @@ def _fail(message: str, status: int) -> None:
     raise CommandError(message, status)
 
 
+def make_resolver(server: tuple[str, int] | None, reactor: Any) -> Any:
+    """
+    A twisted.names resolver: C{server} alone when given, else the system's
+    configuration (/etc/resolv.conf and /etc/hosts).
+    """
+    from twisted.names.client import Resolver, createResolver
+
+    if server:
+        return Resolver(servers=[server], reactor=reactor)
+    return createResolver()
+
+
 def dkim_command(args: argparse.Namespace, data_dir: str, stdout: TextIO) -> None:
     from mailstack.mailauth import keys
 
@@ -70,9 +82,9 @@ def dkim_command(args: argparse.Namespace, data_dir: str, stdout: TextIO) -> Non
             domains = [args.domain] if args.domain else (
                 sorted(os.listdir(root)) if os.path.isdir(root) else [])
             for domain in domains:
-                active = keys.active_selector(data_dir, domain)
+                current = keys.active_selector(data_dir, domain)
                 for base, found in sorted(keys.key_sets(data_dir, domain).items()):
-                    state = "active" if base == active else "inactive"
+                    state = "active" if base == current else "inactive"
                     print(f"; {keys.check_domain(domain)} key set {base} ({state})", file=stdout)
                     for key in found:
                         print(key.zone_line(), file=stdout)
@@ -114,13 +126,9 @@ def dns_command(args: argparse.Namespace, data_dir: str, config_file: str | None
     from twisted.internet.task import react
 
     async def main(reactor: Any) -> None:
-        from twisted.names.client import Resolver, createResolver
-
         from mailstack.mailauth.lookup import DNSCache
 
-        resolver = (Resolver(servers=[server], reactor=reactor) if server
-                    else createResolver(reactor=reactor))
-        cache = DNSCache(resolver, reactor, timeout=10)
+        cache = DNSCache(make_resolver(server, reactor), reactor, timeout=10)
         findings = await check_all(cache, domain, hostname, found, args.report_address)
         bad = 0
         for finding in findings:
