@@ -253,6 +253,24 @@ class AuthenticateTests(TestCase):
                                    "a@example.org")
         self.assertEqual(results.dmarc.result, "permerror")
 
+    async def test_hostile_input(self):
+        """
+        Non-ASCII and oversized names in DKIM tags, From and MAIL FROM give
+        results (none or permerror), never a hang; values that are not
+        printable ASCII show as "?" in a quoted value.
+        """
+        data = (b"DKIM-Signature: v=1; a=rsa-sha256; d=ex\xc3\xbc.org; s=s\xff; h=from;"
+                b" bh=abc; b=abc\n"
+                b"DKIM-Signature: v=1; a=rsa-sha256; d=" + b"a" * 300 + b".org; s=s1; h=from;"
+                b" bh=abc; b=abc\n" + message("a@" + "b" * 70 + ".org"))
+        results = await self.check(data, OTHER_IP, "x@b\u00fc.org", "h" * 70 + ".example")
+        self.assertEqual([r.result for r in results.dkim], ["permerror", "permerror"])
+        self.assertEqual((results.spf.result, results.dmarc.result), ("none", "none"))
+        header = results.header()
+        self.assertIn(b'header.d="ex??.org"', header)
+        self.assertIn(b'smtp.mailfrom="x@b?.org"', header)
+        parse(header)
+
     async def test_through_dns_server(self):
         """
         The same checks through a real DNS server on loopback and the

@@ -62,6 +62,27 @@ class CacheTests(SynchronousTestCase):
         self.assertNoResult(cache.lookup("slow.example", dns.TXT))
         self.assertEqual(len(zone.queries), 2)
 
+    def test_hostile_names(self):
+        """
+        A name DNS cannot hold (non-ASCII, a label over 63 characters, an
+        empty label, over 253 characters) has no records and is not asked;
+        a resolver that fails at once is a DNSTempError: no lookup is left
+        without an answer.
+        """
+        zone = ZoneResolver({})
+        cache = DNSCache(zone, Clock())
+        for name in ("ex\u00fc.org", "a" * 64 + ".org", "a..b", ".", "x." * 130 + "org",
+                     "sp ace.org", "s\ufffd._domainkey.example.org"):
+            self.assertEqual(self.successResultOf(cache.lookup(name, dns.TXT)), [], name)
+        self.assertEqual(zone.queries, [])
+
+        class Broken(ZoneResolver):
+            def query(self, query, timeout=None):
+                raise ValueError("broken")
+
+        self.failureResultOf(DNSCache(Broken(), Clock()).lookup("a.example", dns.A),
+                             DNSTempError)
+
     def test_servfail_and_cname(self):
         """
         SERVFAIL is a DNSTempError; a CNAME is followed.

@@ -13,9 +13,10 @@ exist (NXDOMAIN) or has no record of the type asked is an empty answer.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IReactorTime
 from twisted.names import dns
@@ -27,6 +28,18 @@ MAX_TTL = 6 * 3600
 NEGATIVE_TTL = 300
 #: Entries kept at most; expired entries are dropped first, then the oldest.
 MAX_ENTRIES = 10000
+
+
+_LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
+
+
+def valid_name(name: str) -> bool:
+    """
+    Whether C{name} (lower case, no final dot) can be asked of DNS: labels
+    of letters, digits, C{-} and C{_}, 1 to 63 characters, 253 in all.
+    """
+    return (0 < len(name) <= 253 and name.isascii() and
+            all(_LABEL.match(label) for label in name.split(".")))
 
 
 class DNSTempError(Exception):
@@ -62,6 +75,10 @@ class DNSCache:
         does not exist.  Fails with L{DNSTempError}.
         """
         key = (name.lower().rstrip("."), rtype)
+        if not valid_name(key[0]):
+            # Names come from hostile input (MAIL FROM, d= and s= tags): one
+            # that DNS cannot hold has no records.
+            return succeed([])
         now = self.clock.seconds()
         cached = self._cache.get(key)
         if cached is not None:
@@ -87,7 +104,10 @@ class DNSCache:
     async def _query(self, key: tuple[str, int]) -> None:
         name, rtype = key
         try:
-            query = self.resolver.query(dns.Query(name, rtype, dns.IN))
+            try:
+                query = self.resolver.query(dns.Query(name, rtype, dns.IN))
+            except Exception as e:  # noqa: BLE001 (a resolver that fails at once)
+                raise DNSTempError(f"{name}: {type(e).__name__}") from None
             query.addTimeout(self.timeout, self.clock)
             try:
                 answers, authority, _ = await query

@@ -20,14 +20,14 @@ def _value(text: str) -> str:
     A property value: as it is when it is a token or an address, else a
     quoted-string (RFC 8601 2.2).
     """
-    text = "".join(c for c in text if " " <= c <= "~")
+    text = "".join(c if " " <= c <= "~" else "?" for c in text)
     if _TOKEN.match(text) or _ADDRESS.match(text):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _comment(text: str) -> str:
-    text = "".join(c for c in text if " " <= c <= "~")
+    text = "".join(c if " " <= c <= "~" else "?" for c in text)
     return "(" + re.sub(r"([()\\])", r"\\\1", text) + ")"
 
 
