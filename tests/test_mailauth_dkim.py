@@ -14,7 +14,7 @@ from twisted.names.client import Resolver
 from twisted.trial.unittest import SkipTest, SynchronousTestCase, TestCase
 
 from mailstack.mailauth import keys
-from mailstack.mailauth.dkim import DKIMSigner, signed_fields, verify_dkim
+from mailstack.mailauth.dkim import DKIMSigner, sign_message, signed_fields, verify_dkim
 from mailstack.mailauth.lookup import DNSCache
 from mailstack.mailauth.testing import ZoneResolver, serve_zone
 
@@ -192,6 +192,24 @@ class SigningTests(SynchronousTestCase):
         for idx in range(2):
             self.assertTrue(dkim.DKIM(relayed).verify(idx, dnsfunc=dnsfunc(made)))
 
+    def test_sign_message(self):
+        """
+        sign_message signs with the active set of the From domain when it is
+        local, and returns nothing for another domain, a local domain
+        without keys, or a From with two domains.
+        """
+        data = self.mktemp()
+        made = key_set(data)
+        fields = sign_message(data, MESSAGE, ["example.org", "example.net"])
+        self.assertEqual(fields.count(b"DKIM-Signature:"), 2)
+        for idx in range(2):
+            self.assertTrue(dkim.DKIM(fields + MESSAGE).verify(idx, dnsfunc=dnsfunc(made)))
+        self.assertEqual(sign_message(data, MESSAGE, ["example.net"]), b"")
+        other = MESSAGE.replace(b"alice@example.org", b"alice@example.net")
+        self.assertEqual(sign_message(data, other, ["example.org", "example.net"]), b"")
+        two = MESSAGE.replace(b"<alice@example.org>", b"<alice@example.org>, x@example.net")
+        self.assertEqual(sign_message(data, two, ["example.org", "example.net"]), b"")
+
     def test_signed_fields(self):
         """
         From, Reply-To, Subject, To and Cc are over-signed even when absent;
@@ -256,6 +274,21 @@ class VerifyTests(TestCase):
         broken = b"DKIM-Signature: v=1; a=rsa-sha256; d=example.org\n" + MESSAGE
         results = await self.verify(broken, zone_for(made))
         self.assertEqual([r.result for r in results], ["permerror"])
+
+    async def test_signature_limit(self):
+        """
+        Only the first five signatures are checked (each costs a lookup and
+        a body hash); the genuine ones on top still pass.
+        """
+        made = key_set()
+        forged = b"".join(b"DKIM-Signature: v=1; a=rsa-sha256; d=x%d.example; s=s; h=from;"
+                          b" bh=YWJj; b=YWJj\n" % i for i in range(50))
+        signed = DKIMSigner(made).sign(MESSAGE) + forged + MESSAGE
+        zone = ZoneResolver(zone_for(made))
+        cache = DNSCache(zone, reactor, timeout=1)
+        results = await Deferred.fromCoroutine(verify_dkim(signed, cache, reactor))
+        self.assertEqual([r.result for r in results], ["pass", "pass"] + ["permerror"] * 3)
+        self.assertEqual(len(zone.queries), 5)
 
     async def test_through_dns_server(self):
         """

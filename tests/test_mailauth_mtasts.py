@@ -39,7 +39,7 @@ def _name(text):
 
 def make_ca():
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(_name("mailstack test CA"))
             .issuer_name(_name("mailstack test CA")).public_key(key.public_key())
             .serial_number(x509.random_serial_number())
@@ -54,7 +54,7 @@ def make_ca():
 
 def make_leaf(ca_key, ca_cert, hostname):
     key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (x509.CertificateBuilder().subject_name(_name(hostname))
             .issuer_name(ca_cert.subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number())

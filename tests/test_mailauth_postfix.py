@@ -59,7 +59,7 @@ MESSAGE = ("From: \"Alice Example\" <alice@example.org>\n"
            "Grüße aus Köln.\n"
            ".a line starting with a dot\n"
            "\n"
-           "trailing spaces   \n").encode("utf-8")
+           "trailing spaces   \n").encode()
 
 
 def free_port():

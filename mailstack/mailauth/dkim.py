@@ -21,6 +21,7 @@ fields come back with LF endings, as mailstack stores messages.
 from __future__ import annotations
 
 import base64
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +30,15 @@ from cryptography.hazmat.primitives import serialization
 from dkim.util import InvalidTagValueList, parse_tag_value
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 
 from mailstack.mailauth.keys import DKIMKey
 from mailstack.mailauth.lookup import DNSCache, DNSTempError
+
+log = Logger()
+
+#: Signatures checked at most in one message (OpenDKIM's default is 3).
+MAX_SIGNATURES = 5
 
 #: Header fields signed when present (RFC 6376 5.4.1, plus MIME and List-*).
 SIGNED = ("from", "sender", "reply-to", "subject", "date", "message-id", "to", "cc",
@@ -100,6 +107,30 @@ class DKIMSigner:
         return b"".join(out)
 
 
+def sign_message(data_dir: str, message: bytes, local_domains: Iterable[str]) -> bytes:
+    """
+    The C{DKIM-Signature} fields for C{message} when its From domain (one
+    domain, RFC 5322.From, the identifier DMARC aligns with) is one of
+    C{local_domains} and has an active key set under C{data_dir}; else
+    C{b""}.  Reads the keys and signs: call it from a worker thread.
+    """
+    from mailstack.mailauth.dmarc import from_domains
+    from mailstack.mailauth.keys import DKIMKeyError, signing_keys
+
+    try:
+        domains = set(from_domains(message))
+    except dkim.MessageFormatError:
+        return b""
+    local = {d.lower().rstrip(".") for d in local_domains}
+    if len(domains) != 1 or not domains <= local:
+        return b""
+    try:
+        keys = signing_keys(data_dir, domains.pop())
+    except (DKIMKeyError, OSError):
+        return b""
+    return DKIMSigner(keys).sign(message) if keys else b""
+
+
 @dataclass(frozen=True)
 class DKIMResult:
     """
@@ -117,7 +148,8 @@ class DKIMResult:
 
 
 async def verify_dkim(message: bytes, cache: DNSCache, reactor: Any,
-                      threadpool: Any = None, minkey: int = 1024) -> list[DKIMResult]:
+                      threadpool: Any = None, minkey: int = 1024,
+                      max_signatures: int = MAX_SIGNATURES) -> list[DKIMResult]:
     """
     Verify every C{DKIM-Signature} of C{message}; C{[]} when there is none.
 
@@ -125,13 +157,19 @@ async def verify_dkim(message: bytes, cache: DNSCache, reactor: Any,
     hashing and signature checks run in C{threadpool} (the reactor's by
     default).  A DNS failure is C{temperror}, a missing or malformed key
     C{permerror}, C{rsa-sha1} and RSA keys under C{minkey} bits C{policy}
-    (RFC 8301).
+    (RFC 8301).  Only the first (topmost) C{max_signatures} are checked.
     """
     try:
         headers, _ = dkim.rfc822_parse(message)
     except dkim.MessageFormatError:
         return []
     signatures = [value for name, value in headers if name.lower() == b"dkim-signature"]
+    if len(signatures) > max_signatures:
+        # Each one costs a DNS lookup and a hash of the body: hostile mail
+        # could carry thousands (RFC 6376 6.1 lets verifiers limit them).
+        log.info("DKIM: checking the first {limit} of {count} signatures",
+                 limit=max_signatures, count=len(signatures))
+        signatures = signatures[:max_signatures]
     results: list[DKIMResult | None] = []
     parsed: list[dict[bytes, bytes] | None] = []
     keys: dict[bytes, bytes | None] = {}
