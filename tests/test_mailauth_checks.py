@@ -119,6 +119,32 @@ class SPFTests(TestCase):
         await self.spf(OTHER_IP, "b@example.org")
         self.assertEqual(self.zone.queries.count((16, "example.org")), 1)
 
+    async def test_many_lookups(self):
+        """
+        A record within RFC 7208's limits that needs 67 lookups (six "mx"
+        mechanisms of ten hosts each) is evaluated to the end; an eleventh
+        lookup mechanism is permerror.
+        """
+        names = "abcdef"
+        record = "v=spf1 " + " ".join(f"mx:{n}.example" for n in names) + " -all"
+        self.zone.zone["many.example"] = {"TXT": [record]}
+        for n in names:
+            self.zone.zone[f"{n}.example"] = {"MX": [(i, f"mx{i}.{n}.example")
+                                                     for i in range(10)]}
+            for i in range(10):
+                address = f"198.51.100.{i + 10 * names.index(n)}"
+                self.zone.zone[f"mx{i}.{n}.example"] = {"A": [address]}
+        result = await self.spf("198.51.100.59", "a@many.example")
+        self.assertEqual(result.result, "pass")
+        self.assertEqual((await self.spf("198.51.100.99", "a@many.example")).result, "fail")
+        self.zone.zone["toomany.example"] = {"TXT": ["v=spf1 " + " ".join(
+            f"a:{n}{i}.example" for n in "ab" for i in range(6)) + " -all"]}
+        for n in "ab":
+            for i in range(6):
+                self.zone.zone[f"{n}{i}.example"] = {"A": ["192.0.2.99"]}
+        self.assertEqual((await self.spf("198.51.100.99", "a@toomany.example")).result,
+                         "permerror")
+
     def test_timeout(self):
         """
         A DNS server that never answers gives temperror after the time limit.

@@ -29,8 +29,10 @@ from mailstack.mailauth.lookup import DNSCache, DNSTempError
 
 _TYPES = {"A": dns.A, "AAAA": dns.AAAA, "MX": dns.MX, "TXT": dns.TXT, "PTR": dns.PTR,
           "SPF": dns.SPF}
-#: Most pyspf runs (DNS answers fetched) for one check.
-MAX_RUNS = 60
+#: Most pyspf runs (DNS answers fetched) for one check.  RFC 7208 4.6.4
+#: allows 10 mechanisms that look up, an "mx" one 10 address lookups more:
+#: a compliant record stays well under this.
+MAX_RUNS = 250
 
 _current: contextvars.ContextVar[Callable[..., Any] | None] = contextvars.ContextVar(
     "mailstack_spf_lookup", default=None)
