@@ -199,6 +199,19 @@ class CheckCommandTests(TestCase):
         self.assertIn("publish: " + made[1].zone_line(), out)
         self.assertEqual(out.splitlines()[-1], "13 of 15 records are right")
 
+    async def test_no_keys(self):
+        """
+        With no DKIM keys in the data directory, --check says so and how to
+        make them, and exits 1.
+        """
+        self.data = os.path.abspath(self.mktemp())
+        os.makedirs(self.data)
+        zone = full_zone("example.org", "mx.example.org", [])
+        out, err, code = await self.run_check(zone)
+        self.assertEqual(code, 1, out + err)
+        self.assertIn("MISSING  DKIM", out)
+        self.assertIn("mailstack dkim keygen example.org", out)
+
     async def test_wrong_records(self):
         """
         An MX elsewhere, an SPF record that does not allow the host, a
