@@ -294,3 +294,21 @@ class CheckCommandTests(TestCase):
                              "--hostname", "mx.example.net"], env=env, reactor=reactor)
         self.assertEqual(code, 0, err)
         self.assertIn(made[0].zone_line(), out.decode())
+
+        async def command(*args):
+            out, err, code = await getProcessOutputAndValue(
+                sys.executable, ["-m", "mailstack", "--data-dir", self.data, "dkim", *args],
+                env=env, reactor=reactor)
+            self.assertEqual(code, 0, err)
+            return out.decode()
+
+        self.assertIn("; publish these records, then after their TTL: mailstack dkim activate "
+                      "example.net k2", await command("keygen", "example.net", "--selector", "k2"))
+        self.assertEqual(keys.active_selector(self.data, "example.net"), "k1")
+        self.assertEqual(await command("activate", "example.net", "k2"),
+                         "example.net: signing with key set k2\n")
+        listed = (await command("list", "example.net")).splitlines()
+        self.assertEqual([line for line in listed if line.startswith(";")],
+                         ["; example.net key set k1 (inactive)",
+                          "; example.net key set k2 (active)"])
+        self.assertEqual(len(listed), 6)
