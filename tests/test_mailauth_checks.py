@@ -287,12 +287,13 @@ class AuthenticateTests(TestCase):
         """
         data = (b"DKIM-Signature: v=1; a=rsa-sha256; d=ex\xc3\xbc.org; s=s\xff; h=from;"
                 b" bh=abc; b=abc\n"
-                b"DKIM-Signature: v=1; a=rsa-sha256; d=" + b"a" * 300 + b".org; s=s1; h=from;"
-                b" bh=abc; b=abc\n" + message("a@" + "b" * 70 + ".org"))
+                b"DKIM-Signature: v=1; a=rsa-sha256; d=" + b"a" * 3000 + b".org; s=s1; h=from;"
+                b" bh=abc; b=" + b"!" * 5000 + b"\n" + message("a@" + "b" * 70 + ".org"))
         results = await self.check(data, OTHER_IP, "x@b\u00fc.org", "h" * 70 + ".example")
         self.assertEqual([r.result for r in results.dkim], ["permerror", "permerror"])
         self.assertEqual((results.spf.result, results.dmarc.result), ("none", "none"))
         header = results.header()
+        self.assertTrue(all(len(line) <= 300 for line in header.splitlines()), header)
         self.assertIn(b'header.d="ex??.org"', header)
         self.assertIn(b'smtp.mailfrom="x@b?.org"', header)
         parse(header)

@@ -15,19 +15,31 @@ _TOKEN = re.compile(r"^[A-Za-z0-9!#$%&'*+\-.^_`{|}~]+$")
 _ADDRESS = re.compile(r"^[A-Za-z0-9!#$%&'*+\-/=?^_`{|}~.]*@[A-Za-z0-9.\-]+$")
 
 
+#: Longest property value and comment kept (hostile tags can be kilobytes
+#: long; a header line must stay under 998 characters, RFC 5322 2.1.1).
+MAX_VALUE, MAX_COMMENT = 255, 120
+#: Lines are folded between the parts of a result beyond this width.
+WIDTH = 78
+
+
+def _printable(text: str, limit: int) -> str:
+    text = "".join(c if " " <= c <= "~" else "?" for c in text)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def _value(text: str) -> str:
     """
     A property value: as it is when it is a token or an address, else a
     quoted-string (RFC 8601 2.2).
     """
-    text = "".join(c if " " <= c <= "~" else "?" for c in text)
+    text = _printable(text, MAX_VALUE)
     if _TOKEN.match(text) or _ADDRESS.match(text):
         return text
     return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _comment(text: str) -> str:
-    text = "".join(c if " " <= c <= "~" else "?" for c in text)
+    text = _printable(text, MAX_COMMENT)
     return "(" + re.sub(r"([()\\])", r"\\\1", text) + ")"
 
 
@@ -36,7 +48,13 @@ def _resinfo(method: str, result: str, comment: str, properties: list[tuple[str,
     if comment:
         parts.append(_comment(comment))
     parts.extend(f"{name}={_value(value)}" for name, value in properties if value)
-    return " ".join(parts)
+    lines = [parts[0]]
+    for part in parts[1:]:
+        if len(lines[-1]) + 1 + len(part) > WIDTH - 8:  # 8: the tab
+            lines.append(part)
+        else:
+            lines[-1] += " " + part
+    return "\n\t  ".join(lines)
 
 
 def authentication_results(authserv_id: str, spf: Iterable[Any] = (), dkim: Iterable[Any] = (),
