@@ -22,7 +22,7 @@ import dkim
 from dkim.util import InvalidTagValueList, parse_tag_value
 from publicsuffixlist import PublicSuffixList
 
-from mailstack.mailauth.lookup import DNSCache, DNSTempError
+from mailstack.mailauth.lookup import DNSCache, DNSTempError, to_alabel
 
 _PSL: PublicSuffixList | None = None
 POLICIES = ("none", "quarantine", "reject")
@@ -132,7 +132,7 @@ def from_domains(message: bytes) -> list[str]:
               for name, value in headers if name.lower() == b"from"]
     domains = []
     for _name, address in getaddresses(values):
-        domain = address.rpartition("@")[2].strip().lower().rstrip(".")
+        domain = to_alabel(address.rpartition("@")[2])
         if address and domain:
             domains.append(domain)
     return domains

@@ -16,6 +16,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
+import idna
+
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IReactorTime
@@ -40,6 +42,21 @@ def valid_name(name: str) -> bool:
     """
     return (0 < len(name) <= 253 and name.isascii() and
             all(_LABEL.match(label) for label in name.split(".")))
+
+
+def to_alabel(domain: str) -> str:
+    """
+    C{domain} as DNS holds it: lower case, internationalised labels as
+    A-labels (IDNA 2008 with UTS 46 mapping; RFC 8616 for SPF, DKIM and
+    DMARC); unchanged but lower-cased when it cannot be converted.
+    """
+    name = domain.strip().rstrip(".")
+    if name.isascii():
+        return name.lower()
+    try:
+        return idna.encode(name, uts46=True).decode("ascii")
+    except (idna.IDNAError, UnicodeError):
+        return name.lower()
 
 
 class DNSTempError(Exception):

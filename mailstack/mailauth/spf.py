@@ -25,7 +25,7 @@ from typing import Any
 import spf as pyspf
 from twisted.names import dns
 
-from mailstack.mailauth.lookup import DNSCache, DNSTempError
+from mailstack.mailauth.lookup import DNSCache, DNSTempError, to_alabel
 
 _TYPES = {"A": dns.A, "AAAA": dns.AAAA, "MX": dns.MX, "TXT": dns.TXT, "PTR": dns.PTR,
           "SPF": dns.SPF}
@@ -101,6 +101,10 @@ async def check_spf(cache: DNSCache, client_ip: str, mail_from: str, helo: str,
     empty, RFC 7208 2.4) sent from C{client_ip}.
     """
     identity = "mailfrom" if mail_from else "helo"
+    if "@" in mail_from:  # internationalised domains as A-labels (RFC 8616)
+        local, _, domain = mail_from.rpartition("@")
+        mail_from = f"{local}@{to_alabel(domain)}"
+    helo = to_alabel(helo) if helo else helo
     known: dict[tuple[str, str], list[Any] | str] = {}
 
     def lookup(name: str, qtype: str) -> list[Any]:
