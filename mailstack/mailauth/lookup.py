@@ -17,7 +17,6 @@ import re
 from typing import Any
 
 import idna
-
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.defer import TimeoutError as DeferredTimeout
 from twisted.internet.interfaces import IReactorTime
