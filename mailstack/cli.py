@@ -19,6 +19,7 @@ from typing import Sequence, TextIO
 from mailstack.address import AddressError, local_address, parse_address
 from mailstack.auth import hash_password
 from mailstack.config import ConfigError, build_config
+from mailstack.privileges import become_owner
 from mailstack.queue.control import send_command as control_command
 from mailstack.queue.store import QueueStore, valid_id
 from mailstack.users import AliasMap, UserDatabase
@@ -141,7 +142,8 @@ def _where(args: argparse.Namespace, environment: bool = False
 
 
 def sendmail_command(argv: Sequence[str], data_dir: str, domain: str, stdin: TextIO) -> None:
-    from mailstack.mua.sendmail import SendmailError, drop, parse_args, prepare, read_message
+    from mailstack.mua.sendmail import (SendmailError, drop, parse_args, poke, prepare,
+                                        read_message)
 
     try:
         options = parse_args(argv)
@@ -150,14 +152,7 @@ def sendmail_command(argv: Sequence[str], data_dir: str, domain: str, stdin: Tex
         drop(data_dir, sender, recipients, content)
     except SendmailError as e:
         raise CommandError(str(e), e.status) from None
-    send_command_to_server(data_dir, "pickup")
-
-
-def send_command_to_server(data_dir: str, command: str) -> None:
-    try:
-        control_command(data_dir, command, timeout=10)
-    except OSError:
-        pass  # not running or busy: it picks up at start and every minute
+    poke(data_dir)  # not running or busy: it picks up at start and every minute
 
 
 def load_profile(name: str | None) -> dict[str, object]:
@@ -344,10 +339,13 @@ def run(argv: Sequence[str], stdin: TextIO, stdout: TextIO) -> None:
         send_command(args, stdin, stdout)
         return
     data_dir, domains = _where(args)
-    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    # root on a data directory that belongs to the server's user works as
+    # that user, so the files it writes stay the server's.
+    become_owner(data_dir)
     if args.command == "queue":
         queue_command(args, data_dir, stdout)
         return
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
     users, aliases = UserDatabase(data_dir), AliasMap(data_dir)
 
     def warn_if_not_local(address: object) -> None:

@@ -29,8 +29,9 @@ from mailstack.auth import PasswordChecker
 from mailstack.config import Config
 from mailstack.delivery.maildir import MaildirDeliveryAgent, MaildirStore, MaildirWriter
 from mailstack.delivery.dispatch import Dispatcher
-from mailstack.delivery.pickup import Pickup
+from mailstack.delivery.pickup import Pickup, PokeFactory, pickup_path
 from mailstack.delivery.router import Router
+from mailstack.privileges import StartupError, check as check_data_dir, ensure_layout
 from mailstack.queue.control import ControlFactory, control_path
 from mailstack.queue.courier import Courier
 from mailstack.queue.handoff import QueueHandoff
@@ -95,6 +96,20 @@ class Listener(StreamServerEndpointService):
         return port
 
 
+class UnprivilegedListener(Listener):
+    """
+    A listener that binds in L{startService}, after twistd's privilege
+    drop, so that its socket file belongs to the service user.
+    """
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+
+    def startService(self) -> None:
+        Listener.privilegedStartService(self)
+        Service.startService(self)
+
+
 class MailStack(MultiService):
     """
     The whole mail system for one L{Config}.
@@ -129,7 +144,7 @@ class MailStack(MultiService):
         self.reactor = reactor
         data = os.path.abspath(config.data_dir)
         self.data_dir = data
-        os.makedirs(data, mode=0o700, exist_ok=True)
+        ensure_layout(data)
 
         self.users = UserDatabase(data)
         self.aliases = AliasMap(data)
@@ -176,12 +191,16 @@ class MailStack(MultiService):
         self.dispatcher = Dispatcher(self.router, self.maildir, self.queue, reactor,
                                      self.spool_dir)
         self.queue.bounce_to = self.bounce
-        self.pickup = Pickup(data, self.dispatcher, reactor, self.io_pool)
+        self.pickup = Pickup(data, self.dispatcher, reactor, self.io_pool, config.hostname,
+                             config.max_message_size)
         self.pickup.setServiceParent(self)
         # Endpoint syntax: a ':' or '\' in the data directory's path is escaped.
         escaped = control_path(data).replace("\\", "\\\\").replace(":", "\\:")
         self.listen("control", f"unix:{escaped}:mode=600:lockfile=1",
-                    ControlFactory(self.queue, self.pickup))
+                    ControlFactory(self.queue, self.pickup), UnprivilegedListener)
+        escaped = pickup_path(data).replace("\\", "\\\\").replace(":", "\\:")
+        self.listen("pickup", f"unix:{escaped}:mode=666:lockfile=1", PokeFactory(self.pickup),
+                    UnprivilegedListener)
 
         # Argon2 takes 64 MiB and tens of milliseconds per check: few threads.
         self.auth_pool = ThreadPool(minthreads=0, maxthreads=2, name="mailstack-auth")
@@ -240,14 +259,15 @@ class MailStack(MultiService):
         return SMTPServerFactory(policy, settings, self.reactor, self.spool_dir,
                                  tls=None if implicit_tls else self.tls.context_factory)
 
-    def listen(self, label: str, description: str, factory: Any) -> Listener:
+    def listen(self, label: str, description: str, factory: Any,
+               kind_of_listener: type[Listener] = Listener) -> Listener:
         kind = description.split(":", 1)[0].lower()
         if kind in ("tcp", "tcp6", "unix") and "backlog=" not in description:
             # Twisted's default backlog (50) overflows when many clients
             # connect at once; the clients then wait out SYN retries.
             description += f":backlog={self.backlog}"
         endpoint = serverFromString(self.reactor, description)
-        listener = Listener(label, endpoint, factory)
+        listener = kind_of_listener(label, endpoint, factory)
         listener.setServiceParent(self)
         return listener
 
@@ -276,4 +296,9 @@ class MailStack(MultiService):
                      source=self.config.source)
             for line in self.config.describe():
                 log.info("  {line}", line=line)
+        try:
+            check_data_dir(self.data_dir, (self.tls.cert_path, self.tls.key_path))
+        except StartupError as e:
+            log.critical("cannot start: {error}", error=e)
+            raise
         super().startService()

@@ -70,6 +70,15 @@ def makeService(options: Options) -> Any:
     """
     from twisted.internet import reactor
 
+    from mailstack import privileges
     from mailstack.service import MailStack
 
-    return MailStack(options.config, reactor)
+    parent = getattr(options, "parent", None) or {}
+    owner = privileges.target_ids(parent.get("uid"), parent.get("gid"))
+    service = MailStack(options.config, reactor)
+    if owner is not None:
+        # Still root: everything made so far (the layout, a generated TLS
+        # key, files root's `mailstack` commands wrote) goes to the user
+        # twistd switches to after binding the ports.
+        privileges.prepare(options.config.data_dir, *owner)
+    return service

@@ -1,23 +1,31 @@
 # -*- test-case-name: tests.test_mua -*-
 """
 Picks up mail that C{mailstack sendmail} left in C{DATA/maildrop/}: at
-start, when poked through the control socket, and once a minute.  Each
-file is delivered through the dispatcher (local Maildirs, the queue) and
-removed only once that is durable: at least once, never lost.
+start, when poked through the control socket or C{DATA/pickup.sock}, and
+once a minute.  Each file is delivered through the dispatcher (local
+Maildirs, the queue) and removed only once that is durable: at least once,
+never lost.  The submitting user is the file's owner (see
+L{mailstack.mua.sendmail}); a C{Received:} header says so, as Postfix's
+pickup does (C{by host (Postfix, from userid 1000)}).
 """
 
 from __future__ import annotations
 
+import email.utils
 import os
 from typing import Any
 
 from twisted.application.internet import TimerService
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.protocols.basic import LineOnlyReceiver
 
 from mailstack.address import AddressError, parse_address
-from mailstack.mua.sendmail import maildrop_dir, read_drop
+from mailstack.mua.sendmail import maildrop_dir, pickup_path, read_drop
+from mailstack.privileges import user_name
+from mailstack.smtp.server import new_queue_id
 
 log = Logger()
 
@@ -29,8 +37,11 @@ class Pickup(TimerService):
 
     interval = 60.0
 
-    def __init__(self, data_dir: str, dispatcher: Any, reactor: Any, pool: Any) -> None:
+    def __init__(self, data_dir: str, dispatcher: Any, reactor: Any, pool: Any,
+                 hostname: str = "localhost", max_size: int | None = None) -> None:
         super().__init__(self.interval, self.poke)
+        self.hostname = hostname
+        self.max_size = max_size
         self.clock = reactor
         self.directory = maildrop_dir(data_dir)
         self.dispatcher = dispatcher
@@ -63,8 +74,9 @@ class Pickup(TimerService):
         for name in names:
             path = os.path.join(self.directory, name)
             try:
-                sender, recipients, who, content = await deferToThreadPool(
-                    self.reactor, self.pool, read_drop, path)
+                sender, recipients, uid, content = await deferToThreadPool(
+                    self.reactor, self.pool, read_drop, path,
+                    None if self.max_size is None else self.max_size + 65536)
                 rcpts = [parse_address(r) for r in recipients]
                 from_ = parse_address(sender) if sender else None
             except (OSError, ValueError, KeyError, AddressError) as e:
@@ -72,8 +84,13 @@ class Pickup(TimerService):
                           error=e)
                 os.replace(path, os.path.join(self.directory, ".bad-" + name))
                 continue
+            qid = new_queue_id()
+            received = (f"Received: by {self.hostname} (mailstack, from userid {uid})\n"
+                        f"\tid {qid}; {email.utils.formatdate(self.clock.seconds())}\n")
+            who = f"uid={uid} user={user_name(uid)}"
             try:
-                await self.dispatcher.inject(from_, rcpts, content, client=f"local {who}")
+                await self.dispatcher.inject(from_, rcpts, received.encode("ascii") + content,
+                                             client=f"local {who}", queue_id=qid)
             except Exception:
                 log.failure("maildrop: cannot deliver {name}; will retry", name=name)
                 continue
@@ -86,3 +103,30 @@ class Pickup(TimerService):
             return sorted(n for n in os.listdir(self.directory) if not n.startswith("."))
         except FileNotFoundError:
             return []
+
+
+class PokeProtocol(LineOnlyReceiver):
+    """
+    C{DATA/pickup.sock}: any local user's C{sendmail} says "pickup" here
+    (the socket is mode 0666, like Postfix's public/pickup FIFO); it can do
+    nothing else.  Pokes coalesce, so a flood costs directory listings.
+    """
+
+    delimiter = b"\n"
+    MAX_LENGTH = 64
+
+    def lineReceived(self, line: bytes) -> None:
+        if line.strip() == b"pickup":
+            self.factory.pickup.poke()
+            self.sendLine(b"ok")
+        else:
+            self.sendLine(b"error unknown command")
+        self.transport.loseConnection()
+
+
+class PokeFactory(Factory):
+    protocol = PokeProtocol
+    noisy = False
+
+    def __init__(self, pickup: Pickup) -> None:
+        self.pickup = pickup
