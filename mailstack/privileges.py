@@ -146,10 +146,16 @@ def check(data_dir: str, readable: Iterable[str] = ()) -> None:
             raise StartupError(f"{path}: not a directory ({describe(path)}); {hint}")
         if not os.access(path, os.R_OK | os.W_OK | os.X_OK):
             raise StartupError(f"{path}: not usable by {who} ({describe(path)}); {hint}")
-    files = [os.path.join(data, name) for name in ("users", "aliases")]
-    for path in files + list(readable):
-        if os.path.exists(path) and not os.access(path, os.R_OK):
-            raise StartupError(f"{path}: not readable by {who} ({describe(path)}); {hint}")
+    optional = [os.path.join(data, name) for name in ("users", "aliases")]
+    for path in optional + list(readable):
+        try:
+            open(path, "rb").close()
+        except FileNotFoundError:
+            if path not in optional:
+                raise StartupError(f"{path}: does not exist") from None
+        except OSError as e:
+            raise StartupError(f"{path}: not readable by {who} ({e.strerror}; "
+                               f"{describe(path)}); {hint}") from None
     for name in ("users.lock", "aliases.lock"):
         path = os.path.join(data, name)
         if os.path.exists(path) and not os.access(path, os.W_OK):
