@@ -296,6 +296,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("filter", (), _filter_name,
            "enable a message filter plugin from mailstack.plugins, e.g. greylist "
            "(repeatable; they run in this order)", repeatable=True, metavar="NAME"),
+    Option("shutdown-grace", 30, _positive,
+           "on SIGTERM, seconds SMTP transactions in flight get to finish",
+           metavar="SECONDS"),
 )
 
 OPTIONS_BY_NAME: Mapping[str, Option] = {o.name: o for o in OPTIONS}
@@ -329,6 +332,7 @@ class Config:
     smtp_timeout: float
     receivers: int = 1
     filter: tuple[str, ...] = ()
+    shutdown_grace: float = 30.0
     source: str = field(default="defaults", compare=False)
 
     @property

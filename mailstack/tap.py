@@ -70,12 +70,14 @@ def makeService(options: Options) -> Any:
     """
     from twisted.internet import reactor
 
-    from mailstack import privileges
+    from mailstack import privileges, reload
     from mailstack.service import MailStack
 
     parent = getattr(options, "parent", None) or {}
     owner = privileges.target_ids(parent.get("uid"), parent.get("gid"))
     service = MailStack(options.config, reactor)
+    # SIGHUP re-reads the file given with --config; the command line still wins.
+    reload.install(service, reactor, lambda: build_config(options, options["config"]))
     if owner is not None:
         # Still root: everything made so far (the layout, a generated TLS
         # key, files root's `mailstack` commands wrote) goes to the user

@@ -168,6 +168,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._spool: MessageSpool | None = None
         self.callLater = self.factory.clock.callLater  # type: ignore[assignment]
         self.setTimeout(settings.timeout)
+        self.factory.sessions.add(self)
         log.info("connect from {client} ({service})", client=self.session.client,
                  service=settings.name)
         self._respond(maybeDeferred(self.policy.connect, self.session), self._greet)
@@ -180,6 +181,7 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._closed = True
+        self.factory.sessions.discard(self)
         self.setTimeout(None)
         if self._challenge is not None:
             d, self._challenge = self._challenge, None
@@ -638,3 +640,4 @@ class SMTPServerFactory(Factory):
         self.clock = clock
         self.spool_dir = spool_dir
         self.tls = tls
+        self.sessions: set[SMTPServer] = set()  # open sessions, for the drain at stop
