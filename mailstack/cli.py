@@ -37,6 +37,7 @@ class CommandError(Exception):
 
 EX_USAGE, EX_DATAERR, EX_NOUSER, EX_UNAVAILABLE, EX_CANTCREAT, EX_TEMPFAIL = (
     64, 65, 67, 69, 73, 75)
+EX_NOPERM = 77
 
 
 def read_password(stdin: TextIO, prompt: bool) -> str:
@@ -141,12 +142,27 @@ def _where(args: argparse.Namespace, environment: bool = False
     return args.data_dir or default or "./mailstack-data", None
 
 
-def sendmail_command(argv: Sequence[str], data_dir: str, domain: str, stdin: TextIO) -> None:
+def sendmail_command(argv: Sequence[str], data_dir: str, domain: str, stdin: TextIO,
+                     stdout: TextIO | None = None) -> None:
     from mailstack.mua.sendmail import (SendmailError, drop, parse_args, poke, prepare,
                                         read_message)
 
     try:
         options = parse_args(argv)
+        if options.mode == "i":
+            return  # newaliases: the server reads DATA/aliases when it changes
+        if options.mode == "p":
+            list_queue(data_dir, stdout or sys.stdout)
+            return
+        if options.mode == "s":
+            import socket
+
+            from mailstack.mua.stdin_smtp import serve
+
+            out = getattr(stdout or sys.stdout, "buffer", stdout or sys.stdout)
+            serve(getattr(stdin, "buffer", stdin), out, data_dir, domain, socket.getfqdn(),
+                  poke=lambda: poke(data_dir))
+            return
         raw = read_message(getattr(stdin, "buffer", stdin), options.ignore_dots)
         sender, recipients, content = prepare(options, raw, domain)
         drop(data_dir, sender, recipients, content)
@@ -266,6 +282,27 @@ def _age(seconds: float) -> str:
     return f"{max(seconds, 0):.0f}s"
 
 
+def list_queue(data_dir: str, stdout: TextIO) -> None:
+    """
+    C{mailq}, C{sendmail -bp}: C{mailstack queue list}, for whoever may read
+    the queue (root and the data directory's owner).
+    """
+    try:
+        try:
+            os.stat(os.path.join(data_dir, "queue", "envelope"))
+        except FileNotFoundError:
+            pass  # nothing queued yet
+        queue_command(argparse.Namespace(action="list"), data_dir, stdout)
+        maildrop = os.path.join(data_dir, "maildrop")
+        waiting = [n for n in os.listdir(maildrop) if not n.startswith(".")] if os.path.isdir(
+            maildrop) else []
+        if waiting:
+            print(f"-- {len(waiting)} messages in the maildrop, waiting for pickup", file=stdout)
+    except PermissionError:
+        raise CommandError(f"the queue in {os.path.abspath(data_dir)} is readable only by "
+                           "root and the mail system's user", EX_NOPERM) from None
+
+
 def queue_command(args: argparse.Namespace, data_dir: str, stdout: TextIO) -> None:
     """
     C{list} and C{show} read the queue directory; C{flush} and C{delete} ask
@@ -332,7 +369,7 @@ def run(argv: Sequence[str], stdin: TextIO, stdout: TextIO) -> None:
         args = parser().parse_args(argv[:position] + ["user", "list"])
         data_dir, domains = _where(args, environment=True)
         sendmail_command(argv[position + 1:], data_dir, domains[0] if domains else "localhost",
-                         stdin)
+                         stdin, stdout)
         return
     args = parser().parse_args(argv)
     if args.command == "send":
@@ -402,6 +439,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         argv = sys.argv[1:]
         if os.path.basename(sys.argv[0]) == "sendmail":
             argv = ["sendmail", *argv]  # installed as /usr/sbin/sendmail
+        elif os.path.basename(sys.argv[0]) == "mailq":
+            argv = ["sendmail", "-bp", *argv]  # installed as /usr/bin/mailq
     try:
         run(argv, sys.stdin, sys.stdout)
     except CommandError as e:

@@ -54,10 +54,16 @@ class SendmailArgs:
     sender: str | None = None  # -f
     full_name: str | None = None  # -F
     recipients: list[str] = field(default_factory=list)
+    mode: str = "m"  # -bm deliver (default), -bp list the queue, -bs SMTP on stdin
 
 
-# Flags that take a value, as separate word or attached; all but -f/-F ignored.
-_WITH_VALUE = set("fFBCNRVXLhOpqo")
+# Flags that take a value, as separate word or attached; all but -f/-F/-b ignored
+# (-B8BITMIME, -C file, -N dsn, -R ret, -V envid, -X log, -L label, -h hops, -O opt,
+# -p proto, -q interval, -o option).
+_WITH_VALUE = set("fFBCNRVXLhOpqob")
+# -b modes: m deliver, p list the queue (mailq), s SMTP on standard input,
+# i rebuild aliases (nothing to do: mailstack reads them live).
+MODES = set("mpsi")
 
 
 def parse_args(argv: Sequence[str]) -> SendmailArgs:
@@ -94,6 +100,11 @@ def parse_args(argv: Sequence[str]) -> SendmailArgs:
                 args.sender = rest
             elif flag == "F":
                 args.full_name = rest
+            elif flag == "b":
+                if rest[:1] not in MODES or len(rest) != 1:
+                    raise SendmailError(f"-b{rest}: unsupported mode (use -bm, -bp, -bs or "
+                                        "-bi)", 64)
+                args.mode = rest
         # anything else (-bm, -v, -m, -e*, -d*...): ignored
     return args
 
