@@ -31,6 +31,7 @@ from mailstack.delivery.maildir import MaildirDeliveryAgent, MaildirStore, Maild
 from mailstack.delivery.dispatch import Dispatcher
 from mailstack.delivery.pickup import Pickup, PokeFactory, pickup_path
 from mailstack.delivery.router import Router
+from mailstack.logs import quiet_dns
 from mailstack.privileges import StartupError, check as check_data_dir, ensure_layout
 from mailstack.queue.control import ControlFactory, control_path
 from mailstack.queue.courier import Courier
@@ -164,6 +165,14 @@ class MailStack(MultiService):
         # Message filter plugins (--filter) stand in front of the SMTP policies.
         self.filters = load_filters(config, reactor)
 
+        if resolver is None:
+            if config.dns_server:
+                resolver = DNSClient(servers=[config.dns_server], reactor=reactor)
+            else:
+                resolver = createResolver()
+        self.resolver = resolver
+        quiet_dns()
+
         if receiver is not None:
             self.queue = QueueHandoff(QueueStore(os.path.join(data, "queue")), data, reactor,
                                       self.io_pool)
@@ -174,11 +183,6 @@ class MailStack(MultiService):
                 self)
             return
 
-        if resolver is None:
-            if config.dns_server:
-                resolver = DNSClient(servers=[config.dns_server], reactor=reactor)
-            else:
-                resolver = createResolver()
         self.courier = Courier(reactor, resolver, config.hostname, config.route,
                                port=relay_port, timeouts=relay_timeouts,
                                endpoint=relay_endpoint, require_tls=config.require_tls,
@@ -256,8 +260,10 @@ class MailStack(MultiService):
             implicit_tls=implicit_tls,
             name=name,
         )
-        return SMTPServerFactory(policy, settings, self.reactor, self.spool_dir,
-                                 tls=None if implicit_tls else self.tls.context_factory)
+        factory = SMTPServerFactory(policy, settings, self.reactor, self.spool_dir,
+                                    tls=None if implicit_tls else self.tls.context_factory)
+        factory.resolver = self.resolver  # the client's confirmed name, for the logs
+        return factory
 
     def listen(self, label: str, description: str, factory: Any,
                kind_of_listener: type[Listener] = Listener) -> Listener:

@@ -71,11 +71,13 @@ def makeService(options: Options) -> Any:
     from twisted.internet import reactor
 
     from mailstack import privileges, reload
+    from mailstack.logs import filter_noise
     from mailstack.service import MailStack
 
     parent = getattr(options, "parent", None) or {}
     owner = privileges.target_ids(parent.get("uid"), parent.get("gid"))
     service = MailStack(options.config, reactor)
+    reactor.callWhenRunning(filter_noise)  # twistd's log observers exist by then
     # SIGHUP re-reads the file given with --config; the command line still wins.
     reload.install(service, reactor, lambda: build_config(options, options["config"]))
     if owner is not None:

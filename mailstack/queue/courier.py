@@ -42,7 +42,8 @@ from twisted.names.error import DNSNameError, DomainError
 
 from mailstack.config import Route
 from mailstack.smtp.client import (
-    Session, SMTPClientError, SMTPClientProtocol, Timeouts, Transaction, close_session,
+    Session, SMTPClientError, SMTPClientProtocol, Timeouts, TLSRequired, Transaction,
+    close_session,
     open_session, run_transaction,
 )
 from mailstack.smtp.reply import Reply
@@ -212,11 +213,25 @@ class Courier:
                 relay = f"{host}[{ip}]:{port}"
                 credentials = self.credentials.get(host.lower())
                 strict = verified or credentials is not None
+                tls_failed = None
                 for use_tls in ((True,) if strict else (True, False)):
                     try:
                         result = await self._session(ip, port, sender, recipients,
                                                      open_content, size, use_tls,
                                                      host if verified else None, credentials)
+                    except TLSRequired as e:
+                        # Deferred with a 4.7.x status (RFC 3463: a 4xx reply never
+                        # carries 5.x.x), saying who said what.
+                        if e.stage == "STARTTLS":
+                            text = (f"{relay} said: {e.reply.code} {e.reply.text} "
+                                    "(in reply to STARTTLS, and TLS is required)")
+                        elif e.stage == "AUTH":
+                            text = ("TLS is required to log in, but STARTTLS was not "
+                                    f"offered by {relay}")
+                        else:
+                            text = f"TLS is required, but STARTTLS was not offered by {relay}"
+                        last = Reply(451, "4.7.4", text)
+                        break
                     except SMTPClientError as e:
                         if e.permanent and e.stage in ("MAIL", "DATA", "SIZE", "AUTH"):
                             return {r: Outcome(e.reply, relay) for r in recipients}
@@ -228,6 +243,9 @@ class Courier:
                         break
                     except _TLSFailed as e:
                         last = Reply(451, "4.7.5", f"{relay}: TLS failed: {e}")
+                        tls_failed = str(e)
+                        log.warn("{relay}: STARTTLS handshake failed ({error}); trying the "
+                                 "same host again in clear text", relay=relay, error=e)
                         continue  # the same host once more, in clear text
                     except VerificationError as e:
                         last = Reply(451, "4.7.5", f"{relay}: certificate not valid for "
@@ -241,6 +259,11 @@ class Courier:
                         last = Reply(451, "4.3.0", f"{relay}: {_describe(e)}")
                         break
                     else:
+                        if tls_failed is not None:
+                            log.warn("{relay}: sent in clear text after a failed TLS "
+                                     "handshake ({error}) to {recipients}", relay=relay,
+                                     error=tls_failed, recipients=", ".join(
+                                         f"<{r}>" for r in recipients))
                         return {r: Outcome(result.reply_for(r), relay) for r in recipients}
         return {r: Outcome(last) for r in recipients}
 
@@ -294,8 +317,14 @@ class Courier:
             if use_tls and verify_host is None:
                 raise _TLSFailed(_describe(e)) from None
             raise
-        except BaseException:
+        except BaseException as e:
             proto.transport.loseConnection()
+            if (session is None and use_tls and verify_host is None
+                    and getattr(proto.transport, "TLS", False)
+                    and isinstance(e, ConnectionClosed)):
+                # The server hung up during the handshake (it could not agree
+                # on a version or cipher): a TLS failure like any other.
+                raise _TLSFailed(_describe(e)) from None
             raise
         finally:
             transaction.content.close()

@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 from mailstack.address import AddressError, parse_path
 from mailstack.message import Envelope, MessageSpool, rfc5322_date
 from mailstack.smtp.data import DataReader
+from mailstack.smtp.rdns import client_name
 from mailstack.smtp.reply import Reply, SMTPError
 
 log = Logger()
@@ -85,13 +86,15 @@ class Session:
     tls: bool = False
     tls_info: str = ""
     user: Any = None
+    name: str = "unknown"  # forward-confirmed reverse DNS (mailstack.smtp.rdns)
 
     @property
     def client(self) -> str:
         """
-        C{helo[ip]:port}, or C{unknown[ip]:port} before HELO, for logs.
+        C{name[ip]:port} for logs: the forward-confirmed reverse DNS name
+        or C{unknown}, never the HELO name (the client's own claim).
         """
-        return f"{self.helo or 'unknown'}[{self.peer_host}]:{self.peer_port}"
+        return f"{self.name}[{self.peer_host}]:{self.peer_port}"
 
     @property
     def protocol_name(self) -> str:
@@ -169,9 +172,26 @@ class SMTPServer(Protocol, TimeoutMixin):
         self.callLater = self.factory.clock.callLater  # type: ignore[assignment]
         self.setTimeout(settings.timeout)
         self.factory.sessions.add(self)
-        log.info("connect from {client} ({service})", client=self.session.client,
-                 service=settings.name)
-        self._respond(maybeDeferred(self.policy.connect, self.session), self._greet)
+        self._respond(self._connect(), self._greet)
+
+    def _connect(self) -> Any:
+        """
+        The client's confirmed name first (if the factory has a resolver),
+        then the policy's verdict on the connection.
+        """
+        def connected(_: Any = None) -> Any:
+            log.info("connect from {client} ({service})", client=self.session.client,
+                     service=self.settings.name)
+            return maybeDeferred(self.policy.connect, self.session)
+
+        if self.factory.resolver is None:
+            return connected()
+
+        def named(name: str) -> Any:
+            self.session.name = name
+            return connected()
+
+        return client_name(self.factory.resolver, self.session.peer_host).addCallback(named)
 
     def _greet(self, reply: Reply | None) -> Reply:
         if reply is not None and reply.is_error:
@@ -475,8 +495,8 @@ class SMTPServer(Protocol, TimeoutMixin):
                     new_queue_id(), sender, received_at=self.factory.clock.seconds(),
                     client=self.session.client,
                 )
-                log.info("{qid}: client={client}", qid=self.envelope.queue_id,
-                         client=self.session.client)
+                log.info("{qid}: client={client} helo=<{helo}>", qid=self.envelope.queue_id,
+                         client=self.session.client, helo=self.session.helo or "")
             return reply
 
         return maybeDeferred(self.policy.mail, self.session, sender).addCallback(accepted)
@@ -641,3 +661,4 @@ class SMTPServerFactory(Factory):
         self.spool_dir = spool_dir
         self.tls = tls
         self.sessions: set[SMTPServer] = set()  # open sessions, for the drain at stop
+        self.resolver: Any = None  # for the client's name in logs (mailstack.smtp.rdns)

@@ -1,0 +1,174 @@
+"""
+Logs a postmaster can use: no DNS start/stop noise, a failed STARTTLS
+handshake followed by clear text is logged, C{--require-tls} deferrals say
+what happened with a 4.7.x status, and C{client=} is the forward-confirmed
+reverse DNS name (or C{unknown}), with HELO apart.
+"""
+
+import io
+import smtplib
+
+from twisted.internet import reactor, ssl
+from twisted.internet.defer import ensureDeferred, inlineCallbacks
+from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.logger import formatEvent, globalLogPublisher
+from twisted.names import client as dns_client
+from twisted.names import dns, server as dns_server
+from twisted.trial.unittest import TestCase
+
+from mailstack.logs import filter_noise
+from mailstack.queue.courier import Courier
+from mailstack.smtp.client import Timeouts
+from mailstack.testing import FakeResolver
+from tests.support import add_user, in_thread, short_tempdir, start_server
+from tests.test_relay import Sink
+
+
+def capture_log(testcase):
+    """
+    Every log event's text from now until the test ends.
+    """
+    lines = []
+
+    def observe(event):
+        text = formatEvent(event)
+        if text:
+            lines.append(text)
+
+    globalLogPublisher.addObserver(observe)
+    testcase.addCleanup(globalLogPublisher.removeObserver, observe)
+    return lines
+
+
+class DNSNoiseTests(TestCase):
+    @inlineCallbacks
+    def test_no_protocol_start_stop_lines(self):
+        """
+        Once a MailStack exists, DNS queries through Twisted's client log
+        no "Starting protocol" / "Stopping protocol" lines.
+        """
+        dns.DNSDatagramProtocol.noisy = True  # Twisted's default
+        yield start_server(self)
+        fake = FakeResolver(mx={"remote.test": [(10, "mx.remote.test")]})
+        protocol = dns.DNSDatagramProtocol(dns_server.DNSServerFactory(clients=[fake]))
+        port = reactor.listenUDP(0, protocol, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        resolver = dns_client.Resolver(servers=[("127.0.0.1", port.getHost().port)],
+                                       reactor=reactor)
+        lines = capture_log(self)
+        filter_noise()  # what twistd mailstack does once its log is set up
+        answers, _, _ = yield resolver.lookupMailExchange("remote.test")
+        self.assertEqual(str(answers[0].payload.name), "mx.remote.test")
+        noise = [line for line in lines if "DNSDatagramProtocol" in line or
+                 "protocol" in line.lower() or "UDP Port" in line]
+        self.assertEqual(noise, [])
+
+
+class TLSLogTests(TestCase):
+    @inlineCallbacks
+    def setUp(self):
+        self.sink = Sink()
+        yield self.sink.start(self)
+        self.resolver = FakeResolver(mx={"remote.test": [(10, "mx1.remote.test")]},
+                                     a={"mx1.remote.test": ["127.0.0.10"]})
+
+    def deliver(self, require_tls=()):
+        courier = Courier(reactor, self.resolver, "me.test", port=25,
+                          timeouts=Timeouts(5, 5, 5, 5, 5),
+                          endpoint=lambda ip, port: TCP4ClientEndpoint(
+                              reactor, "127.0.0.1", self.sink.number, timeout=5),
+                          require_tls=require_tls)
+        self.addCleanup(courier.close_idle)
+        return ensureDeferred(courier.deliver(
+            "remote.test", "a@me.test", ["x@remote.test"],
+            lambda: io.BytesIO(b"Subject: x\n\nhi\n"), 10))
+
+    @inlineCallbacks
+    def test_require_tls_deferral(self):
+        """
+        A --require-tls domain whose MX offers no STARTTLS is deferred with
+        451 4.7.4 and a text saying TLS was not offered; nobody "said 530".
+        """
+        outcome = (yield self.deliver(["remote.test"]))["x@remote.test"]
+        self.assertEqual(outcome.status, "deferred")
+        self.assertEqual((outcome.reply.code, outcome.reply.enhanced), (451, "4.7.4"))
+        self.assertEqual(outcome.reply.text, "TLS is required, but STARTTLS was not offered "
+                                             "by mx1.remote.test[127.0.0.10]:25")
+        self.assertNotIn("said", outcome.reply.text)
+
+    @inlineCallbacks
+    def test_failed_handshake_then_clear_text_is_logged(self):
+        """
+        If STARTTLS is offered but the handshake fails, the message goes in
+        clear text to the same host, and the log says so twice: the failure
+        and the clear-text delivery.
+        """
+        from mailstack.tls import TLSMaterial, generate_self_signed
+        directory = short_tempdir(self)
+        cert, key = f"{directory}/c.pem", f"{directory}/k.pem"
+        generate_self_signed("mx1.remote.test", cert, key)
+        material = TLSMaterial(cert, key)
+        # A server that speaks only TLS 1.0: mailstack's client wants 1.2+.
+        old = ssl.CertificateOptions(privateKey=material._options.privateKey,
+                                     certificate=material._options.certificate,
+                                     insecurelyLowerMinimumTo=ssl.TLSVersion.TLSv1_0,
+                                     lowerMaximumSecurityTo=ssl.TLSVersion.TLSv1_0)
+        self.sink.port.factory.tls = lambda: old
+        lines = capture_log(self)
+        outcome = (yield self.deliver())["x@remote.test"]
+        self.assertEqual(outcome.status, "sent", (outcome.reply, lines))
+        self.assertEqual(len(self.sink.policy.received), 1)
+        failed = [line for line in lines if "STARTTLS handshake failed" in line]
+        clear = [line for line in lines if "sent in clear text after a failed TLS" in line]
+        self.assertEqual(len(failed), 1, lines)
+        self.assertIn("mx1.remote.test[127.0.0.10]:25", failed[0])
+        self.assertEqual(len(clear), 1, lines)
+        self.assertIn("<x@remote.test>", clear[0])
+
+
+class ClientNameTests(TestCase):
+    @inlineCallbacks
+    def session_log(self, resolver):
+        server = yield start_server(self, resolver=resolver,
+                                    smtp="tcp:0:interface=127.0.0.1")
+        add_user(server, "alice@localhost")
+        lines = capture_log(self)
+
+        def send(client):
+            client.ehlo("i-am-google.test")
+            client.sendmail("x@remote.test", ["alice@localhost"], b"Subject: s\r\n\r\nx\r\n")
+
+        def session():
+            with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as client:
+                send(client)
+
+        yield in_thread(session)
+        return lines
+
+    @inlineCallbacks
+    def test_confirmed_name(self):
+        """
+        A PTR name whose A record gives the client's address back is the
+        client's name in the log; HELO is logged apart.
+        """
+        lines = yield self.session_log(FakeResolver(ptr={"127.0.0.1": ["host.good.test"]},
+                                                    a={"host.good.test": ["127.0.0.1"]}))
+        [line] = [line for line in lines if ": client=" in line]
+        self.assertRegex(line, r": client=host\.good\.test\[127\.0\.0\.1\]:\d+ "
+                               r"helo=<i-am-google\.test>$")
+        self.assertTrue(any(l.startswith("connect from host.good.test[127.0.0.1]:")
+                            for l in lines), lines)
+
+    @inlineCallbacks
+    def test_unconfirmed_name_is_unknown(self):
+        """
+        A PTR name that does not resolve back to the client's address (or no
+        PTR at all) makes the client C{unknown}, whatever its HELO says.
+        """
+        lines = yield self.session_log(FakeResolver(ptr={"127.0.0.1": ["liar.test"]},
+                                                    a={"liar.test": ["192.0.2.1"]}))
+        [line] = [line for line in lines if ": client=" in line]
+        self.assertRegex(line, r": client=unknown\[127\.0\.0\.1\]:\d+ helo=<i-am-google\.test>$")
+        lines = yield self.session_log(FakeResolver())
+        [line] = [line for line in lines if ": client=" in line]
+        self.assertIn("client=unknown[127.0.0.1]", line)
