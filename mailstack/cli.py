@@ -117,6 +117,11 @@ def parser() -> argparse.ArgumentParser:
     send.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'")
     send.add_argument("--body", help="the body [default: read from standard input]")
     send.add_argument("--dry-run", action="store_true", help="print the message, send nothing")
+    report = commands.add_parser("report", help="summarise a log: received, delivered, "
+                                 "deferred, bounced, rejected, top senders and recipients")
+    report.add_argument("logfiles", nargs="*", metavar="LOGFILE",
+                        help="log files (.gz too) [default: standard input]")
+    report.add_argument("--top", type=int, default=10, help="lines per table [default: 10]")
     commands.add_parser("sendmail", help="sendmail-compatible local injection "
                         "([-t] [-i] [-f SENDER] [-F NAME] [RCPT...])", add_help=False)
     return p
@@ -374,6 +379,14 @@ def run(argv: Sequence[str], stdin: TextIO, stdout: TextIO) -> None:
     args = parser().parse_args(argv)
     if args.command == "send":
         send_command(args, stdin, stdout)
+        return
+    if args.command == "report":
+        from mailstack.report import format_report, read_lines, summarise
+
+        try:
+            stdout.write(format_report(summarise(read_lines(args.logfiles, stdin)), args.top))
+        except FileNotFoundError as e:
+            raise CommandError(f"{e.filename}: no such file", 66) from None
         return
     data_dir, domains = _where(args)
     # root on a data directory that belongs to the server's user works as
