@@ -224,6 +224,12 @@ def _filter_name(text: Any) -> str:
     return name
 
 
+def _metrics_endpoint(text: Any) -> str | None:
+    from mailstack.metrics import metrics_endpoint
+
+    return metrics_endpoint(text)
+
+
 @dataclass(frozen=True)
 class Option:
     """
@@ -296,6 +302,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("filter", (), _filter_name,
            "enable a message filter plugin from mailstack.plugins, e.g. greylist "
            "(repeatable; they run in this order)", repeatable=True, metavar="NAME"),
+    Option("metrics", None, lambda v: _metrics_endpoint(v),
+           "serve Prometheus metrics at /metrics on this endpoint (loopback unless an "
+           "interface is given), e.g. tcp:9125 [default: off]", metavar="ENDPOINT"),
     Option("shutdown-grace", 30, _positive,
            "on SIGTERM, seconds SMTP transactions in flight get to finish",
            metavar="SECONDS"),
@@ -333,6 +342,7 @@ class Config:
     receivers: int = 1
     filter: tuple[str, ...] = ()
     shutdown_grace: float = 30.0
+    metrics: str | None = None
     source: str = field(default="defaults", compare=False)
 
     @property

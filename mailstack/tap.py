@@ -72,12 +72,14 @@ def makeService(options: Options) -> Any:
 
     from mailstack import privileges, reload
     from mailstack.logs import filter_noise
+    from mailstack.metrics import install as install_metrics
     from mailstack.service import MailStack
 
     parent = getattr(options, "parent", None) or {}
     owner = privileges.target_ids(parent.get("uid"), parent.get("gid"))
     service = MailStack(options.config, reactor)
     reactor.callWhenRunning(filter_noise)  # twistd's log observers exist by then
+    install_metrics(service, reactor)
     # SIGHUP re-reads the file given with --config; the command line still wins.
     reload.install(service, reactor, lambda: build_config(options, options["config"]))
     if owner is not None:

@@ -432,6 +432,8 @@ class SMTPServer(Protocol, TimeoutMixin):
                      n=len(self._buffer), client=self.session.client)
         self._buffer = b""
         self.transport.startTLS(tls())
+        log.info("STARTTLS from {client} ({service})", client=self.session.client,
+                 service=self.settings.name)
         self._drop_transaction()
         self.session.helo = None
         self.session.esmtp = False
@@ -574,7 +576,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         spool.add_header(self.received_header(envelope))
         log.info("{qid}: from=<{sender}> size={size} nrcpt={nrcpt}",
                  qid=envelope.queue_id, sender=envelope.sender or "", size=spool.size,
-                 nrcpt=len(envelope.rcpts))
+                 nrcpt=len(envelope.rcpts), service=self.settings.name, tls=self.session.tls)
 
         def delivered(reply: Reply | None) -> Reply:
             return reply or Reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}")
