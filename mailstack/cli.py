@@ -22,7 +22,7 @@ from mailstack.config import ConfigError, build_config
 from mailstack.privileges import become_owner
 from mailstack.queue.control import send_command as control_command
 from mailstack.queue.store import QueueStore, valid_id
-from mailstack.users import AliasMap, UserDatabase
+from mailstack.users import AliasMap, UserDatabase, alias_key
 
 
 class CommandError(Exception):
@@ -431,17 +431,21 @@ def run(argv: Sequence[str], stdin: TextIO, stdout: TextIO) -> None:
             for name, targets in aliases.aliases():
                 print(f"{name}: {', '.join(map(str, targets))}", file=stdout)
             return
-        name = _address(args.alias)
+        try:
+            name = alias_key(args.alias)  # an address, or @domain: a catch-all
+        except AddressError as e:
+            raise CommandError(f"{args.alias}: {e}", EX_DATAERR) from None
         if args.action == "add":
             try:
                 targets = tuple(parse_address(t.strip()) for t in args.targets)
             except AddressError as e:
                 raise CommandError(f"bad target: {e}", EX_DATAERR) from None
-            warn_if_not_local(name)
+            domain = name[1:] if name.startswith("@") else parse_address(name).domain
+            warn_if_not_local(argparse.Namespace(domain=domain))
             aliases.add(name, targets)
             print(f"{name}: {', '.join(map(str, targets))}", file=stdout)
         elif args.action == "del":
-            if aliases.targets(name) is None:
+            if name not in aliases.entries():
                 raise CommandError(f"no such alias: {name}", EX_NOUSER)
             aliases.delete(name)
             print(f"deleted {name}", file=stdout)
