@@ -224,6 +224,13 @@ def _filter_name(text: Any) -> str:
     return name
 
 
+def _bind_address(text: Any) -> str:
+    try:
+        return str(ipaddress.ip_address(str(text).strip().strip("[]")))
+    except ValueError:
+        raise ConfigError(f"not an IP address: {text!r}") from None
+
+
 def _metrics_endpoint(text: Any) -> str | None:
     from mailstack.metrics import metrics_endpoint
 
@@ -302,6 +309,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("filter", (), _filter_name,
            "enable a message filter plugin from mailstack.plugins, e.g. greylist "
            "(repeatable; they run in this order)", repeatable=True, metavar="NAME"),
+    Option("smtp-bind-address", (), _bind_address,
+           "source address of outbound SMTP, one IPv4 and one IPv6 at most "
+           "(repeatable) [default: the kernel's choice]", repeatable=True, metavar="ADDRESS"),
     Option("metrics", None, lambda v: _metrics_endpoint(v),
            "serve Prometheus metrics at /metrics on this endpoint (loopback unless an "
            "interface is given), e.g. tcp:9125 [default: off]", metavar="ENDPOINT"),
@@ -343,6 +353,7 @@ class Config:
     filter: tuple[str, ...] = ()
     shutdown_grace: float = 30.0
     metrics: str | None = None
+    smtp_bind_address: tuple[str, ...] = ()
     source: str = field(default="defaults", compare=False)
 
     @property
@@ -436,4 +447,7 @@ def build_config(
     if (values["tls_cert"] is None) != (values["tls_key"] is None):
         raise ConfigError("--tls-cert and --tls-key go together")
     values["domain"] = tuple(dict.fromkeys(values["domain"]))
+    families = [ipaddress.ip_address(a).version for a in values["smtp_bind_address"]]
+    if len(families) != len(set(families)):
+        raise ConfigError("--smtp-bind-address: at most one IPv4 and one IPv6 address")
     return Config(**values, source=config_file or "defaults")

@@ -41,6 +41,7 @@ log = Logger()
 RELOADABLE = frozenset({
     "domain", "route", "relay-auth", "require-tls", "retry-schedule", "max-queue-lifetime",
     "max-message-size", "relay-networks", "smtp-timeout", "tls-cert", "tls-key",
+    "smtp-bind-address",
 })
 # What a receiver process (--receivers) was started with; it needs a restart.
 RECEIVER_SETTINGS = frozenset({"domain", "relay-networks", "max-message-size", "smtp-timeout"})
@@ -95,6 +96,7 @@ def apply(stack: Any, new: Config) -> tuple[list[str], list[str]]:
     if courier is not None:
         courier.routes = {r.domain: r for r in new.route}
         courier.require_tls = frozenset(new.require_tls)
+        courier.bind_addresses = tuple(new.smtp_bind_address)
         if credentials is not None:
             courier.credentials = credentials
     queue = stack.queue

@@ -186,7 +186,8 @@ class MailStack(MultiService):
         self.courier = Courier(reactor, resolver, config.hostname, config.route,
                                port=relay_port, timeouts=relay_timeouts,
                                endpoint=relay_endpoint, require_tls=config.require_tls,
-                               relay_auth=config.relay_auth)
+                               relay_auth=config.relay_auth,
+                               bind_addresses=config.smtp_bind_address)
         self.queue = OutboundQueue(
             QueueStore(os.path.join(data, "queue")), self.courier, reactor, clock or reactor,
             self.io_pool,

@@ -108,6 +108,7 @@ class Courier:
         require_tls: Sequence[str] = (),
         trust_root: Any = None,
         relay_auth: Sequence[Any] = (),
+        bind_addresses: Sequence[str] = (),
     ) -> None:
         self.reactor = reactor
         self.resolver = resolver
@@ -125,11 +126,17 @@ class Courier:
         self._limits: dict[str, DeferredSemaphore] = {}
         self._idle: dict[tuple[Any, ...], list[tuple[Session, Any]]] = {}
         self._closing = False
+        # --smtp-bind-address: the source address per family (smtp_bind_address,
+        # smtp_bind_address6 in Postfix).
+        self.bind_addresses = tuple(bind_addresses)
 
     def _tcp_endpoint(self, ip: str, port: int) -> IStreamClientEndpoint:
-        if ":" in ip:
-            return TCP6ClientEndpoint(self.reactor, ip, port, timeout=30)
-        return TCP4ClientEndpoint(self.reactor, ip, port, timeout=30)
+        six = ":" in ip
+        source = next((a for a in self.bind_addresses if (":" in a) == six), None)
+        bind = (source, 0) if source is not None else None
+        if six:
+            return TCP6ClientEndpoint(self.reactor, ip, port, timeout=30, bindAddress=bind)
+        return TCP4ClientEndpoint(self.reactor, ip, port, timeout=30, bindAddress=bind)
 
     # Where to
 
