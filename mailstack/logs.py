@@ -68,4 +68,4 @@ def filter_noise(publisher: LogPublisher = globalLogPublisher) -> None:
             publisher.addObserver(NoiseFilter(observer))
 
 
-__all__ = ["quiet_dns", "filter_noise", "is_noise", "NoiseFilter"]
+__all__ = ["NoiseFilter", "filter_noise", "is_noise", "quiet_dns"]

@@ -37,7 +37,12 @@ import re
 from typing import Any
 
 from prometheus_client import (
-    CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest,
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
 )
 from twisted.application.service import Service
 from twisted.logger import globalLogPublisher
@@ -130,16 +135,17 @@ class Metrics:
     def __call__(self, event: dict[str, Any]) -> None:
         try:
             self._observe(event)
-        except Exception:
+        except Exception:  # noqa: BLE001, S110 - no logging from inside a log observer
             pass  # a metric must never break logging
 
     def _observe(self, event: dict[str, Any]) -> None:
         fmt = event.get("log_format")
         if not isinstance(fmt, str):
             return
-        status_in_text = _STATUS.search(fmt)
-        if fmt.startswith("{qid}: to=<{to}>") and ("status" in event or status_in_text):
-            status = str(event["status"] if "status" in event else status_in_text.group(1))
+        in_text = _STATUS.search(fmt)
+        if fmt.startswith("{qid}: to=<{to}>") and ("status" in event or in_text is not None):
+            status = str(event["status"] if "status" in event or in_text is None
+                         else in_text.group(1))
             if status == "failed":
                 status = "bounced"
             relay = ("local" if event.get("relay") == "local" or "relay=local" in fmt

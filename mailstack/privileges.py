@@ -30,7 +30,7 @@ import grp
 import os
 import pwd
 import stat
-from typing import Iterable
+from collections.abc import Iterable
 
 DATA_MODE = 0o711
 MAILDROP_MODE = 0o1733
@@ -119,7 +119,7 @@ def prepare(data_dir: str, uid: int | None = None, gid: int | None = None) -> li
     """
     ensure_layout(data_dir)
     data = os.path.abspath(data_dir)
-    changed = []
+    changed: list[str] = []
     if uid is None or os.geteuid() != 0:
         return changed
     gid = pwd.getpwuid(uid).pw_gid if gid is None else gid

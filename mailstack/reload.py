@@ -24,7 +24,8 @@ from __future__ import annotations
 
 import dataclasses
 import signal
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
@@ -81,7 +82,7 @@ def apply(stack: Any, new: Config) -> tuple[list[str], list[str]]:
         try:
             material = TLSMaterial.from_config(stack.data_dir, old.hostname, new.tls_cert,
                                                new.tls_key)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - OSError, PEM or key errors alike
             raise ConfigError(f"the new TLS files do not load: {e}") from None
     credentials = None
     if "relay-auth" in applied:
@@ -240,4 +241,4 @@ def install(stack: Any, reactor: Any, load: Callable[[], Config]) -> None:
     Drain(stack, reactor, stack.config.shutdown_grace).setServiceParent(stack)
 
 
-__all__ = ["apply", "reload", "install", "Drain", "SignalService"]
+__all__ = ["Drain", "SignalService", "apply", "install", "reload"]

@@ -16,8 +16,9 @@ import gzip
 import re
 import statistics
 from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import IO, Iterable, Iterator
+from typing import IO
 
 _QID = r"(?P<qid>[0-9A-F]{12}): "
 _RECEIVED = re.compile(_QID + r"from=<(?P<sender>[^>]*)> size=(?P<size>\d+) nrcpt=(?P<n>\d+)"
@@ -160,10 +161,10 @@ def format_report(report: Report, top: int = 10) -> str:
         "",
         "Grand totals",
         "------------",
-        f"{report.received:>8}  received ({_size(report.received_bytes)}; "
-        f"{report.received_local} injected locally: sendmail, bounces)",
-        f"{report.delivered:>8}  delivered ({report.delivered_local} to local mailboxes, "
-        f"{report.delivered - report.delivered_local} relayed)",
+        (f"{report.received:>8}  received ({_size(report.received_bytes)}; "
+        f"{report.received_local} injected locally: sendmail, bounces)"),
+        (f"{report.delivered:>8}  delivered ({report.delivered_local} to local mailboxes, "
+        f"{report.delivered - report.delivered_local} relayed)"),
         f"{report.deferred:>8}  deferred ({len(report.deferred_messages)} messages)",
         f"{report.bounced:>8}  bounced",
         f"{report.expired:>8}  expired in the queue",
@@ -173,9 +174,9 @@ def format_report(report: Report, top: int = 10) -> str:
         delays = sorted(report.delays)
         p95 = delays[min(len(delays) - 1, int(len(delays) * 0.95))]
         lines += ["", "Delivery delays", "---------------",
-                  f"average {statistics.fmean(delays):.2f}s, median "
+                  (f"average {statistics.fmean(delays):.2f}s, median "
                   f"{statistics.median(delays):.2f}s, 95th percentile {p95:.2f}s, "
-                  f"maximum {delays[-1]:.2f}s"]
+                  f"maximum {delays[-1]:.2f}s")]
         buckets = [(1, "< 1s"), (10, "< 10s"), (60, "< 1m"), (600, "< 10m"), (3600, "< 1h"),
                    (float("inf"), ">= 1h")]
         low = 0.0

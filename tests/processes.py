@@ -12,8 +12,8 @@ import threading
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TWISTD = [sys.executable, "-c", "import sys; from twisted.scripts.twistd import run; "
-          "sys.argv[0] = 'twistd'; run()"]
+TWISTD = [sys.executable, "-c", ("import sys; from twisted.scripts.twistd import run; "
+          "sys.argv[0] = 'twistd'; run()")]
 
 
 class Twistd:

@@ -19,7 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def mailstack(data, *args):
     return subprocess.run([sys.executable, "-m", "mailstack", "--data-dir", data, *args],
-                          capture_output=True, text=True, timeout=60,
+                          capture_output=True, text=True, timeout=60, check=False,
                           env=dict(os.environ, PYTHONPATH=ROOT))
 
 

@@ -13,7 +13,8 @@ from twisted.internet.defer import ensureDeferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.names import client as dns_client
-from twisted.names import dns, server as dns_server
+from twisted.names import dns
+from twisted.names import server as dns_server
 from twisted.trial.unittest import TestCase
 
 from mailstack.logs import filter_noise

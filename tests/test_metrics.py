@@ -3,9 +3,9 @@ C{--metrics}: a real server's Prometheus endpoint, scraped with a real
 HTTP client after real SMTP traffic.
 """
 
+import os
 import smtplib
 import ssl
-import os
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families

@@ -65,7 +65,7 @@ class ReloadTests(TestCase):
         self.stack.privilegedStartService()
         self.stack.startService()
         self.addCleanup(self.stack.stopService)
-        port = yield [s for s in self.stack if getattr(s, "label", "") == "smtp"][0].listening
+        port = yield next(s for s in self.stack if getattr(s, "label", "") == "smtp").listening
         self.port = port.getHost().port
         add_user(self.stack, "alice@new.test")
 
@@ -142,9 +142,9 @@ class SignalTests(SynchronousTestCase):
         server = Twistd(["--config", path])
         self.addCleanup(server.stop)
         port = server.ports("smtp")["smtp"]
+        from mailstack.address import local_address
         from mailstack.auth import hash_password
         from mailstack.users import UserDatabase
-        from mailstack.address import local_address
         UserDatabase(data).add(local_address("bob@new.test"), hash_password("pw"))
         self.assertEqual(rcpt(port, "bob@new.test"), 554)
         write_toml(path, **dict(values, domain=["localhost", "new.test"]))

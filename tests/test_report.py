@@ -133,7 +133,7 @@ class ReportTests(SynchronousTestCase):
         self.assertEqual(len(report.delays), 5)
 
         result = subprocess.run([sys.executable, "-m", "mailstack", "report", log],
-                                capture_output=True, env=env, timeout=60)
+                                capture_output=True, env=env, timeout=60, check=False)
         self.assertEqual(result.returncode, 0, result.stderr)
         self.assertEqual(result.stdout.decode(), format_report(report))
         text = result.stdout.decode()
@@ -147,10 +147,10 @@ class ReportTests(SynchronousTestCase):
         """
         lines = [
             "Nov 29 06:25:01 mx twistd[812]: 4F2A9C0B1D2E: from=<a@x.test> size=10 nrcpt=1",
-            "Nov 29 06:25:01 mx twistd[812]: 4F2A9C0B1D2E: to=<b@y.test> relay=local "
-            "delay=0.20 dsn=2.0.0 status=sent (delivered to maildir)",
-            "Nov 29 06:25:02 mx twistd[812]: reject: MAIL from unknown[192.0.2.1]:25: "
-            "<a@x.test> not owned by b@y.test",
+            ("Nov 29 06:25:01 mx twistd[812]: 4F2A9C0B1D2E: to=<b@y.test> relay=local "
+            "delay=0.20 dsn=2.0.0 status=sent (delivered to maildir)"),
+            ("Nov 29 06:25:02 mx twistd[812]: reject: MAIL from unknown[192.0.2.1]:25: "
+            "<a@x.test> not owned by b@y.test"),
         ]
         report = summarise(lines)
         self.assertEqual((report.received, report.delivered, report.rejected), (1, 1, 1))

@@ -13,13 +13,19 @@ import time
 from twisted.internet.defer import inlineCallbacks
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from mailstack.mua.sendmail import parse_args, read_drop
+from mailstack.address import parse_address
+from mailstack.message import Envelope, MessageSpool
+from mailstack.mua.sendmail import SendmailError, parse_args, read_drop
 from mailstack.queue.runner import new_record
 from mailstack.queue.store import QueueStore
-from mailstack.message import Envelope, MessageSpool
-from mailstack.address import parse_address
 from tests.processes import ROOT, Twistd
-from tests.support import add_user, in_thread, read_messages, short_tempdir, start_server
+from tests.support import (
+    add_user,
+    in_thread,
+    read_messages,
+    short_tempdir,
+    start_server,
+)
 from tests.test_privileges import public_tempdir, service_user
 
 LISTEN = "tcp:0:interface=127.0.0.1"
@@ -47,7 +53,7 @@ def sendmail(args, stdin=b"", data_dir=None, user=None, argv0="/usr/sbin/sendmai
     code = (f"import os, sys; import {PRELOAD}; {drop}"
             f"sys.argv[0] = {argv0!r}; mailstack.cli.main()")
     return subprocess.run([sys.executable, "-c", code, *args], input=stdin,
-                          capture_output=True, env=env, timeout=60, cwd="/")
+                          capture_output=True, env=env, timeout=60, cwd="/", check=False)
 
 
 def nobody(testcase):
@@ -96,11 +102,11 @@ class CronTests(TestCase):
         from mailstack.mua.sendmail import prepare
         args = parse_args(["-B8BITMIME", "-N", "never", "-R", "hdrs", "-V", "x", "-Xlog",
                            "-O", "x=y", "-bm", "-f", "backup", "-t", "alice"])
-        sender, rcpts, content = prepare(args, b"To: bob, carol@x.test\n\nhi\n", "example.org",
+        sender, rcpts, _content = prepare(args, b"To: bob, carol@x.test\n\nhi\n", "example.org",
                                          login="root")
         self.assertEqual(sender, "backup@example.org")
         self.assertEqual(rcpts, ["alice@example.org", "bob@example.org", "carol@x.test"])
-        with self.assertRaises(Exception):
+        with self.assertRaises(SendmailError):
             parse_args(["-bd"])
 
 
@@ -138,8 +144,8 @@ class NonRootTests(TestCase):
         [name] = [n for n in os.listdir(os.path.join(data, "maildrop"))]
         self.assertEqual(os.stat(os.path.join(data, "maildrop", name)).st_uid, who.pw_uid)
         listing = yield in_thread(subprocess.run, [
-            sys.executable, "-c", f"import os; os.setgid({who.pw_gid}); os.setuid("
-            f"{who.pw_uid}); os.listdir({os.path.join(data, 'maildrop')!r})"],
+            sys.executable, "-c", (f"import os; os.setgid({who.pw_gid}); os.setuid("
+            f"{who.pw_uid}); os.listdir({os.path.join(data, 'maildrop')!r})")],
             capture_output=True)
         self.assertIn(b"PermissionError", listing.stderr)
 
@@ -242,7 +248,7 @@ class MaildropDefenceTests(SynchronousTestCase):
             f.write('{"sender": "", "recipients": ["a@b.test"], "uid": 0, "user": "root"}\n'
                     'x\n')
         os.chown(plain, 12345, 12345) if os.geteuid() == 0 else None
-        sender, rcpts, uid, content = read_drop(plain)
+        _sender, rcpts, uid, content = read_drop(plain)
         self.assertEqual((rcpts, uid, content), (["a@b.test"], os.stat(plain).st_uid, b"x\n"))
         with self.assertRaises(ValueError):
             read_drop(plain, max_size=10)

@@ -10,7 +10,8 @@ client is the local user who ran the command.
 
 from __future__ import annotations
 
-from typing import BinaryIO, Callable
+from collections.abc import Callable
+from typing import BinaryIO
 
 from mailstack.address import AddressError, parse_address
 from mailstack.mua.sendmail import SendmailArgs, SendmailError, drop, prepare, qualify
@@ -42,7 +43,7 @@ def serve(stdin: BinaryIO, stdout: BinaryIO, data_dir: str, domain: str, hostnam
         lines = [text, *more]
         for i, line in enumerate(lines):
             sep = " " if i == len(lines) - 1 else "-"
-            stdout.write(f"{code}{sep}{line}\r\n".encode("utf-8"))
+            stdout.write(f"{code}{sep}{line}\r\n".encode())
         stdout.flush()
 
     def readline() -> bytes | None:
