@@ -38,6 +38,9 @@ class CommandError(Exception):
 EX_USAGE, EX_DATAERR, EX_NOUSER, EX_UNAVAILABLE, EX_CANTCREAT, EX_TEMPFAIL = (
     64, 65, 67, 69, 73, 75)
 EX_NOPERM = 77
+# Where contrib/systemd's unit reads its configuration; sendmail and mailq
+# use it when the environment names no other.
+SYSTEM_CONFIG = "/etc/mailstack/mailstack.toml"
 
 
 def read_password(stdin: TextIO, prompt: bool) -> str:
@@ -137,7 +140,15 @@ def _where(args: argparse.Namespace, environment: bool = False
     config_file = args.config
     if environment and not (config_file or args.data_dir):
         config_file = os.environ.get("MAILSTACK_CONFIG")
+        if (not config_file and not os.environ.get("MAILSTACK_DATA_DIR")
+                and os.path.exists(SYSTEM_CONFIG)):
+            config_file = SYSTEM_CONFIG  # the packaged service's file (contrib/systemd)
     if config_file:
+        if environment:
+            # sendmail and mailq need only these two, and must not fail for
+            # a local user on what only the server may read (relay-auth
+            # password files).
+            return _where_only(config_file)
         try:
             config = build_config({}, config_file)
         except ConfigError as e:
@@ -145,6 +156,24 @@ def _where(args: argparse.Namespace, environment: bool = False
         return config.data_dir, config.domain
     default = os.environ.get("MAILSTACK_DATA_DIR") if environment else None
     return args.data_dir or default or "./mailstack-data", None
+
+
+def _where_only(config_file: str) -> tuple[str, tuple[str, ...] | None]:
+    """
+    C{data-dir} and C{domain} of a configuration file, the rest unread.
+    """
+    from mailstack.config import OPTIONS_BY_NAME, read_toml
+
+    try:
+        values = read_toml(config_file)
+        data_dir = OPTIONS_BY_NAME["data-dir"].parse(
+            values.get("data-dir", OPTIONS_BY_NAME["data-dir"].default))
+        domains = values.get("domain", OPTIONS_BY_NAME["domain"].default)
+        domains = [domains] if isinstance(domains, str) else list(domains)
+        parsed = tuple(OPTIONS_BY_NAME["domain"].parse(d) for d in domains)
+    except ConfigError as e:
+        raise CommandError(str(e), EX_USAGE) from None
+    return data_dir, parsed or None
 
 
 def sendmail_command(argv: Sequence[str], data_dir: str, domain: str, stdin: TextIO,

@@ -8,6 +8,7 @@ import os
 import pwd
 import subprocess
 import sys
+import tempfile
 import time
 
 from twisted.internet.defer import inlineCallbacks
@@ -37,12 +38,12 @@ PRELOAD = ("mailstack.cli, mailstack.mua.sendmail, mailstack.mua.stdin_smtp, "
            "tomllib, pwd, random, uuid, encodings.idna")
 
 
-def sendmail(args, stdin=b"", data_dir=None, user=None, argv0="/usr/sbin/sendmail"):
+def sendmail(args, stdin=b"", data_dir=None, user=None, argv0="/usr/sbin/sendmail", env=None):
     """
     Run the command installed as C{argv0} (sendmail, mailq) with C{args},
     as root or as C{user} (a name: C{os.setuid} in the child).
     """
-    env = dict(os.environ, PYTHONPATH=ROOT)
+    env = dict(os.environ, PYTHONPATH=ROOT, **(env or {}))
     if data_dir is not None:
         env["MAILSTACK_DATA_DIR"] = data_dir
     drop = ""
@@ -252,3 +253,32 @@ class MaildropDefenceTests(SynchronousTestCase):
         self.assertEqual((rcpts, uid, content), (["a@b.test"], os.stat(plain).st_uid, b"x\n"))
         with self.assertRaises(ValueError):
             read_drop(plain, max_size=10)
+
+
+class SystemConfigTests(TestCase):
+    def test_user_reads_only_what_it_needs(self):
+        """
+        A local user's sendmail with MAILSTACK_CONFIG naming the server's
+        file works even though that file names a relay password only root
+        can read; the bare name gets the file's first domain.
+        """
+        who = nobody(self)
+        base = public_tempdir(self)
+        data = os.path.join(base, "data")
+        from mailstack.privileges import ensure_layout
+        ensure_layout(data)
+        secret = tempfile.mkdtemp(prefix="ms-secret-")  # 0700, root's
+        self.addCleanup(__import__("shutil").rmtree, secret, True)
+        with open(os.path.join(secret, "pw"), "w") as f:
+            f.write("pw\n")
+        config = os.path.join(base, "mailstack.toml")
+        with open(config, "w") as f:
+            f.write(f'data-dir = "{data}"\ndomain = ["example.org"]\n'
+                    f'relay-auth = ["smarthost.test=me:{secret}/pw"]\n')
+        env = {"MAILSTACK_CONFIG": config}
+        result = sendmail(["root"], b"Subject: s\n\nx\n", None, "nobody", env=env)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        [name] = os.listdir(os.path.join(data, "maildrop"))
+        sender, rcpts, uid, _ = read_drop(os.path.join(data, "maildrop", name))
+        self.assertEqual((sender, rcpts, uid), ("nobody@example.org", ["root@example.org"],
+                                                who.pw_uid))
