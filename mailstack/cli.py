@@ -178,8 +178,14 @@ def _where_only(config_file: str) -> tuple[str, tuple[str, ...] | None]:
 
 def sendmail_command(argv: Sequence[str], data_dir: str, domain: str, stdin: TextIO,
                      stdout: TextIO | None = None) -> None:
-    from mailstack.mua.sendmail import (SendmailError, drop, parse_args, poke, prepare,
-                                        read_message)
+    from mailstack.mua.sendmail import (
+        SendmailError,
+        drop,
+        parse_args,
+        poke,
+        prepare,
+        read_message,
+    )
 
     try:
         options = parse_args(argv)
