@@ -9,8 +9,9 @@ import io
 import smtplib
 
 from twisted.internet import reactor, ssl
-from twisted.internet.defer import ensureDeferred, inlineCallbacks
+from twisted.internet.defer import Deferred, ensureDeferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.task import Clock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.names import client as dns_client
 from twisted.names import dns
@@ -20,6 +21,7 @@ from twisted.trial.unittest import TestCase
 from mailstack.logs import filter_noise
 from mailstack.queue.courier import Courier
 from mailstack.smtp.client import Timeouts
+from mailstack.smtp.rdns import client_name
 from mailstack.testing import FakeResolver
 from tests.support import add_user, in_thread, short_tempdir, start_server
 from tests.test_relay import Sink
@@ -147,29 +149,56 @@ class ClientNameTests(TestCase):
         return lines
 
     @inlineCallbacks
-    def test_confirmed_name(self):
+    def test_session_log(self):
         """
-        A PTR name whose A record gives the client's address back is the
-        client's name in the log; HELO is logged apart.
+        A session's log names the client by its confirmed name (loopback
+        is C{localhost}, as /etc/hosts says, without a DNS query) and logs
+        the HELO name apart.
         """
-        lines = yield self.session_log(FakeResolver(ptr={"127.0.0.1": ["host.good.test"]},
-                                                    a={"host.good.test": ["127.0.0.1"]}))
+        resolver = FakeResolver()
+        lines = yield self.session_log(resolver)
         [line] = [line for line in lines if ": client=" in line]
-        self.assertRegex(line, r": client=host\.good\.test\[127\.0\.0\.1\]:\d+ "
+        self.assertRegex(line, r": client=localhost\[127\.0\.0\.1\]:\d+ "
                                r"helo=<i-am-google\.test>$")
-        self.assertTrue(any(l.startswith("connect from host.good.test[127.0.0.1]:")
+        self.assertTrue(any(l.startswith("connect from localhost[127.0.0.1]:")
                             for l in lines), lines)
+        self.assertEqual(resolver.queries, [])
 
-    @inlineCallbacks
-    def test_unconfirmed_name_is_unknown(self):
+
+class ForwardConfirmedTests(TestCase):
+    def name(self, resolver, ip):
+        return self.successResultOf(client_name(resolver, ip))
+
+    def test_confirmed(self):
         """
-        A PTR name that does not resolve back to the client's address (or no
-        PTR at all) makes the client C{unknown}, whatever its HELO says.
+        A PTR name whose A (or AAAA) record gives the address back is the name.
         """
-        lines = yield self.session_log(FakeResolver(ptr={"127.0.0.1": ["liar.test"]},
-                                                    a={"liar.test": ["192.0.2.1"]}))
-        [line] = [line for line in lines if ": client=" in line]
-        self.assertRegex(line, r": client=unknown\[127\.0\.0\.1\]:\d+ helo=<i-am-google\.test>$")
-        lines = yield self.session_log(FakeResolver())
-        [line] = [line for line in lines if ": client=" in line]
-        self.assertIn("client=unknown[127.0.0.1]", line)
+        resolver = FakeResolver(ptr={"192.0.2.7": ["Mail.Example.COM."],
+                                     "2001:db8::7": ["v6.example.com"]},
+                                a={"mail.example.com": ["192.0.2.9", "192.0.2.7"],
+                                   "v6.example.com": ["2001:db8::7"]})
+        self.assertEqual(self.name(resolver, "192.0.2.7"), "mail.example.com")
+        self.assertEqual(self.name(resolver, "2001:db8::7"), "v6.example.com")
+
+    def test_unconfirmed_or_failing_is_unknown(self):
+        """
+        No PTR, a PTR name that does not point back, a lookup that fails,
+        or lookups past the deadline: C{unknown}, whatever the client says.
+        """
+        resolver = FakeResolver(ptr={"192.0.2.8": ["liar.example.com"]},
+                                a={"liar.example.com": ["192.0.2.99"]},
+                                missing={"7.2.0.192.in-addr.arpa"})
+        self.assertEqual(self.name(resolver, "192.0.2.8"), "unknown")
+        self.assertEqual(self.name(resolver, "192.0.2.9"), "unknown")
+        self.assertEqual(self.name(resolver, "192.0.2.7"), "unknown")
+
+        class Silent(FakeResolver):
+            def _lookup(self, name, cls, type, timeout):
+                return Deferred()
+
+        clock = Clock()
+        d = client_name(Silent(), "192.0.2.7", clock)
+        clock.advance(9.9)
+        self.assertNoResult(d)
+        clock.advance(0.2)
+        self.assertEqual(self.successResultOf(d), "unknown")

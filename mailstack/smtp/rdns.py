@@ -19,6 +19,7 @@ log = Logger()
 
 UNKNOWN = "unknown"
 MAX_NAMES = 5  # PTR names checked; Postfix checks them all, a zone may list many
+DEADLINE = 10.0  # seconds for all the lookups of one client, then "unknown"
 
 
 async def _confirmed(resolver: Any, ip: str, timeout: tuple[int, ...]) -> str:
@@ -26,6 +27,10 @@ async def _confirmed(resolver: Any, ip: str, timeout: tuple[int, ...]) -> str:
         address = ipaddress.ip_address(ip)
     except ValueError:
         return UNKNOWN
+    if address.is_loopback:
+        # What /etc/hosts says everywhere; Twisted's hosts-file resolver
+        # answers no PTR queries, and local clients need no DNS round trip.
+        return "localhost"
     answers, _, _ = await resolver.lookupPointer(address.reverse_pointer, timeout)
     names = [str(r.payload.name).rstrip(".").lower() for r in answers if r.type == dns.PTR]
     for name in names[:MAX_NAMES]:
@@ -43,12 +48,16 @@ async def _confirmed(resolver: Any, ip: str, timeout: tuple[int, ...]) -> str:
     return UNKNOWN
 
 
-def client_name(resolver: Any, ip: str, timeout: tuple[int, ...] = (2, 3)) -> Deferred[str]:
+def client_name(resolver: Any, ip: str, clock: Any = None,
+                timeout: tuple[int, ...] = (2, 3)) -> Deferred[str]:
     """
     The forward-confirmed reverse DNS name of C{ip}, or C{unknown} (also
-    when a lookup fails or times out).
+    when a lookup fails, or they all take more than L{DEADLINE} seconds on
+    C{clock}).
     """
     d = ensureDeferred(_confirmed(resolver, ip, timeout))
+    if clock is not None:
+        d.addTimeout(DEADLINE, clock)
 
     def failed(failure: Any) -> str:
         log.debug("reverse lookup of {ip} failed: {error}", ip=ip,

@@ -191,7 +191,8 @@ class SMTPServer(Protocol, TimeoutMixin):
             self.session.name = name
             return connected()
 
-        return client_name(self.factory.resolver, self.session.peer_host).addCallback(named)
+        return client_name(self.factory.resolver, self.session.peer_host,
+                           self.factory.clock).addCallback(named)
 
     def _greet(self, reply: Reply | None) -> Reply:
         if reply is not None and reply.is_error:
