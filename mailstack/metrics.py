@@ -25,7 +25,8 @@ mailstack_rejections_total                 stage (CONNECT, MAIL, RCPT, DATA),
 mailstack_auth_failures_total              service (submission, imap, pop3)
 mailstack_sessions_total                   listener
 mailstack_sessions_open                    listener
-mailstack_tls_sessions_total               listener (STARTTLS/STLS, implicit TLS)
+mailstack_tls_sessions_total               listener (STARTTLS/STLS, implicit TLS;
+                                           ``outbound`` for deliveries)
 mailstack_queue_messages                   (none)
 mailstack_queue_oldest_message_seconds     (none)
 =========================================  =====================================
@@ -195,6 +196,8 @@ class Metrics:
             self.tls_sessions.labels(str(event["service"])).inc()
         elif fmt in ("imap: STARTTLS from {client}", "pop3: STLS from {client}"):
             self.tls_sessions.labels(fmt[:4]).inc()
+        elif fmt == "{kind} TLS connection established to {ip}:{port}":
+            self.tls_sessions.labels("outbound").inc()
 
 
 class MetricsPage(Resource):

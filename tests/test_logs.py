@@ -100,6 +100,21 @@ class TLSLogTests(TestCase):
         self.assertNotIn("said", outcome.reply.text)
 
     @inlineCallbacks
+    def test_tls_delivery_logged(self):
+        """
+        A delivery over opportunistic TLS logs the TLS session.
+        """
+        from mailstack.tls import TLSMaterial, generate_self_signed
+        directory = short_tempdir(self)
+        cert, key = f"{directory}/c.pem", f"{directory}/k.pem"
+        generate_self_signed("mx1.remote.test", cert, key)
+        self.sink.port.factory.tls = TLSMaterial(cert, key).context_factory
+        lines = capture_log(self)
+        outcome = (yield self.deliver())["x@remote.test"]
+        self.assertEqual(outcome.status, "sent")
+        self.assertIn("Untrusted TLS connection established to 127.0.0.10:25", lines)
+
+    @inlineCallbacks
     def test_failed_handshake_then_clear_text_is_logged(self):
         """
         If STARTTLS is offered but the handshake fails, the message goes in

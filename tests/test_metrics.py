@@ -85,6 +85,35 @@ class MetricsTests(SynchronousTestCase):
         server.wait_for(r"metrics listening on 127\.0\.0\.1:")
 
 
+class ObserverTests(SynchronousTestCase):
+    def test_outbound_tls_and_local_delivery(self):
+        """
+        The observer counts what mailstack's own log calls say: an outbound
+        TLS session, a local delivery with its delay, a refused filter.
+        """
+        from twisted.logger import Logger
+
+        from mailstack.metrics import Metrics
+
+        stack = type("Stack", (), {"queue": None, "__iter__": lambda self: iter(())})()
+        metrics = Metrics(stack, None)
+        log = Logger(observer=metrics)
+        log.info("{kind} TLS connection established to {ip}:{port}", kind="Untrusted",
+                 ip="192.0.2.1", port=25)
+        log.info("{qid}: to=<{to}> relay=local delay={delay:.2f} dsn=2.0.0 "
+                 "status=sent (delivered to maildir)", qid="A" * 12, to="a@b.test", delay=0.3)
+        log.info("{client}: filter {name} refused at {stage}: {code} {enhanced} {text}",
+                 client="x", name="greylist", stage="rcpt", code=451, enhanced="4.7.1",
+                 text="later")
+        text = metrics.render().decode()
+        self.assertIn('mailstack_tls_sessions_total{listener="outbound"} 1.0', text)
+        self.assertIn('mailstack_deliveries_total{relay="local",status="sent"} 1.0', text)
+        self.assertIn('mailstack_delivery_delay_seconds_bucket{le="0.5",relay="local"} 1.0',
+                      text)
+        self.assertIn('mailstack_rejections_total{code="451 4.7.1",stage="RCPT"} 1.0', text)
+        self.assertIn("mailstack_queue_messages 0.0", text)
+
+
 class EndpointTests(SynchronousTestCase):
     def test_off_by_default_and_loopback(self):
         """

@@ -318,6 +318,10 @@ class Courier:
                 proto, self.hostname, tls_context=context,
                 require_tls=verify_host is not None or credentials is not None,
                 credentials=credentials, timeouts=self.timeouts)
+            if session.tls:
+                log.info("{kind} TLS connection established to {ip}:{port}",
+                         kind="Verified" if verify_host is not None else "Untrusted",
+                         ip=ip, port=port)
             result = await run_transaction(session, transaction, self.timeouts)
         except SSLError as e:
             proto.transport.loseConnection()
