@@ -282,3 +282,23 @@ class SystemConfigTests(TestCase):
         sender, rcpts, uid, _ = read_drop(os.path.join(data, "maildrop", name))
         self.assertEqual((sender, rcpts, uid), ("nobody@example.org", ["root@example.org"],
                                                 who.pw_uid))
+
+
+class StaleTemporaryTests(TestCase):
+    @inlineCallbacks
+    def test_unfinished_submissions_removed_after_a_day(self):
+        """
+        A temporary maildrop file older than a day (its sendmail died) is
+        removed by the pick-up; a younger one is left to its writer.
+        """
+        data_dir = short_tempdir(self)
+        server = yield start_server(self, data_dir=data_dir)
+        maildrop = os.path.join(data_dir, "maildrop")
+        old, young = os.path.join(maildrop, ".1.tmp"), os.path.join(maildrop, ".2.tmp")
+        for path in (old, young):
+            with open(path, "w") as f:
+                f.write("{")
+        os.utime(old, (time.time() - 90000, time.time() - 90000))
+        yield server.pickup.poke()  # may be the start-up pick-up, begun before the files
+        yield server.pickup.poke()
+        self.assertEqual(sorted(os.listdir(maildrop)), [".2.tmp"])

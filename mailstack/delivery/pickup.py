@@ -98,11 +98,25 @@ class Pickup(TimerService):
             handled += 1
         return handled
 
+    stale_after = 86400.0  # a sendmail that died mid-write left its temporary file
+
     def _listing(self) -> list[str]:
         try:
-            return sorted(n for n in os.listdir(self.directory) if not n.startswith("."))
+            names = os.listdir(self.directory)
         except FileNotFoundError:
             return []
+        now = self.clock.seconds()
+        for name in names:
+            if name.startswith(".") and name.endswith(".tmp"):
+                path = os.path.join(self.directory, name)
+                try:
+                    if now - os.lstat(path).st_mtime > self.stale_after:
+                        os.unlink(path)
+                        log.info("maildrop: removed {name}, a submission left unfinished "
+                                 "a day ago", name=name)
+                except OSError:
+                    pass  # gone already, or renamed by its writer meanwhile
+        return sorted(n for n in names if not n.startswith("."))
 
 
 class PokeProtocol(LineOnlyReceiver):
