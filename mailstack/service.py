@@ -29,9 +29,10 @@ from mailstack.auth import PasswordChecker
 from mailstack.config import Config
 from mailstack.delivery.maildir import MaildirDeliveryAgent, MaildirStore, MaildirWriter
 from mailstack.delivery.dispatch import Dispatcher
-from mailstack.delivery.pickup import Pickup, PokeFactory, pickup_path
+from mailstack.delivery.pickup import Pickup, PokeFactory
 from mailstack.delivery.router import Router
 from mailstack.logs import quiet_dns
+from mailstack.mua.sendmail import pickup_path
 from mailstack.privileges import StartupError, check as check_data_dir, ensure_layout
 from mailstack.queue.control import ControlFactory, control_path
 from mailstack.queue.courier import Courier

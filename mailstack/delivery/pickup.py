@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
 
 from mailstack.address import AddressError, parse_address
-from mailstack.mua.sendmail import maildrop_dir, pickup_path, read_drop
+from mailstack.mua.sendmail import maildrop_dir, read_drop
 from mailstack.privileges import user_name
 from mailstack.smtp.server import new_queue_id
 
