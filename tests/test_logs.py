@@ -100,6 +100,18 @@ class TLSLogTests(TestCase):
         self.assertNotIn("said", outcome.reply.text)
 
     @inlineCallbacks
+    def test_deferral_status_class_follows_the_reply(self):
+        """
+        A remote's 4xx reply with a 5.x.x status (RFC 3463 forbids it) is
+        recorded as a deferral with the 4.x.x status.
+        """
+        self.sink.policy.rcpt_replies = {"x@remote.test": (451, "5.7.1", "confused")}
+        outcome = (yield self.deliver())["x@remote.test"]
+        self.assertEqual(outcome.status, "deferred")
+        self.assertEqual((outcome.reply.code, outcome.reply.enhanced), (451, "4.7.1"))
+        self.assertIn("confused", outcome.reply.text)
+
+    @inlineCallbacks
     def test_tls_delivery_logged(self):
         """
         A delivery over opportunistic TLS logs the TLS session.

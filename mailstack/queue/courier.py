@@ -70,6 +70,15 @@ class Outcome:
     reply: Reply
     relay: str = ""
 
+    def __post_init__(self) -> None:
+        # RFC 3463: a status's class is the reply's.  A remote's "451 5.7.1"
+        # (or a 5xx turned into a deferral here) is recorded as 4.7.1.
+        reply = self.reply
+        klass = str(reply.code // 100)
+        if reply.enhanced[:1] in ("2", "4", "5") and reply.enhanced[:1] != klass:
+            object.__setattr__(self, "reply", reply._replace(
+                enhanced=klass + reply.enhanced[1:]))
+
     @property
     def status(self) -> str:
         if self.reply.code < 300:
@@ -242,6 +251,8 @@ class Courier:
                     except SMTPClientError as e:
                         if e.permanent and e.stage in ("MAIL", "DATA", "SIZE", "AUTH"):
                             return {r: Outcome(e.reply, relay) for r in recipients}
+                        # A deferral keeps the remote's words; Outcome gives its
+                        # status the reply's class.
                         last = Reply(e.reply.code if e.reply.code < 500 else 451,
                                      e.reply.enhanced or "4.4.0",
                                      f"{relay} said: {e.reply.code} {e.reply.text}")
