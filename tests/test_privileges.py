@@ -166,3 +166,24 @@ class LayoutTests(SynchronousTestCase):
             self.assertEqual(os.stat(os.path.join(data, name)).st_uid, uid, name)
         self.assertEqual(os.stat(os.path.join(data, "maildrop/1ABC")).st_uid, 0)
         self.assertEqual(privileges.prepare(data, uid, gid), [])
+
+
+class CheckTests(SynchronousTestCase):
+    def test_unusable_directory_named(self):
+        """
+        L{privileges.check}, run as a user who cannot use the data
+        directory (root's, mode 0700), raises naming that directory.
+        """
+        uid, gid = service_user(self)
+        data = os.path.join(public_tempdir(self), "data")
+        privileges.ensure_layout(data)
+        os.chmod(data, 0o755)  # root's: readable by the user, not writable
+        code = (f"import os, sys; import mailstack.privileges as p, pwd, grp, stat; "
+                f"os.setgroups([]); os.setgid({gid}); os.setuid({uid});\n"
+                f"try:\n    p.check({data!r})\nexcept p.StartupError as e:\n"
+                f"    print(e)\nelse:\n    print('passed')")
+        result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                                env=dict(os.environ, PYTHONPATH=ROOT), timeout=60, check=False)
+        self.assertTrue(result.stdout.startswith(f"{data}: not usable by uid {uid}"),
+                        (result.stdout, result.stderr))
+        self.assertIn("owner root, mode 0755", result.stdout)
