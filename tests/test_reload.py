@@ -59,7 +59,8 @@ class ReloadTests(TestCase):
         self.path = os.path.join(self.data, "mailstack.toml")
         self.values = dict(OFF, **{"data-dir": self.data, "hostname": "mx.test",
                                    "domain": ["localhost"],
-                                   "smtp": "tcp:0:interface=127.0.0.1"})
+                                   "smtp": "tcp:0:interface=127.0.0.1",
+                                   "imaps": "tcp:0:interface=127.0.0.1"})
         write_toml(self.path, **self.values)
         self.stack = MailStack(build_config({}, self.path), reactor, resolver=FakeResolver())
         self.stack.privilegedStartService()
@@ -85,6 +86,8 @@ class ReloadTests(TestCase):
                                      **{"max-message-size": "1M"}))
         self.assertTrue(reload(self.stack, self.load))
         self.assertEqual(self.stack.config.domain, ("localhost", "new.test"))
+        imap = [s.factory for s in self.stack if getattr(s, "label", "") == "imaps"][0]
+        self.assertEqual(imap.wrappedFactory.max_message_size, 1048576)
         self.assertEqual((yield in_thread(rcpt, self.port, "alice@new.test", session)), 250)
 
         def send():
