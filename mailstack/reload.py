@@ -144,7 +144,9 @@ def reload(stack: Any, load: Callable[[], Config]) -> bool:
         line = next(l for l in lines if l.startswith(name + " = "))
         log.info("reload: changed {line}", line=line)
     for name in restart:
-        log.warn("reload: {name} changed; it takes effect after a restart", name=name)
+        # twisted.logger.Logger's method is warn (not logging's warning).
+        log.warn("reload: {name} changed; it takes effect after a restart",  # noqa: G010
+                 name=name)
     if not applied and not restart:
         log.info("reload: nothing changed")
     # Users, aliases and TLS files are re-read when they change anyway.
@@ -221,8 +223,9 @@ class Drain(Service):
                     session._close()
             busy = [s for s in sessions if _in_transaction(s)]
             if busy and self.clock.seconds() >= deadline:
-                log.warn("shutting down: cutting {n} SMTP session(s) still in a transaction",
-                         n=len(busy))
+                log.warn(  # noqa: G010
+                    "shutting down: cutting {n} SMTP session(s) still in a transaction",
+                    n=len(busy))
                 for session in busy:
                     session.transport.abortConnection()
                 busy = []

@@ -86,7 +86,7 @@ class ReloadTests(TestCase):
                                      **{"max-message-size": "1M"}))
         self.assertTrue(reload(self.stack, self.load))
         self.assertEqual(self.stack.config.domain, ("localhost", "new.test"))
-        imap = [s.factory for s in self.stack if getattr(s, "label", "") == "imaps"][0]
+        imap = next(s.factory for s in self.stack if getattr(s, "label", "") == "imaps")
         self.assertEqual(imap.wrappedFactory.max_message_size, 1048576)
         self.assertEqual((yield in_thread(rcpt, self.port, "alice@new.test", session)), 250)
 
