@@ -44,8 +44,11 @@ RELOADABLE = frozenset({
     "max-message-size", "relay-networks", "smtp-timeout", "tls-cert", "tls-key",
     "smtp-bind-address",
 })
-# What a receiver process (--receivers) was started with; it needs a restart.
-RECEIVER_SETTINGS = frozenset({"domain", "relay-networks", "max-message-size", "smtp-timeout"})
+# What a receiver process (--receivers) was started with: on a change they
+# are restarted, each finishing its sessions first, while the main process
+# keeps accepting.
+RECEIVER_SETTINGS = frozenset({"domain", "relay-networks", "max-message-size", "smtp-timeout",
+                               "tls-cert", "tls-key"})
 
 
 def smtp_factories(stack: Any) -> Iterator[SMTPServerFactory]:
@@ -122,8 +125,15 @@ def apply(stack: Any, new: Config) -> tuple[list[str], list[str]]:
     stack.config = dataclasses.replace(
         old, source=new.source,
         **{o.attribute: getattr(new, o.attribute) for o in OPTIONS if o.name in applied})
-    if old.receivers > 1:
-        restart += [name for name in applied if name in RECEIVER_SETTINGS]
+    receivers = [name for name in applied if name in RECEIVER_SETTINGS]
+    if receivers and old.receivers > 1:
+        from mailstack.receivers import ReceiverPool
+
+        pool = next((s for s in stack if isinstance(s, ReceiverPool)), None)
+        if pool is not None:
+            log.info("reload: restarting the receiver processes for {names}; their "
+                     "sessions finish first", names=", ".join(receivers))
+            pool.restart()
     return applied, restart
 
 

@@ -256,3 +256,38 @@ class DrainDeadlineTests(SynchronousTestCase):
         self.successResultOf(d)
         self.assertTrue(session.aborted)
         self.assertEqual(session.sent, [])
+
+
+class ReceiversReloadTests(SynchronousTestCase):
+    def test_receivers_restart_with_new_domain(self):
+        """
+        With --receivers 2, a reload that adds a domain restarts the
+        receiver process (it finishes its sessions first); afterwards every
+        process accepts mail for the new domain.
+        """
+        import time
+
+        data = short_tempdir(self)
+        path = os.path.join(data, "mailstack.toml")
+        values = dict(OFF, **{"data-dir": data, "hostname": "mx.test", "domain": ["localhost"],
+                              "smtp": "tcp:0:interface=127.0.0.1", "receivers": 2})
+        write_toml(path, **values)
+        server = Twistd(["--config", path])
+        self.addCleanup(server.stop)
+        port = server.ports("smtp")["smtp"]
+        server.wait_for(r"receiver 1 \(pid \d+\) accepting")
+        from mailstack.address import local_address
+        from mailstack.auth import hash_password
+        from mailstack.users import UserDatabase
+        UserDatabase(data).add(local_address("bob@new.test"), hash_password("pw"))
+        write_toml(path, **dict(values, domain=["localhost", "new.test"]))
+        server.process.send_signal(signal.SIGHUP)
+        server.wait_for("receiver 1 stopped; starting it with the new configuration")
+        deadline = time.monotonic() + 60
+        while (sum("receiver 1 (pid" in line and "accepting" in line for line in server.lines)
+               < 2 and time.monotonic() < deadline):
+            time.sleep(0.05)
+        # Many connections: the kernel hands them to both processes.
+        codes = [rcpt(port, "bob@new.test") for _ in range(12)]
+        self.assertEqual(codes, [250] * 12, server.output())
+        self.assertNotIn("takes effect after a restart", server.output())
