@@ -19,9 +19,10 @@ from typing import Sequence, TextIO
 from mailstack.address import AddressError, local_address, parse_address
 from mailstack.auth import hash_password
 from mailstack.config import ConfigError, build_config
+from mailstack.privileges import become_owner
 from mailstack.queue.control import send_command as control_command
 from mailstack.queue.store import QueueStore, valid_id
-from mailstack.users import AliasMap, UserDatabase
+from mailstack.users import AliasMap, UserDatabase, alias_key
 
 
 class CommandError(Exception):
@@ -36,6 +37,10 @@ class CommandError(Exception):
 
 EX_USAGE, EX_DATAERR, EX_NOUSER, EX_UNAVAILABLE, EX_CANTCREAT, EX_TEMPFAIL = (
     64, 65, 67, 69, 73, 75)
+EX_NOPERM = 77
+# Where contrib/systemd's unit reads its configuration; sendmail and mailq
+# use it when the environment names no other.
+SYSTEM_CONFIG = "/etc/mailstack/mailstack.toml"
 
 
 def read_password(stdin: TextIO, prompt: bool) -> str:
@@ -115,6 +120,11 @@ def parser() -> argparse.ArgumentParser:
     send.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'")
     send.add_argument("--body", help="the body [default: read from standard input]")
     send.add_argument("--dry-run", action="store_true", help="print the message, send nothing")
+    report = commands.add_parser("report", help="summarise a log: received, delivered, "
+                                 "deferred, bounced, rejected, top senders and recipients")
+    report.add_argument("logfiles", nargs="*", metavar="LOGFILE",
+                        help="log files (.gz too) [default: standard input]")
+    report.add_argument("--top", type=int, default=10, help="lines per table [default: 10]")
     commands.add_parser("sendmail", help="sendmail-compatible local injection "
                         "([-t] [-i] [-f SENDER] [-F NAME] [RCPT...])", add_help=False)
     from mailstack.mailauth.commands import add_parsers as add_mailauth_parsers
@@ -132,7 +142,15 @@ def _where(args: argparse.Namespace, environment: bool = False
     config_file = args.config
     if environment and not (config_file or args.data_dir):
         config_file = os.environ.get("MAILSTACK_CONFIG")
+        if (not config_file and not os.environ.get("MAILSTACK_DATA_DIR")
+                and os.path.exists(SYSTEM_CONFIG)):
+            config_file = SYSTEM_CONFIG  # the packaged service's file (contrib/systemd)
     if config_file:
+        if environment:
+            # sendmail and mailq need only these two, and must not fail for
+            # a local user on what only the server may read (relay-auth
+            # password files).
+            return _where_only(config_file)
         try:
             config = build_config({}, config_file)
         except ConfigError as e:
@@ -142,24 +160,57 @@ def _where(args: argparse.Namespace, environment: bool = False
     return args.data_dir or default or "./mailstack-data", None
 
 
-def sendmail_command(argv: Sequence[str], data_dir: str, domain: str, stdin: TextIO) -> None:
-    from mailstack.mua.sendmail import SendmailError, drop, parse_args, prepare, read_message
+def _where_only(config_file: str) -> tuple[str, tuple[str, ...] | None]:
+    """
+    C{data-dir} and C{domain} of a configuration file, the rest unread.
+    """
+    from mailstack.config import OPTIONS_BY_NAME, read_toml
+
+    try:
+        values = read_toml(config_file)
+        data_dir = OPTIONS_BY_NAME["data-dir"].parse(
+            values.get("data-dir", OPTIONS_BY_NAME["data-dir"].default))
+        domains = values.get("domain", OPTIONS_BY_NAME["domain"].default)
+        domains = [domains] if isinstance(domains, str) else list(domains)
+        parsed = tuple(OPTIONS_BY_NAME["domain"].parse(d) for d in domains)
+    except ConfigError as e:
+        raise CommandError(str(e), EX_USAGE) from None
+    return data_dir, parsed or None
+
+
+def sendmail_command(argv: Sequence[str], data_dir: str, domain: str, stdin: TextIO,
+                     stdout: TextIO | None = None) -> None:
+    from mailstack.mua.sendmail import (
+        SendmailError,
+        drop,
+        parse_args,
+        poke,
+        prepare,
+        read_message,
+    )
 
     try:
         options = parse_args(argv)
+        if options.mode == "i":
+            return  # newaliases: the server reads DATA/aliases when it changes
+        if options.mode == "p":
+            list_queue(data_dir, stdout or sys.stdout)
+            return
+        if options.mode == "s":
+            import socket
+
+            from mailstack.mua.stdin_smtp import serve
+
+            out = getattr(stdout or sys.stdout, "buffer", stdout or sys.stdout)
+            serve(getattr(stdin, "buffer", stdin), out, data_dir, domain, socket.getfqdn(),
+                  poke=lambda: poke(data_dir))
+            return
         raw = read_message(getattr(stdin, "buffer", stdin), options.ignore_dots)
         sender, recipients, content = prepare(options, raw, domain)
         drop(data_dir, sender, recipients, content)
     except SendmailError as e:
         raise CommandError(str(e), e.status) from None
-    send_command_to_server(data_dir, "pickup")
-
-
-def send_command_to_server(data_dir: str, command: str) -> None:
-    try:
-        control_command(data_dir, command, timeout=10)
-    except OSError:
-        pass  # not running or busy: it picks up at start and every minute
+    poke(data_dir)  # not running or busy: it picks up at start and every minute
 
 
 def load_profile(name: str | None) -> dict[str, object]:
@@ -273,6 +324,27 @@ def _age(seconds: float) -> str:
     return f"{max(seconds, 0):.0f}s"
 
 
+def list_queue(data_dir: str, stdout: TextIO) -> None:
+    """
+    C{mailq}, C{sendmail -bp}: C{mailstack queue list}, for whoever may read
+    the queue (root and the data directory's owner).
+    """
+    try:
+        try:
+            os.stat(os.path.join(data_dir, "queue", "envelope"))
+        except FileNotFoundError:
+            pass  # nothing queued yet
+        queue_command(argparse.Namespace(action="list"), data_dir, stdout)
+        maildrop = os.path.join(data_dir, "maildrop")
+        waiting = [n for n in os.listdir(maildrop) if not n.startswith(".")] if os.path.isdir(
+            maildrop) else []
+        if waiting:
+            print(f"-- {len(waiting)} messages in the maildrop, waiting for pickup", file=stdout)
+    except PermissionError:
+        raise CommandError(f"the queue in {os.path.abspath(data_dir)} is readable only by "
+                           "root and the mail system's user", EX_NOPERM) from None
+
+
 def queue_command(args: argparse.Namespace, data_dir: str, stdout: TextIO) -> None:
     """
     C{list} and C{show} read the queue directory; C{flush} and C{delete} ask
@@ -343,14 +415,24 @@ def run(argv: Sequence[str], stdin: TextIO, stdout: TextIO) -> None:
         args = parser().parse_args(argv[:position] + ["user", "list"])
         data_dir, domains = _where(args, environment=True)
         sendmail_command(argv[position + 1:], data_dir, domains[0] if domains else "localhost",
-                         stdin)
+                         stdin, stdout)
         return
     args = parser().parse_args(argv)
     if args.command == "send":
         send_command(args, stdin, stdout)
         return
+    if args.command == "report":
+        from mailstack.report import format_report, read_lines, summarise
+
+        try:
+            stdout.write(format_report(summarise(read_lines(args.logfiles, stdin)), args.top))
+        except FileNotFoundError as e:
+            raise CommandError(f"{e.filename}: no such file", 66) from None
+        return
     data_dir, domains = _where(args)
-    os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    # root on a data directory that belongs to the server's user works as
+    # that user, so the files it writes stay the server's.
+    become_owner(data_dir)
     if args.command == "queue":
         queue_command(args, data_dir, stdout)
         return
@@ -361,6 +443,7 @@ def run(argv: Sequence[str], stdin: TextIO, stdout: TextIO) -> None:
         else:
             dns_command(args, data_dir, args.config, stdout)
         return
+    os.makedirs(data_dir, mode=0o700, exist_ok=True)
     users, aliases = UserDatabase(data_dir), AliasMap(data_dir)
 
     def warn_if_not_local(address: object) -> None:
@@ -396,17 +479,21 @@ def run(argv: Sequence[str], stdin: TextIO, stdout: TextIO) -> None:
             for name, targets in aliases.aliases():
                 print(f"{name}: {', '.join(map(str, targets))}", file=stdout)
             return
-        name = _address(args.alias)
+        try:
+            name = alias_key(args.alias)  # an address, or @domain: a catch-all
+        except AddressError as e:
+            raise CommandError(f"{args.alias}: {e}", EX_DATAERR) from None
         if args.action == "add":
             try:
                 targets = tuple(parse_address(t.strip()) for t in args.targets)
             except AddressError as e:
                 raise CommandError(f"bad target: {e}", EX_DATAERR) from None
-            warn_if_not_local(name)
+            domain = name[1:] if name.startswith("@") else parse_address(name).domain
+            warn_if_not_local(argparse.Namespace(domain=domain))
             aliases.add(name, targets)
             print(f"{name}: {', '.join(map(str, targets))}", file=stdout)
         elif args.action == "del":
-            if aliases.targets(name) is None:
+            if name not in aliases.entries():
                 raise CommandError(f"no such alias: {name}", EX_NOUSER)
             aliases.delete(name)
             print(f"deleted {name}", file=stdout)
@@ -417,6 +504,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         argv = sys.argv[1:]
         if os.path.basename(sys.argv[0]) == "sendmail":
             argv = ["sendmail", *argv]  # installed as /usr/sbin/sendmail
+        elif os.path.basename(sys.argv[0]) == "mailq":
+            argv = ["sendmail", "-bp", *argv]  # installed as /usr/bin/mailq
     try:
         run(argv, sys.stdin, sys.stdout)
     except CommandError as e:

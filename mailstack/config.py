@@ -232,6 +232,19 @@ def _filter_name(text: Any) -> str:
     return name
 
 
+def _bind_address(text: Any) -> str:
+    try:
+        return str(ipaddress.ip_address(str(text).strip().strip("[]")))
+    except ValueError:
+        raise ConfigError(f"not an IP address: {text!r}") from None
+
+
+def _metrics_endpoint(text: Any) -> str | None:
+    from mailstack.metrics import metrics_endpoint
+
+    return metrics_endpoint(text)
+
+
 @dataclass(frozen=True)
 class Option:
     """
@@ -308,6 +321,15 @@ OPTIONS: tuple[Option, ...] = (
            "where mail to postmaster (bare, or at any local domain) goes when no user "
            "or alias of that name exists [default: postmaster@ the first --domain, "
            "a Maildir of its own]", metavar="ADDRESS"),
+    Option("smtp-bind-address", (), _bind_address,
+           "source address of outbound SMTP, one IPv4 and one IPv6 at most "
+           "(repeatable) [default: the kernel's choice]", repeatable=True, metavar="ADDRESS"),
+    Option("metrics", None, lambda v: _metrics_endpoint(v),
+           "serve Prometheus metrics at /metrics on this endpoint (loopback unless an "
+           "interface is given), e.g. tcp:9125 [default: off]", metavar="ENDPOINT"),
+    Option("shutdown-grace", 30, _positive,
+           "on SIGTERM, seconds SMTP transactions in flight get to finish",
+           metavar="SECONDS"),
 )
 
 OPTIONS_BY_NAME: Mapping[str, Option] = {o.name: o for o in OPTIONS}
@@ -342,6 +364,9 @@ class Config:
     receivers: int = 1
     filter: tuple[str, ...] = ()
     postmaster: str | None = None
+    shutdown_grace: float = 30.0
+    metrics: str | None = None
+    smtp_bind_address: tuple[str, ...] = ()
     source: str = field(default="defaults", compare=False)
 
     @property
@@ -435,4 +460,7 @@ def build_config(
     if (values["tls_cert"] is None) != (values["tls_key"] is None):
         raise ConfigError("--tls-cert and --tls-key go together")
     values["domain"] = tuple(dict.fromkeys(values["domain"]))
+    families = [ipaddress.ip_address(a).version for a in values["smtp_bind_address"]]
+    if len(families) != len(set(families)):
+        raise ConfigError("--smtp-bind-address: at most one IPv4 and one IPv6 address")
     return Config(**values, source=config_file or "defaults")

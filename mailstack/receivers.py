@@ -72,6 +72,7 @@ def receiver_settings(config: Any, family: int, index: int) -> dict[str, Any]:
         "relay-networks": ",".join(str(n) for n in config.relay_networks),
         "max-message-size": config.max_message_size,
         "smtp-timeout": config.smtp_timeout,
+        "shutdown-grace": config.shutdown_grace,
         "filter": list(config.filter),
     })
     for name in ("tls-cert", "tls-key"):
@@ -105,6 +106,7 @@ class ReceiverPool(Service):
         self.reactor = stack.reactor
         self.count = count
         self.processes: dict[int, _ReceiverProcess] = {}
+        self._restarting: set[_ReceiverProcess] = set()
 
     def startService(self) -> None:
         super().startService()
@@ -133,10 +135,25 @@ class ReceiverPool(Service):
         self.processes[index] = process
         log.info("receiver {index} started (pid {pid})", index=index, pid=process.transport.pid)
 
+    def restart(self) -> None:
+        """
+        Stop every receiver gracefully (its SMTP transactions finish first);
+        each is started again with the main process's current configuration
+        (after a reload).  The main process keeps accepting meanwhile.
+        """
+        for process in list(self.processes.values()):
+            self._restarting.add(process)
+            process.transport.closeStdin()  # the receiver's signal to stop
+
     def _ended(self, process: _ReceiverProcess, reason: Any) -> None:
         if self.processes.get(process.index) is process:
             del self.processes[process.index]
-        if self.running:
+        if process in self._restarting and self.running:
+            self._restarting.discard(process)
+            log.info("receiver {index} stopped; starting it with the new configuration",
+                     index=process.index)
+            self._spawn(process.index)
+        elif self.running:
             log.error("receiver {index} ended ({reason}); starting it again",
                       index=process.index, reason=reason.getErrorMessage())
             self.reactor.callLater(self.respawn_delay, self._spawn, process.index)
@@ -190,6 +207,8 @@ def main() -> None:
     config = build_config(settings["options"])
     use_monotonic_time(reactor)  # timers must not follow wall-clock steps
     stack = MailStack(config, reactor, receiver=(3, settings["family"]))
+    from mailstack.reload import Drain
+    Drain(stack, reactor, config.shutdown_grace).setServiceParent(stack)
 
     def parent_gone() -> None:
         sys.stdin.read()  # returns at end of file: the main process closed it or died

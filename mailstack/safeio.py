@@ -73,6 +73,14 @@ def use_disk(disk: Disk) -> Disk:
     return previous
 
 
+def current_disk() -> Disk:
+    """
+    The L{Disk} durable writes go through now, for a writer that needs the
+    calls one by one (the maildrop, which cannot fsync its directory).
+    """
+    return _disk
+
+
 def write_file(path: str, chunks: Iterable[bytes], mode: int = 0o600) -> None:
     """
     Create C{path} (it must not exist) with C{chunks}, and fsync it.  On

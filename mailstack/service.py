@@ -30,8 +30,11 @@ from mailstack.auth import PasswordChecker
 from mailstack.config import Config
 from mailstack.delivery.maildir import MaildirDeliveryAgent, MaildirStore, MaildirWriter
 from mailstack.delivery.dispatch import Dispatcher
-from mailstack.delivery.pickup import Pickup
+from mailstack.delivery.pickup import Pickup, PokeFactory
 from mailstack.delivery.router import Router
+from mailstack.logs import quiet_dns
+from mailstack.mua.sendmail import pickup_path
+from mailstack.privileges import StartupError, check as check_data_dir, ensure_layout
 from mailstack.queue.control import ControlFactory, control_path
 from mailstack.queue.courier import Courier
 from mailstack.queue.handoff import QueueHandoff
@@ -96,6 +99,20 @@ class Listener(StreamServerEndpointService):
         return port
 
 
+class UnprivilegedListener(Listener):
+    """
+    A listener that binds in L{startService}, after twistd's privilege
+    drop, so that its socket file belongs to the service user.
+    """
+
+    def privilegedStartService(self) -> None:
+        Service.privilegedStartService(self)
+
+    def startService(self) -> None:
+        Listener.privilegedStartService(self)
+        Service.startService(self)
+
+
 class MailStack(MultiService):
     """
     The whole mail system for one L{Config}.
@@ -130,7 +147,7 @@ class MailStack(MultiService):
         self.reactor = reactor
         data = os.path.abspath(config.data_dir)
         self.data_dir = data
-        os.makedirs(data, mode=0o700, exist_ok=True)
+        ensure_layout(data)
 
         self.users = UserDatabase(data)
         self.aliases = AliasMap(data)
@@ -152,6 +169,14 @@ class MailStack(MultiService):
         # Message filter plugins (--filter) stand in front of the SMTP policies.
         self.filters = load_filters(config, reactor)
 
+        if resolver is None:
+            if config.dns_server:
+                resolver = DNSClient(servers=[config.dns_server], reactor=reactor)
+            else:
+                resolver = createResolver()
+        self.resolver = resolver
+        quiet_dns()
+
         if receiver is not None:
             self.queue = QueueHandoff(QueueStore(os.path.join(data, "queue")), data, reactor,
                                       self.io_pool)
@@ -162,15 +187,11 @@ class MailStack(MultiService):
                 self)
             return
 
-        if resolver is None:
-            if config.dns_server:
-                resolver = DNSClient(servers=[config.dns_server], reactor=reactor)
-            else:
-                resolver = createResolver()
         self.courier = Courier(reactor, resolver, config.hostname, config.route,
                                port=relay_port, timeouts=relay_timeouts,
                                endpoint=relay_endpoint, require_tls=config.require_tls,
-                               relay_auth=config.relay_auth)
+                               relay_auth=config.relay_auth,
+                               bind_addresses=config.smtp_bind_address)
         self.queue = OutboundQueue(
             QueueStore(os.path.join(data, "queue")), self.courier, reactor, clock or reactor,
             self.io_pool,
@@ -179,12 +200,16 @@ class MailStack(MultiService):
         self.dispatcher = Dispatcher(self.router, self.maildir, self.queue, reactor,
                                      self.spool_dir)
         self.queue.bounce_to = self.bounce
-        self.pickup = Pickup(data, self.dispatcher, reactor, self.io_pool)
+        self.pickup = Pickup(data, self.dispatcher, reactor, self.io_pool, config.hostname,
+                             config.max_message_size)
         self.pickup.setServiceParent(self)
         # Endpoint syntax: a ':' or '\' in the data directory's path is escaped.
         escaped = control_path(data).replace("\\", "\\\\").replace(":", "\\:")
         self.listen("control", f"unix:{escaped}:mode=600:lockfile=1",
-                    ControlFactory(self.queue, self.pickup))
+                    ControlFactory(self.queue, self.pickup), UnprivilegedListener)
+        escaped = pickup_path(data).replace("\\", "\\\\").replace(":", "\\:")
+        self.listen("pickup", f"unix:{escaped}:mode=666:lockfile=1", PokeFactory(self.pickup),
+                    UnprivilegedListener)
 
         # Argon2 takes 64 MiB and tens of milliseconds per check: few threads.
         self.auth_pool = ThreadPool(minthreads=0, maxthreads=2, name="mailstack-auth")
@@ -241,9 +266,11 @@ class MailStack(MultiService):
             name=name,
             postmaster_domain=self.config.domain[0],
         )
-        return SMTPServerFactory(policy, settings, self.reactor, self.spool_dir,
-                                 tls=None if implicit_tls else self.tls.context_factory,
-                                 blocking=self.blocking)
+        factory = SMTPServerFactory(policy, settings, self.reactor, self.spool_dir,
+                                    tls=None if implicit_tls else self.tls.context_factory,
+                                    blocking=self.blocking)
+        factory.resolver = self.resolver  # the client's confirmed name, for the logs
+        return factory
 
     def blocking(self, f: Any, *args: Any) -> Deferred[Any]:
         """
@@ -251,14 +278,15 @@ class MailStack(MultiService):
         """
         return deferToThreadPool(self.reactor, self.io_pool, f, *args)
 
-    def listen(self, label: str, description: str, factory: Any) -> Listener:
+    def listen(self, label: str, description: str, factory: Any,
+               kind_of_listener: type[Listener] = Listener) -> Listener:
         kind = description.split(":", 1)[0].lower()
         if kind in ("tcp", "tcp6", "unix") and "backlog=" not in description:
             # Twisted's default backlog (50) overflows when many clients
             # connect at once; the clients then wait out SYN retries.
             description += f":backlog={self.backlog}"
         endpoint = serverFromString(self.reactor, description)
-        listener = Listener(label, endpoint, factory)
+        listener = kind_of_listener(label, endpoint, factory)
         listener.setServiceParent(self)
         return listener
 
@@ -287,4 +315,9 @@ class MailStack(MultiService):
                      source=self.config.source)
             for line in self.config.describe():
                 log.info("  {line}", line=line)
+        try:
+            check_data_dir(self.data_dir, (self.tls.cert_path, self.tls.key_path))
+        except StartupError as e:
+            log.critical("cannot start: {error}", error=e)
+            raise
         super().startService()

@@ -70,8 +70,23 @@ def makeService(options: Options) -> Any:
     """
     from twisted.internet import reactor
 
+    from mailstack import privileges, reload
     from mailstack.clock import use_monotonic_time
+    from mailstack.logs import filter_noise
+    from mailstack.metrics import install as install_metrics
     from mailstack.service import MailStack
 
     use_monotonic_time(reactor)  # timers must not follow wall-clock steps
-    return MailStack(options.config, reactor)
+    parent = getattr(options, "parent", None) or {}
+    owner = privileges.target_ids(parent.get("uid"), parent.get("gid"))
+    service = MailStack(options.config, reactor)
+    reactor.callWhenRunning(filter_noise)  # twistd's log observers exist by then
+    install_metrics(service, reactor)
+    # SIGHUP re-reads the file given with --config; the command line still wins.
+    reload.install(service, reactor, lambda: build_config(options, options["config"]))
+    if owner is not None:
+        # Still root: everything made so far (the layout, a generated TLS
+        # key, files root's `mailstack` commands wrote) goes to the user
+        # twistd switches to after binding the ports.
+        privileges.prepare(options.config.data_dir, *owner)
+    return service

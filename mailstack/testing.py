@@ -36,16 +36,20 @@ class FakeResolver(ResolverBase):
     @param missing: domains that do not exist (NXDOMAIN).
     @param servfail: names whose MX lookup fails with SERVFAIL (their A
         and AAAA lookups still answer).
+    @param ptr: C{{ip: [name, ...]}}, reverse DNS.
     """
 
     def __init__(self, mx: dict[str, list[tuple[int, str]]] | None = None,
                  a: dict[str, list[str]] | None = None, missing: set[str] | None = None,
-                 servfail: set[str] | None = None):
+                 servfail: set[str] | None = None,
+                 ptr: dict[str, list[str]] | None = None):
         super().__init__()
         self.mx = mx or {}
         self.a = a or {}
         self.missing = missing or set()
         self.servfail = servfail or set()
+        self.ptr = {ipaddress.ip_address(ip).reverse_pointer: names
+                    for ip, names in (ptr or {}).items()}
         self.queries: list[tuple[int, str]] = []
 
     def _lookup(self, name: bytes | str, cls: int, type: int, timeout: Any) -> Deferred[Any]:
@@ -60,6 +64,9 @@ class FakeResolver(ResolverBase):
         if type == dns.MX:
             answers = [dns.RRHeader(name, dns.MX, payload=dns.Record_MX(preference, host))
                        for preference, host in self.mx.get(name, [])]
+        elif type == dns.PTR:
+            answers = [dns.RRHeader(name, dns.PTR, payload=dns.Record_PTR(target))
+                       for target in self.ptr.get(name, [])]
         elif type in (dns.A, dns.AAAA):
             for text in self.a.get(name, []):
                 ip = ipaddress.ip_address(text)

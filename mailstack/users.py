@@ -11,6 +11,10 @@ C{DATA/aliases} holds one alias a line, its targets separated by commas::
 
     postmaster@example.org: alice@example.org
     team@example.org: alice@example.org, bob@elsewhere.net
+    @example.org: alice@example.org
+
+The last is a catch-all: mail for any address of example.org that is
+neither a user nor an alias (Postfix's C{@domain} in virtual_alias_maps).
 
 Both are rewritten whole by the C{mailstack} command: under an exclusive
 lock, into a new file that is fsynced and renamed over the old one, so a
@@ -29,7 +33,9 @@ from typing import Callable, Iterator
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailstack.address import Address, AddressError, local_address, parse_address
+from mailstack.address import (
+    Address, AddressError, local_address, normalize_domain, parse_address,
+)
 from mailstack.interfaces import IAliasMap, IUserDatabase
 from mailstack.safeio import atomic_write
 
@@ -198,15 +204,33 @@ class AliasMap(_TextTable):
                     continue
         return tuple(targets)
 
-    def aliases(self) -> list[tuple[Address, tuple[Address, ...]]]:
-        result = []
+    def catch_all(self, domain: str) -> tuple[Address, ...] | None:
+        """
+        The targets of C{@domain}, or C{None} if the domain has no catch-all.
+        """
+        value = self.entries().get("@" + domain.lower())
+        if value is None:
+            return None
+        targets = []
+        for item in value.split(","):
+            try:
+                targets.append(parse_address(item.strip()))
+            except AddressError:
+                continue
+        return tuple(targets)
+
+    def aliases(self) -> list[tuple[Address | str, tuple[Address, ...]]]:
+        result: list[tuple[Address | str, tuple[Address, ...]]] = []
         for key in sorted(self.entries()):
+            if key.startswith("@"):
+                result.append((key, self.catch_all(key[1:]) or ()))
+                continue
             address = parse_address(key)
             result.append((address, self.targets(address) or ()))
         return result
 
-    def add(self, alias: Address, targets: tuple[Address, ...]) -> None:
-        key = str(local_address(str(alias)))
+    def add(self, alias: Address | str, targets: tuple[Address, ...]) -> None:
+        key = alias_key(str(alias))
         if not targets:
             raise ValueError("an alias needs at least one target")
         value = ", ".join(str(t) for t in targets)
@@ -216,11 +240,22 @@ class AliasMap(_TextTable):
 
         self._rewrite(change)
 
-    def delete(self, alias: Address) -> None:
-        key = str(alias.lower())
+    def delete(self, alias: Address | str) -> None:
+        key = alias_key(str(alias))
 
         def change(entries: dict[str, str]) -> None:
             if entries.pop(key, None) is None:
                 raise KeyError(f"no such alias: {key}")
 
         self._rewrite(change)
+
+
+def alias_key(text: str) -> str:
+    """
+    The key of an alias: a local address, or C{@domain} for a catch-all.
+    Raises L{AddressError}.
+    """
+    text = text.strip()
+    if text.startswith("@"):
+        return "@" + normalize_domain(text[1:])
+    return str(local_address(text))

@@ -67,7 +67,10 @@ class ReactorTests(SynchronousTestCase):
 
         calls = []
         self.patch(clock, "use_monotonic_time", lambda reactor: calls.append(reactor))
+        from mailstack import metrics, reload
         self.patch(service, "MailStack", lambda config, reactor: "service")
+        self.patch(metrics, "install", lambda service, reactor: None)
+        self.patch(reload, "install", lambda service, reactor, read: None)
         options = tap.Options()
         options.parseOptions(["--data-dir", self.mktemp()])
         from twisted.internet import reactor

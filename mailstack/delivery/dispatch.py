@@ -112,7 +112,7 @@ class Dispatcher:
                           qid=envelope.queue_id, error=e)
 
     def inject(self, sender: Address | None, recipients: Sequence[Address], content: bytes,
-               client: str = "local") -> Deferred[str]:
+               client: str = "local", queue_id: str | None = None) -> Deferred[str]:
         """
         Deliver a message made here (a bounce, a local submission) with LF
         line endings; unknown local recipients are logged and skipped.
@@ -120,7 +120,7 @@ class Dispatcher:
         """
         from mailstack.smtp.server import new_queue_id
 
-        envelope = Envelope(new_queue_id(), sender, received_at=wall_seconds(self.clock),
+        envelope = Envelope(queue_id or new_queue_id(), sender, received_at=wall_seconds(self.clock),
                             client=client)
         for rcpt in recipients:
             try:

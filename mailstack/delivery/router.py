@@ -131,7 +131,18 @@ class Router:
                         own = Address("postmaster", key.domain)
                         local[LocalRecipient(own, address)] = None
             else:
-                raise UnknownRecipient(str(address))
+                # A catch-all (@domain) takes what no user or alias took.
+                catch_all = getattr(self.aliases, "catch_all", None)
+                targets = catch_all(key.domain) if catch_all is not None else None
+                if not targets:
+                    raise UnknownRecipient(str(address))
+                for target in targets:
+                    if not self.is_local(target):
+                        remote[target] = None
+                    elif target.lower() in path or target.lower() == key:
+                        raise AliasLoop(f"catch-all loop: {key} -> {target}")
+                    else:
+                        self._expand(target, path + (key,), local, remote)
             return
         for target in targets:
             if target.lower() == alias:

@@ -43,6 +43,7 @@ from twisted.names import dns
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, ResponseDone
 from twisted.web.http_headers import Headers
 
+from mailstack.clock import wall_seconds
 from mailstack.mailauth.lookup import DNSCache, DNSTempError
 
 log = Logger()
@@ -214,7 +215,7 @@ class MTASTSClient:
         The policy that applies to mail for C{domain} now, or None.
         """
         domain = domain.lower().rstrip(".")
-        now = self.clock.seconds()
+        now = wall_seconds(self.clock)  # compared with times kept on disk
         cached = await self._cached(domain)
         if cached is not None and not cached.fresh(now):
             cached = None

@@ -6,10 +6,19 @@ mailx and scripts call, injecting into C{DATA/maildrop/}.
 A maildrop file is one line of JSON (sender, recipients, the calling Unix
 user) followed by the message with LF line endings; it is written to a
 temporary name, fsynced and renamed, so the server only ever sees whole
-files.  The server picks the directory up at start, when told through the
-control socket, and once a minute; so mail injected while it is stopped
-waits and goes out when it starts.  Like Postfix's postdrop, writing needs
-access to the data directory (its owner, or root).
+files.  The server picks the directory up at start, when told through its
+sockets, and once a minute; so mail injected while it is stopped waits and
+goes out when it starts.
+
+Any local user may submit, with no setuid or setgid program (Python cannot
+be one): as in Postfix's world-writable maildrop, C{DATA/maildrop} is mode
+1733 (anyone may create a file, nobody but its owner may list it, and the
+sticky bit lets only a file's owner, or the directory's, remove or rename
+it).  The server takes the submitting user from the file's owner, which
+the kernel sets (L{read_drop} uses C{fstat}), never from the file's
+content; it opens files without following symbolic links and refuses
+anything but a plain file with one link, so a user cannot make it read a
+file that is not theirs.
 """
 
 from __future__ import annotations
@@ -21,12 +30,15 @@ import getpass
 import json
 import os
 import secrets
+import socket
+import stat
 import time
 from dataclasses import dataclass, field
 from typing import BinaryIO, Sequence
 
 from mailstack.address import AddressError, parse_address
-from mailstack.safeio import atomic_write
+from mailstack.privileges import MAILDROP_MODE, ensure_layout
+from mailstack import safeio
 
 
 class SendmailError(Exception):
@@ -42,10 +54,16 @@ class SendmailArgs:
     sender: str | None = None  # -f
     full_name: str | None = None  # -F
     recipients: list[str] = field(default_factory=list)
+    mode: str = "m"  # -bm deliver (default), -bp list the queue, -bs SMTP on stdin
 
 
-# Flags that take a value, as separate word or attached; all but -f/-F ignored.
-_WITH_VALUE = set("fFBCNRVXLhOpqo")
+# Flags that take a value, as separate word or attached; all but -f/-F/-b ignored
+# (-B8BITMIME, -C file, -N dsn, -R ret, -V envid, -X log, -L label, -h hops, -O opt,
+# -p proto, -q interval, -o option).
+_WITH_VALUE = set("fFBCNRVXLhOpqob")
+# -b modes: m deliver, p list the queue (mailq), s SMTP on standard input,
+# i rebuild aliases (nothing to do: mailstack reads them live).
+MODES = set("mpsi")
 
 
 def parse_args(argv: Sequence[str]) -> SendmailArgs:
@@ -82,6 +100,11 @@ def parse_args(argv: Sequence[str]) -> SendmailArgs:
                 args.sender = rest
             elif flag == "F":
                 args.full_name = rest
+            elif flag == "b":
+                if rest[:1] not in MODES or len(rest) != 1:
+                    raise SendmailError(f"-b{rest}: unsupported mode (use -bm, -bp, -bs or "
+                                        "-bi)", 64)
+                args.mode = rest
         # anything else (-bm, -v, -m, -e*, -d*...): ignored
     return args
 
@@ -108,12 +131,12 @@ def prepare(args: SendmailArgs, content: bytes, default_domain: str,
     when missing.
     """
     login = login or getpass.getuser()
-    sender = args.sender if args.sender is not None else f"{login}@{default_domain}"
+    sender = args.sender if args.sender is not None else login
     if sender in ("<>", ""):
         sender = ""
     else:
         try:
-            sender = str(parse_address(sender.strip("<>")))
+            sender = str(parse_address(qualify(sender.strip("<>"), default_domain)))
         except AddressError as e:
             raise SendmailError(f"bad sender {sender!r}: {e}", 65) from None
     head, sep, body = content.partition(b"\n\n")
@@ -151,7 +174,8 @@ def prepare(args: SendmailArgs, content: bytes, default_domain: str,
     checked = []
     for rcpt in dict.fromkeys(recipients):
         try:
-            checked.append(str(parse_address(rcpt.strip().strip("<>"))))
+            checked.append(str(parse_address(qualify(rcpt.strip().strip("<>"),
+                                                     default_domain))))
         except AddressError as e:
             raise SendmailError(f"bad recipient {rcpt!r}: {e}", 65) from None
     if not checked:
@@ -159,30 +183,111 @@ def prepare(args: SendmailArgs, content: bytes, default_domain: str,
     return sender, checked, final
 
 
+def qualify(address: str, domain: str) -> str:
+    """
+    A bare local name (C{root}) gets C{@domain}, the first local domain,
+    as Postfix's C{append_at_myorigin} does.
+    """
+    return address if "@" in address else f"{address}@{domain}"
+
+
 def maildrop_dir(data_dir: str) -> str:
     return os.path.join(os.path.abspath(data_dir), "maildrop")
 
 
+def pickup_path(data_dir: str) -> str:
+    return os.path.join(os.path.abspath(data_dir), "pickup.sock")
+
+
+def poke(data_dir: str, timeout: float = 10) -> bool:
+    """
+    Tell a running server to look at the maildrop now; C{False} if none
+    answered (it looks at start and every minute anyway).
+    """
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(pickup_path(data_dir))
+            s.sendall(b"pickup\n")
+            return s.recv(64).startswith(b"ok")
+        except OSError:
+            return False
+
+
+def _ensure_maildrop(data_dir: str, directory: str) -> None:
+    if os.path.isdir(directory):
+        return
+    try:
+        ensure_layout(data_dir)
+    except PermissionError:
+        raise SendmailError(f"{directory} does not exist and cannot be created by "
+                            "this user; start the server once (it creates it)", 73) from None
+    if os.geteuid() == 0:
+        # root (cron) before the first start: the maildrop is the data
+        # directory owner's, whoever that is.
+        owner = os.stat(data_dir)
+        os.chown(directory, owner.st_uid, owner.st_gid)
+        os.chmod(directory, MAILDROP_MODE)
+
+
 def drop(data_dir: str, sender: str, recipients: list[str], content: bytes) -> str:
     """
-    Write a maildrop file durably; return its name.
+    Write a maildrop file durably; return its name.  The file belongs to
+    the caller (which is how the server knows who sent it) and is mode
+    0644 so the server can read it; its name has 96 random bits and the
+    directory cannot be listed, so other users cannot find it.
     """
     directory = maildrop_dir(data_dir)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
-    name = f"{int(time.time())}{secrets.token_hex(6).upper()}"
-    header = json.dumps({"sender": sender, "recipients": recipients, "uid": os.getuid(),
-                         "user": getpass.getuser()})
-    atomic_write(os.path.join(directory, name), header.encode("utf-8") + b"\n" + content)
+    _ensure_maildrop(data_dir, directory)
+    name = f"{int(time.time())}{secrets.token_hex(12).upper()}"
+    header = json.dumps({"sender": sender, "recipients": recipients})
+    data = header.encode("utf-8") + b"\n" + content
+    tmp = os.path.join(directory, f".{name}.tmp")
+    path = os.path.join(directory, name)
+    disk = safeio.current_disk()  # every durable write goes through safeio
+    try:
+        fd = disk.create(tmp, 0o644)  # O_EXCL: a planted link makes this fail
+    except PermissionError:
+        raise SendmailError(f"cannot write to {directory} "
+                            f"({stat.filemode(os.stat(directory).st_mode)}); "
+                            "the server sets it up at start", 73) from None
+    try:
+        os.fchmod(fd, 0o644)  # whatever the umask took away
+        view = memoryview(data)
+        while view:
+            view = view[disk.write(fd, view):]
+        disk.fsync(fd)
+        disk.rename(tmp, path)
+        # The directory cannot be opened for fsync by other users; on
+        # journalling file systems, fsync of the file after the rename
+        # commits the rename with it.
+        disk.fsync(fd)
+    except BaseException:
+        safeio.discard(tmp)  # the original error is the one to report
+        raise
+    finally:
+        disk.close(fd)
+    try:
+        disk.fsync_directory(directory)
+    except PermissionError:
+        pass  # not the owner: see above
     return name
 
 
-def read_drop(path: str) -> tuple[str, list[str], str, bytes]:
+def read_drop(path: str, max_size: int | None = None) -> tuple[str, list[str], int, bytes]:
     """
-    Parse a maildrop file: (sender, recipients, who, content).
+    Parse a maildrop file: (sender, recipients, uid of its owner, content).
+    Symbolic links, devices, FIFOs and files with other links are refused
+    (C{ValueError}); the owner comes from the kernel, never the content.
     """
-    with open(path, "rb") as f:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        st = os.fstat(f.fileno())
+        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+            raise ValueError("not a plain file with one link")
+        if max_size is not None and st.st_size > max_size:
+            raise ValueError(f"too big ({st.st_size} bytes)")
         data = f.read()
     header, _, content = data.partition(b"\n")
     meta = json.loads(header)
-    who = f"uid={int(meta.get('uid', -1))} user={str(meta.get('user', '?'))[:64]}"
-    return str(meta["sender"]), [str(r) for r in meta["recipients"]], who, content
+    return str(meta["sender"]), [str(r) for r in meta["recipients"]], st.st_uid, content

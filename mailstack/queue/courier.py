@@ -42,7 +42,8 @@ from twisted.names.error import DNSNameError, DomainError
 
 from mailstack.config import Route
 from mailstack.smtp.client import (
-    Session, SMTPClientError, SMTPClientProtocol, Timeouts, Transaction, close_session,
+    Session, SMTPClientError, SMTPClientProtocol, Timeouts, TLSRequired, Transaction,
+    close_session,
     open_session, run_transaction,
 )
 from mailstack.smtp.reply import Reply
@@ -68,6 +69,15 @@ class Outcome:
 
     reply: Reply
     relay: str = ""
+
+    def __post_init__(self) -> None:
+        # RFC 3463: a status's class is the reply's.  A remote's "451 5.7.1"
+        # (or a 5xx turned into a deferral here) is recorded as 4.7.1.
+        reply = self.reply
+        klass = str(reply.code // 100)
+        if reply.enhanced[:1] in ("2", "4", "5") and reply.enhanced[:1] != klass:
+            object.__setattr__(self, "reply", reply._replace(
+                enhanced=klass + reply.enhanced[1:]))
 
     @property
     def status(self) -> str:
@@ -107,6 +117,7 @@ class Courier:
         require_tls: Sequence[str] = (),
         trust_root: Any = None,
         relay_auth: Sequence[Any] = (),
+        bind_addresses: Sequence[str] = (),
     ) -> None:
         self.reactor = reactor
         self.resolver = resolver
@@ -124,11 +135,17 @@ class Courier:
         self._limits: dict[str, DeferredSemaphore] = {}
         self._idle: dict[tuple[Any, ...], list[tuple[Session, Any]]] = {}
         self._closing = False
+        # --smtp-bind-address: the source address per family (smtp_bind_address,
+        # smtp_bind_address6 in Postfix).
+        self.bind_addresses = tuple(bind_addresses)
 
     def _tcp_endpoint(self, ip: str, port: int) -> IStreamClientEndpoint:
-        if ":" in ip:
-            return TCP6ClientEndpoint(self.reactor, ip, port, timeout=30)
-        return TCP4ClientEndpoint(self.reactor, ip, port, timeout=30)
+        six = ":" in ip
+        source = next((a for a in self.bind_addresses if (":" in a) == six), None)
+        bind = (source, 0) if source is not None else None
+        if six:
+            return TCP6ClientEndpoint(self.reactor, ip, port, timeout=30, bindAddress=bind)
+        return TCP4ClientEndpoint(self.reactor, ip, port, timeout=30, bindAddress=bind)
 
     # Where to
 
@@ -215,14 +232,30 @@ class Courier:
                 relay = f"{host}[{ip}]:{port}"
                 credentials = self.credentials.get(host.lower())
                 strict = verified or credentials is not None
+                tls_failed = None
                 for use_tls in ((True,) if strict else (True, False)):
                     try:
                         result = await self._session(ip, port, sender, recipients,
                                                      open_content, size, use_tls,
                                                      host if verified else None, credentials)
+                    except TLSRequired as e:
+                        # Deferred with a 4.7.x status (RFC 3463: a 4xx reply never
+                        # carries 5.x.x), saying who said what.
+                        if e.stage == "STARTTLS":
+                            text = (f"{relay} said: {e.reply.code} {e.reply.text} "
+                                    "(in reply to STARTTLS, and TLS is required)")
+                        elif e.stage == "AUTH":
+                            text = ("TLS is required to log in, but STARTTLS was not "
+                                    f"offered by {relay}")
+                        else:
+                            text = f"TLS is required, but STARTTLS was not offered by {relay}"
+                        last = Reply(451, "4.7.4", text)
+                        break
                     except SMTPClientError as e:
                         if e.permanent and e.stage in ("MAIL", "DATA", "SIZE", "AUTH", "loop"):
                             return {r: Outcome(e.reply, relay) for r in recipients}
+                        # A deferral keeps the remote's words; Outcome gives its
+                        # status the reply's class.
                         last = Reply(e.reply.code if e.reply.code < 500 else 451,
                                      e.reply.enhanced or "4.4.0",
                                      f"{relay} said: {e.reply.code} {e.reply.text}")
@@ -231,6 +264,9 @@ class Courier:
                         break
                     except _TLSFailed as e:
                         last = Reply(451, "4.7.5", f"{relay}: TLS failed: {e}")
+                        tls_failed = str(e)
+                        log.warn("{relay}: STARTTLS handshake failed ({error}); trying the "
+                                 "same host again in clear text", relay=relay, error=e)
                         continue  # the same host once more, in clear text
                     except VerificationError as e:
                         last = Reply(451, "4.7.5", f"{relay}: certificate not valid for "
@@ -244,6 +280,11 @@ class Courier:
                         last = Reply(451, "4.3.0", f"{relay}: {_describe(e)}")
                         break
                     else:
+                        if tls_failed is not None:
+                            log.warn("{relay}: sent in clear text after a failed TLS "
+                                     "handshake ({error}) to {recipients}", relay=relay,
+                                     error=tls_failed, recipients=", ".join(
+                                         f"<{r}>" for r in recipients))
                         return {r: Outcome(result.reply_for(r), relay) for r in recipients}
         return {r: Outcome(last) for r in recipients}
 
@@ -295,14 +336,24 @@ class Courier:
                 # Postfix: "mail for X loops back to myself" (bad MX or route).
                 raise SMTPClientError(Reply(554, "5.4.6", f"mail for {ip} loops back to "
                                                           "myself"), "loop")
+            if session.tls:
+                log.info("{kind} TLS connection established to {ip}:{port}",
+                         kind="Verified" if verify_host is not None else "Untrusted",
+                         ip=ip, port=port)
             result = await run_transaction(session, transaction, self.timeouts)
         except SSLError as e:
             proto.transport.loseConnection()
             if use_tls and verify_host is None:
                 raise _TLSFailed(_describe(e)) from None
             raise
-        except BaseException:
+        except BaseException as e:
             proto.transport.loseConnection()
+            if (session is None and use_tls and verify_host is None
+                    and getattr(proto.transport, "TLS", False)
+                    and isinstance(e, ConnectionClosed)):
+                # The server hung up during the handshake (it could not agree
+                # on a version or cipher): a TLS failure like any other.
+                raise _TLSFailed(_describe(e)) from None
             raise
         finally:
             transaction.content.close()

@@ -40,6 +40,7 @@ from mailstack.address import Address, AddressError, parse_path
 from mailstack.clock import wall_seconds
 from mailstack.message import Envelope, MessageSpool, rfc5322_date
 from mailstack.smtp.data import DataReader
+from mailstack.smtp.rdns import client_name
 from mailstack.smtp.reply import Reply, SMTPError
 
 log = Logger()
@@ -94,13 +95,15 @@ class Session:
     tls: bool = False
     tls_info: str = ""
     user: Any = None
+    name: str = "unknown"  # forward-confirmed reverse DNS (mailstack.smtp.rdns)
 
     @property
     def client(self) -> str:
         """
-        C{helo[ip]:port}, or C{unknown[ip]:port} before HELO, for logs.
+        C{name[ip]:port} for logs: the forward-confirmed reverse DNS name
+        or C{unknown}, never the HELO name (the client's own claim).
         """
-        return f"{self.helo or 'unknown'}[{self.peer_host}]:{self.peer_port}"
+        return f"{self.name}[{self.peer_host}]:{self.peer_port}"
 
     @property
     def protocol_name(self) -> str:
@@ -179,9 +182,28 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._spool: MessageSpool | None = None
         self.callLater = self.factory.clock.callLater  # type: ignore[assignment]
         self.setTimeout(settings.timeout)
-        log.info("connect from {client} ({service})", client=self.session.client,
-                 service=settings.name)
-        self._respond(maybeDeferred(self.policy.connect, self.session), self._greet)
+        self.factory.sessions.add(self)
+        self._respond(self._connect(), self._greet)
+
+    def _connect(self) -> Any:
+        """
+        The client's confirmed name first (if the factory has a resolver),
+        then the policy's verdict on the connection.
+        """
+        def connected(_: Any = None) -> Any:
+            log.info("connect from {client} ({service})", client=self.session.client,
+                     service=self.settings.name)
+            return maybeDeferred(self.policy.connect, self.session)
+
+        if self.factory.resolver is None:
+            return connected()
+
+        def named(name: str) -> Any:
+            self.session.name = name
+            return connected()
+
+        return client_name(self.factory.resolver, self.session.peer_host,
+                           self.factory.clock).addCallback(named)
 
     def _greet(self, reply: Reply | None) -> Reply:
         if reply is not None and reply.is_error:
@@ -191,6 +213,7 @@ class SMTPServer(Protocol, TimeoutMixin):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._closed = True
+        self.factory.sessions.discard(self)
         self.setTimeout(None)
         if self._challenge is not None:
             d, self._challenge = self._challenge, None
@@ -437,6 +460,8 @@ class SMTPServer(Protocol, TimeoutMixin):
                      n=len(self._buffer), client=self.session.client)
         self._buffer = b""
         self.transport.startTLS(tls())
+        log.info("STARTTLS from {client} ({service})", client=self.session.client,
+                 service=self.settings.name)
         self._drop_transaction()
         self.session.helo = None
         self.session.esmtp = False
@@ -500,8 +525,8 @@ class SMTPServer(Protocol, TimeoutMixin):
                     new_queue_id(), sender, received_at=wall_seconds(self.factory.clock),
                     client=self.session.client,
                 )
-                log.info("{qid}: client={client}", qid=self.envelope.queue_id,
-                         client=self.session.client)
+                log.info("{qid}: client={client} helo=<{helo}>", qid=self.envelope.queue_id,
+                         client=self.session.client, helo=self.session.helo or "")
             return reply
 
         return maybeDeferred(self.policy.mail, self.session, sender).addCallback(accepted)
@@ -604,7 +629,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         spool.add_header(self.received_header(envelope))
         log.info("{qid}: from=<{sender}> size={size} nrcpt={nrcpt}",
                  qid=envelope.queue_id, sender=envelope.sender or "", size=spool.size,
-                 nrcpt=len(envelope.rcpts))
+                 nrcpt=len(envelope.rcpts), service=self.settings.name, tls=self.session.tls)
 
         def delivered(reply: Reply | None) -> Reply:
             reply = reply or Reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}")
@@ -704,3 +729,5 @@ class SMTPServerFactory(Factory):
         self.spool_dir = spool_dir
         self.tls = tls
         self.blocking = blocking
+        self.sessions: set[SMTPServer] = set()  # open sessions, for the drain at stop
+        self.resolver: Any = None  # for the client's name in logs (mailstack.smtp.rdns)
