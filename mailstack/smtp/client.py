@@ -189,6 +189,17 @@ class SMTPClientProtocol(Protocol):
         self._timer = self.clock.callLater(timeout, timed_out)
         return self._waiting
 
+    def discard_pending(self) -> int:
+        """
+        Forget whatever arrived but was not asked for yet (replies, partial
+        lines); return how many bytes and replies that was.
+        """
+        pending = len(self._buffer) + len(self._replies) + len(self._lines)
+        self._buffer = b""
+        self._replies = []
+        self._lines = []
+        return pending
+
     def send_line(self, line: str | bytes) -> None:
         if isinstance(line, str):
             line = line.encode("utf-8")
@@ -280,6 +291,14 @@ async def open_session(
             if require_tls:
                 raise TLSRequired(reply, "STARTTLS")
         else:
+            # Anything the server sent after its 220 came in clear text and
+            # would be read as answers inside TLS (STARTTLS response
+            # injection, CVE-2011-1575 class): a real server sends nothing
+            # there, so the session fails.
+            if proto.discard_pending():
+                proto.transport.abortConnection()
+                raise SMTPClientError(
+                    Reply(451, "4.7.0", "data after the STARTTLS reply (injection?)"), "STARTTLS")
             proto.transport.startTLS(tls_context)
             tls = True
             extensions = await _hello(proto, helo, timeouts)
