@@ -53,6 +53,23 @@ class DotStufferTests(SynchronousTestCase):
         self.assertEqual(stuff(self.CONTENT, range(1, len(self.CONTENT))),
                          stuff(self.CONTENT, []))
 
+    def test_no_bare_cr_or_lf(self):
+        """
+        Content in the queue with bare CRs and CRLFs (mail that did not come
+        through SMTP DATA): every CR goes out as part of a CRLF, so the
+        C{\\r.\\r} of an outbound smuggling attempt is a stuffed dot line,
+        wherever the chunks are cut.
+        """
+        content = b"hello\r.\rMAIL FROM:<a@evil.test>\r\nx\r\r\n.\r"
+        expected = b"hello\r\n..\r\nMAIL FROM:<a@evil.test>\r\nx\r\n\r\n..\r\n.\r\n"
+        for i in range(len(content) + 1):
+            for j in range(i, len(content) + 1):
+                self.assertEqual(stuff(content, [i, j]), expected, (i, j))
+        stored = []
+        reader = DataReader(stored.append, 10**6)
+        self.assertEqual(reader.feed(expected), b"")
+        self.assertIsNone(reader.rejection)
+
 
 class DialogTests(SynchronousTestCase):
     """
