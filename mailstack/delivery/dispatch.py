@@ -13,6 +13,7 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 
 from mailstack.address import Address
+from mailstack.delivery.cleanup import normalize
 from mailstack.delivery.router import AliasLoop, Router, UnknownRecipient
 from mailstack.interfaces import IDeliveryAgent, IOutboundQueue
 from mailstack.message import Envelope, MessageSpool
@@ -54,7 +55,8 @@ class Dispatcher:
         """
         Deliver a message made here (a bounce, a local submission) with LF
         line endings; unknown local recipients are logged and skipped.
-        Fires with the new queue id.
+        Fires with the new queue id.  The content is normalised first
+        (L{mailstack.delivery.cleanup}): it did not come through SMTP DATA.
         """
         from mailstack.smtp.server import new_queue_id
 
@@ -69,7 +71,7 @@ class Dispatcher:
                 continue
             envelope.add(rcpt, resolution)
         spool = MessageSpool(self.spool_dir)
-        spool.write(content)
+        spool.write(normalize(content))
         log.info("{qid}: from=<{sender}> size={size} nrcpt={n} ({client})",
                  qid=envelope.queue_id, sender=sender or "", size=spool.size,
                  n=len(envelope.rcpts), client=client)
