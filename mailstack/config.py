@@ -217,6 +217,20 @@ def _count(text: Any) -> int:
     return value
 
 
+def _limit(text: Any) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise ConfigError(f"must be 0 (no limit) or more: {value}")
+    return value
+
+
+def _limit_or_auto(text: Any) -> int | None:
+    return None if str(text).strip().lower() == "auto" else _limit(text)
+
+
 def _filter_name(text: Any) -> str:
     name = str(text).strip()
     if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]*", name):
@@ -296,6 +310,19 @@ OPTIONS: tuple[Option, ...] = (
     Option("filter", (), _filter_name,
            "enable a message filter plugin from mailstack.plugins, e.g. greylist "
            "(repeatable; they run in this order)", repeatable=True, metavar="NAME"),
+    Option("max-connections", "auto", _limit_or_auto,
+           "concurrent connections on all listeners together; auto derives it from the "
+           "open files limit (raised to the hard limit at start); 0 for no limit",
+           metavar="N|auto"),
+    Option("max-client-connections", 50, _limit,
+           "concurrent connections from one IPv4 address or IPv6 /64, on each process; "
+           "0 for no limit", metavar="N"),
+    Option("connection-limit-exempt", "127.0.0.0/8,::1/128", parse_networks,
+           "clients the per-client limit does not count (the relay networks neither)",
+           metavar="CIDR,..."),
+    Option("smtp-min-data-rate", 500, _positive,
+           "bytes per second a client must keep up in DATA (Postfix's smtpd_min_data_rate)",
+           metavar="BYTES"),
 )
 
 OPTIONS_BY_NAME: Mapping[str, Option] = {o.name: o for o in OPTIONS}
@@ -329,6 +356,10 @@ class Config:
     smtp_timeout: float
     receivers: int = 1
     filter: tuple[str, ...] = ()
+    max_connections: int | None = None
+    max_client_connections: int = 50
+    connection_limit_exempt: tuple[Any, ...] = ()
+    smtp_min_data_rate: float = 500.0
     source: str = field(default="defaults", compare=False)
 
     @property
@@ -346,7 +377,7 @@ class Config:
                 value = [f"{r.domain}={r.host}:{r.port}" for r in value]
             elif option.name == "relay-auth":
                 value = [f"{a.host}={a.user}:{a.password_file}" for a in value]
-            elif option.name == "relay-networks":
+            elif option.name in ("relay-networks", "connection-limit-exempt"):
                 value = [str(n) for n in value]
             elif isinstance(value, tuple):
                 value = list(value)

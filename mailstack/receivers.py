@@ -73,6 +73,12 @@ def receiver_settings(config: Any, family: int, index: int) -> dict[str, Any]:
         "max-message-size": config.max_message_size,
         "smtp-timeout": config.smtp_timeout,
         "filter": list(config.filter),
+        # Not listened on by a receiver; says whether its socket speaks PROXY.
+        "smtp": config.smtp,
+        "max-connections": "auto" if config.max_connections is None else config.max_connections,
+        "max-client-connections": config.max_client_connections,
+        "connection-limit-exempt": ",".join(str(n) for n in config.connection_limit_exempt),
+        "smtp-min-data-rate": config.smtp_min_data_rate,
     })
     for name in ("tls-cert", "tls-key"):
         value = getattr(config, name.replace("-", "_"))
