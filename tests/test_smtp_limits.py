@@ -135,6 +135,40 @@ class SlowClientTests(SynchronousTestCase):
         pending.callback(Reply(535, "5.7.8", "Error: authentication failed"))
         self.assertEqual(self.replies(), [])
 
+    def test_client_not_reading_replies(self):
+        """
+        When the transport's write buffer is full (the client pipelines but
+        does not read), no further command runs; what the client sends
+        meanwhile is held up to MAX_PENDING_INPUT, then 421 and close.  A
+        client that reads again is served again.
+        """
+        self.assertEqual(self.codes(b"EHLO c.test\r\n"), [b"250"])
+        self.proto.pauseProducing()  # as the transport does when its buffer is full
+        self.assertEqual(self.send(b"NOOP\r\n" * 3), [])
+        self.proto.resumeProducing()
+        self.assertEqual(self.replies(), [b"250 2.0.0 Ok"] * 3)
+        self.proto.pauseProducing()
+        for _ in range(100):
+            self.proto.dataReceived(b"NOOP\r\n" * 10000)
+            self.assertLessEqual(len(self.proto._buffer), MAX_PENDING_INPUT)
+            if self.transport.disconnecting:
+                break
+        self.assertEqual(self.replies(),
+                         [b"421 4.7.0 mx.test Error: too much pipelined input"])
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_client_never_reading_is_aborted(self):
+        """
+        A client that stops reading is cut off at the command deadline:
+        aborted, since a 421 would never get through.
+        """
+        self.proto.pauseProducing()
+        self.send(b"NOOP\r\n")
+        aborted = []
+        self.transport.abortConnection = lambda: aborted.append(True)
+        self.clock.advance(300)
+        self.assertEqual(aborted, [True])
+
     def test_pipelining_within_the_cap(self):
         """
         What a client may legitimately pipeline behind a pending command is
@@ -148,14 +182,48 @@ class SlowClientTests(SynchronousTestCase):
         self.assertEqual(self.codes(b""), [b"250"] * 101 + [b"354"])
 
 
-class SlowPasswordCheckTests(TestCase):
+def recv_all(sock):
+    data = b""
+    while True:
+        try:
+            chunk = sock.recv(65536)
+        except ConnectionResetError:
+            break
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
+@inlineCallbacks
+def wait_for(condition):
+    for _ in range(1000):
+        if condition():
+            return
+        yield deferLater(reactor, 0.01, lambda: None)
+    raise AssertionError("condition not reached")
+
+
+def session_of(server, listener):
+    [wrapper] = server.getServiceNamed(listener).factory.protocols
+    return wrapper.wrappedProtocol
+
+
+class FloodTests(TestCase):
     """
-    A real client, over TLS on the submission port, writes megabytes of
-    pipelined commands behind an AUTH whose password check is slow.
+    Real clients write megabytes of pipelined commands behind a command
+    whose answer is slow: a password check, a sender check.
     """
 
     @inlineCallbacks
     def test_flood_behind_slow_auth(self):
+        """
+        Over TLS on the submission port, AUTH with a slow password check,
+        then 4 MB of NOOPs in the same write: while the check runs the
+        server reads nothing more (the client's write blocks) and holds at
+        most MAX_PENDING_INPUT; afterwards every command is answered, in
+        order.
+        """
         server = yield start_server(self, submission="tcp:0:interface=127.0.0.1")
         add_user(server, "alice@localhost")
         checks = []
@@ -169,40 +237,75 @@ class SlowPasswordCheckTests(TestCase):
         port = server.ports["submission"]
         context = client_context(server)
         token = base64.b64encode(b"\0alice@localhost\0wrong")
+        count = 8000
         flood = b"NOOP " + b"x" * 500 + b"\r\n"
-        count = 8000  # 4 MB
 
         def client():
-            smtp = smtplib.SMTP("127.0.0.1", port, timeout=60)
+            smtp = smtplib.SMTP("127.0.0.1", port, timeout=30)
             smtp.starttls(context=context)
             smtp.ehlo("c.test")
             sock = smtp.sock
-            sock.sendall(b"AUTH PLAIN " + token + b"\r\n" + flood * count + b"QUIT\r\n")
-            data = b""
-            while True:
-                chunk = sock.recv(65536)
-                if not chunk:
-                    break
-                data += chunk
+            try:
+                sock.sendall(b"AUTH PLAIN " + token + b"\r\n" + flood * count + b"QUIT\r\n")
+            except OSError:
+                pass  # closed by the server before all was sent
+            data = recv_all(sock)
             sock.close()
             return data
 
         finished = in_thread(client)
-        for _ in range(500):
-            if checks:
-                break
-            yield deferLater(reactor, 0.01, lambda: None)
-        [check] = checks
-        # The check is pending while the client keeps writing: reading has
-        # stopped, and the session holds little of what was sent.
-        yield deferLater(reactor, 0.2, lambda: None)
-        [wrapper] = server.getServiceNamed("submission").factory.protocols
-        session = wrapper.wrappedProtocol
+        yield wait_for(lambda: checks)
+        session = session_of(server, "submission")
+        yield deferLater(reactor, 0.2, lambda: None)  # the client keeps writing
         self.assertLessEqual(len(session._buffer), MAX_PENDING_INPUT)
         self.assertTrue(session._paused)
-        check.errback(UnauthorizedLogin())
+        checks[0].errback(UnauthorizedLogin())
         answer = yield finished
         lines = answer.split(b"\r\n")
         self.assertTrue(lines[0].startswith(b"535 "), lines[0])
-        self.assertEqual(lines[1:count + 1], [b"250 2.0.0 Ok"] * count)
-        self.assertEqual(lines[count + 1], b"221 2.0.0 Bye")
+        self.assertEqual(lines[1:], [b"250 2.0.0 Ok"] * count + [b"221 2.0.0 Bye", b""])
+
+    @inlineCallbacks
+    def test_pipelining_client_that_reads(self):
+        """
+        A client that pipelines 4 MB of commands behind a slow MAIL check
+        but reads its replies as it goes is answered in full and in order,
+        the server never holding more than MAX_PENDING_INPUT of its input.
+        """
+        import socket
+        import threading
+
+        server = yield start_server(self, smtp="tcp:0:interface=127.0.0.1")
+        policy = server.getServiceNamed("smtp").factory.wrappedFactory.policy
+        checks = []
+
+        def slow_mail(session, sender):
+            d = Deferred()
+            checks.append(d)
+            return d
+
+        policy.mail = slow_mail
+        count = 8000
+        flood = b"NOOP " + b"x" * 500 + b"\r\n"
+        biggest = []
+
+        def client():
+            sock = socket.create_connection(("127.0.0.1", server.ports["smtp"]), timeout=30)
+            writer = threading.Thread(target=sock.sendall, args=(
+                b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\n" + flood * count + b"QUIT\r\n",))
+            writer.start()
+            data = recv_all(sock)
+            writer.join()
+            sock.close()
+            return data
+
+        finished = in_thread(client)
+        yield wait_for(lambda: checks)
+        session = session_of(server, "smtp")
+        yield deferLater(reactor, 0.2, lambda: None)
+        biggest.append(len(session._buffer))
+        checks[0].callback(None)
+        answer = yield finished
+        self.assertLessEqual(max(biggest), MAX_PENDING_INPUT)
+        replies = [line[:4] for line in answer.split(b"\r\n") if line[3:4] == b" "]
+        self.assertEqual(replies, [b"220 ", b"250 ", b"250 "] + [b"250 "] * count + [b"221 "])

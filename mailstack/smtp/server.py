@@ -173,6 +173,13 @@ class SMTPServer(Protocol):
         self._deadline = CommandDeadline(self.factory.clock, settings.timeout,
                                          self.timeoutConnection, settings.min_data_rate)
         self._deadline.start()
+        # The transport says when its write buffer is full (a client that
+        # pipelines without reading the replies): then no command runs, and
+        # what it sends meanwhile counts against MAX_PENDING_INPUT.  (Not
+        # pausing the transport: TLS pauses us in its handshake, which needs
+        # to read.)
+        self._output_full = False
+        self.transport.registerProducer(self, True)
         log.info("connect from {client} ({service})", client=self.session.client,
                  service=settings.name)
         self._respond(maybeDeferred(self.policy.connect, self.session), self._greet)
@@ -199,6 +206,21 @@ class SMTPServer(Protocol):
                  state="DATA" if self._data else "command", client=self.session.client)
         self._send(Reply(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded"))
         self._close()
+        if self._output_full:
+            self.transport.abortConnection()  # it does not read: the 421 would never go
+
+    # IPushProducer, for the transport's write buffer
+
+    def pauseProducing(self) -> None:
+        self._output_full = True
+
+    def resumeProducing(self) -> None:
+        self._output_full = False
+        if not self._closed:
+            self._process()
+
+    def stopProducing(self) -> None:
+        pass  # the connection is going: connectionLost cleans up
 
     # Input
 
@@ -208,7 +230,8 @@ class SMTPServer(Protocol):
         self._buffer += data
         if self._data is not None:
             self._deadline.credit(len(data))
-        if self._busy and self._challenge is None and len(self._buffer) > MAX_PENDING_INPUT:
+        if (self._busy and self._challenge is None or self._output_full) and \
+                len(self._buffer) > MAX_PENDING_INPUT:
             # Input should have stopped while a command is pending: never
             # hold more than this for one session, whatever the transport does.
             log.warn("too much input ({n} octets) while a command is pending from {client}",
@@ -228,7 +251,8 @@ class SMTPServer(Protocol):
             return
         self._processing = True
         try:
-            while not self._closed and (not self._busy or self._challenge is not None):
+            while not self._closed and not self._output_full and (
+                    not self._busy or self._challenge is not None):
                 if self._data is not None:
                     if not self._buffer:
                         break
@@ -378,6 +402,8 @@ class SMTPServer(Protocol):
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
+            # TLS only closes once no producer is registered.
+            self.transport.unregisterProducer()
             self.transport.loseConnection()
 
     def _drop_transaction(self) -> None:
