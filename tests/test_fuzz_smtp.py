@@ -18,13 +18,22 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.address import AddressError, parse_path
 from mailstack.smtp.client import (
-    MAX_REPLY_LINE, DotStuffer, SMTPClientError, SMTPClientProtocol, Timeouts, Transaction,
+    MAX_REPLY_LINE,
+    DotStuffer,
+    SMTPClientError,
+    SMTPClientProtocol,
+    Timeouts,
+    Transaction,
     send_transaction,
 )
 from mailstack.smtp.data import MAX_TEXT_LINE, DataReader
 from mailstack.smtp.reply import SMTPError
 from mailstack.smtp.server import (
-    MAX_AUTH_LINE, ServerSettings, SMTPServerFactory, parse_params, split_path,
+    MAX_AUTH_LINE,
+    ServerSettings,
+    SMTPServerFactory,
+    parse_params,
+    split_path,
 )
 from tests import test_smtp_server as base
 
@@ -136,8 +145,7 @@ class DataReaderTests(SynchronousTestCase):
             self.assertEqual(stored, content.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
                              + (b"" if not content or content.endswith((b"\n", b"\r")) else b"\n"))
         if rejection is not None:
-            self.assertNotIn(rejection[2], ("Message contains bare CR or LF characters "
-                                            "(RFC 5321 2.3.8)",))
+            self.assertNotIn("bare CR", rejection[2])
 
     @FUZZ
     @given(DATA)

@@ -9,18 +9,23 @@ import smtplib
 import socket
 import ssl
 
+from twisted.internet import reactor
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
 from twisted.internet.testing import StringTransport
-from twisted.internet import reactor
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailstack.config import parse_networks
 from mailstack.limits import (
-    REFUSAL_LINGER, CommandDeadline, ConnectionLimits, LimitedFactory, client_key,
-    default_total, raise_nofile_limit,
+    REFUSAL_LINGER,
+    CommandDeadline,
+    ConnectionLimits,
+    LimitedFactory,
+    client_key,
+    default_total,
+    raise_nofile_limit,
 )
 from tests.support import client_context, in_thread, start_server
 
@@ -113,7 +118,7 @@ class LimitedFactoryTests(SynchronousTestCase):
         """
         first, _ = connect(self.factory, "192.0.2.1")
         connect(self.factory, "192.0.2.1")
-        refused, transport = connect(self.factory, "192.0.2.1")
+        _, transport = connect(self.factory, "192.0.2.1")
         self.assertEqual(transport.value(),
                          b"421 4.7.0 Error: too many connections from 192.0.2.1; "
                          b"try again later\r\n")
@@ -179,7 +184,7 @@ class LimitedFactoryTests(SynchronousTestCase):
         """
         connect(self.factory, "192.0.2.1")
         connect(self.factory, "192.0.2.1")
-        refused, transport = connect(self.factory, "192.0.2.1")
+        _, transport = connect(self.factory, "192.0.2.1")
         aborted = []
         transport.abortConnection = lambda: aborted.append(True)
         self.clock.advance(REFUSAL_LINGER)

@@ -15,7 +15,12 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from mailstack.proxy import V2_SIGNATURE, ProxyHeaderError, ProxyHeaderFactory, parse_header
+from mailstack.proxy import (
+    V2_SIGNATURE,
+    ProxyHeaderError,
+    ProxyHeaderFactory,
+    parse_header,
+)
 from tests.support import add_user, in_thread, read_messages, start_server
 from tests.test_limits import RecorderFactory, read_line
 

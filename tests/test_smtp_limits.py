@@ -8,9 +8,9 @@ behind a slow password check.
 import base64
 import smtplib
 
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
