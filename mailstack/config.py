@@ -227,6 +227,10 @@ def _limit(text: Any) -> int:
     return value
 
 
+def _networks_or_none(text: Any) -> tuple[Any, ...]:
+    return () if str(text).strip().lower() == "none" else parse_networks(text)
+
+
 def _limit_or_auto(text: Any) -> int | None:
     return None if str(text).strip().lower() == "auto" else _limit(text)
 
@@ -317,8 +321,9 @@ OPTIONS: tuple[Option, ...] = (
     Option("max-client-connections", 50, _limit,
            "concurrent connections from one IPv4 address or IPv6 /64, on each process; "
            "0 for no limit", metavar="N"),
-    Option("connection-limit-exempt", "127.0.0.0/8,::1/128", parse_networks,
-           "clients the per-client limit does not count (the relay networks neither)",
+    Option("connection-limit-exempt", "127.0.0.0/8,::1/128", _networks_or_none,
+           "clients the per-client limit does not count (the relay networks neither); "
+           "none for no exception",
            metavar="CIDR,..."),
     Option("smtp-min-data-rate", 500, _positive,
            "bytes per second a client must keep up in DATA (Postfix's smtpd_min_data_rate)",
