@@ -436,3 +436,22 @@ class ControlInputTests(SynchronousTestCase):
         self.assertTrue(self.transport.disconnecting)
         self.assertEqual(self.transport.value(), b"error too much input\n")
         self.assertEqual(len(self.queue.pending), 1)
+
+
+class OptionTests(SynchronousTestCase):
+    def test_options(self):
+        """
+        The limit options parse, with their defaults, "auto" and "none".
+        """
+        from mailstack.config import ConfigError, build_config
+        config = build_config({})
+        self.assertEqual((config.max_connections, config.max_client_connections,
+                          [str(n) for n in config.connection_limit_exempt],
+                          config.smtp_min_data_rate),
+                         (None, 50, ["127.0.0.0/8", "::1/128"], 500.0))
+        config = build_config({"max-connections": "100", "max-client-connections": "0",
+                               "connection-limit-exempt": "none"})
+        self.assertEqual((config.max_connections, config.max_client_connections,
+                          config.connection_limit_exempt), (100, 0, ()))
+        self.assertRaises(ConfigError, build_config, {"max-connections": "-1"})
+        self.assertRaises(ConfigError, build_config, {"max-client-connections": "x"})
