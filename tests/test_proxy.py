@@ -211,3 +211,38 @@ class ProxiedServerTests(TestCase):
         server = yield start_server(self, smtp="haproxy:tcp:0:interface=127.0.0.1")
         answer = yield self.send(server.ports["smtp"], b"EHLO direct.test\r\n")
         self.assertEqual(answer, b"")
+
+    @inlineCallbacks
+    def test_implicit_tls_behind_proxy(self):
+        """
+        On an implicit-TLS listener the header comes before the TLS
+        handshake; the session inside TLS sees the client's address (here:
+        the per-client limit counts the two clients apart, and refuses the
+        second connection of one of them inside TLS).
+        """
+        from tests.support import client_context
+
+        server = yield start_server(self, submissions="haproxy:tcp:0:interface=127.0.0.1",
+                                    max_client_connections="1", connection_limit_exempt="none")
+        port = server.ports["submissions"]
+        context = client_context(server)
+
+        def run():
+            socks = []
+            try:
+                answers = []
+                for client in ("192.0.2.1", "192.0.2.2", "192.0.2.1"):
+                    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+                    socks.append(sock)
+                    sock.sendall(f"PROXY TCP4 {client} 127.0.0.1 4000 465\r\n".encode())
+                    sock = context.wrap_socket(sock, server_hostname="localhost")
+                    socks.append(sock)
+                    answers.append(read_line(sock))
+                return answers
+            finally:
+                for sock in socks:
+                    sock.close()
+
+        answers = yield in_thread(run)
+        self.assertEqual([a[:4] for a in answers], [b"220 ", b"220 ", b"421 "], answers)
+        self.assertIn(b"too many connections from 192.0.2.1", answers[2])
