@@ -117,6 +117,8 @@ def parser() -> argparse.ArgumentParser:
     send.add_argument("--dry-run", action="store_true", help="print the message, send nothing")
     commands.add_parser("sendmail", help="sendmail-compatible local injection "
                         "([-t] [-i] [-f SENDER] [-F NAME] [RCPT...])", add_help=False)
+    from mailstack.mailauth.commands import add_parsers as add_mailauth_parsers
+    add_mailauth_parsers(commands)  # dkim, dns
     return p
 
 
@@ -281,13 +283,17 @@ def queue_command(args: argparse.Namespace, data_dir: str, stdout: TextIO) -> No
     now = time.time()
     if args.action == "list":
         records = []
+        unreadable: list[tuple[str, str]] = []
         if os.path.isdir(store.envelope_dir):
             for name in os.listdir(store.envelope_dir):
                 if name.endswith(".json"):
                     try:
                         records.append(store.load(name[:-5]))
-                    except (OSError, ValueError, TypeError, KeyError):
-                        continue
+                    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+                        unreadable.append((name[:-5], f"unreadable envelope: {e}"))
+        unreadable += store.corrupt()
+        for queue_id, reason in unreadable:
+            print(f"{queue_id}  CORRUPT  ({reason}; see queue/corrupt/)", file=stdout)
         if not records:
             print("Mail queue is empty", file=stdout)
             return
@@ -347,6 +353,13 @@ def run(argv: Sequence[str], stdin: TextIO, stdout: TextIO) -> None:
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
     if args.command == "queue":
         queue_command(args, data_dir, stdout)
+        return
+    if args.command in ("dkim", "dns"):
+        from mailstack.mailauth.commands import dkim_command, dns_command
+        if args.command == "dkim":
+            dkim_command(args, data_dir, stdout)
+        else:
+            dns_command(args, data_dir, args.config, stdout)
         return
     users, aliases = UserDatabase(data_dir), AliasMap(data_dir)
 

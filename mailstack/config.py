@@ -233,6 +233,12 @@ def _networks_or_none(text: Any) -> tuple[Any, ...]:
 
 def _limit_or_auto(text: Any) -> int | None:
     return None if str(text).strip().lower() == "auto" else _limit(text)
+def _postmaster(text: Any) -> str:
+    from mailstack.address import parse_address
+    try:
+        return str(parse_address(str(text).strip()))
+    except AddressError as e:
+        raise ConfigError(f"not an address: {text!r} ({e})") from None
 
 
 def _filter_name(text: Any) -> str:
@@ -328,6 +334,10 @@ OPTIONS: tuple[Option, ...] = (
     Option("smtp-min-data-rate", 500, _positive,
            "bytes per second a client must keep up in DATA (Postfix's smtpd_min_data_rate)",
            metavar="BYTES"),
+    Option("postmaster", None, _postmaster,
+           "where mail to postmaster (bare, or at any local domain) goes when no user "
+           "or alias of that name exists [default: postmaster@ the first --domain, "
+           "a Maildir of its own]", metavar="ADDRESS"),
 )
 
 OPTIONS_BY_NAME: Mapping[str, Option] = {o.name: o for o in OPTIONS}
@@ -365,6 +375,7 @@ class Config:
     max_client_connections: int = 50
     connection_limit_exempt: tuple[Any, ...] = ()
     smtp_min_data_rate: float = 500.0
+    postmaster: str | None = None
     source: str = field(default="defaults", compare=False)
 
     @property

@@ -62,6 +62,40 @@ class IDeliveryAgent(Interface):
         """
 
 
+class ITwoPhaseStore(Interface):
+    """
+    A store (an L{IDeliveryAgent} or L{IOutboundQueue}) that can write a
+    message durably without making it visible, so the dispatcher can undo
+    every store of a message when one of them fails: a 4xx then leaves
+    nothing behind for the client's retry to duplicate.  A store without
+    it is written in one step and cannot be undone.
+    """
+
+    def prepare(envelope, spool):  # type: ignore[no-untyped-def]
+        """
+        Write everything durably but invisibly (Maildir C{tmp/}, the queue's
+        C{tmp/}); a Deferred firing with an L{IPrepared}, or failing having
+        left nothing.  Fires only once C{spool} is no longer read.
+        """
+
+
+class IPrepared(Interface):
+    """
+    A message a L{ITwoPhaseStore} has prepared.
+    """
+
+    def commit():  # type: ignore[no-untyped-def]
+        """
+        Make it visible (and deliverable); a Deferred.  On failure nothing
+        is left.
+        """
+
+    def abort():  # type: ignore[no-untyped-def]
+        """
+        Remove it, prepared or committed; a Deferred that does not fail.
+        """
+
+
 class IMessageFilter(Interface):
     """
     A verdict on an SMTP transaction at connect, MAIL, RCPT and DATA.

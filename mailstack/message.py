@@ -17,8 +17,11 @@ import email.utils
 import os
 import re
 import tempfile
+import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+from twisted.internet.defer import Deferred, succeed
 
 from mailstack.address import Address
 
@@ -31,11 +34,19 @@ class MessageSpool:
     """
 
     memory_limit = 1024 * 1024
+    backlog_limit = 4 * 1024 * 1024  # bytes waiting for the spill thread
     chunk_size = 256 * 1024
     head_limit = 256 * 1024
 
-    def __init__(self, directory: str | None = None) -> None:
+    def __init__(self, directory: str | None = None,
+                 blocking: Callable[..., Deferred[Any]] | None = None) -> None:
+        """
+        @param blocking: C{blocking(f, *args)} runs C{f} in a worker thread
+            and returns a Deferred: the spill file is then written there,
+            in order, never on the reactor thread.  C{None}: written inline.
+        """
         self._directory = directory
+        self._blocking = blocking
         self._memory: bytearray | None = bytearray()
         self._fd: int | None = None
         self._prefix = b""
@@ -43,10 +54,18 @@ class MessageSpool:
         self.lines = 0  # LF count: the CRLF size (IMAP, POP3) is size + lines
         self._head = bytearray()
         self._head_done = False
+        self._lock = threading.Lock()
+        self._closed = False
+        self._writes: Deferred[None] | None = None  # the last queued spill write
+        self.error: OSError | None = None  # the first failed spill write
+        self.backlog = 0  # bytes given to write() and not yet written
+        self._drain_waiters: list[Deferred[None]] = []
 
     def write(self, data: bytes) -> None:
         """
-        Append content (LF line endings).
+        Append content (LF line endings).  A failed spill write (a full
+        disk) is kept in L{error} for L{finished}; later data is counted
+        and dropped.
         """
         if not data:
             return
@@ -54,15 +73,83 @@ class MessageSpool:
             self._collect_head(data)
         self.size += len(data)
         self.lines += data.count(b"\n")
+        if self.error is not None:
+            return
         if self._memory is not None:
             self._memory += data
             if len(self._memory) > self.memory_limit:
-                self._spill()
+                data, self._memory = bytes(self._memory), None
+                self._queue(self._spill, data)
         else:
-            assert self._fd is not None
+            self._queue(self._append, data)
+
+    def _queue(self, f: Callable[[bytes], None], data: bytes) -> None:
+        if self._blocking is None:
+            try:
+                f(data)
+            except OSError as e:
+                self.error = e
+            return
+
+        def run(_: Any) -> Any:
+            if self.error is not None or self._closed:
+                return None
+            return self._blocking(f, data)  # type: ignore[misc]
+
+        def failed(failure: Any) -> None:
+            failure.trap(OSError)
+            self.error = self.error or failure.value
+
+        def written(result: Any) -> Any:
+            self.backlog -= len(data)
+            if self.backlog <= self.backlog_limit // 2:
+                waiting, self._drain_waiters = self._drain_waiters, []
+                for d in waiting:
+                    d.callback(None)
+            return result
+
+        self.backlog += len(data)
+        previous = self._writes if self._writes is not None else succeed(None)
+        self._writes = previous.addCallback(run).addErrback(failed).addBoth(written)
+
+    @property
+    def backlog_full(self) -> bool:
+        """
+        Whether more than L{backlog_limit} bytes wait to be written.
+        """
+        return self.backlog > self.backlog_limit
+
+    def drained(self) -> Deferred[None]:
+        """
+        Fire when the bytes waiting to be written are down to half the limit.
+        """
+        if self.backlog <= self.backlog_limit // 2:
+            return succeed(None)
+        d: Deferred[None] = Deferred()
+        self._drain_waiters.append(d)
+        return d
+
+    def finished(self) -> Deferred[None]:
+        """
+        Fire once every spill write is done; fail with the first error.
+        """
+        writes, self._writes = self._writes, None
+        d = writes if writes is not None else succeed(None)
+
+        def check(_: Any) -> None:
+            if self.error is not None:
+                raise self.error
+
+        return d.addCallback(check)
+
+    def _append(self, data: bytes) -> None:
+        with self._lock:
+            fd = self._fd
+            if fd is None:
+                return  # closed meanwhile
             view = memoryview(data)
             while view:
-                written = os.write(self._fd, view)
+                written = os.write(fd, view)
                 view = view[written:]
 
     def add_header(self, lines: bytes) -> None:
@@ -86,18 +173,17 @@ class MessageSpool:
             del self._head[self.head_limit :]
             self._head_done = True
 
-    def _spill(self) -> None:
+    def _spill(self, data: bytes) -> None:
         if self._directory is not None:
             os.makedirs(self._directory, mode=0o700, exist_ok=True)
         f = tempfile.TemporaryFile(dir=self._directory)
-        self._fd = os.dup(f.fileno())
+        with self._lock:
+            if self._closed:
+                f.close()
+                return
+            self._fd = os.dup(f.fileno())
         f.close()
-        assert self._memory is not None
-        data, self._memory = self._memory, None
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
+        self._append(data)
 
     def header_names(self) -> list[str]:
         """
@@ -107,21 +193,35 @@ class MessageSpool:
 
     def chunks(self) -> Iterator[bytes]:
         """
-        Yield the content from its start; safe in any thread once complete.
+        Yield the content from its start; safe in any thread once complete
+        (after L{finished}).  Each reader holds its own reference to the
+        content (a duplicate of the spill file's descriptor), so L{close}
+        can never cut a reader short or let it read a reused descriptor;
+        after L{close} this raises C{ValueError}.
         """
-        if self._prefix:
-            yield self._prefix
-        if self._memory is not None:
-            yield bytes(self._memory)
+        with self._lock:
+            if self._closed:
+                raise ValueError("the message spool is closed")
+            prefix, memory = self._prefix, self._memory
+            source = None if self._fd is None else os.fdopen(os.dup(self._fd), "rb", 0)
+        if source is None and memory is None:
+            raise ValueError("the message spool lost its content")
+        return self._read(prefix, memory, source)
+
+    def _read(self, prefix: bytes, memory: bytearray | None, source: Any) -> Iterator[bytes]:
+        if prefix:
+            yield prefix
+        if memory is not None:
+            yield bytes(memory)
             return
-        assert self._fd is not None
-        offset = 0
-        while True:
-            chunk = os.pread(self._fd, self.chunk_size, offset)
-            if not chunk:
-                return
-            offset += len(chunk)
-            yield chunk
+        with source:
+            offset = 0
+            while True:
+                chunk = os.pread(source.fileno(), self.chunk_size, offset)
+                if not chunk:
+                    return
+                offset += len(chunk)
+                yield chunk
 
     def read(self) -> bytes:
         """
@@ -131,12 +231,15 @@ class MessageSpool:
 
     def close(self) -> None:
         """
-        Free the memory or the temporary file.
+        Free the memory or the temporary file (readers already started keep
+        their own reference until they finish).
         """
-        self._memory = bytearray()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        with self._lock:
+            self._closed = True
+            self._memory = bytearray()
+            if self._fd is not None:
+                os.close(self._fd)
+                self._fd = None
 
 
 @dataclass(frozen=True)

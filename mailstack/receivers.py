@@ -177,6 +177,7 @@ def main() -> None:
     """
     from twisted.internet import reactor
 
+    from mailstack.clock import use_monotonic_time
     from mailstack.config import build_config
     from mailstack.service import MailStack
 
@@ -193,6 +194,7 @@ def main() -> None:
 
     globalLogBeginner.beginLoggingTo([observe], redirectStandardIO=False)
     config = build_config(settings["options"])
+    use_monotonic_time(reactor)  # timers must not follow wall-clock steps
     stack = MailStack(config, reactor, receiver=(3, settings["family"]))
 
     def parent_gone() -> None:

@@ -14,6 +14,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
+from twisted.internet.threads import deferToThreadPool
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.names.client import Resolver as DNSClient
@@ -135,7 +136,9 @@ class MailStack(MultiService):
 
         self.users = UserDatabase(data)
         self.aliases = AliasMap(data)
-        self.router = Router(config.domains, self.users, self.aliases)
+        self.router = Router(config.domains, self.users, self.aliases,
+                             parse_address(config.postmaster or
+                                           f"postmaster@{config.domain[0]}"))
 
         # Durable writes: enough threads that fsyncs from concurrent sessions
         # overlap (the disk batches them); see mailstack.delivery.maildir.
@@ -261,9 +264,17 @@ class MailStack(MultiService):
             min_data_rate=self.config.smtp_min_data_rate,
             implicit_tls=implicit_tls,
             name=name,
+            postmaster_domain=self.config.domain[0],
         )
         return SMTPServerFactory(policy, settings, self.reactor, self.spool_dir,
-                                 tls=None if implicit_tls else self.tls.context_factory)
+                                 tls=None if implicit_tls else self.tls.context_factory,
+                                 blocking=self.blocking)
+
+    def blocking(self, f: Any, *args: Any) -> Deferred[Any]:
+        """
+        Run C{f(*args)} in the I/O thread pool.
+        """
+        return deferToThreadPool(self.reactor, self.io_pool, f, *args)
 
     def listen(self, label: str, description: str, factory: Any) -> Listener:
         if description.lower().startswith("haproxy:"):

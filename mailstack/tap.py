@@ -70,6 +70,8 @@ def makeService(options: Options) -> Any:
     """
     from twisted.internet import reactor
 
+    from mailstack.clock import use_monotonic_time
     from mailstack.service import MailStack
 
+    use_monotonic_time(reactor)  # timers must not follow wall-clock steps
     return MailStack(options.config, reactor)

@@ -19,7 +19,7 @@ from typing import Any, Callable
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.names import dns
 from twisted.names.common import ResolverBase
-from twisted.names.error import DNSNameError
+from twisted.names.error import DNSNameError, DNSServerError
 
 from mailstack.delivery.router import Resolution
 from mailstack.smtp.reply import Reply, SMTPError
@@ -34,14 +34,18 @@ class FakeResolver(ResolverBase):
     @param mx: C{{domain: [(preference, host), ...]}}; C{[(0, "")]} is a null MX.
     @param a: C{{host: ["127.0.0.1", "::1", ...]}}.
     @param missing: domains that do not exist (NXDOMAIN).
+    @param servfail: names whose MX lookup fails with SERVFAIL (their A
+        and AAAA lookups still answer).
     """
 
     def __init__(self, mx: dict[str, list[tuple[int, str]]] | None = None,
-                 a: dict[str, list[str]] | None = None, missing: set[str] | None = None):
+                 a: dict[str, list[str]] | None = None, missing: set[str] | None = None,
+                 servfail: set[str] | None = None):
         super().__init__()
         self.mx = mx or {}
         self.a = a or {}
         self.missing = missing or set()
+        self.servfail = servfail or set()
         self.queries: list[tuple[int, str]] = []
 
     def _lookup(self, name: bytes | str, cls: int, type: int, timeout: Any) -> Deferred[Any]:
@@ -50,6 +54,8 @@ class FakeResolver(ResolverBase):
         self.queries.append((type, name))
         if name in self.missing:
             return fail(DNSNameError(name))
+        if name in self.servfail and type == dns.MX:
+            return fail(DNSServerError(name))
         answers = []
         if type == dns.MX:
             answers = [dns.RRHeader(name, dns.MX, payload=dns.Record_MX(preference, host))

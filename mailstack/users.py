@@ -26,11 +26,14 @@ import os
 from contextlib import contextmanager
 from typing import Callable, Iterator
 
+from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailstack.address import Address, AddressError, local_address, parse_address
 from mailstack.interfaces import IAliasMap, IUserDatabase
 from mailstack.safeio import atomic_write
+
+log = Logger()
 
 
 class _TextTable:
@@ -47,15 +50,29 @@ class _TextTable:
 
     def _parse(self, data: str) -> dict[str, str]:
         entries = {}
-        for line in data.splitlines():
+        for number, line in enumerate(data.splitlines(), 1):
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             # An address never holds ':', so the first one separates.
             key, sep, value = line.partition(":")
+            problem = self._check(key.strip(), value.strip()) if sep else "no ':'"
+            if problem:
+                log.warn("{path}: line {n} ignored in part or whole: {problem}",
+                         path=self.path, n=number, problem=problem)
             if sep:
                 entries[key.strip().lower()] = value.strip()
         return entries
+
+    def _check(self, key: str, value: str) -> str | None:
+        """
+        What is wrong with one entry, for the log; C{None} if nothing.
+        """
+        try:
+            parse_address(key)
+        except AddressError as e:
+            return f"bad address {key!r}: {e}"
+        return None if value else "nothing after ':'"
 
     def entries(self) -> dict[str, str]:
         """
@@ -156,6 +173,16 @@ class AliasMap(_TextTable):
         super().__init__(os.path.join(data_dir, "aliases"))
 
     joiner = ": "
+
+    def _check(self, key: str, value: str) -> str | None:
+        problem = super()._check(key, value)
+        for item in value.split(","):
+            try:
+                if item.strip():
+                    parse_address(item.strip())
+            except AddressError as e:
+                problem = f"bad target {item.strip()!r}: {e}"
+        return problem
 
     def targets(self, address: Address) -> tuple[Address, ...] | None:
         value = self.entries().get(str(address.lower()))

@@ -463,7 +463,8 @@ class RelayTests(TestCase):
         With --route '*=HOST' and --relay-auth, mail goes to the smarthost
         over STARTTLS with AUTH (here another mailstack's submission port).
         """
-        smarthost = yield start_server(self, submission=LISTEN, domain=["far.test"])
+        smarthost = yield start_server(self, submission=LISTEN, domain=["far.test"],
+                                       hostname="smarthost.test")
         add_user(smarthost, "relay@far.test", "relay-pw")
         add_user(smarthost, "bob@far.test")
         password_file = os.path.join(short_tempdir(self), "pw")

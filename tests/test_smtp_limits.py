@@ -111,6 +111,50 @@ class SlowClientTests(SynchronousTestCase):
         self.assertIn(b"421 4.4.2 mx.test Error: timeout exceeded", self.replies())
         self.assertEqual(self.policy.delivered, [])
 
+    def test_data_rate_after_spill_pause(self):
+        """
+        When DATA pauses for the spill thread (the disk is slower than the
+        client) and resumes, the deadline goes on counting the DATA rate:
+        a client keeping up 500 octets a second is not cut off after
+        --smtp-timeout, however long the message.
+        """
+        import tempfile
+
+        from mailstack.message import MessageSpool
+
+        self.patch(MessageSpool, "memory_limit", 1000)
+        self.patch(MessageSpool, "backlog_limit", 20000)
+        writes = []
+
+        def blocking(f, *args):
+            d = Deferred()
+            writes.append((d, f, args))
+            return d
+
+        self.factory.spool_dir = tempfile.mkdtemp()
+        self.addCleanup(__import__("shutil").rmtree, self.factory.spool_dir)
+        self.factory.blocking = blocking
+        self.begin_data()
+        line = b"x" * 98 + b"\r\n"
+        paused = 0
+        for i in range(100):
+            self.clock.advance(10)
+            self.send(line * 50)  # 5000 octets every 10 seconds
+            if self.transport.producerState == "paused":
+                paused += 1
+            while writes and i >= 5:  # the spill thread is slow at first, then keeps up
+                d, f, args = writes.pop(0)
+                d.callback(f(*args))
+        self.assertGreater(paused, 0)
+        self.assertFalse(self.transport.disconnecting)
+        replies = self.send(b".\r\n")
+        while writes:
+            d, f, args = writes.pop(0)
+            d.callback(f(*args))
+        replies += self.replies()
+        self.assertEqual([r[:3] for r in replies], [b"250"])
+        self.assertEqual(len(self.policy.delivered), 1)
+
     def test_input_capped_while_pending(self):
         """
         Megabytes of pipelined commands behind a command whose answer is

@@ -195,7 +195,7 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual(self.send(b"MAIL FROM:<@a.test,@b.test:x@c.test>\r\n"),
                          [b"553 5.1.3 Error: source routes are not accepted"])
         self.assertEqual(self.codes(b"MAIL FROM:x@c.test\r\n"), [b"501"])
-        self.assertEqual(self.codes("MAIL FROM:<jöhn@c.test>\r\n".encode()), [b"500"])
+        self.assertEqual(self.codes("MAIL FROM:<jöhn@c.test>\r\n".encode()), [b"553"])
         self.send(b"MAIL FROM:<>\r\n")
         self.assertEqual(self.codes(b"RCPT TO:<u%other.test@mx.test>\r\n"
                                     b"RCPT TO:<other!u@mx.test>\r\n"

@@ -28,7 +28,9 @@ from typing import Iterator
 
 from mailstack.access.maildir import served_size
 from mailstack.delivery.maildir import SUBDIRS, unique_name
-from mailstack.safeio import atomic_write, fsync_directory, write_file
+from mailstack.safeio import (
+    append_file, atomic_write, discard, fsync_directory, rename, write_file,
+)
 
 UIDLIST = "mailstack-uidlist"
 VALIDITY = "mailstack-uidvalidity"  # the last UIDVALIDITY given, kept apart
@@ -159,12 +161,8 @@ class Folder:
         uidlist.clean = True
 
     def _append(self, uidlist: UidList, added: list[tuple[str, int]]) -> None:
-        fd = os.open(os.path.join(self.path, UIDLIST), os.O_WRONLY | os.O_APPEND)
-        try:
-            os.write(fd, "".join(f"{uid} {base}\n" for base, uid in added).encode("ascii"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        append_file(os.path.join(self.path, UIDLIST),
+                    "".join(f"{uid} {base}\n" for base, uid in added).encode("ascii"))
         uidlist.lines += len(added)
 
     def _load(self) -> UidList:
@@ -337,9 +335,9 @@ class Folder:
         if date is not None:
             os.utime(tmp, (date, date))
         try:
-            os.rename(tmp, os.path.join(self.path, "cur", target))
+            rename(tmp, os.path.join(self.path, "cur", target))
         except BaseException:
-            os.unlink(tmp)
+            discard(tmp)
             raise
         fsync_directory(os.path.join(self.path, "cur"))
         return self.register([base])[0]

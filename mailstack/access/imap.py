@@ -44,6 +44,7 @@ from mailstack.access.mailbox import (
 )
 from mailstack.access.mime import lf, literal, string
 from mailstack.access.search import SearchError, imap_date, parse_set
+from mailstack.safeio import is_disk_full
 from mailstack.throttle import LoginThrottle
 
 log = Logger()
@@ -286,11 +287,35 @@ class IMAPServer(imap4.IMAP4Server):
                 self.sendNegativeResponse(tag, b"[TRYCREATE] " + str(failure.value).encode())
             elif failure.check(MailboxException):
                 self.sendNegativeResponse(tag, str(failure.value).encode("utf-8", "replace"))
+            elif failure.check(OSError):
+                self.sendNegativeResponse(tag, self._storage_failed(failure.value))
             else:
                 log.failure("imap: command failed for {client}", failure, client=self.client)
                 self.sendBadResponse(tag, b"Server error")
 
         d.addErrback(failed)
+
+    def _storage_failed(self, error: OSError) -> bytes:
+        """
+        A full disk or another storage error: NO with an RFC 5530 code (no
+        exception text for the client), one log line for the administrator.
+        """
+        log.error("imap: storage error for {client}: {error}", client=self.client, error=error)
+        if is_disk_full(error):
+            return b"[OVERQUOTA] Not enough disk space, try again later"
+        return b"[SERVERBUG] Internal storage error, try again later"
+
+    def _IMAP4Server__ebLogin(self, failure: Failure, tag: bytes) -> None:
+        if failure.check(OSError):  # the first login creates the Maildir
+            self.sendNegativeResponse(tag, self._storage_failed(failure.value))
+        else:
+            imap4.IMAP4Server._IMAP4Server__ebLogin(self, failure, tag)  # type: ignore[attr-defined]
+
+    def _IMAP4Server__ebAuthResp(self, failure: Failure, tag: bytes) -> None:
+        if failure.check(OSError):
+            self.sendNegativeResponse(tag, self._storage_failed(failure.value))
+        else:
+            imap4.IMAP4Server._IMAP4Server__ebAuthResp(self, failure, tag)  # type: ignore[attr-defined]
 
     # -- flow control for big FETCH responses ------------------------------------
 

@@ -9,16 +9,46 @@ from __future__ import annotations
 
 from typing import Any, Sequence
 
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mailstack.address import Address
 from mailstack.delivery.cleanup import normalize
-from mailstack.delivery.router import AliasLoop, Router, UnknownRecipient
-from mailstack.interfaces import IDeliveryAgent, IOutboundQueue
+from mailstack.delivery.router import AliasLoop, EmptyResolution, Router, UnknownRecipient
+from mailstack.clock import wall_seconds
+from mailstack.interfaces import IDeliveryAgent, IOutboundQueue, IPrepared, ITwoPhaseStore
 from mailstack.message import Envelope, MessageSpool
 
 log = Logger()
+
+
+def _prepare(store: Any, envelope: Envelope, spool: MessageSpool) -> Any:
+    """
+    Phase 1 on one store; a store without two phases writes at once and
+    cannot be undone.
+    """
+    if ITwoPhaseStore.providedBy(store):
+        return store.prepare(envelope, spool)
+    deliver = store.deliver if IDeliveryAgent.providedBy(store) else store.enqueue
+    return maybeDeferred(deliver, envelope, spool).addCallback(lambda _: _Written(store))
+
+
+@implementer(IPrepared)
+class _Written:
+    """
+    What a one-phase store wrote: already visible, cannot be removed.
+    """
+
+    def __init__(self, store: Any) -> None:
+        self.store = store
+
+    def commit(self) -> None:
+        return None
+
+    def abort(self) -> None:
+        log.warn("{store} cannot undo a stored copy; the client's retry may duplicate it",
+                 store=getattr(self.store, "name", type(self.store).__name__))
 
 
 class Dispatcher:
@@ -36,19 +66,51 @@ class Dispatcher:
 
     def dispatch(self, envelope: Envelope, spool: MessageSpool) -> Deferred[None]:
         """
-        Fire once every copy is durable; fail (having possibly stored some)
-        if any could not be.
+        Fire once every copy is durable; fail, having left none, if any
+        could not be.
+
+        Two phases over every store (L{ITwoPhaseStore}): each prepares the
+        message (written and fsynced, invisible), and only when all have,
+        each commits it: the Maildir copies first, the queue last (once in
+        the queue, a message may be on its way).  Any failure aborts every
+        store, committed or not, so the 4xx that follows leaves nothing for
+        the client's retry to duplicate.  The Deferred fires only after
+        every store has finished reading C{spool}: the caller may close it
+        then, never while a worker thread still reads it.
         """
-        parts = []
+        stores: list[Any] = []
+        if envelope.local:
+            stores.append((self.local_agent, "local"))
         if envelope.remote:
             if self.queue is None:
                 raise RuntimeError("remote recipients but no outbound queue")
-            parts.append(self.queue.enqueue(envelope, spool))
-        if envelope.local:
-            parts.append(self.local_agent.deliver(envelope, spool))
-        d = gatherResults(parts, consumeErrors=True)
-        d.addErrback(lambda failure: failure.value.subFailure)  # the first real cause
-        return d.addCallback(lambda _: None)
+            stores.append((self.queue, "queue"))
+        return Deferred.fromCoroutine(self._dispatch(envelope, spool, stores))
+
+    async def _dispatch(self, envelope: Envelope, spool: MessageSpool,
+                        stores: list[Any]) -> None:
+        results = await DeferredList(
+            [maybeDeferred(_prepare, store, envelope, spool) for store, _ in stores],
+            consumeErrors=True)
+        prepared = [value for ok, value in results if ok]
+        failures = [value for ok, value in results if not ok]
+        if failures:
+            await self._abort(envelope, prepared)
+            failures[0].raiseException()  # the first store's failure
+        for staged in prepared:
+            try:
+                await maybeDeferred(staged.commit)
+            except BaseException:
+                await self._abort(envelope, prepared)
+                raise
+
+    async def _abort(self, envelope: Envelope, prepared: list[Any]) -> None:
+        for staged in prepared:
+            try:
+                await maybeDeferred(staged.abort)
+            except Exception as e:
+                log.error("{qid}: could not remove a stored copy after a failure: {error}",
+                          qid=envelope.queue_id, error=e)
 
     def inject(self, sender: Address | None, recipients: Sequence[Address], content: bytes,
                client: str = "local") -> Deferred[str]:
@@ -60,18 +122,21 @@ class Dispatcher:
         """
         from mailstack.smtp.server import new_queue_id
 
-        envelope = Envelope(new_queue_id(), sender, received_at=self.clock.seconds(),
+        envelope = Envelope(new_queue_id(), sender, received_at=wall_seconds(self.clock),
                             client=client)
         for rcpt in recipients:
             try:
                 resolution = self.router.resolve(rcpt)
-            except (UnknownRecipient, AliasLoop) as e:
+            except (UnknownRecipient, AliasLoop, EmptyResolution) as e:
                 log.warn("{qid}: to=<{to}> status=bounced (unknown local recipient: {e})",
                          qid=envelope.queue_id, to=rcpt, e=e)
                 continue
             envelope.add(rcpt, resolution)
         spool = MessageSpool(self.spool_dir)
         spool.write(normalize(content))
+        if spool.error is not None:
+            spool.close()
+            return fail(spool.error)
         log.info("{qid}: from=<{sender}> size={size} nrcpt={n} ({client})",
                  qid=envelope.queue_id, sender=sender or "", size=spool.size,
                  n=len(envelope.rcpts), client=client)

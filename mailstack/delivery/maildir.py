@@ -37,9 +37,10 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailstack.address import Address, AddressError, mailbox_name
-from mailstack.interfaces import IDeliveryAgent
+from mailstack.clock import wall_seconds
+from mailstack.interfaces import IDeliveryAgent, IPrepared, ITwoPhaseStore
 from mailstack.message import Envelope, MessageSpool
-from mailstack.safeio import fsync_directory, write_file
+from mailstack.safeio import discard, fsync_directory, rename, write_file
 
 log = Logger()
 
@@ -184,8 +185,14 @@ class MaildirWriter:
         Stage and commit every copy; return the paths in C{new/}.  Blocking:
         call it in a worker thread.
         """
+        return self.commit(self.stage(copies, spool))
+
+    def stage(self, copies: list[Copy], spool: MessageSpool) -> list[tuple[str, str]]:
+        """
+        Phase 1: write and fsync each copy in C{tmp/}; return the
+        C{(tmp, new)} paths.  On failure nothing is left.  Blocking.
+        """
         staged: list[tuple[str, str]] = []
-        committed: list[str] = []
         try:
             for copy in copies:
                 self.store.ensure(copy.maildir)
@@ -193,24 +200,45 @@ class MaildirWriter:
                 vsize = size + copy.prefix.count(b"\n") + spool.lines
                 name = unique_name(self.hostname, size, vsize=vsize)
                 tmp = os.path.join(copy.maildir, "tmp", name)
-                staged.append((tmp, os.path.join(copy.maildir, "new", name)))
                 write_file(tmp, itertools.chain((copy.prefix,), spool.chunks()))
+                staged.append((tmp, os.path.join(copy.maildir, "new", name)))
+        except BaseException:
+            self.discard(staged, [])
+            raise
+        return staged
+
+    def commit(self, staged: list[tuple[str, str]]) -> list[str]:
+        """
+        Phase 2: rename every staged copy into C{new/} and fsync each
+        C{new/}; return the paths.  On failure nothing is left.  Blocking.
+        """
+        committed: list[str] = []
+        try:
             for tmp, new in staged:
-                os.rename(tmp, new)
+                rename(tmp, new)
                 committed.append(new)
             for directory in dict.fromkeys(os.path.dirname(new) for _, new in staged):
                 self.syncer.sync(directory)
         except BaseException:
-            for path in committed + [tmp for tmp, _ in staged]:
-                try:
-                    os.unlink(path)
-                except OSError:
-                    pass
+            self.discard(staged, committed)
             raise
         return committed
 
+    def discard(self, staged: list[tuple[str, str]], committed: list[str]) -> None:
+        """
+        Remove the copies of a failed delivery, staged or committed, so the
+        client's retry after its 4xx duplicates nothing.  Blocking.
+        """
+        for path in committed + [tmp for tmp, _ in staged]:
+            discard(path)
+        for directory in dict.fromkeys(os.path.dirname(path) for path in committed):
+            try:
+                fsync_directory(directory)
+            except OSError:
+                pass  # the removal is what matters; the original error is reported
 
-@implementer(IDeliveryAgent)
+
+@implementer(IDeliveryAgent, ITwoPhaseStore)
 class MaildirDeliveryAgent:
     """
     The local delivery agent: one durable Maildir copy per local recipient,
@@ -235,14 +263,45 @@ class MaildirDeliveryAgent:
         return copies
 
     def deliver(self, envelope: Envelope, spool: MessageSpool) -> "Deferred[list[str]]":
+        d = self.prepare(envelope, spool)
+        return d.addCallback(lambda staged: staged.commit())
+
+    def prepare(self, envelope: Envelope, spool: MessageSpool) -> "Deferred[StagedCopies]":
+        """
+        Phase 1 (L{ITwoPhaseStore}): every copy written and fsynced in
+        C{tmp/}; the L{StagedCopies} commits them into C{new/} or drops them.
+        """
         try:
             copies = self.copies_for(envelope)
         except AddressError as e:
             return fail(e)
-        d = deferToThreadPool(self.reactor, self.pool, self.writer.write, copies, spool)
+        d = deferToThreadPool(self.reactor, self.pool, self.writer.stage, copies, spool)
+        return d.addCallback(lambda staged: StagedCopies(self, envelope, staged))
+
+
+@implementer(IPrepared)
+class StagedCopies:
+    """
+    The copies of one message in C{tmp/}, waiting for the dispatcher's word.
+    """
+
+    def __init__(self, agent: MaildirDeliveryAgent, envelope: Envelope,
+                 staged: list[tuple[str, str]]) -> None:
+        self.agent = agent
+        self.envelope = envelope
+        self.staged = staged
+        self.committed: list[str] = []
+
+    def _blocking(self, f: Any, *args: Any) -> Deferred[Any]:
+        return deferToThreadPool(self.agent.reactor, self.agent.pool, f, *args)
+
+    def commit(self) -> "Deferred[list[str]]":
+        d = self._blocking(self.agent.writer.commit, self.staged)
 
         def logged(paths: list[str]) -> list[str]:
-            delay = self.reactor.seconds() - envelope.received_at
+            self.committed = paths
+            envelope = self.envelope
+            delay = wall_seconds(self.agent.reactor) - envelope.received_at
             for rcpt in envelope.local:
                 log.info(
                     "{qid}: to=<{to}> relay=local delay={delay:.2f} dsn=2.0.0 "
@@ -252,3 +311,10 @@ class MaildirDeliveryAgent:
             return paths
 
         return d.addCallback(logged)
+
+    def abort(self) -> Deferred[None]:
+        staged, committed, self.committed = self.staged, self.committed, []
+        if committed:
+            log.warn("{qid}: {n} maildir copies removed again: another store failed",
+                     qid=self.envelope.queue_id, n=len(committed))
+        return self._blocking(self.agent.writer.discard, staged, committed)

@@ -74,6 +74,10 @@ class Pickup(TimerService):
                 continue
             try:
                 await self.dispatcher.inject(from_, rcpts, content, client=f"local {who}")
+            except OSError as e:  # a full disk: one line, not a traceback
+                log.error("maildrop: cannot deliver {name}: {error}; will retry", name=name,
+                          error=e)
+                continue
             except Exception:
                 log.failure("maildrop: cannot deliver {name}; will retry", name=name)
                 continue

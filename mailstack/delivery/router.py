@@ -13,9 +13,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from twisted.logger import Logger
+
 from mailstack.address import Address
 from mailstack.interfaces import IAliasMap, IUserDatabase
 from mailstack.message import LocalRecipient
+
+log = Logger()
 
 
 class UnknownRecipient(LookupError):
@@ -28,6 +32,13 @@ class AliasLoop(LookupError):
     """
     Alias expansion came back to an address it was already expanding, or
     went deeper than L{Router.max_depth}.
+    """
+
+
+class EmptyResolution(LookupError):
+    """
+    A local address whose alias leads to no recipient at all (its targets
+    do not parse): a broken table, refused at RCPT with a 4xx until fixed.
     """
 
 
@@ -48,23 +59,39 @@ class Router:
 
     max_depth = 10
 
-    def __init__(self, domains: frozenset[str], users: IUserDatabase, aliases: IAliasMap):
+    def __init__(self, domains: frozenset[str], users: IUserDatabase, aliases: IAliasMap,
+                 postmaster: Address | None = None):
         self.domains = domains
         self.users = users
         self.aliases = aliases
+        # RFC 5321 4.5.1: postmaster@ every local domain is accepted; without
+        # a user or alias of its own it goes here (--postmaster).
+        self.postmaster = postmaster
+
+    def postmaster_for(self, address: Address) -> Address | None:
+        """
+        Where C{postmaster@} a local domain goes when no user or alias has
+        that name; C{None} for other addresses.
+        """
+        if address.base.local.lower() != "postmaster" or not self.is_local(address):
+            return None
+        return self.postmaster or Address("postmaster", address.domain)
 
     def is_local(self, address: Address) -> bool:
         return address.domain in self.domains
 
     def resolve(self, address: Address) -> Resolution:
         """
-        Resolve one recipient; raise L{UnknownRecipient} or L{AliasLoop}.
+        Resolve one recipient; raise L{UnknownRecipient}, L{AliasLoop} or
+        L{EmptyResolution}.
         """
         if not self.is_local(address):
             return Resolution(remote=(address,))
         local: dict[LocalRecipient, None] = {}
         remote: dict[Address, None] = {}
         self._expand(address, (), local, remote)
+        if not local and not remote:
+            raise EmptyResolution(f"{address} resolves to no recipient (bad alias targets?)")
         return Resolution(tuple(local), tuple(remote))
 
     def _expand(
@@ -87,6 +114,22 @@ class Router:
                 local[LocalRecipient(key, address)] = None
             elif self.users.exists(base):
                 local[LocalRecipient(base, address)] = None
+            elif (postmaster := self.postmaster_for(key)) is not None:
+                if postmaster.lower() in (key, base) or postmaster.lower() in path:
+                    # The postmaster's own mailbox, created on first delivery.
+                    local[LocalRecipient(postmaster.lower(), address)] = None
+                elif not self.is_local(postmaster):
+                    remote[postmaster] = None
+                else:
+                    try:
+                        self._expand(postmaster, path + (key,), local, remote)
+                    except UnknownRecipient:
+                        # A --postmaster nobody created: still never refused.
+                        log.error("--postmaster <{postmaster}> is no user or alias; "
+                                  "mail for <{rcpt}> goes to its own mailbox",
+                                  postmaster=postmaster, rcpt=address)
+                        own = Address("postmaster", key.domain)
+                        local[LocalRecipient(own, address)] = None
             else:
                 raise UnknownRecipient(str(address))
             return

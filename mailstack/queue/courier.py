@@ -143,8 +143,11 @@ class Courier:
             answers, _, _ = await self.resolver.lookupMailExchange(domain)
         except DNSNameError:
             raise RouteError(Reply(550, "5.1.2", f"Host or domain name not found: {domain}"))
-        except DomainError:
-            answers = []
+        except DomainError as e:
+            # SERVFAIL, REFUSED, ...: RFC 5321 5.1 allows the A/AAAA fallback
+            # only when the lookup succeeds with no MX; anything else defers.
+            raise RouteError(Reply(451, "4.4.3", f"DNS lookup of the MX of {domain} failed: "
+                                                 f"{type(e).__name__}"))
         except Exception as e:
             raise RouteError(Reply(451, "4.4.3", f"DNS lookup of {domain} failed: {e}"))
         mx = [(a.payload.preference, str(a.payload.name).rstrip("."))
@@ -218,7 +221,7 @@ class Courier:
                                                      open_content, size, use_tls,
                                                      host if verified else None, credentials)
                     except SMTPClientError as e:
-                        if e.permanent and e.stage in ("MAIL", "DATA", "SIZE", "AUTH"):
+                        if e.permanent and e.stage in ("MAIL", "DATA", "SIZE", "AUTH", "loop"):
                             return {r: Outcome(e.reply, relay) for r in recipients}
                         last = Reply(e.reply.code if e.reply.code < 500 else 451,
                                      e.reply.enhanced or "4.4.0",
@@ -288,6 +291,10 @@ class Courier:
                 proto, self.hostname, tls_context=context,
                 require_tls=verify_host is not None or credentials is not None,
                 credentials=credentials, timeouts=self.timeouts)
+            if self.hostname.lower() in session.peer_names:
+                # Postfix: "mail for X loops back to myself" (bad MX or route).
+                raise SMTPClientError(Reply(554, "5.4.6", f"mail for {ip} loops back to "
+                                                          "myself"), "loop")
             result = await run_transaction(session, transaction, self.timeouts)
         except SSLError as e:
             proto.transport.loseConnection()

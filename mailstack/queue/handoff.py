@@ -17,7 +17,8 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailstack.interfaces import IOutboundQueue
+from mailstack.clock import wall_seconds
+from mailstack.interfaces import IOutboundQueue, IPrepared, ITwoPhaseStore
 from mailstack.message import Envelope, MessageSpool
 from mailstack.queue.control import send_command
 from mailstack.queue.runner import log_queued, new_record
@@ -26,7 +27,7 @@ from mailstack.queue.store import QueueStore
 log = Logger()
 
 
-@implementer(IOutboundQueue)
+@implementer(IOutboundQueue, ITwoPhaseStore)
 class QueueHandoff:
     def __init__(self, store: QueueStore, data_dir: str, reactor: Any, pool: Any) -> None:
         self.store = store
@@ -34,16 +35,31 @@ class QueueHandoff:
         self.reactor = reactor
         self.pool = pool
 
-    def _store_and_announce(self, record: Any, spool: MessageSpool) -> str | None:
-        self.store.add(record, spool)
+    def _commit_and_announce(self, queue_id: str) -> str | None:
+        self.store.commit(queue_id)
         try:
-            return send_command(self.data_dir, f"adopt {record.queue_id}", timeout=10)
+            return send_command(self.data_dir, f"adopt {queue_id}", timeout=10)
         except OSError as e:
             return f"error {e}"
 
     def enqueue(self, envelope: Envelope, spool: MessageSpool) -> Deferred[None]:
-        record = new_record(envelope, self.reactor.seconds())
-        d = deferToThreadPool(self.reactor, self.pool, self._store_and_announce, record, spool)
+        return self.prepare(envelope, spool).addCallback(lambda staged: staged.commit())
+
+    def prepare(self, envelope: Envelope, spool: MessageSpool) -> Deferred[Any]:
+        record = new_record(envelope, wall_seconds(self.reactor))
+        d = deferToThreadPool(self.reactor, self.pool, self.store.stage, record, spool)
+        return d.addCallback(lambda _: _Staged(self, record))
+
+
+@implementer(IPrepared)
+class _Staged:
+    def __init__(self, handoff: QueueHandoff, record: Any) -> None:
+        self.handoff = handoff
+        self.record = record
+
+    def commit(self) -> Deferred[None]:
+        h, record = self.handoff, self.record
+        d = deferToThreadPool(h.reactor, h.pool, h._commit_and_announce, record.queue_id)
 
         def stored(answer: str | None) -> None:
             log_queued(record)
@@ -52,3 +68,7 @@ class QueueHandoff:
                          "its sweep will", qid=record.queue_id, answer=answer)
 
         return d.addCallback(stored)
+
+    def abort(self) -> Deferred[None]:
+        h = self.handoff
+        return deferToThreadPool(h.reactor, h.pool, h.store.abort, self.record.queue_id)

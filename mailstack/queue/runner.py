@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import os
 import random
 from typing import Any, Callable, Sequence
 
@@ -34,12 +35,15 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from mailstack.interfaces import IOutboundQueue
+from mailstack.clock import wall_seconds
+from mailstack.interfaces import IOutboundQueue, IPrepared, ITwoPhaseStore
 from mailstack.message import Envelope, MessageSpool
 from mailstack.queue.courier import Courier, Outcome
 from mailstack.queue.dsn import build_report
 from mailstack.smtp.reply import Reply
-from mailstack.queue.store import FAILED, PENDING, SENT, QueueRecord, QueueStore, RecipientState
+from mailstack.queue.store import (
+    FAILED, SENT, OrphanContent, QueueRecord, QueueStore, RecipientState,
+)
 
 log = Logger()
 
@@ -65,6 +69,7 @@ def log_queued(record: QueueRecord) -> None:
              n=len(record.recipients))
 
 
+@implementer(IOutboundQueue, ITwoPhaseStore)
 class OutboundQueue(Service):
     """
     Schedules and runs delivery attempts for the messages in a L{QueueStore}.
@@ -127,16 +132,30 @@ class OutboundQueue(Service):
         d.addErrback(lambda f: log.failure("cannot load the queue", f))
 
     def _loaded(self, items: list[Any]) -> None:
+        moved = []
         for item in items:
             if isinstance(item, tuple):
-                log.error("queue: cannot read the envelope of {qid}: {error}; left on disk",
-                          qid=item[0], error=item[1])
+                queue_id, error = item
+                if isinstance(error, OrphanContent):
+                    log.warn("queue: {qid}: {error}", qid=queue_id, error=error)
+                else:
+                    moved.append(self._quarantine(queue_id, f"unusable at start: {error}"))
                 continue
             self.records[item.queue_id] = item
             self._push(item.queue_id, item.next_attempt)
         log.info("queue: {n} messages loaded", n=len(self.records))
         self._rearm()
-        self.loaded.callback(len(self.records))
+        DeferredList(moved).addCallback(lambda _: self.loaded.callback(len(self.records)))
+
+    def _quarantine(self, queue_id: str, reason: str) -> Deferred[Any]:
+        """
+        Move a message aside into C{queue/corrupt/}, with a warning.
+        """
+        log.warn("queue: {qid}: {reason}; moved to queue/corrupt/", qid=queue_id, reason=reason)
+        self.records.pop(queue_id, None)
+        d = self._blocking(self.store.quarantine, queue_id, reason)
+        return d.addErrback(lambda f: log.error("queue: {qid}: cannot move it aside: {error}",
+                                                qid=queue_id, error=f.value))
 
     def stopService(self) -> Any:
         super().stopService()
@@ -152,7 +171,13 @@ class OutboundQueue(Service):
     # Scheduling
 
     def _push(self, queue_id: str, due: float) -> None:
-        heapq.heappush(self._heap, (due, next(self._seq), queue_id))
+        """
+        Schedule an attempt at wall-clock time C{due} (what the envelope
+        says), converted once to the clock's own time: the wait does not
+        move if the wall clock is stepped meanwhile.
+        """
+        at = self.clock.seconds() + max(0.0, due - wall_seconds(self.clock))
+        heapq.heappush(self._heap, (at, next(self._seq), queue_id, due))
 
     def _rearm(self) -> None:
         if not self.running:
@@ -170,7 +195,7 @@ class OutboundQueue(Service):
         self._timer = None
         now = self.clock.seconds()
         while self._heap and self._heap[0][0] <= now and len(self.active) < self.max_active:
-            due, _, queue_id = heapq.heappop(self._heap)
+            _, _, queue_id, due = heapq.heappop(self._heap)
             record = self.records.get(queue_id)
             if record is None or queue_id in self.active or record.next_attempt != due:
                 continue  # deleted, running, or rescheduled since
@@ -195,15 +220,16 @@ class OutboundQueue(Service):
     # IOutboundQueue
 
     def enqueue(self, envelope: Envelope, spool: MessageSpool) -> Deferred[None]:
-        record = new_record(envelope, self.clock.seconds())
-        d = self._blocking(self.store.add, record, spool)
+        return self.prepare(envelope, spool).addCallback(lambda staged: staged.commit())
 
-        def stored(_: Any) -> None:
-            log_queued(record)
-            if record.queue_id not in self.records:  # a sweep may have been first
-                self._schedule(record)
-
-        return d.addCallback(stored)
+    def prepare(self, envelope: Envelope, spool: MessageSpool) -> "Deferred[StagedMessage]":
+        """
+        Phase 1 (L{ITwoPhaseStore}): content and envelope on disk, not yet
+        in C{envelope/}, so neither this queue nor its sweep delivers it.
+        """
+        record = new_record(envelope, wall_seconds(self.clock))
+        d = self._blocking(self.store.stage, record, spool)
+        return d.addCallback(lambda _: StagedMessage(self, record))
 
     def _schedule(self, record: QueueRecord) -> None:
         self.records[record.queue_id] = record
@@ -256,7 +282,7 @@ class OutboundQueue(Service):
         """
         Make every waiting message due now; return how many.
         """
-        now = self.clock.seconds()
+        now = wall_seconds(self.clock)
         count = 0
         for record in self.records.values():
             if record.queue_id not in self.active:
@@ -284,11 +310,14 @@ class OutboundQueue(Service):
     # One attempt
 
     async def _attempt(self, record: QueueRecord) -> None:
+        path = self.store.content_path(record.queue_id)
+        if not os.path.exists(path):
+            await self._quarantine(record.queue_id, "the content file is missing")
+            return
         pending = record.pending()
         by_domain: dict[str, list[RecipientState]] = {}
         for rcpt in pending:
             by_domain.setdefault(rcpt.domain, []).append(rcpt)
-        path = self.store.content_path(record.queue_id)
 
         async def one(domain: str, rcpts: list[RecipientState]) -> dict[str, Outcome]:
             return await self.courier.deliver(
@@ -297,8 +326,7 @@ class OutboundQueue(Service):
 
         results = await DeferredList(
             [ensureDeferred(one(d, rs)) for d, rs in by_domain.items()], consumeErrors=True)
-        now = self.clock.seconds()
-        failed: list[RecipientState] = []
+        now = wall_seconds(self.clock)
         for (ok, outcomes), rcpts in zip(results, by_domain.values()):
             for rcpt in rcpts:
                 if not ok:
@@ -307,34 +335,52 @@ class OutboundQueue(Service):
                     outcome = outcomes[rcpt.address]
                 self._record(record, rcpt, outcome, now)
                 if rcpt.state == FAILED:
-                    failed.append(rcpt)
+                    rcpt.notified = False
         record.attempts += 1
         still = record.pending()
         if still and now - record.arrival >= self.lifetime:
             for rcpt in still:
                 rcpt.state = FAILED
+                rcpt.notified = False
                 rcpt.dsn = "4.4.7"
                 rcpt.last_error = f"delivery time expired; last error: {rcpt.last_error}"
                 log.info("{qid}: to=<{to}> status=expired ({error})", qid=record.queue_id,
                          to=rcpt.address, error=rcpt.last_error)
-                failed.append(rcpt)
             still = []
-        if failed and not await self._bounce(record, failed):
-            for rcpt in failed:
-                rcpt.state = PENDING  # the bounce could not be stored: try it all again later
-            still = record.pending()
+        # A failed recipient stays failed; until its bounce is stored the
+        # message stays queued and the bounce is tried again on the retry
+        # schedule (never in a loop).
+        unnotified = [r for r in record.recipients if r.state == FAILED and not r.notified]
+        if unnotified and await self._bounce(record, unnotified):
+            for rcpt in unnotified:
+                rcpt.notified = True
+            unnotified = []
         if still and not record.warned and now - record.arrival >= self.warn_after:
             record.warned = await self._bounce(record, still, delayed=True)
         if record.queue_id not in self.records:
             return  # deleted meanwhile
-        if not still:
-            await self._blocking(self.store.remove, record.queue_id)
-            del self.records[record.queue_id]
-            log.info("{qid}: removed", qid=record.queue_id)
-            return
-        record.next_attempt = min(now + self.delay_after(record.attempts),
-                                  max(now, record.arrival + self.lifetime))
-        await self._blocking(self.store.save, record)
+        if not still and not unnotified:
+            try:
+                await self._blocking(self.store.remove, record.queue_id)
+            except OSError as e:
+                log.error("{qid}: cannot remove it from the queue: {error}; retried later",
+                          qid=record.queue_id, error=e)
+            else:
+                del self.records[record.queue_id]
+                log.info("{qid}: removed", qid=record.queue_id)
+                return
+        record.next_attempt = now + self.delay_after(record.attempts)
+        if still:
+            record.next_attempt = min(record.next_attempt,
+                                      max(now, record.arrival + self.lifetime))
+        try:
+            await self._blocking(self.store.save, record)
+        except OSError as e:
+            # The schedule in memory goes on (retry, expiry); the envelope on
+            # disk is rewritten at the next attempt.  At worst a restart
+            # repeats an attempt already made.
+            log.error("{qid}: cannot rewrite the envelope: {error}; next attempt as planned",
+                      qid=record.queue_id, error=e)
         self._push(record.queue_id, record.next_attempt)
 
     def _record(self, record: QueueRecord, rcpt: RecipientState, outcome: Outcome,
@@ -371,8 +417,11 @@ class OutboundQueue(Service):
         if self.bounce_to is None:
             return False
         try:
-            headers = await self._blocking(self.store.headers, record.queue_id)
-            report = build_report(self.hostname, record, rcpts, headers, self.clock.seconds(),
+            try:
+                headers = await self._blocking(self.store.headers, record.queue_id)
+            except OSError:
+                headers = b""  # the report goes without the original headers
+            report = build_report(self.hostname, record, rcpts, headers, wall_seconds(self.clock),
                                   delayed=delayed, retry_until=record.arrival + self.lifetime)
             bounce_id = await self.bounce_to(record.sender, report)
         except Exception as e:
@@ -383,6 +432,37 @@ class OutboundQueue(Service):
         log.info("{qid}: sender {kind} notification: {bounce_id}", qid=record.queue_id,
                  kind="delay" if delayed else "non-delivery", bounce_id=bounce_id)
         return True
+
+
+@implementer(IPrepared)
+class StagedMessage:
+    """
+    A message staged in the queue, waiting for the dispatcher's word.
+    """
+
+    def __init__(self, queue: OutboundQueue, record: QueueRecord) -> None:
+        self.queue = queue
+        self.record = record
+        self.committed = False
+
+    def commit(self) -> Deferred[None]:
+        record = self.record
+        d = self.queue._blocking(self.queue.store.commit, record.queue_id)
+
+        def stored(_: Any) -> None:
+            self.committed = True
+            log_queued(record)
+            if record.queue_id not in self.queue.records:  # a sweep may have been first
+                self.queue._schedule(record)
+
+        return d.addCallback(stored)
+
+    def abort(self) -> Deferred[None]:
+        if self.committed:
+            log.warn("{qid}: removed from the queue again: another store failed",
+                     qid=self.record.queue_id)
+            self.queue.records.pop(self.record.queue_id, None)
+        return self.queue._blocking(self.queue.store.abort, self.record.queue_id)
 
 
 def _internal_error(failure: Any) -> Reply:

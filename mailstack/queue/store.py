@@ -20,13 +20,20 @@ from __future__ import annotations
 import json
 import os
 import re
+import time
 from dataclasses import asdict, dataclass
 from typing import Iterator
 
 from mailstack.message import MessageSpool
-from mailstack.safeio import atomic_write, fsync_directory, write_file
+from mailstack.safeio import atomic_write, discard, fsync_directory, rename, unlink, write_file
 
 PENDING, SENT, FAILED = "pending", "sent", "failed"
+
+
+class OrphanContent(Exception):
+    """
+    Content without an envelope, found and removed at start.
+    """
 _ID = re.compile(r"[0-9A-Za-z]{6,40}")
 
 
@@ -42,6 +49,9 @@ class RecipientState:
     dsn: str = ""  # enhanced status of the last answer, e.g. 4.4.1
     remote_reply: str = ""  # "smtp; 550 5.1.1 ..." for a DSN's Diagnostic-Code
     relay: str = ""
+    # A failed recipient whose bounce is stored (or due to nobody); False
+    # while the bounce could not be stored yet: the message stays queued.
+    notified: bool = True
 
     @property
     def domain(self) -> str:
@@ -91,6 +101,7 @@ class QueueStore:
         self.tmp = os.path.join(self.directory, "tmp")
         self.content_dir = os.path.join(self.directory, "content")
         self.envelope_dir = os.path.join(self.directory, "envelope")
+        self.corrupt_dir = os.path.join(self.directory, "corrupt")
 
     def ensure(self) -> None:
         for d in (self.directory, self.tmp, self.content_dir, self.envelope_dir):
@@ -106,13 +117,56 @@ class QueueStore:
         """
         Store a new message durably.
         """
+        self.stage(record, spool)
+        self.commit(record.queue_id)
+
+    def staged_envelope_path(self, queue_id: str) -> str:
+        return os.path.join(self.tmp, queue_id + ".json")
+
+    def stage(self, record: QueueRecord, spool: MessageSpool) -> None:
+        """
+        Phase 1 of L{add}: the content in C{content/} and the envelope in
+        C{tmp/}, both fsynced; no envelope in C{envelope/} yet, so nothing
+        is delivered.  On failure nothing is left.
+        """
         self.ensure()
         tmp = os.path.join(self.tmp, record.queue_id)
-        write_file(tmp, spool.chunks())
-        os.rename(tmp, self.content_path(record.queue_id))
-        fsync_directory(self.content_dir)
-        record.size = spool.size
-        atomic_write(self.envelope_path(record.queue_id), record.to_json())
+        staged = self.staged_envelope_path(record.queue_id)
+        try:
+            write_file(tmp, spool.chunks())
+            rename(tmp, self.content_path(record.queue_id))
+            fsync_directory(self.content_dir)
+            record.size = spool.size
+            write_file(staged, [record.to_json()])
+        except BaseException:
+            for path in (tmp, self.content_path(record.queue_id), staged):
+                discard(path)
+            raise
+
+    def commit(self, queue_id: str) -> None:
+        """
+        Phase 2 of L{add}: the envelope's rename into C{envelope/}, then its
+        directory fsynced.  On failure nothing is left.
+        """
+        try:
+            rename(self.staged_envelope_path(queue_id), self.envelope_path(queue_id))
+            fsync_directory(self.envelope_dir)
+        except BaseException:
+            self.abort(queue_id)
+            raise
+
+    def abort(self, queue_id: str) -> None:
+        """
+        Remove a message staged or committed, whatever of it exists.
+        """
+        discard(self.staged_envelope_path(queue_id))
+        if os.path.exists(self.envelope_path(queue_id)):
+            discard(self.envelope_path(queue_id))
+            try:
+                fsync_directory(self.envelope_dir)
+            except OSError:
+                pass  # the removal is what matters
+        discard(self.content_path(queue_id))
 
     def save(self, record: QueueRecord) -> None:
         """
@@ -125,12 +179,12 @@ class QueueStore:
         Remove a message: the envelope first (the commit), then the content.
         """
         try:
-            os.unlink(self.envelope_path(queue_id))
+            unlink(self.envelope_path(queue_id))
         except FileNotFoundError:
             return False
         fsync_directory(self.envelope_dir)
         try:
-            os.unlink(self.content_path(queue_id))
+            unlink(self.content_path(queue_id))
         except FileNotFoundError:
             pass  # a crash between the two unlinks: the envelope was the commit
         return True
@@ -146,14 +200,18 @@ class QueueStore:
         self.ensure()
         return [n[:-5] for n in os.listdir(self.envelope_dir) if n.endswith(".json")]
 
+    orphan_age = 600.0  # seconds: younger content may be a receiver's write in progress
+
     def load_all(self) -> Iterator[QueueRecord | tuple[str, Exception]]:
         """
         Every committed message; interrupted writes are cleaned up.  A record
-        that cannot be read is yielded as C{(id, error)}.
+        that cannot be read, or whose content is missing, is yielded as
+        C{(id, error)} (see L{quarantine}); removed orphan content as
+        C{(id, OrphanContent)}.
         """
         self.ensure()
         for name in os.listdir(self.tmp):
-            os.unlink(os.path.join(self.tmp, name))
+            discard(os.path.join(self.tmp, name))
         committed = set()
         for name in os.listdir(self.envelope_dir):
             if not name.endswith(".json"):
@@ -161,12 +219,64 @@ class QueueStore:
             queue_id = name[:-5]
             committed.add(queue_id)
             try:
-                yield self.load(queue_id)
-            except (OSError, ValueError, TypeError, KeyError) as e:
+                record = self.load(queue_id)
+            except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
                 yield queue_id, e
+                continue
+            if not os.path.exists(self.content_path(queue_id)):
+                yield queue_id, FileNotFoundError("the content file is missing")
+                continue
+            yield record
+        now = time.time()
         for name in os.listdir(self.content_dir):
+            path = os.path.join(self.content_dir, name)
             if name not in committed:
-                os.unlink(os.path.join(self.content_dir, name))
+                try:
+                    if now - os.stat(path).st_mtime < self.orphan_age:
+                        continue
+                except FileNotFoundError:
+                    continue
+                discard(path)
+                yield name, OrphanContent("content without an envelope (an interrupted "
+                                          "write, never acknowledged) removed")
+
+    def quarantine(self, queue_id: str, reason: str) -> None:
+        """
+        Move a message that cannot be used (an unreadable envelope, missing
+        content) to C{corrupt/} with the reason beside it, as Postfix does;
+        C{queue list} shows it and an administrator decides.
+        """
+        os.makedirs(self.corrupt_dir, mode=0o700, exist_ok=True)
+        for source, name in ((self.envelope_path(queue_id), queue_id + ".json"),
+                             (self.content_path(queue_id), queue_id)):
+            try:
+                rename(source, os.path.join(self.corrupt_dir, name))
+            except FileNotFoundError:
+                pass
+        atomic_write(os.path.join(self.corrupt_dir, queue_id + ".reason"),
+                     reason.encode("utf-8", "replace") + b"\n")
+        for directory in (self.envelope_dir, self.content_dir):
+            fsync_directory(directory)
+
+    def corrupt(self) -> list[tuple[str, str]]:
+        """
+        The messages in C{corrupt/}: C{(id, reason)}.
+        """
+        try:
+            names = os.listdir(self.corrupt_dir)
+        except FileNotFoundError:
+            return []
+        found = []
+        for name in sorted(names):
+            if name.endswith(".reason"):
+                try:
+                    with open(os.path.join(self.corrupt_dir, name), encoding="utf-8",
+                              errors="replace") as f:
+                        reason = f.read().strip()
+                except OSError as e:
+                    reason = str(e)
+                found.append((name[:-7], reason))
+        return found
 
     def headers(self, queue_id: str, limit: int = 65536) -> bytes:
         """

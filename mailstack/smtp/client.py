@@ -274,6 +274,7 @@ class Session:
     transactions: int = 0
     clean: bool = True  # the last transaction ended in a state to start another
     stage: str = "MAIL"  # where the current transaction is
+    peer_names: tuple[str, ...] = ()  # the names in its greeting and EHLO reply, lowercased
 
     @property
     def alive(self) -> bool:
@@ -327,7 +328,8 @@ async def open_session(
             raise TLSRequired(Reply(530, "5.7.0", "refusing to send a password without TLS"),
                               "AUTH")
         await _authenticate(proto, extensions, credentials, timeouts)
-    return Session(proto, extensions, tls)
+    names = (greeting.text.split() or [""])[0], getattr(proto, "ehlo_name", "")
+    return Session(proto, extensions, tls, peer_names=tuple(n.lower() for n in names if n))
 
 
 async def run_transaction(session: Session, transaction: Transaction,
@@ -437,6 +439,7 @@ async def _hello(proto: SMTPClientProtocol, helo: str, timeouts: Timeouts) -> di
         if reply.code != 250:
             raise SMTPClientError(reply, "HELO")
         return {}
+    proto.ehlo_name = (reply.text.split() or [""])[0]  # type: ignore[attr-defined]
     extensions = {}
     for line in reply.text.split("\n")[1:]:
         keyword, _, params = line.strip().partition(" ")

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 
 from mailstack.address import Address
 from mailstack.delivery.dispatch import Dispatcher
-from mailstack.delivery.router import AliasLoop, Resolution, UnknownRecipient
+from mailstack.delivery.router import AliasLoop, EmptyResolution, Resolution, UnknownRecipient
 from mailstack.message import Envelope, MessageSpool
 from mailstack.smtp.reply import Reply, SMTPError
 
@@ -65,6 +65,11 @@ class ReceivingPolicy:
                 log.error("alias loop for <{rcpt}>: {error}", rcpt=rcpt, error=e)
                 raise SMTPError(550, "5.4.6", f"<{rcpt}>: Recipient address rejected: "
                                               "alias loop")
+            except EmptyResolution as e:
+                # A 250 here would lose the message: it would go nowhere.
+                log.error("{error}", error=e)
+                raise SMTPError(451, "4.3.0", f"<{rcpt}>: Recipient address rejected: "
+                                              "temporary lookup failure")
         elif self.may_relay(session):
             resolution = Resolution(remote=(rcpt,))
         else:

@@ -35,7 +35,8 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from mailstack.address import AddressError, parse_path
+from mailstack.address import Address, AddressError, parse_path
+from mailstack.clock import wall_seconds
 from mailstack.limits import CommandDeadline
 from mailstack.message import Envelope, MessageSpool, rfc5322_date
 from mailstack.smtp.data import DataReader
@@ -67,10 +68,18 @@ class ServerSettings:
     timeout: float = 300.0  # for each whole command; DATA: min_data_rate
     min_data_rate: float = 500.0  # octets per second (Postfix's smtpd_min_data_rate)
     max_recipients: int = 100
+    # Postfix's smtpd_recipient_overshoot_limit: recipients refused past
+    # max_recipients count as errors only beyond this many.
+    recipient_overshoot: int = 1000
+    # Postfix's smtpd_hard_error_limit: errors without a delivery; a
+    # delivered message starts the count again.
     max_errors: int = 20
     max_hops: int = 50
     implicit_tls: bool = False
     name: str = "smtp"
+    # A bare RCPT TO:<postmaster> (RFC 5321 4.5.1) means postmaster@ this
+    # domain (the first local domain); None: the hostname.
+    postmaster_domain: str | None = None
 
 
 @dataclass
@@ -166,6 +175,8 @@ class SMTPServer(Protocol):
         self._processing = False
         self._closed = False
         self._errors = 0
+        self._uncounted = False  # the next reply is no client error (see _reply)
+        self._overshoot = 0
         self._data: DataReader | None = None
         self._spool: MessageSpool | None = None
         # Not an idle timer that any byte resets: each whole command must
@@ -259,6 +270,10 @@ class SMTPServer(Protocol):
                     chunk, self._buffer = self._buffer, b""
                     rest = self._data.feed(chunk)
                     if rest is None:
+                        if self._spool is not None and self._spool.backlog_full:
+                            # The disk is slower than the client: stop reading
+                            # until the spill file catches up.
+                            self._respond(self._spool.drained())
                         break
                     self._buffer = rest
                     self._deadline.start()
@@ -299,6 +314,16 @@ class SMTPServer(Protocol):
             return line[:-1] if line.endswith(b"\r") else line
 
     def _command(self, line: bytes) -> None:
+        if b"\0" not in line and not line.isascii() and line[:5].upper() in (b"MAIL ", b"RCPT "):
+            # RFC 6531 3.7.4.1 and Postfix: an 8-bit address without
+            # SMTPUTF8 is 553 5.6.7, a refusal of the address, no
+            # protocol error, so it does not count toward max_errors.
+            log.info("reject: {verb} from {client}: 8-bit address without SMTPUTF8",
+                     verb=line[:4].decode("ascii").upper(), client=self.session.client)
+            self._uncounted = True
+            self._respond(Reply(553, "5.6.7", "Error: 8-bit characters in an address "
+                                              "need SMTPUTF8, which is not offered"))
+            return
         if b"\0" in line or not line.isascii():
             self._respond(Reply(500, "5.5.2", "Error: bad characters in command"))
             return
@@ -377,7 +402,10 @@ class SMTPServer(Protocol):
             self._reply(reply)
         if self._paused and not self._closed:
             self._paused = False
-            self._deadline.start()
+            if self._data is not None:
+                self._deadline.start_data()  # paused in DATA (spill backpressure)
+            else:
+                self._deadline.start()
             self.transport.resumeProducing()
             self._process()
 
@@ -388,7 +416,8 @@ class SMTPServer(Protocol):
         if self._close_after or reply.code == 421:
             self._close()
             return
-        if reply.code >= 400 and reply.code != 421:
+        uncounted, self._uncounted = self._uncounted, False
+        if reply.code >= 400 and not uncounted:
             self._errors += 1
             if self._errors >= self.settings.max_errors:
                 log.info("too many errors from {client}", client=self.session.client)
@@ -408,6 +437,7 @@ class SMTPServer(Protocol):
 
     def _drop_transaction(self) -> None:
         self.envelope = None
+        self._overshoot = 0
         self._data = None
         if self._spool is not None:
             self._spool.close()
@@ -516,7 +546,7 @@ class SMTPServer(Protocol):
             reply = reply or Reply(250, "2.1.0", "Ok")
             if reply.code == 250:
                 self.envelope = Envelope(
-                    new_queue_id(), sender, received_at=self.factory.clock.seconds(),
+                    new_queue_id(), sender, received_at=wall_seconds(self.factory.clock),
                     client=self.session.client,
                 )
                 log.info("{qid}: client={client}", qid=self.envelope.queue_id,
@@ -535,7 +565,11 @@ class SMTPServer(Protocol):
         path, rest = split_path(arg[match.end():])
         if rest:
             return Reply(555, "5.5.4", "Unsupported RCPT parameters")
-        rcpt = parse_path(path)
+        if path.lower() == "<postmaster>":  # RFC 5321 4.1.1.3: no domain needed
+            rcpt = Address("postmaster",
+                           self.settings.postmaster_domain or self.settings.hostname)
+        else:
+            rcpt = parse_path(path)
         if rcpt is None:
             return Reply(501, "5.1.3", "Error: the null address is not a recipient")
         if "%" in rcpt.local or "!" in rcpt.local:
@@ -543,6 +577,10 @@ class SMTPServer(Protocol):
                      qid=envelope.queue_id, client=self.session.client, rcpt=rcpt)
             return Reply(553, "5.1.3", "Error: %-hack and bang-path addresses are not accepted")
         if len(envelope.rcpts) >= self.settings.max_recipients:
+            # RFC 5321 4.5.3.1.10: the client sends the rest in another
+            # transaction; that is no error until the overshoot limit.
+            self._overshoot += 1
+            self._uncounted = self._overshoot <= self.settings.recipient_overshoot
             return Reply(452, "4.5.3", "Error: too many recipients")
 
         def accepted(resolution: Any) -> Reply:
@@ -569,7 +607,7 @@ class SMTPServer(Protocol):
             return Reply(554, "5.5.1", "Error: no valid recipients")
         if arg:
             return Reply(501, "5.5.4", "Syntax: DATA")
-        self._spool = MessageSpool(self.factory.spool_dir)
+        self._spool = MessageSpool(self.factory.spool_dir, self.factory.blocking)
         self._data = DataReader(self._spool.write, self.settings.max_message_size)
         self._send(Reply(354, "", "End data with <CR><LF>.<CR><LF>"))
         self._deadline.start_data()
@@ -584,6 +622,24 @@ class SMTPServer(Protocol):
         self._data = None
         self._spool = None
         self.envelope = None
+        self._overshoot = 0
+        # A message over 1 MiB is being written to DATA/tmp in a worker
+        # thread; the answer waits for the last of it.
+        d = spool.finished()
+        d.addCallbacks(lambda _: self._complete(reader, spool, envelope),
+                       self._spool_failed, errbackArgs=(spool, envelope))
+        self._respond(d)
+
+    def _spool_failed(self, failure: Failure, spool: MessageSpool, envelope: Envelope) -> Reply:
+        spool.close()
+        failure.trap(OSError)
+        reply = Reply(451, "4.3.0", "Error: could not store the message, try again later")
+        log.error("{qid}: reject: DATA from {client}: {reply} (spool: {error})",
+                  qid=envelope.queue_id, client=self.session.client, reply=reply,
+                  error=failure.value.strerror or failure.value)
+        return reply
+
+    def _complete(self, reader: DataReader, spool: MessageSpool, envelope: Envelope) -> Any:
         rejection = reader.rejection
         if rejection is None:
             hops = sum(1 for name in spool.header_names() if name in ("received", "delivered-to"))
@@ -594,15 +650,17 @@ class SMTPServer(Protocol):
             reply = Reply(*rejection)
             log.info("{qid}: reject: DATA from {client}: {reply}",
                      qid=envelope.queue_id, client=self.session.client, reply=reply)
-            self._respond(reply)
-            return
+            return reply
         spool.add_header(self.received_header(envelope))
         log.info("{qid}: from=<{sender}> size={size} nrcpt={nrcpt}",
                  qid=envelope.queue_id, sender=envelope.sender or "", size=spool.size,
                  nrcpt=len(envelope.rcpts))
 
         def delivered(reply: Reply | None) -> Reply:
-            return reply or Reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}")
+            reply = reply or Reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}")
+            if reply.code == 250:
+                self._errors = 0  # the hard error limit is for sessions delivering nothing
+            return reply
 
         def done(result: Any) -> Any:
             spool.close()
@@ -612,11 +670,16 @@ class SMTPServer(Protocol):
         d.addCallback(delivered)
         d.addErrback(self._delivery_failed, envelope)
         d.addBoth(done)
-        self._respond(d)
+        return d
 
     def _delivery_failed(self, failure: Failure, envelope: Envelope) -> Reply:
         if failure.check(SMTPError):
             reply = failure.value.reply
+        elif failure.check(OSError):
+            # A full disk is no bug: one line, not a traceback.
+            log.error("{qid}: could not store the message: {error}",
+                      qid=envelope.queue_id, error=failure.value)
+            reply = Reply(451, "4.3.0", "Error: could not store the message, try again later")
         else:
             log.failure("{qid}: delivery failed", failure, qid=envelope.queue_id)
             reply = Reply(451, "4.3.0", "Error: could not store the message, try again later")
@@ -640,7 +703,7 @@ class SMTPServer(Protocol):
             tls = f"\n\t({info})" if info else ""
         auth = f"\n\t(authenticated as {s.user})" if s.user is not None else ""
         single = f"\n\tfor <{envelope.rcpts[0]}>" if len(envelope.rcpts) == 1 else ""
-        date = rfc5322_date(self.factory.clock.seconds())
+        date = rfc5322_date(wall_seconds(self.factory.clock))
         return (
             f"Received: from {s.helo} ([{literal}]){tls}{auth}\n"
             f"\tby {self.settings.hostname} (mailstack) with {s.protocol_name}"
@@ -679,9 +742,15 @@ class SMTPServerFactory(Factory):
         clock: IReactorTime,
         spool_dir: str | None = None,
         tls: Callable[[], Any] | None = None,
+        blocking: Callable[..., Deferred[Any]] | None = None,
     ) -> None:
+        """
+        @param blocking: C{blocking(f, *args)} runs C{f} in a worker thread
+            (a message spilled to C{spool_dir} is written there).
+        """
         self.policy = policy
         self.settings = settings
         self.clock = clock
         self.spool_dir = spool_dir
         self.tls = tls
+        self.blocking = blocking

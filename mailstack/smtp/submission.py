@@ -26,7 +26,8 @@ from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from mailstack.address import Address, AddressError, parse_address
-from mailstack.delivery.router import AliasLoop, Resolution, UnknownRecipient
+from mailstack.clock import wall_seconds
+from mailstack.delivery.router import AliasLoop, EmptyResolution, Resolution, UnknownRecipient
 from mailstack.message import Envelope, MessageSpool, rfc5322_date
 from mailstack.smtp.policy import ReceivingPolicy
 from mailstack.smtp.reply import Reply, SMTPError
@@ -188,7 +189,7 @@ class SubmissionPolicy(ReceivingPolicy):
             return False
         try:
             resolution = self.router.resolve(sender)
-        except (UnknownRecipient, AliasLoop, AddressError):
+        except (UnknownRecipient, AliasLoop, EmptyResolution, AddressError):
             return False
         return any(local.user == user for local in resolution.local)
 
@@ -209,5 +210,5 @@ class SubmissionPolicy(ReceivingPolicy):
             spool.add_header(f"Message-ID: <{envelope.queue_id}.{token}@{self.hostname}>\n"
                              .encode("ascii"))
         if "date" not in names:
-            spool.add_header(f"Date: {rfc5322_date(self.clock.seconds())}\n".encode("ascii"))
+            spool.add_header(f"Date: {rfc5322_date(wall_seconds(self.clock))}\n".encode("ascii"))
         return super().deliver(session, envelope, spool)

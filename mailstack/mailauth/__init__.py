@@ -1,0 +1,37 @@
+"""
+Mail authentication building blocks (issue 17): DKIM keys and signing,
+SPF, DKIM and DMARC checks with one C{Authentication-Results} header,
+MTA-STS policies, and the DNS records a domain publishes.
+
+One module per concern, none of them tied to the SMTP server or the queue:
+
+    keys.py        DKIM keys under DATA/dkim/<domain>/, TXT records, rotation
+    dkim.py        DKIMSigner (dual rsa-sha256 + ed25519-sha256), verify_dkim
+    lookup.py      DNSCache: asynchronous twisted.names lookups, time limit, TTL cache
+    spf.py         check_spf: RFC 7208 with pyspf, its DNS through DNSCache
+    dmarc.py       RFC 7489: record, organisational domain, alignment, evaluate_dmarc
+    results.py     Authentication-Results (RFC 8601): make one, remove ours
+    verify.py      Authenticator: all checks for one inbound message; policy_verdict
+    mtasts.py      MTA-STS (RFC 8461) client: TXT, HTTPS policy fetch, cache, mx_allowed
+    dnsrecords.py  the records of `mailstack dns DOMAIN` and their --check
+    commands.py    `mailstack dkim ...` and `mailstack dns ...`
+    testing.py     ZoneResolver and a loopback DNS server for tests
+
+How they will be wired, once the plugin API of issue 16 exists (not done
+here, on purpose):
+
+ - Inbound checks become a built-in message filter at end of DATA on the
+   receiving MTA: it removes C{Authentication-Results} fields carrying our
+   authserv-id (L{results.remove_ours}), runs L{verify.Authenticator} on the
+   message with the client's address, HELO name and MAIL FROM, prepends the
+   header it returns, and turns L{verify.policy_verdict} into the filter's
+   verdict (550 5.7.1 reject, delivery into Junk, or accept).  Mail from
+   authenticated users (submission) and from C{--relay-networks} is not
+   checked.
+ - Signing becomes a built-in outbound transform: for a message whose From
+   domain is local and has an active key set, L{dkim.DKIMSigner} makes the
+   two C{DKIM-Signature} fields (in a worker thread: it is CPU work) and they
+   are prepended once, before the message is queued.
+ - MTA-STS becomes part of the courier's MX selection: L{mtasts.mx_allowed}
+   filters the MX list in C{enforce} mode and verified TLS is required.
+"""
