@@ -393,6 +393,8 @@ class Config:
                 value = [f"{r.domain}={r.host}:{r.port}" for r in value]
             elif option.name == "relay-auth":
                 value = [f"{a.host}={a.user}:{a.password_file}" for a in value]
+            elif option.name == "max-connections" and value is None:
+                value = "auto"
             elif option.name in ("relay-networks", "connection-limit-exempt"):
                 value = [str(n) for n in value]
             elif isinstance(value, tuple):
