@@ -40,7 +40,7 @@ log = Logger()
 
 #: What each protocol says to a connection over a limit, before closing it.
 REFUSALS: dict[str, bytes] = {
-    "smtp": b"421 4.7.0 Error: too many connections{detail}; try again later\r\n",
+    "smtp": b"421 4.7.0 {host}Error: too many connections{detail}; try again later\r\n",
     "imap": b"* BYE [UNAVAILABLE] Too many connections{detail}; try again later\r\n",
     "pop3": b"-ERR [SYS/TEMP] Too many connections{detail}; try again later\r\n",
     "control": b"error too many connections\n",
@@ -204,8 +204,9 @@ class LimitedFactory(WrappingFactory):
     noisy = False
 
     def __init__(self, wrappedFactory: Any, limits: ConnectionLimits, kind: str,
-                 label: str, clock: IReactorTime) -> None:
+                 label: str, clock: IReactorTime, hostname: str = "") -> None:
         super().__init__(wrappedFactory)
+        self.hostname = hostname
         self.limits = limits
         self.kind = kind
         self.label = label
@@ -225,7 +226,9 @@ class LimitedFactory(WrappingFactory):
                 detail = ""
                 log.warn("{label}: refused {host}: too many connections in all (limit {limit})",
                          label=self.label, host=host, limit=self.limits.total)
-            message = REFUSALS[self.kind].replace(b"{detail}", detail.encode("ascii"))
+            host_part = f"{self.hostname} " if self.hostname else ""
+            message = REFUSALS[self.kind].replace(b"{detail}", detail.encode("ascii")).replace(
+                b"{host}", host_part.encode("ascii", "replace"))
             return _Refused(self.clock, message)
         try:
             wrapped = self.wrappedFactory.buildProtocol(addr)

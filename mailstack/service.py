@@ -253,7 +253,8 @@ class MailStack(MultiService):
         C{factory} under the shared connection limits; C{kind} says which
         protocol's words refuse a connection over them.
         """
-        return LimitedFactory(factory, self.limits, kind, label, self.reactor)
+        return LimitedFactory(factory, self.limits, kind, label, self.reactor,
+                              self.config.hostname)
 
     def smtp_factory(self, policy: Any, name: str, implicit_tls: bool = False
                      ) -> SMTPServerFactory:

@@ -108,7 +108,8 @@ class LimitedFactoryTests(SynchronousTestCase):
         self.limits = ConnectionLimits(per_client=2, total=5,
                                        exempt=parse_networks("198.51.100.0/24"))
         self.inner = RecorderFactory()
-        self.factory = LimitedFactory(self.inner, self.limits, "smtp", "smtp", self.clock)
+        self.factory = LimitedFactory(self.inner, self.limits, "smtp", "smtp", self.clock,
+                                      "mx.test")
 
     def test_per_client(self):
         """
@@ -120,7 +121,7 @@ class LimitedFactoryTests(SynchronousTestCase):
         connect(self.factory, "192.0.2.1")
         _, transport = connect(self.factory, "192.0.2.1")
         self.assertEqual(transport.value(),
-                         b"421 4.7.0 Error: too many connections from 192.0.2.1; "
+                         b"421 4.7.0 mx.test Error: too many connections from 192.0.2.1; "
                          b"try again later\r\n")
         self.assertTrue(transport.disconnecting)
         self.assertEqual(self.inner.made, 2)
