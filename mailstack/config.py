@@ -313,7 +313,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("relay-networks", "", parse_networks,
            "clients allowed to relay without AUTH [default: none]", metavar="CIDR,..."),
     Option("smtp-timeout", 300, _positive,
-           "idle seconds before a session is closed (RFC 5321 4.5.3.2)", metavar="SECONDS"),
+           "seconds a client has for each whole SMTP command; bytes do not reset it "
+           "(RFC 5321 4.5.3.2)", metavar="SECONDS"),
     Option("receivers", 1, _count,
            "processes accepting on the smtp listener (the main one and N-1 more); "
            "their logs go to standard output", metavar="N"),
