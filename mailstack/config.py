@@ -217,6 +217,22 @@ def _count(text: Any) -> int:
     return value
 
 
+def _limit(text: Any) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"not a whole number: {text!r}") from None
+    if value < 0:
+        raise ConfigError(f"must be 0 (no limit) or more: {value}")
+    return value
+
+
+def _networks_or_none(text: Any) -> tuple[Any, ...]:
+    return () if str(text).strip().lower() == "none" else parse_networks(text)
+
+
+def _limit_or_auto(text: Any) -> int | None:
+    return None if str(text).strip().lower() == "auto" else _limit(text)
 def _postmaster(text: Any) -> str:
     from mailstack.address import parse_address
     try:
@@ -310,13 +326,28 @@ OPTIONS: tuple[Option, ...] = (
     Option("relay-networks", "", parse_networks,
            "clients allowed to relay without AUTH [default: none]", metavar="CIDR,..."),
     Option("smtp-timeout", 300, _positive,
-           "idle seconds before a session is closed (RFC 5321 4.5.3.2)", metavar="SECONDS"),
+           "seconds a client has for each whole SMTP command; bytes do not reset it "
+           "(RFC 5321 4.5.3.2)", metavar="SECONDS"),
     Option("receivers", 1, _count,
            "processes accepting on the smtp listener (the main one and N-1 more); "
            "their logs go to standard output", metavar="N"),
     Option("filter", (), _filter_name,
            "enable a message filter plugin from mailstack.plugins, e.g. greylist "
            "(repeatable; they run in this order)", repeatable=True, metavar="NAME"),
+    Option("max-connections", "auto", _limit_or_auto,
+           "concurrent connections on all listeners together; auto derives it from the "
+           "open files limit (raised to the hard limit at start); 0 for no limit",
+           metavar="N|auto"),
+    Option("max-client-connections", 50, _limit,
+           "concurrent connections from one IPv4 address or IPv6 /64, on each process; "
+           "0 for no limit", metavar="N"),
+    Option("connection-limit-exempt", "127.0.0.0/8,::1/128", _networks_or_none,
+           "clients the per-client limit does not count (the relay networks neither); "
+           "none for no exception",
+           metavar="CIDR,..."),
+    Option("smtp-min-data-rate", 500, _positive,
+           "bytes per second a client must keep up in DATA (Postfix's smtpd_min_data_rate)",
+           metavar="BYTES"),
     Option("postmaster", None, _postmaster,
            "where mail to postmaster (bare, or at any local domain) goes when no user "
            "or alias of that name exists [default: postmaster@ the first --domain, "
@@ -363,6 +394,10 @@ class Config:
     smtp_timeout: float
     receivers: int = 1
     filter: tuple[str, ...] = ()
+    max_connections: int | None = None
+    max_client_connections: int = 50
+    connection_limit_exempt: tuple[Any, ...] = ()
+    smtp_min_data_rate: float = 500.0
     postmaster: str | None = None
     shutdown_grace: float = 30.0
     metrics: str | None = None
@@ -384,7 +419,9 @@ class Config:
                 value = [f"{r.domain}={r.host}:{r.port}" for r in value]
             elif option.name == "relay-auth":
                 value = [f"{a.host}={a.user}:{a.password_file}" for a in value]
-            elif option.name == "relay-networks":
+            elif option.name == "max-connections" and value is None:
+                value = "auto"
+            elif option.name in ("relay-networks", "connection-limit-exempt"):
                 value = [str(n) for n in value]
             elif isinstance(value, tuple):
                 value = list(value)

@@ -74,6 +74,12 @@ def receiver_settings(config: Any, family: int, index: int) -> dict[str, Any]:
         "smtp-timeout": config.smtp_timeout,
         "shutdown-grace": config.shutdown_grace,
         "filter": list(config.filter),
+        # Not listened on by a receiver; says whether its socket speaks PROXY.
+        "smtp": config.smtp,
+        "max-connections": "auto" if config.max_connections is None else config.max_connections,
+        "max-client-connections": config.max_client_connections,
+        "connection-limit-exempt": ",".join(str(n) for n in config.connection_limit_exempt),
+        "smtp-min-data-rate": config.smtp_min_data_rate,
     })
     for name in ("tls-cert", "tls-key"):
         value = getattr(config, name.replace("-", "_"))

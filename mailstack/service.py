@@ -31,6 +31,8 @@ from mailstack.config import Config
 from mailstack.delivery.maildir import MaildirDeliveryAgent, MaildirStore, MaildirWriter
 from mailstack.delivery.dispatch import Dispatcher
 from mailstack.delivery.pickup import Pickup, PokeFactory
+from mailstack.limits import ConnectionLimits, LimitedFactory, default_total, raise_nofile_limit
+from mailstack.proxy import ProxyHeaderFactory
 from mailstack.delivery.router import Router
 from mailstack.logs import quiet_dns
 from mailstack.mua.sendmail import pickup_path
@@ -168,6 +170,15 @@ class MailStack(MultiService):
         self.spool_dir = os.path.join(data, "tmp")
         # Message filter plugins (--filter) stand in front of the SMTP policies.
         self.filters = load_filters(config, reactor)
+        # Connection limits shared by every listener (mailstack.limits).
+        nofile = raise_nofile_limit()
+        total = (default_total(nofile) if config.max_connections is None
+                 else config.max_connections)
+        self.limits = ConnectionLimits(config.max_client_connections, total,
+                                       config.connection_limit_exempt + config.relay_networks)
+        log.info("open files limit {nofile}: at most {total} connections, {per} per client",
+                 nofile=nofile, total=total or "unlimited",
+                 per=config.max_client_connections or "unlimited")
 
         if resolver is None:
             if config.dns_server:
@@ -183,8 +194,10 @@ class MailStack(MultiService):
             self.dispatcher = Dispatcher(self.router, self.maildir, self.queue, reactor,
                                          self.spool_dir)
             policy = self.filtered(ReceivingPolicy(self.dispatcher, config.relay_networks))
-            AdoptedPort(reactor, *receiver, self.smtp_factory(policy, "smtp")).setServiceParent(
-                self)
+            factory = self.limited(self.smtp_factory(policy, "smtp"), "smtp", "smtp")
+            if (config.smtp or "").lower().startswith("haproxy:"):
+                factory = ProxyHeaderFactory(factory, reactor, "smtp")
+            AdoptedPort(reactor, *receiver, factory).setServiceParent(self)
             return
 
         self.courier = Courier(reactor, resolver, config.hostname, config.route,
@@ -206,9 +219,11 @@ class MailStack(MultiService):
         # Endpoint syntax: a ':' or '\' in the data directory's path is escaped.
         escaped = control_path(data).replace("\\", "\\\\").replace(":", "\\:")
         self.listen("control", f"unix:{escaped}:mode=600:lockfile=1",
-                    ControlFactory(self.queue, self.pickup), UnprivilegedListener)
+                    self.limited(ControlFactory(self.queue, self.pickup), "control", "control"),
+                    UnprivilegedListener)
         escaped = pickup_path(data).replace("\\", "\\\\").replace(":", "\\:")
-        self.listen("pickup", f"unix:{escaped}:mode=666:lockfile=1", PokeFactory(self.pickup),
+        self.listen("pickup", f"unix:{escaped}:mode=666:lockfile=1",
+                    self.limited(PokeFactory(self.pickup), "pickup", "control"),
                     UnprivilegedListener)
 
         # Argon2 takes 64 MiB and tens of milliseconds per check: few threads.
@@ -219,31 +234,35 @@ class MailStack(MultiService):
 
         if config.smtp is not None:
             policy = self.filtered(ReceivingPolicy(self.dispatcher, config.relay_networks))
-            self.listen("smtp", config.smtp, self.smtp_factory(policy, "smtp"))
+            self.listen("smtp", config.smtp,
+                        self.limited(self.smtp_factory(policy, "smtp"), "smtp", "smtp"))
             if config.receivers > 1:
                 ReceiverPool(self, config.receivers - 1).setServiceParent(self)
                 self.queue.sweep_interval = 60.0
         submission = self.filtered(SubmissionPolicy(self.dispatcher, self.checker, self.throttle,
                                                reactor, config.hostname))
         if config.submission is not None:
-            self.listen("submission", config.submission,
-                        self.smtp_factory(submission, "submission"))
+            self.listen("submission", config.submission, self.limited(
+                self.smtp_factory(submission, "submission"), "smtp", "submission"))
         if config.submissions is not None:
-            factory = self.smtp_factory(submission, "submissions", implicit_tls=True)
+            factory = self.limited(self.smtp_factory(submission, "submissions", implicit_tls=True),
+                                   "smtp", "submissions")
             self.listen("submissions", config.submissions, TLSMemoryBIOFactory(
                 ReloadingContextFactory(self.tls), False, factory))
         # Reading mail: one portal for IMAP and POP3.
         portal = make_portal(self.store, config.hostname, self.checker, reactor, self.io_pool)
         if config.pop3 is not None:
-            self.listen("pop3", config.pop3, POP3Factory(
-                portal, reactor, self.io_pool, self.throttle, tls=self.tls.context_factory))
+            self.listen("pop3", config.pop3, self.limited(POP3Factory(
+                portal, reactor, self.io_pool, self.throttle, tls=self.tls.context_factory),
+                "pop3", "pop3"))
         if config.imap is not None:
-            self.listen("imap", config.imap, IMAPFactory(
+            self.listen("imap", config.imap, self.limited(IMAPFactory(
                 portal, reactor, self.throttle, self.tls.context_factory,
-                config.max_message_size))
+                config.max_message_size), "imap", "imap"))
         if config.imaps is not None:
-            factory = IMAPFactory(portal, reactor, self.throttle, None,
-                                  config.max_message_size, implicit_tls=True)
+            factory = self.limited(IMAPFactory(portal, reactor, self.throttle, None,
+                                               config.max_message_size, implicit_tls=True),
+                                   "imap", "imaps")
             self.listen("imaps", config.imaps, TLSMemoryBIOFactory(
                 ReloadingContextFactory(self.tls), False, factory))
 
@@ -256,12 +275,21 @@ class MailStack(MultiService):
         """
         return self.dispatcher.inject(None, [parse_address(sender)], report, client="bounce")
 
+    def limited(self, factory: Any, kind: str, label: str) -> LimitedFactory:
+        """
+        C{factory} under the shared connection limits; C{kind} says which
+        protocol's words refuse a connection over them.
+        """
+        return LimitedFactory(factory, self.limits, kind, label, self.reactor,
+                              self.config.hostname)
+
     def smtp_factory(self, policy: Any, name: str, implicit_tls: bool = False
                      ) -> SMTPServerFactory:
         settings = ServerSettings(
             hostname=self.config.hostname,
             max_message_size=self.config.max_message_size,
             timeout=self.config.smtp_timeout,
+            min_data_rate=self.config.smtp_min_data_rate,
             implicit_tls=implicit_tls,
             name=name,
             postmaster_domain=self.config.domain[0],
@@ -280,6 +308,11 @@ class MailStack(MultiService):
 
     def listen(self, label: str, description: str, factory: Any,
                kind_of_listener: type[Listener] = Listener) -> Listener:
+        if description.lower().startswith("haproxy:"):
+            # Our own PROXY reader: the session starts once the header gave
+            # the client's address (mailstack.proxy), not before.
+            description = description[len("haproxy:"):]
+            factory = ProxyHeaderFactory(factory, self.reactor, label)
         kind = description.split(":", 1)[0].lower()
         if kind in ("tcp", "tcp6", "unix") and "backlog=" not in description:
             # Twisted's default backlog (50) overflows when many clients

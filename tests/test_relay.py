@@ -12,7 +12,8 @@ import socket
 from twisted.internet import reactor
 from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
-from twisted.internet.task import Clock
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock, deferLater
 from twisted.trial.unittest import TestCase
 
 from mailstack.address import parse_address
@@ -552,3 +553,105 @@ class RequireTLSTests(TestCase):
         self.assertEqual(outcomes["x@wrong.test"].status, "deferred")
         self.assertEqual(self.sink.policy.received, [])
         self.flushLoggedErrors()
+
+
+class HostileMTA(Protocol):
+    """
+    A next hop that answers every RCPT with a reply full of bare CRs and
+    control characters (a MIME boundary and a header it hopes to plant in
+    the bounce).
+    """
+
+    REFUSAL = (b"550 5.1.1 no such user\r--evil\rContent-Type: text/html\r\r"
+               b"<b>\x1b[2Jgotcha\x00</b>\r\n")
+
+    def connectionMade(self):
+        self.buffer = b""
+        self.transport.write(b"220 evil.test ESMTP\r\n")
+
+    def dataReceived(self, data):
+        self.buffer += data
+        while b"\r\n" in self.buffer:
+            line, self.buffer = self.buffer.split(b"\r\n", 1)
+            verb = line[:4].upper()
+            if verb == b"RCPT":
+                self.transport.write(self.REFUSAL)
+            elif verb == b"QUIT":
+                self.transport.write(b"221 bye\r\n")
+                self.transport.loseConnection()
+            else:
+                self.transport.write(b"250 evil.test\r\n")
+
+
+class OutboundSmugglingTests(TestCase):
+    """
+    Content that did not come through SMTP DATA, and remote replies put in
+    bounces, never reach the next hop or a bounce raw (issue 11, item 7).
+    """
+
+    # The same remote MTAs and helpers as RelayTests, without its tests.
+    setUp = RelayTests.setUp
+    endpoint = RelayTests.endpoint
+    server = RelayTests.server
+    run_queue = RelayTests.run_queue
+    inject = RelayTests.inject
+
+    @inlineCallbacks
+    def test_maildrop_content_normalised(self):
+        """
+        What C{mailstack sendmail} dropped with bare CRs, CRLFs, a NUL and a
+        2,500-octet line reaches the next hop as clean lines: the C{\\r.\\r}
+        is a dot line inside the message, not an end of DATA followed by a
+        smuggled envelope.  (Our sink refuses bare CR outright, so without
+        the normalisation the message bounces instead.)
+        """
+        from mailstack.mua.sendmail import drop
+        server = yield self.server()
+        long_line = b"x" * 2500
+        content = (b"Subject: smuggle\r\n\r\nhello\r.\rMAIL FROM:<a@evil.test>\r"
+                   b"RCPT TO:<victim@remote.test>\rnul\x00here\n" + long_line + b"\n")
+        drop(server.data_dir, "alice@localhost", ["bob@remote.test"], content)
+        yield server.pickup.poke()
+        for _ in range(500):  # until delivered, or bounced (the old behaviour)
+            yield self.run_queue(server)
+            if self.sink.policy.received or read_messages(server, "alice@localhost"):
+                break
+            yield deferLater(reactor, 0.01, lambda: None)
+        [(sender, rcpts, stored)] = self.sink.policy.received
+        self.assertEqual((sender, rcpts), ("alice@localhost", ["bob@remote.test"]))
+        body = stored.split(b"\n\n", 1)[1]
+        self.assertEqual(body.split(b"\n")[:5], [
+            b"hello", b".", b"MAIL FROM:<a@evil.test>", b"RCPT TO:<victim@remote.test>",
+            b"nulhere"])
+        self.assertEqual(body.split(b"\n")[5:8], [b"x" * 998, b" " + b"x" * 997,
+                                                 b" " + b"x" * 505])
+        self.assertEqual(read_messages(server, "alice@localhost"), [])  # no bounce
+
+    @inlineCallbacks
+    def test_hostile_reply_not_copied_into_bounce(self):
+        """
+        A next hop's refusal with bare CRs, an escape sequence and a NUL
+        becomes one printable line in the bounce: no extra MIME part, no
+        planted header, no control character.
+        """
+        factory = Factory.forProtocol(HostileMTA)
+        port = yield serverFromString(reactor, LISTEN).listen(factory)
+        self.addCleanup(port.stopListening)
+        self.ports["127.0.0.13"] = port.getHost().port
+        self.resolver.mx["evil.test"] = [(10, "mx.evil.test")]
+        self.resolver.a["mx.evil.test"] = ["127.0.0.13"]
+        server = yield self.server()
+        yield self.inject(server, ["victim@evil.test"])
+        yield self.run_queue(server)
+        [bounce] = read_messages(server, "alice@localhost")
+        for byte in bounce:
+            self.assertTrue(byte in (9, 10) or 32 <= byte < 127, bytes([byte]))
+        self.assertNotIn(b"\n--evil", bounce)
+        self.assertNotIn(b"\nContent-Type: text/html", bounce)
+        report = parse(bounce)
+        human, status, headers = report.iter_parts()
+        self.assertIn("550 5.1.1 no such user --evil Content-Type: text/html <b>\\x1b[2Jgotcha",
+                      " ".join(human.get_content().split()))
+        block = status.get_payload()[1]
+        self.assertEqual(block["Status"], "5.1.1")
+        self.assertIn("\\x1b[2Jgotcha", block["Diagnostic-Code"])

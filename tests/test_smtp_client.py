@@ -53,6 +53,23 @@ class DotStufferTests(SynchronousTestCase):
         self.assertEqual(stuff(self.CONTENT, range(1, len(self.CONTENT))),
                          stuff(self.CONTENT, []))
 
+    def test_no_bare_cr_or_lf(self):
+        """
+        Content in the queue with bare CRs and CRLFs (mail that did not come
+        through SMTP DATA): every CR goes out as part of a CRLF, so the
+        C{\\r.\\r} of an outbound smuggling attempt is a stuffed dot line,
+        wherever the chunks are cut.
+        """
+        content = b"hello\r.\rMAIL FROM:<a@evil.test>\r\nx\r\r\n.\r"
+        expected = b"hello\r\n..\r\nMAIL FROM:<a@evil.test>\r\nx\r\n\r\n..\r\n.\r\n"
+        for i in range(len(content) + 1):
+            for j in range(i, len(content) + 1):
+                self.assertEqual(stuff(content, [i, j]), expected, (i, j))
+        stored = []
+        reader = DataReader(stored.append, 10**6)
+        self.assertEqual(reader.feed(expected), b"")
+        self.assertIsNone(reader.rejection)
+
 
 class DialogTests(SynchronousTestCase):
     """
@@ -180,3 +197,67 @@ class DialogTests(SynchronousTestCase):
         self.server(b"220 mx\r\n", b"250 mx\r\n", b"553 5.7.1 no\r\n")
         failure = self.failureResultOf(self.result, SMTPClientError)
         self.assertEqual((failure.value.stage, failure.value.permanent), ("MAIL", True))
+
+
+class TLSStringTransport(StringTransport):
+    """
+    A StringTransport that records when TLS would start.
+    """
+
+    tls_started_at = None
+
+    def startTLS(self, context):
+        self.tls_started_at = len(self.value())
+
+
+class STARTTLSInjectionTests(SynchronousTestCase):
+    """
+    Replies glued to the 220 of STARTTLS arrived in clear text: they must
+    never be taken as answers inside TLS.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.proto = SMTPClientProtocol(self.clock)
+        self.transport = TLSStringTransport()
+        self.proto.makeConnection(self.transport)
+        content = b"Subject: x\n\nhi\n"
+        transaction = Transaction("s@y.test", ["a@x.test"], io.BytesIO(content), len(content))
+        self.result = ensureDeferred(send_transaction(
+            self.proto, "me.test", transaction, tls_context=object(), require_tls=True,
+            timeouts=Timeouts()))
+        self.proto.dataReceived(b"220 mx ESMTP\r\n")
+        self.proto.dataReceived(b"250-mx\r\n250-PIPELINING\r\n250 STARTTLS\r\n")
+        self.assertTrue(self.transport.value().endswith(b"STARTTLS\r\n"))
+
+    def test_replies_glued_to_220(self):
+        """
+        A man in the middle appends an EHLO answer and the whole transaction's
+        replies to the 220: the session fails before TLS, nothing more is
+        sent, and the message is not reported delivered.
+        """
+        self.proto.dataReceived(b"220 2.0.0 go ahead\r\n250-mx\r\n250 PIPELINING\r\n"
+                                b"250 ok\r\n250 ok\r\n354 go\r\n250 2.0.0 queued\r\n")
+        failure = self.failureResultOf(self.result, SMTPClientError)
+        self.assertEqual((failure.value.stage, failure.value.reply.code), ("STARTTLS", 451))
+        self.assertIsNone(self.transport.tls_started_at)
+        self.assertTrue(self.transport.value().endswith(b"STARTTLS\r\n"))
+        self.assertTrue(self.transport.disconnecting)
+
+    def test_partial_line_glued_to_220(self):
+        """
+        Even an unfinished line after the 220 fails the session.
+        """
+        self.proto.dataReceived(b"220 go ahead\r\n250-m")
+        self.failureResultOf(self.result, SMTPClientError)
+        self.assertIsNone(self.transport.tls_started_at)
+
+    def test_clean_220(self):
+        """
+        A 220 alone: TLS starts and EHLO is sent again, inside it.
+        """
+        before = len(self.transport.value())
+        self.proto.dataReceived(b"220 go ahead\r\n")
+        self.assertEqual(self.transport.tls_started_at, before)
+        self.assertTrue(self.transport.value().endswith(b"STARTTLS\r\nEHLO me.test\r\n"))
+        self.assertNoResult(self.result)

@@ -14,6 +14,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailstack.address import Address
+from mailstack.delivery.cleanup import normalize
 from mailstack.delivery.router import AliasLoop, EmptyResolution, Router, UnknownRecipient
 from mailstack.clock import wall_seconds
 from mailstack.interfaces import IDeliveryAgent, IOutboundQueue, IPrepared, ITwoPhaseStore
@@ -116,7 +117,8 @@ class Dispatcher:
         """
         Deliver a message made here (a bounce, a local submission) with LF
         line endings; unknown local recipients are logged and skipped.
-        Fires with the new queue id.
+        Fires with the new queue id.  The content is normalised first
+        (L{mailstack.delivery.cleanup}): it did not come through SMTP DATA.
         """
         from mailstack.smtp.server import new_queue_id
 
@@ -131,7 +133,7 @@ class Dispatcher:
                 continue
             envelope.add(rcpt, resolution)
         spool = MessageSpool(self.spool_dir)
-        spool.write(content)
+        spool.write(normalize(content))
         if spool.error is not None:
             spool.close()
             return fail(spool.error)

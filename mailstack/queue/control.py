@@ -19,14 +19,46 @@ from typing import Any
 
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.protocol import Factory
-from twisted.protocols.basic import LineOnlyReceiver
+from twisted.protocols.basic import LineReceiver
 
 from mailstack.queue.store import valid_id
 
 
-class ControlProtocol(LineOnlyReceiver):
+class ControlProtocol(LineReceiver):
+    """
+    One command at a time: while one is pending, reading stops and later
+    lines wait, at most L{MAX_PENDING} octets of them (then: an error and
+    the connection closed).
+    """
+
     delimiter = b"\n"
     MAX_LENGTH = 1024
+    MAX_PENDING = 64 * 1024
+
+    def dataReceived(self, data: bytes) -> None:
+        if len(self._buffer) + len(data) > self.MAX_PENDING:
+            self._buffer = b""
+            self.paused = True
+            self.answer("error too much input")
+            self.transport.loseConnection()
+            return
+        super().dataReceived(data)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.answer("error line too long")
+        self.transport.loseConnection()
+
+    def _wait(self, d: Any) -> None:
+        """
+        Stop reading until C{d} has answered.
+        """
+        self.pauseProducing()
+
+        def resume(result: Any) -> None:
+            if self.transport is not None and not self.transport.disconnecting:
+                self.resumeProducing()
+
+        d.addBoth(resume)
 
     def lineReceived(self, line: bytes) -> None:
         command, _, arg = line.decode("ascii", "replace").strip().partition(" ")
@@ -40,10 +72,12 @@ class ControlProtocol(LineOnlyReceiver):
             d = maybeDeferred(queue.delete, arg.strip())
             d.addCallback(lambda found: self.answer("ok" if found else "error no such message"))
             d.addErrback(lambda f: self.answer(f"error {f.getErrorMessage()}"))
+            self._wait(d)
         elif command == "adopt" and valid_id(arg.strip()):
             d = maybeDeferred(queue.adopt, arg.strip())
             d.addCallback(lambda found: self.answer("ok" if found else "error no such message"))
             d.addErrback(lambda f: self.answer(f"error {f.getErrorMessage()}"))
+            self._wait(d)
         else:
             self.answer("error unknown command")
 

@@ -42,7 +42,8 @@ from twisted.names.error import DNSNameError, DomainError
 
 from mailstack.config import Route
 from mailstack.smtp.client import (
-    Session, SMTPClientError, SMTPClientProtocol, Timeouts, TLSRequired, Transaction,
+    Session, SMTPClientError, SMTPClientProtocol, STARTTLSInjection, Timeouts, TLSRequired,
+    Transaction,
     close_session,
     open_session, run_transaction,
 )
@@ -341,9 +342,12 @@ class Courier:
                          kind="Verified" if verify_host is not None else "Untrusted",
                          ip=ip, port=port)
             result = await run_transaction(session, transaction, self.timeouts)
-        except SSLError as e:
+        except (SSLError, STARTTLSInjection) as e:
             proto.transport.loseConnection()
             if use_tls and verify_host is None:
+                # Opportunistic TLS: whoever could inject answers could as
+                # well have hidden STARTTLS; clear text is no worse.  A login
+                # (credentials) is still never sent without TLS.
                 raise _TLSFailed(_describe(e)) from None
             raise
         except BaseException as e:

@@ -9,7 +9,9 @@ bounce must not carry a payload back to a forged sender.
 
 from __future__ import annotations
 
+import re
 import secrets
+import textwrap
 
 from mailstack.message import rfc5322_date as _date
 from mailstack.queue.store import QueueRecord, RecipientState
@@ -43,7 +45,9 @@ def build_report(
             "I'm sorry to have to inform you that your message could not\n"
             "be delivered to one or more recipients.\n"
         )
-    lines = [f"<{r.address}>: {r.last_error or 'delivery failed'}" for r in recipients]
+    lines = [textwrap.fill(f"<{r.address}>: {_printable(r.last_error) or 'delivery failed'}",
+                           76, subsequent_indent="    ", break_on_hyphens=False)
+             for r in recipients]
     human = intro + "\n" + "\n".join(lines) + "\n"
     status_blocks = [
         f"Reporting-MTA: dns; {hostname}\n"
@@ -52,7 +56,7 @@ def build_report(
         + f"Arrival-Date: {_date(record.arrival)}\n"
     ]
     for r in recipients:
-        status = r.dsn or ("4.0.0" if delayed else "5.0.0")
+        status = r.dsn if _STATUS.fullmatch(r.dsn or "") else ("4.0.0" if delayed else "5.0.0")
         if not delayed and status.startswith("4"):
             status = "5" + status[1:]  # a deferral that ran out of time: 5.4.7 style
         block = (
@@ -61,9 +65,9 @@ def build_report(
             f"Status: {status}\n"
         )
         if r.relay:
-            block += f"Remote-MTA: dns; {r.relay.split('[')[0]}\n"
+            block += f"Remote-MTA: dns; {_printable(r.relay.split('[')[0])}\n"
         if r.remote_reply:
-            block += f"Diagnostic-Code: {_fold(r.remote_reply)}\n"
+            block += f"Diagnostic-Code: {_fold(_printable(r.remote_reply))}\n"
         if delayed and retry_until is not None:
             block += f"Will-Retry-Until: {_date(retry_until)}\n"
         status_blocks.append(block)
@@ -108,4 +112,26 @@ def _fold(text: str) -> str:
     """
     One header value on continuation lines, with no bare newlines in it.
     """
-    return "\n ".join(part.strip() for part in text.replace("\r", "").split("\n") if part.strip())
+    parts = [part.strip() for part in text.replace("\r", "").split("\n") if part.strip()]
+    # Long lines wrapped too, so no line of the report is over 998 octets.
+    return "\n ".join(line for part in parts
+                      for line in textwrap.wrap(part, 76, break_on_hyphens=False))
+
+
+_STATUS = re.compile(r"[245]\.\d{1,3}\.\d{1,3}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+MAX_DIAGNOSTIC = 2000
+
+
+def _printable(text: str) -> str:
+    """
+    A remote server's words made safe to show: CR, LF and TAB become
+    spaces, other control characters C{\\xNN}, and it is cut at
+    L{MAX_DIAGNOSTIC} characters.  A hostile next hop's reply cannot add
+    lines, headers or MIME boundaries to the bounce.
+    """
+    text = re.sub(r"[\r\n\t]+", " ", text)
+    text = _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text)
+    if len(text) > MAX_DIAGNOSTIC:
+        text = text[:MAX_DIAGNOSTIC] + "..."
+    return text

@@ -70,16 +70,39 @@ class TLSRequired(SMTPClientError):
     """
 
 
+class STARTTLSInjection(SMTPClientError):
+    """
+    Data followed the server's C{220} to STARTTLS in clear text: injected
+    answers, or a server whose TLS layer failed at once (a TLS alert).
+    Either way no TLS session exists; an opportunistic sender may treat it
+    as a failed handshake.
+    """
+
+
 class DotStuffer:
     """
     Turns LF-terminated content into DATA: CRLF line endings, a dot doubled
     at the start of every line, however the content is cut into chunks.
+
+    Whatever is in the queue, no bare CR or LF ever goes out: a CRLF or a
+    lone CR in the content ends a line like an LF does (so a C{\\r.\\r}
+    cannot end DATA early at a receiver that takes a bare CR as a line
+    end: outbound smuggling).
     """
 
     def __init__(self) -> None:
         self.at_line_start = True
+        self._cr = False  # the last chunk ended with a CR: maybe half a CRLF
 
     def __call__(self, chunk: bytes) -> bytes:
+        if self._cr:
+            chunk = b"\r" + chunk
+            self._cr = False
+        if chunk.endswith(b"\r"):
+            chunk = chunk[:-1]
+            self._cr = True
+        if b"\r" in chunk:
+            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
         if not chunk:
             return b""
         out = chunk.replace(b"\n.", b"\n..")
@@ -92,7 +115,11 @@ class DotStuffer:
         """
         The end of DATA, with the CRLF the last line may lack.
         """
-        return (b"" if self.at_line_start else b"\r\n") + b".\r\n"
+        out = b""
+        if self._cr:
+            self._cr = False
+            out = self(b"\n")
+        return out + (b"" if self.at_line_start else b"\r\n") + b".\r\n"
 
 
 def parse_reply_lines(lines: list[bytes]) -> Reply:
@@ -189,6 +216,17 @@ class SMTPClientProtocol(Protocol):
         self._timer = self.clock.callLater(timeout, timed_out)
         return self._waiting
 
+    def discard_pending(self) -> int:
+        """
+        Forget whatever arrived but was not asked for yet (replies, partial
+        lines); return how many bytes and replies that was.
+        """
+        pending = len(self._buffer) + len(self._replies) + len(self._lines)
+        self._buffer = b""
+        self._replies = []
+        self._lines = []
+        return pending
+
     def send_line(self, line: str | bytes) -> None:
         if isinstance(line, str):
             line = line.encode("utf-8")
@@ -281,6 +319,14 @@ async def open_session(
             if require_tls:
                 raise TLSRequired(reply, "STARTTLS")
         else:
+            # Anything the server sent after its 220 came in clear text and
+            # would be read as answers inside TLS (STARTTLS response
+            # injection, CVE-2011-1575 class): a real server sends nothing
+            # there, so the session fails.
+            if proto.discard_pending():
+                proto.transport.abortConnection()
+                raise STARTTLSInjection(
+                    Reply(451, "4.7.0", "data after the STARTTLS reply (injection?)"), "STARTTLS")
             proto.transport.startTLS(tls_context)
             tls = True
             extensions = await _hello(proto, helo, timeouts)

@@ -33,11 +33,11 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from mailstack.address import Address, AddressError, parse_path
 from mailstack.clock import wall_seconds
+from mailstack.limits import CommandDeadline
 from mailstack.message import Envelope, MessageSpool, rfc5322_date
 from mailstack.smtp.data import DataReader
 from mailstack.smtp.rdns import client_name
@@ -47,6 +47,7 @@ log = Logger()
 
 MAX_COMMAND_LINE = 512  # octets, with CRLF (RFC 5321 4.5.3.1.4)
 MAX_AUTH_LINE = 12288  # octets, AUTH and its responses (RFC 4954 4)
+MAX_PENDING_INPUT = 256 * 1024  # octets a client may send ahead while a command is pending
 _HELO_NAME = re.compile(r"[A-Za-z0-9._:\-\[\]]{1,255}")
 
 
@@ -65,7 +66,8 @@ class ServerSettings:
 
     hostname: str
     max_message_size: int
-    timeout: float = 300.0
+    timeout: float = 300.0  # for each whole command; DATA: min_data_rate
+    min_data_rate: float = 500.0  # octets per second (Postfix's smtpd_min_data_rate)
     max_recipients: int = 100
     # Postfix's smtpd_recipient_overshoot_limit: recipients refused past
     # max_recipients count as errors only beyond this many.
@@ -151,7 +153,7 @@ def parse_params(text: str) -> dict[str, str | None]:
     return params
 
 
-class SMTPServer(Protocol, TimeoutMixin):
+class SMTPServer(Protocol):
     """
     One SMTP session; see the module docstring.
     """
@@ -180,8 +182,18 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._overshoot = 0
         self._data: DataReader | None = None
         self._spool: MessageSpool | None = None
-        self.callLater = self.factory.clock.callLater  # type: ignore[assignment]
-        self.setTimeout(settings.timeout)
+        # Not an idle timer that any byte resets: each whole command must
+        # arrive in time, and DATA must keep a minimum rate.
+        self._deadline = CommandDeadline(self.factory.clock, settings.timeout,
+                                         self.timeoutConnection, settings.min_data_rate)
+        self._deadline.start()
+        # The transport says when its write buffer is full (a client that
+        # pipelines without reading the replies): then no command runs, and
+        # what it sends meanwhile counts against MAX_PENDING_INPUT.  (Not
+        # pausing the transport: TLS pauses us in its handshake, which needs
+        # to read.)
+        self._output_full = False
+        self.transport.registerProducer(self, True)
         self.factory.sessions.add(self)
         self._respond(self._connect(), self._greet)
 
@@ -214,7 +226,7 @@ class SMTPServer(Protocol, TimeoutMixin):
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._closed = True
         self.factory.sessions.discard(self)
-        self.setTimeout(None)
+        self._deadline.stop()
         if self._challenge is not None:
             d, self._challenge = self._challenge, None
             d.errback(ConnectionDone("connection lost during AUTH"))
@@ -222,18 +234,47 @@ class SMTPServer(Protocol, TimeoutMixin):
         log.info("disconnect from {client}", client=self.session.client)
 
     def timeoutConnection(self) -> None:
+        if self._closed:
+            return
         log.info("timeout after {state} from {client}",
                  state="DATA" if self._data else "command", client=self.session.client)
         self._send(Reply(421, "4.4.2", f"{self.settings.hostname} Error: timeout exceeded"))
         self._close()
+        if self._output_full:
+            self.transport.abortConnection()  # it does not read: the 421 would never go
+
+    # IPushProducer, for the transport's write buffer
+
+    def pauseProducing(self) -> None:
+        self._output_full = True
+
+    def resumeProducing(self) -> None:
+        self._output_full = False
+        if not self._closed:
+            self._process()
+
+    def stopProducing(self) -> None:
+        pass  # the connection is going: connectionLost cleans up
 
     # Input
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
             return
-        self.resetTimeout()
         self._buffer += data
+        if self._data is not None:
+            self._deadline.credit(len(data))
+        if (self._busy and self._challenge is None or self._output_full) and \
+                len(self._buffer) > MAX_PENDING_INPUT:
+            # Input should have stopped while a command is pending: never
+            # hold more than this for one session, whatever the transport does.
+            log.warn("too much input ({n} octets) while a command is pending from {client}",
+                     n=len(self._buffer), client=self.session.client)
+            self._buffer = b""
+            self._send(Reply(421, "4.7.0", f"{self.settings.hostname} Error: too much "
+                                           "pipelined input"))
+            self._close()
+            return
         self._process()
 
     def _process(self) -> None:
@@ -244,7 +285,8 @@ class SMTPServer(Protocol, TimeoutMixin):
             return
         self._processing = True
         try:
-            while not self._closed and (not self._busy or self._challenge is not None):
+            while not self._closed and not self._output_full and (
+                    not self._busy or self._challenge is not None):
                 if self._data is not None:
                     if not self._buffer:
                         break
@@ -257,11 +299,13 @@ class SMTPServer(Protocol, TimeoutMixin):
                             self._respond(self._spool.drained())
                         break
                     self._buffer = rest
+                    self._deadline.start()
                     self._end_data()
                 else:
                     line = self._take_line()
                     if line is None:
                         break
+                    self._deadline.start()  # the next command's time starts now
                     if self._challenge is not None:
                         self._answer_challenge(line)
                     else:
@@ -326,7 +370,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._challenge = d
         if self._paused:
             self._paused = False
-            self.setTimeout(self.settings.timeout)
+            self._deadline.start()
             self.transport.resumeProducing()
         self._process()
         return d
@@ -337,7 +381,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         d.callback(line.decode("ascii", "replace"))
         if self._busy and self._challenge is None and not self._paused and not self._closed:
             self._paused = True
-            self.setTimeout(None)
+            self._deadline.stop()
             self.transport.pauseProducing()
 
     # Output
@@ -358,9 +402,9 @@ class SMTPServer(Protocol, TimeoutMixin):
         result.addErrback(self._failed)
         result.addCallback(self._resume)
         if self._busy and self._challenge is None and not self._closed:
-            # Still pending: stop reading and stop the idle clock until it answers.
+            # Still pending: stop reading and stop the clock until it answers.
             self._paused = True
-            self.setTimeout(None)
+            self._deadline.stop()
             self.transport.pauseProducing()
 
     def _failed(self, failure: Failure) -> Reply:
@@ -381,7 +425,10 @@ class SMTPServer(Protocol, TimeoutMixin):
             self._reply(reply)
         if self._paused and not self._closed:
             self._paused = False
-            self.setTimeout(self.settings.timeout)
+            if self._data is not None:
+                self._deadline.start_data()  # paused in DATA (spill backpressure)
+            else:
+                self._deadline.start()
             self.transport.resumeProducing()
             self._process()
 
@@ -407,6 +454,8 @@ class SMTPServer(Protocol, TimeoutMixin):
     def _close(self) -> None:
         if not self._closed:
             self._closed = True
+            # TLS only closes once no producer is registered.
+            self.transport.unregisterProducer()
             self.transport.loseConnection()
 
     def _drop_transaction(self) -> None:
@@ -586,6 +635,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         self._spool = MessageSpool(self.factory.spool_dir, self.factory.blocking)
         self._data = DataReader(self._spool.write, self.settings.max_message_size)
         self._send(Reply(354, "", "End data with <CR><LF>.<CR><LF>"))
+        self._deadline.start_data()
         return None
 
     def smtp_BDAT(self, arg: str) -> Reply:
