@@ -7,8 +7,12 @@ directory fsynced after.
 
 from __future__ import annotations
 
+import itertools
 import os
+import secrets
 from typing import Iterable
+
+_writes = itertools.count(1)
 
 
 def write_file(path: str, chunks: Iterable[bytes], mode: int = 0o600) -> None:
@@ -37,17 +41,24 @@ def fsync_directory(directory: str) -> None:
         os.close(fd)
 
 
+def temporary_name(path: str) -> str:
+    """
+    A name beside C{path} for one write: unique per write, not per process
+    (pid, a counter and random bits), so concurrent writers in any thread
+    or process never share a temporary file.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    return os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}."
+                                   f"{next(_writes)}.{secrets.token_hex(4)}.tmp")
+
+
 def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
     """
     Replace C{path} with C{data} durably: a temporary file beside it,
     fsynced, renamed into place, the directory fsynced.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        os.unlink(tmp)  # left by a crash of this same pid number
-    except FileNotFoundError:
-        pass  # the usual case
+    tmp = temporary_name(path)
     try:
         write_file(tmp, [data], mode)
         os.replace(tmp, path)

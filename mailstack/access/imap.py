@@ -21,6 +21,7 @@ replaced (see the audit in shared/notes):
 from __future__ import annotations
 
 import email.utils
+import re
 from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin
@@ -37,7 +38,7 @@ from twisted.mail.imap4 import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailstack.access.folder import PERMANENT_FLAGS, Entry
+from mailstack.access.folder import MAX_KEYWORDS, Entry, TooManyKeywords
 from mailstack.access.mailbox import (
     HEADER, NOTHING, WHOLE, Changes, Loaded, MaildirAccount, MaildirMailbox, MissingFolder,
     wildcard_match,
@@ -48,7 +49,9 @@ from mailstack.throttle import LoginThrottle
 
 log = Logger()
 
-FLAGS = b"(" + " ".join(PERMANENT_FLAGS).encode() + b")"
+SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+_ATOM_SPECIALS = re.compile(r'[(){ %*"\\\]\x00-\x1f\x7f-\uffff]')
+LOGOUT_TLS_DEADLINE = 2.0  # seconds for the client's TLS close_notify after LOGOUT
 BATCH_MESSAGES = 200
 BATCH_BYTES = 4 << 20
 
@@ -148,14 +151,33 @@ def render(loaded: Loaded, query: list[Any], uid: bool) -> bytes:
     return b"* %d FETCH (" % loaded.seq + b" ".join(items) + b")\r\n"
 
 
-def _system_flags(flags: list[Any]) -> set[str]:
+def _client_flags(flags: list[Any]) -> set[str]:
     """
-    The flags mailstack keeps, spelled as IMAP spells them; others dropped
-    (PERMANENTFLAGS does not offer keywords).
+    A client's flag list as stored: system flags spelled as IMAP spells
+    them, keywords as given.  \\Recent, an unknown system flag or a keyword
+    that is not an atom is a BAD command (as Dovecot answers).
     """
-    known = {f.lower(): f for f in PERMANENT_FLAGS}
-    names = (f.decode("utf-8", "replace") if isinstance(f, bytes) else f for f in flags)
-    return {known[n.lower()] for n in names if n.lower() in known}
+    known = {f.lower(): f for f in SYSTEM_FLAGS + ("$Forwarded",)}
+    out = set()
+    for flag in flags:
+        name = flag.decode("utf-8", "replace") if isinstance(flag, bytes) else str(flag)
+        if name.lower() in known:
+            out.add(known[name.lower()])
+        elif name.startswith("\\"):
+            raise IllegalClientResponse(f"Invalid system flag {name[:50]}")
+        elif not name or len(name) > 200 or _ATOM_SPECIALS.search(name):
+            raise IllegalClientResponse("Invalid keyword")
+        else:
+            out.add(name)
+    return out
+
+
+def _flag_list(keywords: list[str], permanent: bool = False) -> bytes:
+    names = list(SYSTEM_FLAGS) + ["$Forwarded"] + [
+        k for k in keywords if k.lower() != "$forwarded"]
+    if permanent and len(keywords) < MAX_KEYWORDS:
+        names.append("\\*")
+    return b"(" + " ".join(names).encode("utf-8") + b")"
 
 
 def _parse_date(value: bytes | None) -> float | None:
@@ -191,6 +213,7 @@ class IMAPServer(imap4.IMAP4Server):
         self._idle: LoopingCall | None = None
         self._idle_refresh: Deferred[Any] | None = None
         self._lost = False
+        self._logout_timer: Any = None
         self.client = "?"
 
     # -- connection ---------------------------------------------------------------
@@ -208,6 +231,9 @@ class IMAPServer(imap4.IMAP4Server):
 
     def connectionLost(self, reason: Any = None) -> None:
         self._lost = True
+        if self._logout_timer is not None and self._logout_timer.active():
+            self._logout_timer.cancel()
+        self._logout_timer = None
         self._stop_idle()
         self._waiting = []
         if self._paused is not None:
@@ -282,6 +308,8 @@ class IMAPServer(imap4.IMAP4Server):
         def failed(failure: Failure) -> None:
             if failure.check(SearchError, IllegalClientResponse):
                 self.sendBadResponse(tag, str(failure.value).encode("utf-8", "replace"))
+            elif failure.check(TooManyKeywords):
+                self.sendNegativeResponse(tag, b"[LIMIT] " + str(failure.value).encode())
             elif failure.check(MissingFolder):
                 self.sendNegativeResponse(tag, b"[TRYCREATE] " + str(failure.value).encode())
             elif failure.check(MailboxException):
@@ -350,6 +378,24 @@ class IMAPServer(imap4.IMAP4Server):
             super().do_AUTHENTICATE(tag, args)
 
     unauth_AUTHENTICATE = (do_AUTHENTICATE, imap4.IMAP4Server.arg_atom)
+
+    def do_LOGOUT(self, tag: bytes) -> None:
+        """
+        BYE, the tagged OK, and the connection closed (RFC 3501 6.1.3).
+        Inside TLS the server sends its close_notify and waits for the
+        client's at most L{IMAPFactory.logout_deadline} seconds: many
+        clients never send one.
+        """
+        self.sendUntaggedResponse(b"BYE Logging out")
+        self.sendPositiveResponse(tag, b"LOGOUT completed")
+        self._waiting = []
+        self.state = "logout"
+        self.transport.loseConnection()
+        if self.startedTLS and not self._lost:
+            self._logout_timer = self.factory.reactor.callLater(
+                self.factory.logout_deadline, self.transport.abortConnection)
+
+    unauth_LOGOUT = auth_LOGOUT = select_LOGOUT = logout_LOGOUT = (do_LOGOUT,)
 
     def do_ID(self, tag: bytes, rest: bytes) -> None:
         self.sendUntaggedResponse(b'ID ("name" "mailstack")')
@@ -422,7 +468,7 @@ class IMAPServer(imap4.IMAP4Server):
             snapshot = await self.account.run(folder.status)  # type: ignore[union-attr]
             values = {
                 b"MESSAGES": len(snapshot.entries),
-                b"RECENT": sum(1 for e in snapshot.entries if e.sub == "new"),
+                b"RECENT": sum(1 for e in snapshot.entries if e.recent),
                 b"UIDNEXT": snapshot.uid_next,
                 b"UIDVALIDITY": snapshot.validity,
                 b"UNSEEN": sum(1 for e in snapshot.entries if "\\Seen" not in e.flags),
@@ -493,8 +539,7 @@ class IMAPServer(imap4.IMAP4Server):
             if mbox is None:
                 self.sendNegativeResponse(tag, b"No such folder")
                 return
-            self.sendUntaggedResponse(b"FLAGS " + FLAGS)
-            self.sendPositiveResponse(None, b"[PERMANENTFLAGS " + FLAGS + b"] Limited")
+            self._send_flags(mbox, rw=bool(rw))
             self.sendUntaggedResponse(b"%d EXISTS" % mbox.getMessageCount())
             self.sendUntaggedResponse(b"%d RECENT" % mbox.getRecentCount())
             unseen = mbox.first_unseen()
@@ -512,6 +557,25 @@ class IMAPServer(imap4.IMAP4Server):
 
     auth_SELECT = select_SELECT = (do_SELECT, imap4.IMAP4Server.arg_astring, 1, b"SELECT")
     auth_EXAMINE = select_EXAMINE = (do_SELECT, imap4.IMAP4Server.arg_astring, 0, b"EXAMINE")
+
+    def _send_flags(self, mbox: MaildirMailbox, rw: bool = True) -> None:
+        """
+        FLAGS and PERMANENTFLAGS with the folder's keywords (at SELECT, and
+        again whenever a keyword is added to it).
+        """
+        keywords = list(mbox.folder.keywords)
+        mbox.keywords_sent = keywords
+        self.sendUntaggedResponse(b"FLAGS " + _flag_list(keywords))
+        if rw:
+            self.sendPositiveResponse(None, b"[PERMANENTFLAGS " + _flag_list(keywords, True)
+                                      + b"] Flags permitted")
+        else:
+            self.sendPositiveResponse(None, b"[PERMANENTFLAGS ()] Read-only folder")
+
+    def _keywords_news(self) -> None:
+        mbox = self.mbox
+        if mbox is not None and mbox.folder.keywords != mbox.keywords_sent:
+            self._send_flags(mbox, mbox.rw)
 
     def do_CLOSE(self, tag: bytes) -> None:
         async def work() -> None:
@@ -534,6 +598,7 @@ class IMAPServer(imap4.IMAP4Server):
     # -- reporting changes -------------------------------------------------------------
 
     def _report(self, changes: Changes) -> None:
+        self._keywords_news()
         for seq in changes.expunged:
             self.sendUntaggedResponse(b"%d EXPUNGE" % seq)
         if changes.exists is not None:
@@ -665,8 +730,13 @@ class IMAPServer(imap4.IMAP4Server):
             if kind.lstrip(b"+-") not in (b"FLAGS", b"FLAGS.SILENT"):
                 raise IllegalClientResponse(f"bad STORE item {mode!r}")
             direction = 1 if kind.startswith(b"+") else -1 if kind.startswith(b"-") else 0
-            done = await mbox.store_flags(mbox.resolve(ranges, bool(uid)),
-                                          _system_flags(flags), direction)
+            wanted = _client_flags(flags)
+            try:
+                done = await mbox.store_flags(mbox.resolve(ranges, bool(uid)), wanted, direction)
+            except TooManyKeywords as e:
+                self.sendNegativeResponse(tag, b"[LIMIT] " + str(e).encode())
+                return
+            self._keywords_news()
             if not kind.endswith(b".SILENT"):
                 for seq, entry in done:
                     extra = b" UID %d" % entry.uid if uid else b""
@@ -737,9 +807,13 @@ class IMAPServer(imap4.IMAP4Server):
             assert account is not None
             mailbox = _parseMbox(name)
             folder = account.existing(mailbox)
-            wanted = _system_flags(flags or [])
+            wanted = _client_flags(flags or [])
             when = _parse_date(date)
-            uid = await account.run(lambda: folder.add(lf(message.read()), wanted, when))
+            try:
+                uid = await account.run(lambda: folder.add(lf(message.read()), wanted, when))
+            except TooManyKeywords as e:
+                self.sendNegativeResponse(tag, b"[LIMIT] " + str(e).encode())
+                return
             validity = await account.run(folder.uid_validity)
             log.info("imap: APPEND to {folder} by {client}", folder=mailbox, client=self.client)
             if self.mbox is not None and self.mbox.folder.path == folder.path:
@@ -830,6 +904,7 @@ class IMAPFactory(Factory):
         self.tls = tls
         self.max_message_size = max_message_size
         self.implicit_tls = implicit_tls
+        self.logout_deadline = LOGOUT_TLS_DEADLINE
 
     def buildProtocol(self, addr: Any) -> IMAPServer:
         return IMAPServer(self, self.implicit_tls)
