@@ -265,6 +265,12 @@ class Folder:
         if uidlist is None:
             uidlist = UidList(self._new_validity(self._previous_validity()), 1, {}, 0, False)
             atomic_write(os.path.join(self.path, VALIDITY), b"%d\n" % uidlist.validity)
+            try:
+                fresh_folder = not os.listdir(os.path.join(self.path, "cur"))
+            except FileNotFoundError:
+                fresh_folder = True
+            if fresh_folder:  # whatever comes, by any way, is recent
+                self._claim_recent(uidlist)
         if not uidlist.clean:
             self._rewrite(uidlist)
         return uidlist

@@ -33,7 +33,8 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.mail import imap4
 from twisted.mail.imap4 import (
-    IllegalClientResponse, MailboxException, _parseMbox,  # type: ignore[attr-defined]
+    IllegalClientResponse, IllegalMailboxEncoding, MailboxException,
+    _parseMbox,  # type: ignore[attr-defined]
 )
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -178,6 +179,27 @@ def _flag_list(keywords: list[str], permanent: bool = False) -> bytes:
     if permanent and len(keywords) < MAX_KEYWORDS:
         names.append("\\*")
     return b"(" + " ".join(names).encode("utf-8") + b")"
+
+
+def _mailbox_name(name: bytes) -> str:
+    """
+    A folder name from modified UTF-7; one that does not decode names no
+    folder (NO, as Dovecot answers), it is not a malformed command.
+    """
+    try:
+        return str(_parseMbox(name))
+    except (IllegalMailboxEncoding, UnicodeError):
+        raise MailboxException("Invalid folder name (not modified UTF-7)")
+
+
+def _list_name(name: bytes) -> str | None:
+    """
+    A LIST reference or pattern; None if it cannot match any folder.
+    """
+    try:
+        return _mailbox_name(name)
+    except MailboxException:
+        return None
 
 
 def _parse_date(value: bytes | None) -> float | None:
@@ -436,14 +458,21 @@ class IMAPServer(imap4.IMAP4Server):
     def do_LIST(self, tag: bytes, ref: bytes, pattern: bytes, subscribed: int,
                 command: bytes) -> None:
         async def work() -> None:
-            ref_name, wanted = _parseMbox(ref), _parseMbox(pattern)
+            ref_name, wanted = _list_name(ref), _list_name(pattern)
             account = self.account
+            if ref_name is None or wanted is None:  # matches nothing mailstack stores
+                self.sendPositiveResponse(tag, command + b" completed")
+                return
             if not wanted and not subscribed:
                 self.sendUntaggedResponse(b'LIST (\\Noselect) "." ""')
                 self.sendPositiveResponse(tag, b"LIST completed")
                 return
             infos = await account.run(account.folders)
             names = await account.run(account.subscriptions) if subscribed else None
+            if names is not None:
+                self._lsub(ref_name + wanted, infos, names)
+                self.sendPositiveResponse(tag, command + b" completed")
+                return
             for info in infos:
                 if not wildcard_match(ref_name + wanted, info.name):
                     continue
@@ -456,6 +485,29 @@ class IMAPServer(imap4.IMAP4Server):
 
         self._run(tag, work())
 
+    def _lsub(self, pattern: str, infos: list[Any], names: set[str]) -> None:
+        """
+        LSUB (RFC 3501 6.3.9): the subscribed names matching, existing or
+        not, and, where C{%} stops above a subscribed name, its parent
+        marked \\Noselect.
+        """
+        existing = {info.name: info for info in infos}
+        shown: dict[str, list[str]] = {}
+        for name in sorted(names):
+            if wildcard_match(pattern, name):
+                info = existing.get(name)
+                shown[name] = [a for a in (info.attributes if info else [])
+                               if a not in ("\\HasChildren", "\\HasNoChildren")]
+                continue
+            levels = name.split(".")
+            for i in range(1, len(levels)):
+                parent = ".".join(levels[:i])
+                if parent not in names and wildcard_match(pattern, parent):
+                    shown.setdefault(parent, ["\\Noselect"])
+        for name, attributes in shown.items():
+            self.sendUntaggedResponse(b"LSUB (" + " ".join(attributes).encode() + b') "." '
+                                      + string(name.encode("imap4-utf-7")))
+
     auth_LIST = select_LIST = (do_LIST, imap4.IMAP4Server.arg_astring,
                                imap4.IMAP4Server.arg_astring, 0, b"LIST")
     auth_LSUB = select_LSUB = (do_LIST, imap4.IMAP4Server.arg_astring,
@@ -463,7 +515,7 @@ class IMAPServer(imap4.IMAP4Server):
 
     def do_STATUS(self, tag: bytes, name: bytes, names: list[bytes]) -> None:
         async def work() -> None:
-            mailbox = _parseMbox(name)
+            mailbox = _mailbox_name(name)
             folder = self.account.existing(mailbox)  # type: ignore[union-attr]
             snapshot = await self.account.run(folder.status)  # type: ignore[union-attr]
             values = {
@@ -491,7 +543,7 @@ class IMAPServer(imap4.IMAP4Server):
 
     def _folder_command(self, tag: bytes, method: str, *names: bytes) -> None:
         async def work() -> None:
-            decoded = [_parseMbox(n) for n in names]
+            decoded = [_mailbox_name(n) for n in names]
             await getattr(self.account, method)(*decoded)
             self.sendPositiveResponse(tag, method.upper().encode() + b" completed")
 
@@ -501,7 +553,7 @@ class IMAPServer(imap4.IMAP4Server):
         self._folder_command(tag, "create", name)
 
     def do_DELETE(self, tag: bytes, name: bytes) -> None:
-        if self.mbox is not None and _parseMbox(name) == self.mbox.name:
+        if self.mbox is not None and _list_name(name) == self.mbox.name:
             self.sendNegativeResponse(tag, b"Close the folder before deleting it")
             return
         self._folder_command(tag, "delete", name)
@@ -534,7 +586,7 @@ class IMAPServer(imap4.IMAP4Server):
     def do_SELECT(self, tag: bytes, name: bytes, rw: int, command: bytes) -> None:
         async def work() -> None:
             self._deselect()
-            mailbox = _parseMbox(name)
+            mailbox = _mailbox_name(name)
             mbox = await self.account.select(mailbox, bool(rw))  # type: ignore[union-attr]
             if mbox is None:
                 self.sendNegativeResponse(tag, b"No such folder")
@@ -771,7 +823,7 @@ class IMAPServer(imap4.IMAP4Server):
             mbox, account = self._changeable(tag) if move else self.mbox, self.account
             if mbox is None or account is None:
                 return
-            target = account.existing(_parseMbox(name))
+            target = account.existing(_mailbox_name(name))
             items = mbox.resolve(ranges, bool(uid))
             validity, sources, uids = await mbox.transfer(target, items, move)
             code = b""
@@ -805,7 +857,7 @@ class IMAPServer(imap4.IMAP4Server):
         async def work() -> None:
             account = self.account
             assert account is not None
-            mailbox = _parseMbox(name)
+            mailbox = _mailbox_name(name)
             folder = account.existing(mailbox)
             wanted = _client_flags(flags or [])
             when = _parse_date(date)
