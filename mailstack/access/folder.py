@@ -263,13 +263,12 @@ class Folder:
         """
         uidlist = self._read_uidlist()
         if uidlist is None:
+            # Never given a UIDVALIDITY: a new folder (or one from elsewhere),
+            # whose messages, however they came, are all recent.
+            fresh_folder = not os.path.exists(os.path.join(self.path, VALIDITY))
             uidlist = UidList(self._new_validity(self._previous_validity()), 1, {}, 0, False)
             atomic_write(os.path.join(self.path, VALIDITY), b"%d\n" % uidlist.validity)
-            try:
-                fresh_folder = not os.listdir(os.path.join(self.path, "cur"))
-            except FileNotFoundError:
-                fresh_folder = True
-            if fresh_folder:  # whatever comes, by any way, is recent
+            if fresh_folder:
                 self._claim_recent(uidlist)
         if not uidlist.clean:
             self._rewrite(uidlist)

@@ -206,8 +206,8 @@ def _one(words: list[Any], c: Candidate, last_seq: int, last_uid: int) -> bool:
         second = _one(words, c, last_seq, last_uid)
         return first or second
     if key in (b"KEYWORD", b"UNKEYWORD"):
-        _take(words)
-        return key == b"UNKEYWORD"  # no keywords are kept
+        keyword = _needle(_take(words))
+        return (keyword in {f.lower() for f in c.flags}) == (key == b"KEYWORD")
     if key in (b"LARGER", b"SMALLER"):
         arg = _take(words)
         if not isinstance(arg, bytes) or not arg.isdigit():
