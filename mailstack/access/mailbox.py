@@ -23,7 +23,6 @@ import io
 import os
 import re
 import shutil
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
@@ -39,7 +38,7 @@ from mailstack.access.folder import (
 )
 from mailstack.access.mime import Part, crlf, lf
 from mailstack.access.search import Candidate, Ranges, matches, needs
-from mailstack.safeio import atomic_write
+from mailstack.safeio import atomic_write, temporary_name
 
 DELIMITER = "."
 SPECIAL = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk"}
@@ -583,7 +582,7 @@ class MaildirAccount:
         path = os.path.join(self.root, dirname)
         if not os.path.isdir(path):
             raise MailboxException(f"No folder {name}")
-        trash = os.path.join(self.root, f".#deleting-{os.getpid()}-{time.monotonic_ns()}")
+        trash = temporary_name(os.path.join(self.root, "#deleting"))  # unique per call
         os.rename(path, trash)  # gone at once for everyone, removed at leisure
         shutil.rmtree(trash, ignore_errors=True)
         with self._subscriptions_locked():
