@@ -31,10 +31,6 @@ class Address:
     mailbox: str | None
     host: str | None
 
-    @property
-    def is_group_marker(self) -> bool:
-        return self.host is None
-
 
 def _tokens(text: str) -> list[tuple[str, str]]:
     """

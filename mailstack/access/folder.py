@@ -186,10 +186,6 @@ class Folder:
         atomic_write(os.path.join(self.path, KEYWORDS), text.encode("utf-8"))
         self.keywords = keywords
 
-    def keyword_list(self) -> list[str]:
-        with self.locked():
-            return list(self._read_keywords())
-
     def spell(self, flags: set[str]) -> set[str]:
         """
         Keywords as the folder's list spells them (they match in any case).
