@@ -18,7 +18,9 @@ behind for a restart to find.
 from __future__ import annotations
 
 import errno
+import itertools
 import os
+import secrets
 import threading
 from typing import Any, Callable, Iterable
 
@@ -79,6 +81,8 @@ def current_disk() -> Disk:
     calls one by one (the maildrop, which cannot fsync its directory).
     """
     return _disk
+
+_writes = itertools.count(1)
 
 
 def write_file(path: str, chunks: Iterable[bytes], mode: int = 0o600) -> None:
@@ -155,14 +159,24 @@ def discard(path: str) -> None:
         pass
 
 
+def temporary_name(path: str) -> str:
+    """
+    A name beside C{path} for one write: unique per write, not per process
+    (pid, a counter and random bits), so concurrent writers in any thread
+    or process never share a temporary file.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    return os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}."
+                                   f"{next(_writes)}.{secrets.token_hex(4)}.tmp")
+
+
 def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
     """
     Replace C{path} with C{data} durably: a temporary file beside it,
     fsynced, renamed into place, the directory fsynced.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    discard(tmp)  # left by a crash of this same pid number
+    tmp = temporary_name(path)
     try:
         write_file(tmp, [data], mode)
         _disk.rename(tmp, path)

@@ -12,7 +12,11 @@ UIDVALIDITY, so a UID is never given to two different messages under one
 UIDVALIDITY.  Every reader and writer holds C{flock} on
 C{mailstack-uidlist.lock}, so sessions in several processes agree.
 
-Flags are the Maildir info suffix C{:2,DFPRST}; keywords are not kept.
+Flags are the Maildir info suffix C{:2,DFPRST}; keywords are the letters
+C{a}-C{z}, indexes into the folder's C{mailstack-keywords} (Dovecot's
+C{dovecot-keywords} pattern).  \\Recent is kept as the first UID no
+read-write session has seen yet (C{mailstack-recent}), so deliveries,
+APPEND, COPY and MOVE all make messages recent.
 Everything here blocks: call it from a worker thread.
 """
 
@@ -27,15 +31,19 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 from mailstack.access.maildir import served_size
-from mailstack.delivery.maildir import SUBDIRS, unique_name
+from mailstack.delivery.maildir import SUBDIRS, arrival_key, unique_name
 from mailstack.safeio import (
-    append_file, atomic_write, discard, fsync_directory, rename, write_file,
+    append_file, atomic_write, discard, fsync_directory, rename, temporary_name, write_file,
 )
 
 UIDLIST = "mailstack-uidlist"
 VALIDITY = "mailstack-uidvalidity"  # the last UIDVALIDITY given, kept apart
 LOCKFILE = "mailstack-uidlist.lock"
 MAGIC = "mailstack-uidlist 1"
+KEYWORDS = "mailstack-keywords"  # "<index> <keyword>" lines, as dovecot-keywords
+RECENT = "mailstack-recent"  # "V<uidvalidity> <first recent UID>"
+COUNTER = "mailstack-uidvalidity-counter"  # in the account root: the last given
+MAX_KEYWORDS = 26  # info letters a-z, as Dovecot's Maildir
 
 FLAG_LETTERS = {
     "\\Draft": "D",
@@ -49,12 +57,39 @@ LETTER_FLAGS = {letter: flag for flag, letter in FLAG_LETTERS.items()}
 PERMANENT_FLAGS = tuple(FLAG_LETTERS)
 
 
-def flags_from_info(info: str) -> set[str]:
-    return {LETTER_FLAGS[c] for c in info if c in LETTER_FLAGS}
+class TooManyKeywords(Exception):
+    """
+    A folder already has L{MAX_KEYWORDS} keywords and one more was asked.
+    """
 
 
-def info_from_flags(flags: set[str]) -> str:
-    return "".join(sorted(FLAG_LETTERS[f] for f in flags if f in FLAG_LETTERS))
+def flags_from_info(info: str, keywords: list[str] = ()) -> set[str]:  # type: ignore[assignment]
+    """
+    The flags of info letters: A-Z system flags, a-z the folder's keywords.
+    """
+    flags = set()
+    for c in info:
+        if c in LETTER_FLAGS:
+            flags.add(LETTER_FLAGS[c])
+        elif "a" <= c <= "z" and ord(c) - 97 < len(keywords):
+            flags.add(keywords[ord(c) - 97])
+    return flags
+
+
+def info_from_flags(flags: set[str], keywords: list[str] = ()) -> str:  # type: ignore[assignment]
+    """
+    Info letters for C{flags}, sorted as Maildir wants; a keyword not in
+    the folder's list has no letter (callers add it to the list first).
+    """
+    index = {k.lower(): i for i, k in enumerate(keywords)}
+    letters = [FLAG_LETTERS[f] for f in flags if f in FLAG_LETTERS]
+    letters += [chr(97 + index[f.lower()]) for f in flags
+                if f not in FLAG_LETTERS and f.lower() in index]
+    return "".join(sorted(letters))
+
+
+def is_keyword(flag: str) -> bool:
+    return not flag.startswith("\\") and flag not in FLAG_LETTERS
 
 
 def split_name(name: str) -> tuple[str, str | None]:
@@ -106,9 +141,59 @@ class Folder:
     One Maildir (the INBOX root or a C{.Name} subfolder).
     """
 
-    def __init__(self, path: str, hostname: str = "localhost") -> None:
+    def __init__(self, path: str, hostname: str = "localhost", root: str | None = None) -> None:
         self.path = path
         self.hostname = hostname
+        self.root = root or path  # where the account's UIDVALIDITY counter lives
+        self.keywords: list[str] = []  # as last read, index = letter - 'a'
+
+    # -- keywords ----------------------------------------------------------------
+
+    def _read_keywords(self) -> list[str]:
+        """
+        The folder's keyword list (call with the lock held).
+        """
+        found: dict[int, str] = {}
+        try:
+            with open(os.path.join(self.path, KEYWORDS), "rb") as f:
+                for line in f.read().decode("utf-8", "replace").split("\n"):
+                    number, _, name = line.partition(" ")
+                    if number.isdigit() and name and int(number) < MAX_KEYWORDS:
+                        found[int(number)] = name
+        except FileNotFoundError:
+            pass  # no keyword used yet
+        keywords = []
+        for i in range(MAX_KEYWORDS):
+            if i not in found:
+                break
+            keywords.append(found[i])
+        self.keywords = keywords
+        return keywords
+
+    def _add_keywords(self, flags: set[str]) -> None:
+        """
+        Give every keyword in C{flags} a letter (call with the lock held).
+        """
+        keywords = self._read_keywords()
+        known = {k.lower() for k in keywords}
+        missing = sorted({f for f in flags if is_keyword(f) and f.lower() not in known},
+                         key=str.lower)
+        missing = list({f.lower(): f for f in missing}.values())
+        if not missing:
+            return
+        if len(keywords) + len(missing) > MAX_KEYWORDS:
+            raise TooManyKeywords(f"at most {MAX_KEYWORDS} keywords per folder")
+        keywords = keywords + missing
+        text = "".join(f"{i} {k}\n" for i, k in enumerate(keywords))
+        atomic_write(os.path.join(self.path, KEYWORDS), text.encode("utf-8"))
+        self.keywords = keywords
+
+    def spell(self, flags: set[str]) -> set[str]:
+        """
+        Keywords as the folder's list spells them (they match in any case).
+        """
+        known = {k.lower(): k for k in self.keywords}
+        return {known.get(f.lower(), f) if is_keyword(f) else f for f in flags}
 
     # -- the uid list --------------------------------------------------------
 
@@ -172,9 +257,13 @@ class Folder:
         """
         uidlist = self._read_uidlist()
         if uidlist is None:
-            previous = self._previous_validity()
-            uidlist = UidList(max(int(time.time()), previous + 1), 1, {}, 0, False)
+            # Never given a UIDVALIDITY: a new folder (or one from elsewhere),
+            # whose messages, however they came, are all recent.
+            fresh_folder = not os.path.exists(os.path.join(self.path, VALIDITY))
+            uidlist = UidList(self._new_validity(self._previous_validity()), 1, {}, 0, False)
             atomic_write(os.path.join(self.path, VALIDITY), b"%d\n" % uidlist.validity)
+            if fresh_folder:
+                self._claim_recent(uidlist)
         if not uidlist.clean:
             self._rewrite(uidlist)
         return uidlist
@@ -198,6 +287,55 @@ class Folder:
         except (OSError, ValueError):
             pass  # no readable header
         return max(found)
+
+    def _new_validity(self, previous: int) -> int:
+        """
+        A UIDVALIDITY greater than any this account gave before (the
+        counter in its root), this folder's previous one and the clock's
+        seconds: a folder deleted and created again in the same second, or
+        renamed over a deleted one, never repeats a UIDVALIDITY.
+        """
+        fd = os.open(os.path.join(self.root, COUNTER), os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            text = os.read(fd, 64).strip()
+            last = int(text) if text.isdigit() else 0
+            validity = max(int(time.time()), last + 1, previous + 1)
+            data = b"%d\n" % validity
+            os.lseek(fd, 0, os.SEEK_SET)
+            os.ftruncate(fd, 0)
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return validity
+
+    def _first_recent(self, uidlist: UidList, files: dict[str, tuple[str, str]]) -> int:
+        """
+        The lowest UID still \\Recent: no session selected the folder
+        read-write since it arrived (call with the lock held).  Without a
+        record (a new or rebuilt list), what is in C{new/} is recent.
+        """
+        try:
+            with open(os.path.join(self.path, RECENT), "rb") as f:
+                validity, _, first = f.read().decode("ascii", "replace").strip().partition(" ")
+            if validity == f"V{uidlist.validity}" and first.isdigit():
+                return int(first)
+        except FileNotFoundError:
+            pass  # never claimed
+        waiting = [uidlist.uids[b] for b, (sub, _) in files.items()
+                   if sub == "new" and b in uidlist.uids]
+        return min(waiting, default=uidlist.next)
+
+    def _claim_recent(self, uidlist: UidList) -> None:
+        """
+        Record that every UID so far has been seen as \\Recent.  Not fsynced:
+        after a crash a message may be \\Recent once more, nothing worse.
+        """
+        tmp = temporary_name(os.path.join(self.path, RECENT))
+        with open(tmp, "wb") as f:
+            f.write(b"V%d %d\n" % (uidlist.validity, uidlist.next))
+        os.replace(tmp, os.path.join(self.path, RECENT))
 
     def _assign(self, uidlist: UidList, bases: list[str]) -> None:
         added = []
@@ -227,25 +365,29 @@ class Folder:
         """
         Every message with its UID, assigning UIDs to new arrivals.
 
-        @param claim_new: move messages from C{new/} to C{cur/} and mark
-            them recent: this session is the first to see them.
+        @param claim_new: this session selected the folder read-write: move
+            messages from C{new/} to C{cur/}, and it alone sees the messages
+            that arrived since the last such session as \\Recent.
         @param sizes: sizes already known by base name, to skip measuring.
         """
         sizes = sizes or {}
         with self.locked():
             uidlist = self._load()
+            keywords = self._read_keywords()
             files = self._files()
-            fresh = sorted((b for b in files if b not in uidlist.uids),
-                           key=lambda b: (b.split(".", 1)[0].zfill(12), b))
+            fresh = sorted((b for b in files if b not in uidlist.uids), key=arrival_key)
             self._assign(uidlist, fresh)
             gone = len(uidlist.uids) - len(files)
             if gone > 0 and uidlist.lines > 2 * len(files) + 1000:
                 for base in [b for b in uidlist.uids if b not in files]:
                     del uidlist.uids[base]
                 self._rewrite(uidlist)
+            first_recent = self._first_recent(uidlist, files)
+            if claim_new and first_recent < uidlist.next:
+                self._claim_recent(uidlist)
+            uids = {base: uidlist.uids[base] for base in files}
         entries = []
         for base, (sub, name) in files.items():
-            recent = False
             if claim_new and sub == "new":
                 target = name if ":" in name else name + ":2,"
                 try:
@@ -253,7 +395,7 @@ class Folder:
                               os.path.join(self.path, "cur", target))
                 except FileNotFoundError:
                     continue  # another session claimed or removed it meanwhile
-                sub, name, recent = "cur", target, True
+                sub, name = "cur", target
             size = sizes.get(base)
             if size is None:
                 try:
@@ -261,8 +403,8 @@ class Folder:
                 except FileNotFoundError:
                     continue
             info = split_name(name)[1] or ""
-            entries.append(Entry(uidlist.uids[base], base, sub, name, size, recent,
-                                 flags_from_info(info)))
+            entries.append(Entry(uids[base], base, sub, name, size, uids[base] >= first_recent,
+                                 flags_from_info(info, keywords)))
         entries.sort(key=lambda e: e.uid)
         return Snapshot(uidlist.validity, uidlist.next, entries)
 
@@ -276,8 +418,8 @@ class Folder:
 
     def locate(self, entry: Entry) -> bool:
         """
-        Find a message another session renamed (flags, new to cur); False
-        if it is gone.
+        Find a message another session renamed (flags, new to cur), and
+        take its flags from the name found; False if it is gone.
         """
         if os.path.exists(entry.path(self.path)):
             return True
@@ -289,29 +431,59 @@ class Folder:
             for name in names:
                 if split_name(name)[0] == entry.base:
                     entry.sub, entry.name = sub, name
-                    entry.flags = flags_from_info(split_name(name)[1] or "")
+                    entry.flags = flags_from_info(split_name(name)[1] or "", self.keywords)
                     return True
         return False
 
-    def set_flags(self, entry: Entry, flags: set[str]) -> bool:
+    def change_flags(self, entries: list[Entry], add: set[str] = frozenset(),  # type: ignore[assignment]
+                     remove: set[str] = frozenset(),  # type: ignore[assignment]
+                     replace: set[str] | None = None) -> list[bool]:
         """
-        Rename the file to carry C{flags} (it moves to C{cur/}); False if
-        the message is gone.
+        Apply a flag change to each message's current state on disk, under
+        the folder's lock, so concurrent sessions (and processes) never
+        undo each other's changes: C{replace} sets the flags, else C{add}
+        and C{remove} change them.  Each entry ends with the flags now on
+        disk; the result says, per entry, whether the message is still
+        there.  Raises L{TooManyKeywords} before changing anything.
         """
+        done = []
+        with self.locked():
+            self._add_keywords(set(add) | set(replace or ()))
+            add, remove = self.spell(set(add)), self.spell(set(remove))
+            replace = None if replace is None else self.spell(set(replace))
+            lower_remove = {f.lower() for f in remove}
+            for entry in entries:
+                done.append(self._rename_flags(entry, add, lower_remove, replace))
+        return done
+
+    def _rename_flags(self, entry: Entry, add: set[str], remove: set[str],
+                      replace: set[str] | None) -> bool:
         for _ in range(3):
-            target = f"{entry.base}:2,{info_from_flags(flags)}"
+            if not os.path.exists(entry.path(self.path)) and not self.locate(entry):
+                return False
+            current = flags_from_info(split_name(entry.name)[1] or "", self.keywords)
+            if replace is not None:
+                flags = set(replace)
+            else:
+                flags = {f for f in current if f.lower() not in remove} | add
+            target = f"{entry.base}:2,{info_from_flags(flags, self.keywords)}"
             if entry.sub == "cur" and entry.name == target:
-                entry.flags = set(flags)
+                entry.flags = flags
                 return True
             try:
                 os.rename(entry.path(self.path), os.path.join(self.path, "cur", target))
             except FileNotFoundError:
-                if not self.locate(entry):
-                    return False
-                continue
-            entry.sub, entry.name, entry.flags = "cur", target, set(flags)
+                continue  # renamed by a writer outside mailstack: look again
+            entry.sub, entry.name, entry.flags = "cur", target, flags
             return True
         return False
+
+    def set_flags(self, entry: Entry, flags: set[str]) -> bool:
+        """
+        Rename the file to carry exactly C{flags} (it moves to C{cur/});
+        False if the message is gone.
+        """
+        return self.change_flags([entry], replace=set(flags))[0]
 
     def remove(self, entry: Entry) -> None:
         for _ in range(3):
@@ -329,7 +501,9 @@ class Folder:
         size = len(content)
         name = unique_name(self.hostname, size, vsize=size + content.count(b"\n"))
         base = name
-        target = f"{name}:2,{info_from_flags(flags)}"
+        with self.locked():
+            self._add_keywords(flags)
+        target = f"{name}:2,{info_from_flags(flags, self.keywords)}"
         tmp = os.path.join(self.path, "tmp", name)
         write_file(tmp, [content])
         if date is not None:
@@ -352,7 +526,10 @@ class Folder:
         size, vsize = _sizes_from_name(entry.base)
         name = unique_name(self.hostname, size if size is not None else 0,
                            vsize=vsize if vsize is not None else entry.size)
-        target = os.path.join(self.path, "cur", f"{name}:2,{info_from_flags(entry.flags)}")
+        with self.locked():
+            self._add_keywords(entry.flags)
+        target = os.path.join(self.path, "cur",
+                              f"{name}:2,{info_from_flags(entry.flags, self.keywords)}")
         if move:
             os.rename(old, target)
         else:
@@ -405,8 +582,11 @@ def ensure_folder(path: str, subfolder: bool) -> None:
     """
     created = False
     if not os.path.isdir(path):
-        os.mkdir(path, 0o700)
-        created = True
+        try:
+            os.mkdir(path, 0o700)
+            created = True
+        except FileExistsError:
+            pass  # another session of the same user made it meanwhile
     for sub in SUBDIRS:
         try:
             os.mkdir(os.path.join(path, sub), 0o700)
@@ -416,8 +596,11 @@ def ensure_folder(path: str, subfolder: bool) -> None:
     if subfolder:
         marker = os.path.join(path, "maildirfolder")
         if not os.path.exists(marker):
-            write_file(marker, [b""])
-            created = True
+            try:
+                write_file(marker, [b""])
+                created = True
+            except FileExistsError:
+                pass  # written by a concurrent first login
     if created:
         fsync_directory(path)
         fsync_directory(os.path.dirname(path))

@@ -21,6 +21,7 @@ replaced (see the audit in shared/notes):
 from __future__ import annotations
 
 import email.utils
+import re
 from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin
@@ -32,12 +33,13 @@ from twisted.internet.task import LoopingCall, deferLater
 from twisted.logger import Logger
 from twisted.mail import imap4
 from twisted.mail.imap4 import (
-    IllegalClientResponse, MailboxException, _parseMbox,  # type: ignore[attr-defined]
+    IllegalClientResponse, IllegalMailboxEncoding, MailboxException,
+    _parseMbox,  # type: ignore[attr-defined]
 )
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailstack.access.folder import PERMANENT_FLAGS, Entry
+from mailstack.access.folder import MAX_KEYWORDS, Entry, TooManyKeywords
 from mailstack.access.mailbox import (
     HEADER, NOTHING, WHOLE, Changes, Loaded, MaildirAccount, MaildirMailbox, MissingFolder,
     wildcard_match,
@@ -49,7 +51,9 @@ from mailstack.throttle import LoginThrottle
 
 log = Logger()
 
-FLAGS = b"(" + " ".join(PERMANENT_FLAGS).encode() + b")"
+SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
+_ATOM_SPECIALS = re.compile(r'[(){ %*"\\\]\x00-\x1f\x7f-\uffff]')
+LOGOUT_TLS_DEADLINE = 2.0  # seconds for the client's TLS close_notify after LOGOUT
 BATCH_MESSAGES = 200
 BATCH_BYTES = 4 << 20
 
@@ -149,14 +153,54 @@ def render(loaded: Loaded, query: list[Any], uid: bool) -> bytes:
     return b"* %d FETCH (" % loaded.seq + b" ".join(items) + b")\r\n"
 
 
-def _system_flags(flags: list[Any]) -> set[str]:
+def _client_flags(flags: list[Any]) -> set[str]:
     """
-    The flags mailstack keeps, spelled as IMAP spells them; others dropped
-    (PERMANENTFLAGS does not offer keywords).
+    A client's flag list as stored: system flags spelled as IMAP spells
+    them, keywords as given.  \\Recent, an unknown system flag or a keyword
+    that is not an atom is a BAD command (as Dovecot answers).
     """
-    known = {f.lower(): f for f in PERMANENT_FLAGS}
-    names = (f.decode("utf-8", "replace") if isinstance(f, bytes) else f for f in flags)
-    return {known[n.lower()] for n in names if n.lower() in known}
+    known = {f.lower(): f for f in SYSTEM_FLAGS + ("$Forwarded",)}
+    out = set()
+    for flag in flags:
+        name = flag.decode("utf-8", "replace") if isinstance(flag, bytes) else str(flag)
+        if name.lower() in known:
+            out.add(known[name.lower()])
+        elif name.startswith("\\"):
+            raise IllegalClientResponse(f"Invalid system flag {name[:50]}")
+        elif not name or len(name) > 200 or _ATOM_SPECIALS.search(name):
+            raise IllegalClientResponse("Invalid keyword")
+        else:
+            out.add(name)
+    return out
+
+
+def _flag_list(keywords: list[str], permanent: bool = False) -> bytes:
+    names = list(SYSTEM_FLAGS) + ["$Forwarded"] + [
+        k for k in keywords if k.lower() != "$forwarded"]
+    if permanent and len(keywords) < MAX_KEYWORDS:
+        names.append("\\*")
+    return b"(" + " ".join(names).encode("utf-8") + b")"
+
+
+def _mailbox_name(name: bytes) -> str:
+    """
+    A folder name from modified UTF-7; one that does not decode names no
+    folder (NO, as Dovecot answers), it is not a malformed command.
+    """
+    try:
+        return str(_parseMbox(name))
+    except (IllegalMailboxEncoding, UnicodeError):
+        raise MailboxException("Invalid folder name (not modified UTF-7)")
+
+
+def _list_name(name: bytes) -> str | None:
+    """
+    A LIST reference or pattern; None if it cannot match any folder.
+    """
+    try:
+        return _mailbox_name(name)
+    except MailboxException:
+        return None
 
 
 def _parse_date(value: bytes | None) -> float | None:
@@ -192,6 +236,7 @@ class IMAPServer(imap4.IMAP4Server):
         self._idle: LoopingCall | None = None
         self._idle_refresh: Deferred[Any] | None = None
         self._lost = False
+        self._logout_timer: Any = None
         self.client = "?"
 
     # -- connection ---------------------------------------------------------------
@@ -209,6 +254,9 @@ class IMAPServer(imap4.IMAP4Server):
 
     def connectionLost(self, reason: Any = None) -> None:
         self._lost = True
+        if self._logout_timer is not None and self._logout_timer.active():
+            self._logout_timer.cancel()
+        self._logout_timer = None
         self._stop_idle()
         self._waiting = []
         if self._paused is not None:
@@ -283,6 +331,8 @@ class IMAPServer(imap4.IMAP4Server):
         def failed(failure: Failure) -> None:
             if failure.check(SearchError, IllegalClientResponse):
                 self.sendBadResponse(tag, str(failure.value).encode("utf-8", "replace"))
+            elif failure.check(TooManyKeywords):
+                self.sendNegativeResponse(tag, b"[LIMIT] " + str(failure.value).encode())
             elif failure.check(MissingFolder):
                 self.sendNegativeResponse(tag, b"[TRYCREATE] " + str(failure.value).encode())
             elif failure.check(MailboxException):
@@ -376,6 +426,24 @@ class IMAPServer(imap4.IMAP4Server):
 
     unauth_AUTHENTICATE = (do_AUTHENTICATE, imap4.IMAP4Server.arg_atom)
 
+    def do_LOGOUT(self, tag: bytes) -> None:
+        """
+        BYE, the tagged OK, and the connection closed (RFC 3501 6.1.3).
+        Inside TLS the server sends its close_notify and waits for the
+        client's at most L{IMAPFactory.logout_deadline} seconds: many
+        clients never send one.
+        """
+        self.sendUntaggedResponse(b"BYE Logging out")
+        self.sendPositiveResponse(tag, b"LOGOUT completed")
+        self._waiting = []
+        self.state = "logout"
+        self.transport.loseConnection()
+        if self.startedTLS and not self._lost:
+            self._logout_timer = self.factory.reactor.callLater(
+                self.factory.logout_deadline, self.transport.abortConnection)
+
+    unauth_LOGOUT = auth_LOGOUT = select_LOGOUT = logout_LOGOUT = (do_LOGOUT,)
+
     def do_ID(self, tag: bytes, rest: bytes) -> None:
         self.sendUntaggedResponse(b'ID ("name" "mailstack")')
         self.sendPositiveResponse(tag, b"ID completed")
@@ -415,14 +483,21 @@ class IMAPServer(imap4.IMAP4Server):
     def do_LIST(self, tag: bytes, ref: bytes, pattern: bytes, subscribed: int,
                 command: bytes) -> None:
         async def work() -> None:
-            ref_name, wanted = _parseMbox(ref), _parseMbox(pattern)
+            ref_name, wanted = _list_name(ref), _list_name(pattern)
             account = self.account
+            if ref_name is None or wanted is None:  # matches nothing mailstack stores
+                self.sendPositiveResponse(tag, command + b" completed")
+                return
             if not wanted and not subscribed:
                 self.sendUntaggedResponse(b'LIST (\\Noselect) "." ""')
                 self.sendPositiveResponse(tag, b"LIST completed")
                 return
             infos = await account.run(account.folders)
             names = await account.run(account.subscriptions) if subscribed else None
+            if names is not None:
+                self._lsub(ref_name + wanted, infos, names)
+                self.sendPositiveResponse(tag, command + b" completed")
+                return
             for info in infos:
                 if not wildcard_match(ref_name + wanted, info.name):
                     continue
@@ -435,6 +510,29 @@ class IMAPServer(imap4.IMAP4Server):
 
         self._run(tag, work())
 
+    def _lsub(self, pattern: str, infos: list[Any], names: set[str]) -> None:
+        """
+        LSUB (RFC 3501 6.3.9): the subscribed names matching, existing or
+        not, and, where C{%} stops above a subscribed name, its parent
+        marked \\Noselect.
+        """
+        existing = {info.name: info for info in infos}
+        shown: dict[str, list[str]] = {}
+        for name in sorted(names):
+            if wildcard_match(pattern, name):
+                info = existing.get(name)
+                shown[name] = [a for a in (info.attributes if info else [])
+                               if a not in ("\\HasChildren", "\\HasNoChildren")]
+                continue
+            levels = name.split(".")
+            for i in range(1, len(levels)):
+                parent = ".".join(levels[:i])
+                if parent not in names and wildcard_match(pattern, parent):
+                    shown.setdefault(parent, ["\\Noselect"])
+        for name, attributes in shown.items():
+            self.sendUntaggedResponse(b"LSUB (" + " ".join(attributes).encode() + b') "." '
+                                      + string(name.encode("imap4-utf-7")))
+
     auth_LIST = select_LIST = (do_LIST, imap4.IMAP4Server.arg_astring,
                                imap4.IMAP4Server.arg_astring, 0, b"LIST")
     auth_LSUB = select_LSUB = (do_LIST, imap4.IMAP4Server.arg_astring,
@@ -442,12 +540,12 @@ class IMAPServer(imap4.IMAP4Server):
 
     def do_STATUS(self, tag: bytes, name: bytes, names: list[bytes]) -> None:
         async def work() -> None:
-            mailbox = _parseMbox(name)
+            mailbox = _mailbox_name(name)
             folder = self.account.existing(mailbox)  # type: ignore[union-attr]
             snapshot = await self.account.run(folder.status)  # type: ignore[union-attr]
             values = {
                 b"MESSAGES": len(snapshot.entries),
-                b"RECENT": sum(1 for e in snapshot.entries if e.sub == "new"),
+                b"RECENT": sum(1 for e in snapshot.entries if e.recent),
                 b"UIDNEXT": snapshot.uid_next,
                 b"UIDVALIDITY": snapshot.validity,
                 b"UNSEEN": sum(1 for e in snapshot.entries if "\\Seen" not in e.flags),
@@ -470,7 +568,7 @@ class IMAPServer(imap4.IMAP4Server):
 
     def _folder_command(self, tag: bytes, method: str, *names: bytes) -> None:
         async def work() -> None:
-            decoded = [_parseMbox(n) for n in names]
+            decoded = [_mailbox_name(n) for n in names]
             await getattr(self.account, method)(*decoded)
             self.sendPositiveResponse(tag, method.upper().encode() + b" completed")
 
@@ -480,7 +578,7 @@ class IMAPServer(imap4.IMAP4Server):
         self._folder_command(tag, "create", name)
 
     def do_DELETE(self, tag: bytes, name: bytes) -> None:
-        if self.mbox is not None and _parseMbox(name) == self.mbox.name:
+        if self.mbox is not None and _list_name(name) == self.mbox.name:
             self.sendNegativeResponse(tag, b"Close the folder before deleting it")
             return
         self._folder_command(tag, "delete", name)
@@ -513,13 +611,12 @@ class IMAPServer(imap4.IMAP4Server):
     def do_SELECT(self, tag: bytes, name: bytes, rw: int, command: bytes) -> None:
         async def work() -> None:
             self._deselect()
-            mailbox = _parseMbox(name)
+            mailbox = _mailbox_name(name)
             mbox = await self.account.select(mailbox, bool(rw))  # type: ignore[union-attr]
             if mbox is None:
                 self.sendNegativeResponse(tag, b"No such folder")
                 return
-            self.sendUntaggedResponse(b"FLAGS " + FLAGS)
-            self.sendPositiveResponse(None, b"[PERMANENTFLAGS " + FLAGS + b"] Limited")
+            self._send_flags(mbox, rw=bool(rw))
             self.sendUntaggedResponse(b"%d EXISTS" % mbox.getMessageCount())
             self.sendUntaggedResponse(b"%d RECENT" % mbox.getRecentCount())
             unseen = mbox.first_unseen()
@@ -537,6 +634,25 @@ class IMAPServer(imap4.IMAP4Server):
 
     auth_SELECT = select_SELECT = (do_SELECT, imap4.IMAP4Server.arg_astring, 1, b"SELECT")
     auth_EXAMINE = select_EXAMINE = (do_SELECT, imap4.IMAP4Server.arg_astring, 0, b"EXAMINE")
+
+    def _send_flags(self, mbox: MaildirMailbox, rw: bool = True) -> None:
+        """
+        FLAGS and PERMANENTFLAGS with the folder's keywords (at SELECT, and
+        again whenever a keyword is added to it).
+        """
+        keywords = list(mbox.folder.keywords)
+        mbox.keywords_sent = keywords
+        self.sendUntaggedResponse(b"FLAGS " + _flag_list(keywords))
+        if rw:
+            self.sendPositiveResponse(None, b"[PERMANENTFLAGS " + _flag_list(keywords, True)
+                                      + b"] Flags permitted")
+        else:
+            self.sendPositiveResponse(None, b"[PERMANENTFLAGS ()] Read-only folder")
+
+    def _keywords_news(self) -> None:
+        mbox = self.mbox
+        if mbox is not None and mbox.folder.keywords != mbox.keywords_sent:
+            self._send_flags(mbox, mbox.rw)
 
     def do_CLOSE(self, tag: bytes) -> None:
         async def work() -> None:
@@ -559,6 +675,7 @@ class IMAPServer(imap4.IMAP4Server):
     # -- reporting changes -------------------------------------------------------------
 
     def _report(self, changes: Changes) -> None:
+        self._keywords_news()
         for seq in changes.expunged:
             self.sendUntaggedResponse(b"%d EXPUNGE" % seq)
         if changes.exists is not None:
@@ -690,8 +807,13 @@ class IMAPServer(imap4.IMAP4Server):
             if kind.lstrip(b"+-") not in (b"FLAGS", b"FLAGS.SILENT"):
                 raise IllegalClientResponse(f"bad STORE item {mode!r}")
             direction = 1 if kind.startswith(b"+") else -1 if kind.startswith(b"-") else 0
-            done = await mbox.store_flags(mbox.resolve(ranges, bool(uid)),
-                                          _system_flags(flags), direction)
+            wanted = _client_flags(flags)
+            try:
+                done = await mbox.store_flags(mbox.resolve(ranges, bool(uid)), wanted, direction)
+            except TooManyKeywords as e:
+                self.sendNegativeResponse(tag, b"[LIMIT] " + str(e).encode())
+                return
+            self._keywords_news()
             if not kind.endswith(b".SILENT"):
                 for seq, entry in done:
                     extra = b" UID %d" % entry.uid if uid else b""
@@ -726,7 +848,7 @@ class IMAPServer(imap4.IMAP4Server):
             mbox, account = self._changeable(tag) if move else self.mbox, self.account
             if mbox is None or account is None:
                 return
-            target = account.existing(_parseMbox(name))
+            target = account.existing(_mailbox_name(name))
             items = mbox.resolve(ranges, bool(uid))
             validity, sources, uids = await mbox.transfer(target, items, move)
             code = b""
@@ -760,11 +882,15 @@ class IMAPServer(imap4.IMAP4Server):
         async def work() -> None:
             account = self.account
             assert account is not None
-            mailbox = _parseMbox(name)
+            mailbox = _mailbox_name(name)
             folder = account.existing(mailbox)
-            wanted = _system_flags(flags or [])
+            wanted = _client_flags(flags or [])
             when = _parse_date(date)
-            uid = await account.run(lambda: folder.add(lf(message.read()), wanted, when))
+            try:
+                uid = await account.run(lambda: folder.add(lf(message.read()), wanted, when))
+            except TooManyKeywords as e:
+                self.sendNegativeResponse(tag, b"[LIMIT] " + str(e).encode())
+                return
             validity = await account.run(folder.uid_validity)
             log.info("imap: APPEND to {folder} by {client}", folder=mailbox, client=self.client)
             if self.mbox is not None and self.mbox.folder.path == folder.path:
@@ -855,6 +981,7 @@ class IMAPFactory(Factory):
         self.tls = tls
         self.max_message_size = max_message_size
         self.implicit_tls = implicit_tls
+        self.logout_deadline = LOGOUT_TLS_DEADLINE
 
     def buildProtocol(self, addr: Any) -> IMAPServer:
         return IMAPServer(self, self.implicit_tls)

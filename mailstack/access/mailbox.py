@@ -18,13 +18,14 @@ from __future__ import annotations
 
 import bisect
 import email.utils
+import fcntl
 import io
 import os
 import re
 import shutil
-import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
@@ -37,7 +38,7 @@ from mailstack.access.folder import (
 )
 from mailstack.access.mime import Part, crlf, lf
 from mailstack.access.search import Candidate, Ranges, matches, needs
-from mailstack.safeio import atomic_write
+from mailstack.safeio import atomic_write, temporary_name
 
 DELIMITER = "."
 SPECIAL = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk"}
@@ -180,7 +181,7 @@ def load(folder: Folder, items: list[tuple[int, Entry]], level: int,
             continue
         changed = False
         if mark_seen and "\\Seen" not in entry.flags:
-            changed = folder.set_flags(entry, entry.flags | {"\\Seen"})
+            changed = folder.change_flags([entry], add={"\\Seen"})[0]
         out.append(Loaded(seq, entry, found[1], found[0], changed))
     return out
 
@@ -230,6 +231,7 @@ class MaildirMailbox:
         self.validity = snapshot.validity
         self.uid_next = snapshot.uid_next
         self.listeners: list[Any] = []
+        self.keywords_sent: list[str] = []  # the keywords this session was told of
         self._mtimes = self._directory_mtimes()
 
     def _run(self, f: Any, *args: Any) -> Deferred[Any]:
@@ -319,22 +321,20 @@ class MaildirMailbox:
     def store_flags(self, items: list[tuple[int, Entry]], flags: Iterable[str],
                     mode: int) -> Deferred[list[tuple[int, Entry]]]:
         """
-        Replace (0), add (1) or remove (-1) flags; the entries still there.
+        Replace (0), add (1) or remove (-1) flags, each against the
+        message's state on disk at that moment; the entries still there.
         """
-        wanted = {f for f in flags if f in PERMANENT_FLAGS}
+        wanted = set(flags)
 
         def work() -> list[tuple[int, Entry]]:
-            done = []
-            for seq, entry in items:
-                if mode > 0:
-                    new = entry.flags | wanted
-                elif mode < 0:
-                    new = entry.flags - wanted
-                else:
-                    new = set(wanted)
-                if self.folder.set_flags(entry, new):
-                    done.append((seq, entry))
-            return done
+            entries = [entry for _, entry in items]
+            if mode > 0:
+                there = self.folder.change_flags(entries, add=wanted)
+            elif mode < 0:
+                there = self.folder.change_flags(entries, remove=wanted)
+            else:
+                there = self.folder.change_flags(entries, replace=wanted)
+            return [item for item, kept in zip(items, there) if kept]
 
         return self._run(work)
 
@@ -469,7 +469,7 @@ class MaildirMailbox:
         return self.search_ids(query, uid)
 
     def getFlags(self) -> list[str]:
-        return list(PERMANENT_FLAGS)
+        return list(PERMANENT_FLAGS) + list(self.folder.keywords)
 
     def getHierarchicalDelimiter(self) -> str:
         return DELIMITER
@@ -507,7 +507,7 @@ class MaildirAccount:
         return deferToThreadPool(self.reactor, self.pool, f, *args)
 
     def folder(self, name: str) -> Folder:
-        return Folder(os.path.join(self.root, folder_dirname(name)), self.hostname)
+        return Folder(os.path.join(self.root, folder_dirname(name)), self.hostname, self.root)
 
     def existing(self, name: str) -> Folder:
         folder = self.folder(name)
@@ -530,7 +530,8 @@ class MaildirAccount:
                 ensure_folder(path, subfolder=True)
                 created.append(name)
         if created or not os.path.exists(os.path.join(self.root, SUBSCRIPTIONS)):
-            self._write_subscriptions(self._subscriptions() | set(created) | {"INBOX"})
+            with self._subscriptions_locked():
+                self._write_subscriptions(self._subscriptions() | set(created) | {"INBOX"})
 
     # -- folders -----------------------------------------------------------------
 
@@ -581,10 +582,11 @@ class MaildirAccount:
         path = os.path.join(self.root, dirname)
         if not os.path.isdir(path):
             raise MailboxException(f"No folder {name}")
-        trash = os.path.join(self.root, f".#deleting-{os.getpid()}-{time.monotonic_ns()}")
+        trash = temporary_name(os.path.join(self.root, "#deleting"))  # unique per call
         os.rename(path, trash)  # gone at once for everyone, removed at leisure
         shutil.rmtree(trash, ignore_errors=True)
-        self._write_subscriptions(self._subscriptions() - {name})
+        with self._subscriptions_locked():
+            self._write_subscriptions(self._subscriptions() - {name})
 
     def rename_folder(self, old: str, new: str) -> None:
         old_dir, new_dir = folder_dirname(old), folder_dirname(new)
@@ -599,13 +601,27 @@ class MaildirAccount:
             if entry.startswith(old_dir + ".")]
         for source, target in moves:
             os.rename(os.path.join(self.root, source), os.path.join(self.root, target))
-        subscribed = self._subscriptions()
-        renamed = {new + s[len(old):] if s == old or s.startswith(old + DELIMITER) else s
-                   for s in subscribed}
-        if renamed != subscribed:
-            self._write_subscriptions(renamed)
+        with self._subscriptions_locked():
+            subscribed = self._subscriptions()
+            renamed = {new + s[len(old):] if s == old or s.startswith(old + DELIMITER) else s
+                       for s in subscribed}
+            if renamed != subscribed:
+                self._write_subscriptions(renamed)
 
     # -- subscriptions -----------------------------------------------------------
+
+    @contextmanager
+    def _subscriptions_locked(self) -> Iterator[None]:
+        """
+        Serialise read-modify-write of the subscriptions among sessions.
+        """
+        fd = os.open(os.path.join(self.root, SUBSCRIPTIONS + ".lock"),
+                     os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def _subscriptions(self) -> set[str]:
         try:
@@ -623,9 +639,10 @@ class MaildirAccount:
 
     def set_subscribed(self, name: str, subscribed: bool) -> None:
         folder_dirname(name)  # checks the name
-        names = self._subscriptions()
-        if (name in names) != subscribed:
-            self._write_subscriptions(names | {name} if subscribed else names - {name})
+        with self._subscriptions_locked():
+            names = self._subscriptions()
+            if (name in names) != subscribed:
+                self._write_subscriptions(names | {name} if subscribed else names - {name})
 
     # -- IAccount --------------------------------------------------------------------
 

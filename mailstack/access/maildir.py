@@ -14,6 +14,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from mailstack.delivery.maildir import arrival_key
+
 _W = re.compile(r",W=(\d+)")
 
 
@@ -61,5 +63,5 @@ def scan(maildir: str) -> list[MaildirMessage]:
             except FileNotFoundError:
                 continue  # removed meanwhile by another session
             found.append(MaildirMessage(path, name.split(":")[0], size))
-    found.sort(key=lambda m: m.uid)
+    found.sort(key=lambda m: arrival_key(m.uid))
     return found

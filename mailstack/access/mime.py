@@ -17,7 +17,10 @@ from email.message import Message
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
+from mailstack.access.addresses import parse_addresses
+
 _parser = BytesHeaderParser(policy=compat32)
+_FOLD = re.compile(rb"\r?\n(?=[ \t])")
 
 
 def crlf(data: bytes) -> bytes:
@@ -89,9 +92,12 @@ class Part:
             else:
                 self.header, self.body = raw[:end + 4], raw[end + 4:]
         self.raw = raw
-        self.fields: Message = _parser.parsebytes(self.header)
+        # Values unfolded (a folded boundary= or subject is one line).
+        self.fields: Message = _parser.parsebytes(_FOLD.sub(b"", self.header))
         self.fields.set_default_type(default_type)
         self.type = self.fields.get_content_type()
+        if self.type.startswith("multipart/") and not self.fields.get_param("boundary"):
+            self.type = "text/plain"  # a multipart without a boundary is one text part
         self._children: list[Part] | None = None
 
     @property
@@ -118,12 +124,19 @@ class Part:
         delimiter = re.compile(rb"(?:^|\r\n)--" + re.escape(boundary) + rb"(--)?[ \t]*(?:\r\n|$)")
         parts: list[Part] = []
         start = None
+        closed = False
         for match in delimiter.finditer(self.body):
             if start is not None:
                 parts.append(Part(self.body[start:match.start()], default))
             if match.group(1):
+                closed = True
                 break
             start = match.end()
+        if start is not None and not closed:
+            parts.append(Part(self.body[start:], default))  # no closing delimiter
+        if not parts:
+            # The boundary never occurs: the body is one text part, as Dovecot shows it.
+            parts.append(Part(b"\r\n" + self.body))
         return parts
 
     def header_value(self, name: str) -> bytes | None:
@@ -132,6 +145,13 @@ class Part:
             return None
         return str(value).encode("utf-8", "surrogateescape").strip()
 
+    def header_values(self, name: str) -> list[bytes]:
+        """
+        Every occurrence of a field, unfolded only as far as the raw bytes go.
+        """
+        return [str(v).encode("utf-8", "surrogateescape").strip()
+                for v in self.fields.get_all(name) or []]
+
     # -- sections --------------------------------------------------------------
 
     def subpart(self, numbers: tuple[int, ...]) -> Part | None:
@@ -139,15 +159,18 @@ class Part:
         The entity named by part numbers (RFC 3501 6.4.5).
         """
         node = self
+        reached = False  # node was named by a number (else: a message's top)
         for n in numbers:
-            while node.encapsulates and node is not self:
-                node = node.children()[0]
+            if reached and node.encapsulates:
+                node, reached = node.children()[0], False  # into the inner message
             if node.multipart:
                 children = node.children()
                 if not 1 <= n <= len(children):
                     return None
-                node = children[n - 1]
-            elif n != 1:
+                node, reached = children[n - 1], True
+            elif not reached and n == 1:
+                reached = True  # part 1 of a single-part message is its body
+            else:
                 return None
         return node
 
@@ -222,21 +245,11 @@ class Part:
     def envelope(self) -> bytes:
         def addresses(name: str, fallback: str | None = None) -> bytes:
             value = self.header_value(name)
-            if value is None and fallback is not None:
-                value = self.header_value(fallback)
-            if value is None:
-                return b"NIL"
-            found = email.utils.getaddresses([value.decode("utf-8", "surrogateescape")])
-            items = []
-            for display, address in found:
-                if not address and not display:
-                    continue
-                mailbox, at, host = address.rpartition("@")
-                if not at:
-                    mailbox, host = address, None
-                items.append(b"(" + b" ".join([
-                    string(display or None), b"NIL", string(mailbox or None), string(host),
-                ]) + b")")
+            found = parse_addresses(value.decode("utf-8", "surrogateescape")) if value else []
+            if not found and fallback is not None:
+                return addresses(fallback)
+            items = [b"(" + b" ".join([string(a.name), string(a.route), string(a.mailbox),
+                                       string(a.host)]) + b")" for a in found]
             return b"(" + b"".join(items) + b")" if items else b"NIL"
 
         return b"(" + b" ".join([

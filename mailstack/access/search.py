@@ -17,6 +17,7 @@ from datetime import date, datetime
 from email.header import decode_header, make_header
 from typing import Any
 
+from mailstack.access.addresses import search_text
 from mailstack.access.mime import Part
 
 Ranges = list[tuple[int | None, int | None]]
@@ -133,9 +134,28 @@ def _text(value: bytes | None) -> str:
 
 
 def _needle(word: Any) -> str:
+    if word is None:  # the atom NIL is a valid astring: the text "NIL"
+        return "nil"
     if not isinstance(word, bytes):
         raise SearchError("a search string is missing")
     return word.decode("utf-8", "replace").lower()
+
+
+ADDRESS_KEYS = {b"FROM", b"TO", b"CC", b"BCC"}
+
+
+def _field_texts(c: Candidate, name: str) -> list[str]:
+    """
+    Every occurrence of a header field, decoded, lowercased; address
+    fields as C{name <mailbox@host>} lists (comments out, groups in).
+    """
+    if c.part is None:
+        return []
+    values = [v.replace(b"\r\n", b"").replace(b"\n", b"") for v in c.part.header_values(name)]
+    if name.upper().encode() in ADDRESS_KEYS:
+        return [_text(search_text(v.decode("utf-8", "replace")).encode("utf-8"))
+                + " " + _text(v) for v in values]
+    return [_text(v) for v in values]
 
 
 def _sent(c: Candidate) -> date | None:
@@ -186,8 +206,8 @@ def _one(words: list[Any], c: Candidate, last_seq: int, last_uid: int) -> bool:
         second = _one(words, c, last_seq, last_uid)
         return first or second
     if key in (b"KEYWORD", b"UNKEYWORD"):
-        _take(words)
-        return key == b"UNKEYWORD"  # no keywords are kept
+        keyword = _needle(_take(words))
+        return (keyword in {f.lower() for f in c.flags}) == (key == b"KEYWORD")
     if key in (b"LARGER", b"SMALLER"):
         arg = _take(words)
         if not isinstance(arg, bytes) or not arg.isdigit():
@@ -205,15 +225,15 @@ def _one(words: list[Any], c: Candidate, last_seq: int, last_uid: int) -> bool:
         return sent is not None and _compare(key[4:], sent, wanted)
     if key in (b"FROM", b"TO", b"CC", b"BCC", b"SUBJECT"):
         needle = _needle(_take(words))
-        value = c.part.header_value(key.decode().lower()) if c.part else None
-        return needle in _text(value)
+        return any(needle in text for text in _field_texts(c, key.decode().lower()))
     if key == b"HEADER":
         name = _take(words)
         needle = _needle(_take(words))
-        if not isinstance(name, bytes) or c.part is None:
-            return False
-        value = c.part.header_value(name.decode("ascii", "replace"))
-        return value is not None and needle in _text(value)
+        if name is None:
+            name = b"NIL"
+        if not isinstance(name, bytes):
+            raise SearchError("bad HEADER field name")
+        return any(needle in text for text in _field_texts(c, name.decode("ascii", "replace")))
     if key in BODY_KEYS:
         needle = _needle(_take(words)).encode("utf-8")
         if c.part is None:

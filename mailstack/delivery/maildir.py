@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import re
 import secrets
 import threading
 import time
@@ -162,12 +163,29 @@ def unique_name(hostname: str, size: int, now: float | None = None,
     """
     now = time.time() if now is None else now
     seconds = int(now)
-    micros = int((now - seconds) * 1_000_000)
+    micros = min(int((now - seconds) * 1_000_000), 999_999)
     host = hostname.replace("/", "\\057").replace(":", "\\072")
     return (
-        f"{seconds}.M{micros}P{os.getpid()}Q{next(_counter)}"
+        f"{seconds}.M{micros:06d}P{os.getpid()}Q{next(_counter)}"
         f"R{secrets.token_hex(8)}.{host},S={size}" + (f",W={vsize}" if vsize is not None else "")
     )
+
+
+_ARRIVAL = re.compile(r"(\d+)\.(?:[^.]*?M(\d+))?(?:[^.]*?P(\d+))?(?:[^.]*?Q(\d+))?")
+
+
+def arrival_key(base: str) -> tuple[int, int, int, int, str]:
+    """
+    Sort key putting Maildir base names in arrival order: seconds, then
+    microseconds as a number (names written before they were zero-padded,
+    and other writers' names, sort right too), pid and counter; names of
+    unknown form by their leading number, then as text.
+    """
+    match = _ARRIVAL.match(base)
+    if match is None:
+        return (0, 0, 0, 0, base)
+    seconds, micros, pid, counter = (int(g) if g else 0 for g in match.groups())
+    return (seconds, micros, pid, counter, base)
 
 
 class MaildirWriter:
