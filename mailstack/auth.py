@@ -2,23 +2,33 @@
 """
 Passwords: Argon2id hashes (argon2-cffi), verified in a thread pool, and the
 twisted.cred checker that the submission, IMAP and POP3 services log in with.
+
+The pool's queue is bounded: at most C{max_pending} checks running or
+waiting for a thread.  Beyond that a login fails at once with
+L{mailstack.throttle.Busy} (a temporary error to the client) instead of
+waiting behind a flood of bogus logins, each costing tens of
+milliseconds and 64 MiB of memory.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import argon2
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, fail
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailstack.address import AddressError, parse_address
 from mailstack.interfaces import IUserDatabase
+from mailstack.throttle import Busy
+
+log = Logger()
 
 _hasher = argon2.PasswordHasher()
 
@@ -48,15 +58,22 @@ def verify_password(password_hash: str | None, password: str) -> bool:
 class PasswordChecker:
     """
     Checks C{IUsernamePassword} credentials against the user database; the
-    Argon2 work runs in C{pool}.  The avatar id is the normalised address.
+    Argon2 work (C{verify}) runs in C{pool}, at most C{max_pending} checks
+    at a time, running or queued.  The avatar id is the normalised address.
     """
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, users: IUserDatabase, reactor: Any, pool: ThreadPool) -> None:
+    def __init__(self, users: IUserDatabase, reactor: Any, pool: ThreadPool,
+                 max_pending: int = 16,
+                 verify: Callable[[str | None, str], bool] = verify_password) -> None:
         self.users = users
         self.reactor = reactor
         self.pool = pool
+        self.max_pending = max_pending
+        self.verify = verify
+        self.pending = 0
+        self._full_logged = False
 
     def requestAvatarId(self, credentials: Any) -> Deferred[str]:
         username = credentials.username
@@ -70,7 +87,22 @@ class PasswordChecker:
             stored = self.users.password_hash(address)
         except AddressError:
             address, stored = None, None
-        d = deferToThreadPool(self.reactor, self.pool, verify_password, stored, password)
+        if self.pending >= self.max_pending:
+            if not self._full_logged:
+                log.warn("password checks: {n} queued already; refusing logins until "
+                         "the queue drains", n=self.pending)
+                self._full_logged = True
+            return fail(Busy("too many password checks queued"))
+        self.pending += 1
+        d = deferToThreadPool(self.reactor, self.pool, self.verify, stored, password)
+
+        def done(result: Any) -> Any:
+            self.pending -= 1
+            if self.pending == 0:
+                self._full_logged = False
+            return result
+
+        d.addBoth(done)
 
         def checked(ok: bool) -> str:
             if not ok or address is None:

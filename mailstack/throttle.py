@@ -1,74 +1,343 @@
 # -*- test-case-name: tests.test_throttle -*-
 """
-Brute-force protection for password logins (SMTP AUTH, IMAP, POP3).
+Brute-force protection for password logins: one L{LoginThrottle}, shared
+by SMTP AUTH, IMAP and POP3, consulted before any password hash is
+computed.
 
-Failures are counted per client address and per user name over a sliding
-window.  From the L{free}-th failure on, each further answer is delayed,
-doubling up to L{max_delay}; a client address with L{limit} failures is
-refused outright (C{421}) until its failures age out of the window.  A
-user name under attack is slowed, never locked: locking would let anyone
-shut a user out.  Good clients from other addresses are not touched.
+What is counted: failed logins over a sliding window (L{window}, 15
+minutes), each one recorded against
+
+  - the client's network: its address (IPv4 /32, IPv6 /64: one IPv6
+    client usually has a whole /64) and, for IPv4, its /24;
+  - the user name as L{user_key} normalises it (domain in IDNA A-labels,
+    local part casefolded, so C{Alice@Example.ORG.} is C{alice@example.org}),
+    with the network it failed from.
+
+The decision is taken when the attempt arrives, before its hash:
+
+  1. A client address with L{limit} failures, or an IPv4 /24 with
+     L{subnet_limit}, is refused (L{NetworkBlocked}) until the failures
+     age out; its sessions are closed.
+  2. A user with L{user_limit} failures is refused (L{UserBlocked}), but
+     only from networks (the /24 or /64) where that user's login has
+     failed.  A user's failures never slow or refuse that user from a
+     network without such failures: an attacker elsewhere cannot lock
+     the real user out.
+  3. Attempts in flight count: a network may have at most
+     C{min(parallel, limit - failures)} logins being checked at once, so
+     opening 40 connections first and then sending a password on each
+     gets no more guesses than sending them one by one.  The others wait
+     their turn (and are decided again then), up to L{max_waiting}
+     attempts in all; beyond that the answer is L{Busy}.
+  4. From the L{free}-th failure of the address (L{subnet_free} of the
+     /24, L{user_free} of a user on a network where it failed), the
+     attempt waits 1, 2, 4, ... up to L{max_delay} seconds before its
+     password is checked, right or wrong.
+
+A successful login forgives only that user's own failures from that
+network (a user who mistyped a password); another account's success never
+resets anything.  Memory is bounded: at most L{max_keys} keys, the least
+failed forgotten first.
 """
 
 from __future__ import annotations
 
+import ipaddress
 from collections import deque
+from typing import Any, Awaitable, Callable, TypeVar
 
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.task import deferLater
+from twisted.logger import Logger
+
+from mailstack.address import AddressError, normalize_domain
+from mailstack.logsafe import safe
+
+log = Logger()
+
+T = TypeVar("T")
+
+
+class LoginUnavailable(Exception):
+    """
+    A login that cannot be tried now: the answer is a temporary error
+    (C{454 4.7.0}, C{NO [UNAVAILABLE]}, C{-ERR [SYS/TEMP]}).
+    """
+
+    disconnect = False
+
+
+class NetworkBlocked(LoginUnavailable):
+    """
+    The client's address or network has failed too often: refused, and the
+    session is closed.
+    """
+
+    disconnect = True
+
+
+class UserBlocked(LoginUnavailable):
+    """
+    This user has failed too often, and has failed from this network.
+    """
+
+
+class Busy(LoginUnavailable):
+    """
+    Too many password checks are queued already (an Argon2 flood).
+    """
+
+
+def user_key(name: str) -> str:
+    """
+    The user name as the throttle counts it: surrounding white space
+    removed, the domain normalised (IDNA, lowercase, no trailing dot), the
+    local part casefolded.  Names that are not addresses are casefolded.
+    """
+    name = name.strip()
+    local, at, domain = name.rpartition("@")
+    if at and local:
+        try:
+            return f"{local.casefold()}@{normalize_domain(domain)}"
+        except AddressError:
+            pass
+    return name.casefold()
+
+
+def network_keys(host: str) -> tuple[str, ...]:
+    """
+    The networks a client address is counted in, narrowest first: IPv4
+    C{a.b.c.d/32} and C{a.b.c.0/24}; IPv6 its C{/64} (an IPv4-mapped IPv6
+    address counts as IPv4).  Anything else (a UNIX socket) is one key.
+    """
+    try:
+        ip: Any = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return (f"other:{host}",)
+    if ip.version == 6 and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if ip.version == 4:
+        return (f"{ip}/32", str(ipaddress.ip_network(f"{ip}/24", strict=False)))
+    return (str(ipaddress.ip_network(f"{ip}/64", strict=False)),)
+
+
+class _Counter:
+    """
+    Recent failures (time, and the user or network they involved) and the
+    attempts in flight for one key.
+    """
+
+    __slots__ = ("failures", "inflight")
+
+    def __init__(self, size: int) -> None:
+        self.failures: deque[tuple[float, str]] = deque(maxlen=size)
+        self.inflight = 0
 
 
 class LoginThrottle:
     """
-    Counts failed logins by client address and by user, on an injected clock.
+    Counts failed logins by network and by user, on an injected clock; see
+    the module docstring.  L{attempt} runs one password check under it.
     """
 
     window = 900.0
-    free = 3
     max_delay = 16.0
+    # One client address (IPv4 /32, IPv6 /64).
+    free = 3
     limit = 10
+    parallel = 4
+    # An IPv4 /24: a NAT or a small provider's pool, so more lenient.
+    subnet_free = 10
+    subnet_limit = 30
+    subnet_parallel = 8
+    # One user, from the networks where that user has failed.
+    user_free = 3
+    user_limit = 10
+    max_waiting = 1000
+    max_keys = 100_000
 
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
-        self._failures: dict[str, deque[float]] = {}
+        self._counters: dict[str, _Counter] = {}
+        self._waiting: list[Deferred[None]] = []
 
-    def _recent(self, key: str) -> int:
-        times = self._failures.get(key)
-        if not times:
-            return 0
+    # -- counting -------------------------------------------------------------------
+
+    def _counter(self, key: str) -> _Counter:
+        counter = self._counters.get(key)
+        if counter is None:
+            if len(self._counters) >= self.max_keys:
+                self._forget()
+            size = 256 if key.startswith("user:") else 4 * max(self.limit, self.subnet_limit)
+            counter = self._counters[key] = _Counter(size)
+        return counter
+
+    def _recent(self, key: str) -> tuple[int, _Counter | None]:
+        counter = self._counters.get(key)
+        if counter is None:
+            return 0, None
         cutoff = self.clock.seconds() - self.window
-        while times and times[0] < cutoff:
-            times.popleft()
-        if not times:
-            del self._failures[key]
-            return 0
-        return len(times)
+        failures = counter.failures
+        while failures and failures[0][0] < cutoff:
+            failures.popleft()
+        return len(failures), counter
 
-    def blocked(self, address: str) -> bool:
-        """
-        Whether this client address has failed too often to try again now.
-        """
-        return self._recent("ip:" + address) >= self.limit
+    def _tidy(self, key: str) -> None:
+        counter = self._counters.get(key)
+        if counter is not None and counter.inflight == 0 and not self._recent(key)[0]:
+            del self._counters[key]
 
-    def delay(self, address: str, user: str | None) -> float:
+    def _forget(self) -> None:
         """
-        How long to wait before answering this client's next login attempt.
+        Too many keys (an attack from very many addresses or names): drop
+        those with no recent failures, then the least failed half.
         """
-        failures = max(self._recent("ip:" + address),
-                       self._recent("user:" + user) if user else 0)
-        if failures < self.free:
+        for key in list(self._counters):
+            self._tidy(key)
+        if len(self._counters) >= self.max_keys:
+            idle = [(len(c.failures), k) for k, c in self._counters.items() if not c.inflight]
+            idle.sort()
+            for _, key in idle[: len(self._counters) // 2]:
+                del self._counters[key]
+
+    def _limits(self, nets: tuple[str, ...]) -> list[tuple[str, int, int, int]]:
+        """
+        Each network key with its (free, limit, parallel).
+        """
+        out = [("net:" + nets[0], self.free, self.limit, self.parallel)]
+        for net in nets[1:]:
+            out.append(("net:" + net, self.subnet_free, self.subnet_limit, self.subnet_parallel))
+        return out
+
+    def _delay(self, failures: int, free: int) -> float:
+        if failures < free:
             return 0.0
-        return min(2.0 ** (failures - self.free), self.max_delay)
+        return min(2.0 ** (failures - free), self.max_delay)
 
-    def failed(self, address: str, user: str | None) -> None:
+    # -- questions --------------------------------------------------------------------
+
+    def blocked(self, host: str) -> bool:
+        """
+        Whether this client address (or its /24) has failed too often to
+        try again now.
+        """
+        return any(self._recent(key)[0] >= limit
+                   for key, _, limit, _ in self._limits(network_keys(host)))
+
+    def _penalised(self, user: str, net: str) -> tuple[int, _Counter | None, bool]:
+        """
+        The user's recent failures, and whether any came from C{net}.
+        """
+        count, counter = self._recent("user:" + user)
+        return count, counter, counter is not None and any(
+            where == net for _, where in counter.failures)
+
+    def _decide(self, nets: tuple[str, ...], user: str) -> float | None:
+        """
+        The delay before this attempt may be checked; C{None} to wait for
+        attempts in flight; L{LoginUnavailable} if refused.
+        """
+        delay = 0.0
+        must_wait = False
+        for key, free, limit, parallel in self._limits(nets):
+            failures, counter = self._recent(key)
+            if failures >= limit:
+                raise NetworkBlocked("too many failed logins from this network")
+            if counter is not None and counter.inflight >= min(parallel, limit - failures):
+                must_wait = True
+            delay = max(delay, self._delay(failures, free))
+        failures, counter, penalised = self._penalised(user, nets[-1])
+        if penalised:
+            if failures >= self.user_limit:
+                raise UserBlocked("too many failed logins for this user")
+            assert counter is not None
+            if counter.inflight >= min(self.parallel, self.user_limit - failures):
+                must_wait = True
+            delay = max(delay, self._delay(failures, self.user_free))
+        return None if must_wait else delay
+
+    # -- one attempt --------------------------------------------------------------------
+
+    async def attempt(self, host: str, username: str | bytes,
+                      check: Callable[[], Awaitable[T]]) -> T:
+        """
+        Run C{check} (which hashes the password) for a login by
+        C{username} from C{host}, if and when the throttle allows it.
+
+        @return: what C{check} returns.
+        @raise UnauthorizedLogin: from C{check}; counted as a failure.
+        @raise LoginUnavailable: refused before any hash is computed.
+        """
+        if isinstance(username, bytes):
+            username = username.decode("utf-8", "replace")
+        user = user_key(username)
+        nets = network_keys(host)
+        while True:
+            delay = self._decide(nets, user)
+            if delay is not None:
+                break
+            if len(self._waiting) >= self.max_waiting:
+                raise Busy("too many logins waiting")
+            waiter: Deferred[None] = Deferred()
+            self._waiting.append(waiter)
+            await waiter
+        keys = [key for key, *_ in self._limits(nets)] + ["user:" + user]
+        for key in keys:
+            self._counter(key).inflight += 1
+        try:
+            if delay:
+                await deferLater(self.clock, delay)
+            result = await check()
+        except UnauthorizedLogin:
+            self._failed(nets, user)
+            raise
+        else:
+            self._succeeded(nets, user)
+            return result
+        finally:
+            for key in keys:
+                counter = self._counters.get(key)
+                if counter is not None:
+                    counter.inflight -= 1
+                self._tidy(key)
+            self._wake()
+
+    def _wake(self) -> None:
+        """
+        Let every waiting attempt decide again (in the order they came).
+        """
+        waiting, self._waiting = self._waiting, []
+        for waiter in waiting:
+            waiter.callback(None)
+
+    def _failed(self, nets: tuple[str, ...], user: str) -> None:
         now = self.clock.seconds()
-        for key in ("ip:" + address, "user:" + user if user else None):
-            if key is not None:
-                self._failures.setdefault(key, deque(maxlen=self.limit * 4)).append(now)
-                self._recent(key)
-        if len(self._failures) > 100_000:
-            # An attack from very many addresses: forget the oldest entries.
-            for key in list(self._failures)[: len(self._failures) // 2]:
-                del self._failures[key]
+        for key, _, limit, _ in self._limits(nets):
+            self._counter(key).failures.append((now, user))
+            if self._recent(key)[0] == limit:
+                log.warn("login throttle: {net} blocked after {n} failed logins",
+                         net=safe(key[4:]), n=limit)
+        counter = self._counter("user:" + user)
+        counter.failures.append((now, nets[-1]))
+        if self._recent("user:" + user)[0] == self.user_limit:
+            log.warn("login throttle: user <{user}> limited after {n} failed logins "
+                     "(from the networks it failed from)", user=safe(user, 100),
+                     n=self.user_limit)
 
-    def succeeded(self, address: str, user: str) -> None:
-        self._failures.pop("ip:" + address, None)
+    def _succeeded(self, nets: tuple[str, ...], user: str) -> None:
+        """
+        Forgive this user's own failures from this network, nothing else.
+        """
+        for key, *_ in self._limits(nets):
+            counter = self._counters.get(key)
+            if counter is not None:
+                kept = [f for f in counter.failures if f[1] != user]
+                counter.failures.clear()
+                counter.failures.extend(kept)
+        counter = self._counters.get("user:" + user)
+        if counter is not None:
+            kept = [f for f in counter.failures if f[1] != nets[-1]]
+            counter.failures.clear()
+            counter.failures.extend(kept)

@@ -28,7 +28,7 @@ from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.mail import imap4
 from twisted.mail.imap4 import (
@@ -44,7 +44,8 @@ from mailstack.access.mailbox import (
 )
 from mailstack.access.mime import lf, literal, string
 from mailstack.access.search import SearchError, imap_date, parse_set
-from mailstack.throttle import LoginThrottle
+from mailstack.logsafe import safe
+from mailstack.throttle import LoginThrottle, LoginUnavailable
 
 log = Logger()
 
@@ -350,6 +351,31 @@ class IMAPServer(imap4.IMAP4Server):
             super().do_AUTHENTICATE(tag, args)
 
     unauth_AUTHENTICATE = (do_AUTHENTICATE, imap4.IMAP4Server.arg_atom)
+
+    def _IMAP4Server__ebLogin(self, failure: Failure, tag: bytes) -> None:
+        if not self._login_unavailable(failure, tag):
+            super()._IMAP4Server__ebLogin(failure, tag)
+
+    def _IMAP4Server__ebAuthResp(self, failure: Failure, tag: bytes) -> None:
+        if not self._login_unavailable(failure, tag):
+            super()._IMAP4Server__ebAuthResp(failure, tag)
+
+    def _login_unavailable(self, failure: Failure, tag: bytes) -> bool:
+        """
+        A login the throttle refused, or no room to check its password:
+        C{NO [UNAVAILABLE]} (RFC 5530), closing the session if its network
+        is blocked.  (Twisted's LOGIN and AUTHENTICATE errbacks, above,
+        answer everything else.)
+        """
+        if not failure.check(LoginUnavailable):
+            return False
+        if failure.value.disconnect:
+            self.sendNegativeResponse(tag, b"[UNAVAILABLE] Too many failed logins")
+            self.transport.loseConnection()
+        else:
+            self.sendNegativeResponse(tag, b"[UNAVAILABLE] Temporary authentication failure, "
+                                           b"try again later")
+        return True
 
     def do_ID(self, tag: bytes, rest: bytes) -> None:
         self.sendUntaggedResponse(b'ID ("name" "mailstack")')
@@ -741,7 +767,8 @@ class IMAPServer(imap4.IMAP4Server):
             when = _parse_date(date)
             uid = await account.run(lambda: folder.add(lf(message.read()), wanted, when))
             validity = await account.run(folder.uid_validity)
-            log.info("imap: APPEND to {folder} by {client}", folder=mailbox, client=self.client)
+            log.info("imap: APPEND to {folder} by {client}", folder=safe(mailbox),
+                     client=self.client)
             if self.mbox is not None and self.mbox.folder.path == folder.path:
                 await self._refresh()
             self.sendPositiveResponse(tag, b"[APPENDUID %d %d] APPEND completed"
@@ -784,9 +811,9 @@ class IMAPServer(imap4.IMAP4Server):
 
 class _ThrottledPortal:
     """
-    The portal as one session sees it, with SMTP AUTH's throttle: from the
-    fourth recent failure every answer (right or wrong) is delayed, and
-    failures and logins are logged.
+    The portal as one session sees it: every login goes through the shared
+    L{LoginThrottle} (decided before the password is hashed), and failures
+    and logins are logged.
     """
 
     def __init__(self, portal: Portal, throttle: LoginThrottle, session: IMAPServer) -> None:
@@ -802,20 +829,19 @@ class _ThrottledPortal:
         if isinstance(user, bytes):
             user = user.decode("utf-8", "replace")
         session = self.session
-        delay = self.throttle.delay(session.ip, user or None)
         try:
-            result = await self.portal.login(credentials, mind, *interfaces)
+            result = await self.throttle.attempt(
+                session.ip, user, lambda: self.portal.login(credentials, mind, *interfaces))
         except UnauthorizedLogin:
-            if delay:
-                await deferLater(session.factory.reactor, delay)
-            self.throttle.failed(session.ip, user or None)
-            log.warn("imap: failed login for {user} from {client}", user=user[:100],
+            log.warn("imap: failed login for {user} from {client}", user=safe(user, 100),
                      client=session.client)
             raise
-        if delay:
-            await deferLater(session.factory.reactor, delay)
-        self.throttle.succeeded(session.ip, user)
-        log.info("imap: login of {user} from {client}", user=user, client=session.client)
+        except LoginUnavailable as e:
+            log.warn("imap: login for {user} from {client} refused: {reason}",
+                     user=safe(user, 100), client=session.client, reason=e)
+            raise
+        log.info("imap: login of {user} from {client}", user=safe(user, 100),
+                 client=session.client)
         return result
 
 

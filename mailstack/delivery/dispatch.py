@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from mailstack.address import Address
 from mailstack.delivery.router import AliasLoop, Router, UnknownRecipient
 from mailstack.interfaces import IDeliveryAgent, IOutboundQueue
+from mailstack.logsafe import safe
 from mailstack.message import Envelope, MessageSpool
 
 log = Logger()
@@ -65,14 +66,14 @@ class Dispatcher:
                 resolution = self.router.resolve(rcpt)
             except (UnknownRecipient, AliasLoop) as e:
                 log.warn("{qid}: to=<{to}> status=bounced (unknown local recipient: {e})",
-                         qid=envelope.queue_id, to=rcpt, e=e)
+                         qid=envelope.queue_id, to=safe(rcpt), e=safe(e))
                 continue
             envelope.add(rcpt, resolution)
         spool = MessageSpool(self.spool_dir)
         spool.write(content)
         log.info("{qid}: from=<{sender}> size={size} nrcpt={n} ({client})",
-                 qid=envelope.queue_id, sender=sender or "", size=spool.size,
-                 n=len(envelope.rcpts), client=client)
+                 qid=envelope.queue_id, sender=safe(sender or ""), size=spool.size,
+                 n=len(envelope.rcpts), client=safe(client))
         d = self.dispatch(envelope, spool)
 
         def done(result: Any) -> Any:

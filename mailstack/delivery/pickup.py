@@ -17,6 +17,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
 from mailstack.address import AddressError, parse_address
+from mailstack.logsafe import safe
 from mailstack.mua.sendmail import maildrop_dir, read_drop
 
 log = Logger()
@@ -68,14 +69,14 @@ class Pickup(TimerService):
                 rcpts = [parse_address(r) for r in recipients]
                 from_ = parse_address(sender) if sender else None
             except (OSError, ValueError, KeyError, AddressError) as e:
-                log.error("maildrop: cannot read {name}: {error}; moved aside", name=name,
-                          error=e)
+                log.error("maildrop: cannot read {name}: {error}; moved aside",
+                          name=safe(name), error=safe(e))
                 os.replace(path, os.path.join(self.directory, ".bad-" + name))
                 continue
             try:
                 await self.dispatcher.inject(from_, rcpts, content, client=f"local {who}")
             except Exception:
-                log.failure("maildrop: cannot deliver {name}; will retry", name=name)
+                log.failure("maildrop: cannot deliver {name}; will retry", name=safe(name))
                 continue
             await deferToThreadPool(self.reactor, self.pool, os.unlink, path)
             handled += 1

@@ -37,6 +37,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from mailstack.address import AddressError, parse_path
+from mailstack.logsafe import safe
 from mailstack.message import Envelope, MessageSpool, rfc5322_date
 from mailstack.smtp.data import DataReader
 from mailstack.smtp.reply import Reply, SMTPError
@@ -91,7 +92,7 @@ class Session:
         """
         C{helo[ip]:port}, or C{unknown[ip]:port} before HELO, for logs.
         """
-        return f"{self.helo or 'unknown'}[{self.peer_host}]:{self.peer_port}"
+        return safe(f"{self.helo or 'unknown'}[{self.peer_host}]:{self.peer_port}")
 
     @property
     def protocol_name(self) -> str:
@@ -262,7 +263,7 @@ class SMTPServer(Protocol, TimeoutMixin):
         verb, _, arg = text.strip().partition(" ")
         handler: Callable[[str], Any] | None = getattr(self, "smtp_" + verb.upper(), None)
         if handler is None or not verb.isalpha():
-            log.info("unknown command {verb!r} from {client}", verb=verb[:20],
+            log.info("unknown command {verb} from {client}", verb=safe(verb, 20),
                      client=self.session.client)
             self._respond(Reply(500, "5.5.2", "Error: command not recognized"))
             return
@@ -457,7 +458,7 @@ class SMTPServer(Protocol, TimeoutMixin):
                 return Reply(501, "5.5.4", "Bad SIZE parameter")
             if int(size) > self.settings.max_message_size:
                 log.info("reject: MAIL from {client}: SIZE={size} over the limit",
-                         client=self.session.client, size=size)
+                         client=self.session.client, size=safe(size))
                 return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
         body = params.pop("BODY", "7BIT")
         if (body or "").upper() not in ("7BIT", "8BITMIME"):
@@ -494,7 +495,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             return Reply(501, "5.1.3", "Error: the null address is not a recipient")
         if "%" in rcpt.local or "!" in rcpt.local:
             log.info("{qid}: reject: RCPT from {client}: <{rcpt}>: routed address",
-                     qid=envelope.queue_id, client=self.session.client, rcpt=rcpt)
+                     qid=envelope.queue_id, client=self.session.client, rcpt=safe(rcpt))
             return Reply(553, "5.1.3", "Error: %-hack and bang-path addresses are not accepted")
         if len(envelope.rcpts) >= self.settings.max_recipients:
             return Reply(452, "4.5.3", "Error: too many recipients")
@@ -509,7 +510,8 @@ class SMTPServer(Protocol, TimeoutMixin):
             if failure.check(SMTPError):
                 log.info("{qid}: reject: RCPT from {client}: {reply}; from=<{sender}> to=<{rcpt}>",
                          qid=envelope.queue_id, client=self.session.client,
-                         reply=failure.value.reply, sender=envelope.sender or "", rcpt=rcpt)
+                         reply=safe(failure.value.reply), sender=safe(envelope.sender or ""),
+                         rcpt=safe(rcpt))
             return failure
 
         d = maybeDeferred(self.policy.rcpt, self.session, envelope, rcpt)
@@ -546,12 +548,12 @@ class SMTPServer(Protocol, TimeoutMixin):
             spool.close()
             reply = Reply(*rejection)
             log.info("{qid}: reject: DATA from {client}: {reply}",
-                     qid=envelope.queue_id, client=self.session.client, reply=reply)
+                     qid=envelope.queue_id, client=self.session.client, reply=safe(reply))
             self._respond(reply)
             return
         spool.add_header(self.received_header(envelope))
         log.info("{qid}: from=<{sender}> size={size} nrcpt={nrcpt}",
-                 qid=envelope.queue_id, sender=envelope.sender or "", size=spool.size,
+                 qid=envelope.queue_id, sender=safe(envelope.sender or ""), size=spool.size,
                  nrcpt=len(envelope.rcpts))
 
         def delivered(reply: Reply | None) -> Reply:
@@ -574,7 +576,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             log.failure("{qid}: delivery failed", failure, qid=envelope.queue_id)
             reply = Reply(451, "4.3.0", "Error: could not store the message, try again later")
         log.info("{qid}: reject: DATA from {client}: {reply}",
-                 qid=envelope.queue_id, client=self.session.client, reply=reply)
+                 qid=envelope.queue_id, client=self.session.client, reply=safe(reply))
         return reply
 
     # Trace
