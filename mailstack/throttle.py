@@ -27,8 +27,9 @@ The decision is taken when the attempt arrives, before its hash:
      C{min(parallel, limit - failures)} logins being checked at once, so
      opening 40 connections first and then sending a password on each
      gets no more guesses than sending them one by one.  The others wait
-     their turn (and are decided again then), up to L{max_waiting}
-     attempts in all; beyond that the answer is L{Busy}.
+     their turn (and are decided again then), up to L{network_waiting}
+     attempts per network (the /24 or /64) and L{max_waiting} in all;
+     beyond that the answer is L{Busy}.
   4. From the L{free}-th failure of the address (L{subnet_free} of the
      /24, L{user_free} of a user on a network where it failed), the
      attempt waits 1, 2, 4, ... up to L{max_delay} seconds before its
@@ -42,6 +43,7 @@ failed forgotten first.
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
 from collections import deque
 from typing import Any, Awaitable, Callable, TypeVar
@@ -58,6 +60,8 @@ from mailstack.logsafe import safe
 log = Logger()
 
 T = TypeVar("T")
+
+MAX_KEY = 320  # longer than any address (RFC 5321: 64 + 1 + 255)
 
 
 class LoginUnavailable(Exception):
@@ -94,16 +98,20 @@ def user_key(name: str) -> str:
     """
     The user name as the throttle counts it: surrounding white space
     removed, the domain normalised (IDNA, lowercase, no trailing dot), the
-    local part casefolded.  Names that are not addresses are casefolded.
+    local part casefolded.  Names that are not addresses are casefolded;
+    names longer than any address are kept as a digest (bounded memory).
     """
     name = name.strip()
     local, at, domain = name.rpartition("@")
-    if at and local:
+    key = name.casefold()
+    if at and local and len(name) <= MAX_KEY:
         try:
-            return f"{local.casefold()}@{normalize_domain(domain)}"
+            key = f"{local.casefold()}@{normalize_domain(domain)}"
         except AddressError:
             pass
-    return name.casefold()
+    if len(key) > MAX_KEY:
+        key = "sha256:" + hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
+    return key
 
 
 def network_keys(host: str) -> tuple[str, ...]:
@@ -129,11 +137,16 @@ class _Counter:
     attempts in flight for one key.
     """
 
-    __slots__ = ("failures", "inflight")
+    __slots__ = ("failures", "inflight", "waiting")
 
     def __init__(self, size: int) -> None:
         self.failures: deque[tuple[float, str]] = deque(maxlen=size)
         self.inflight = 0
+        self.waiting = 0
+
+    @property
+    def busy(self) -> bool:
+        return bool(self.inflight or self.waiting)
 
 
 class LoginThrottle:
@@ -155,6 +168,7 @@ class LoginThrottle:
     # One user, from the networks where that user has failed.
     user_free = 3
     user_limit = 10
+    network_waiting = 100
     max_waiting = 1000
     max_keys = 100_000
 
@@ -186,7 +200,7 @@ class LoginThrottle:
 
     def _tidy(self, key: str) -> None:
         counter = self._counters.get(key)
-        if counter is not None and counter.inflight == 0 and not self._recent(key)[0]:
+        if counter is not None and not counter.busy and not self._recent(key)[0]:
             del self._counters[key]
 
     def _forget(self) -> None:
@@ -197,7 +211,7 @@ class LoginThrottle:
         for key in list(self._counters):
             self._tidy(key)
         if len(self._counters) >= self.max_keys:
-            idle = [(len(c.failures), k) for k, c in self._counters.items() if not c.inflight]
+            idle = [(len(c.failures), k) for k, c in self._counters.items() if not c.busy]
             idle.sort()
             for _, key in idle[: len(self._counters) // 2]:
                 del self._counters[key]
@@ -278,11 +292,17 @@ class LoginThrottle:
             delay = self._decide(nets, user)
             if delay is not None:
                 break
-            if len(self._waiting) >= self.max_waiting:
+            network = self._counter("net:" + nets[-1])
+            if len(self._waiting) >= self.max_waiting or network.waiting >= self.network_waiting:
+                self._tidy("net:" + nets[-1])
                 raise Busy("too many logins waiting")
             waiter: Deferred[None] = Deferred()
             self._waiting.append(waiter)
-            await waiter
+            network.waiting += 1
+            try:
+                await waiter
+            finally:
+                network.waiting -= 1
         keys = [key for key, *_ in self._limits(nets)] + ["user:" + user]
         for key in keys:
             self._counter(key).inflight += 1

@@ -112,6 +112,10 @@ class KeyTests(SynchronousTestCase):
             self.assertEqual(user_key(name), expected, name)
         self.assertEqual(user_key("Not An Address"), "not an address")
         self.assertNotEqual(user_key("alice+x@example.org"), user_key("alice@example.org"))
+        long = user_key("A" * 70000)
+        self.assertLess(len(long), 100)
+        self.assertEqual(long, user_key("a" * 70000))
+        self.assertNotEqual(long, user_key("a" * 69999))
 
     def test_network_keys(self):
         """
@@ -286,10 +290,31 @@ class WaitingTests(ThrottleTestCase):
         next one is L{Busy} at once.
         """
         self.throttle.max_waiting = 5
-        attempts = [self.attempt("192.0.2.1") for _ in range(self.throttle.parallel + 5)]
-        extra = self.attempt("192.0.2.1")
-        self.assertIs(extra.result, Busy)
+        parallel = self.throttle.parallel
+        attempts = [self.attempt("192.0.2.1") for _ in range(parallel + 3)]
+        attempts += [self.attempt("203.0.113.1") for _ in range(parallel + 2)]
+        self.assertEqual(len(self.hasher.pending), 2 * parallel)
+        self.assertIs(self.attempt("203.0.113.1").result, Busy)
+        extra = self.attempt("198.51.100.1")  # nothing in flight there: checked at once
+        self.assertEqual(len(self.hasher.pending), 2 * parallel + 1)
         self.assertEqual([a.result for a in attempts], [None] * len(attempts))
+        self.settle(attempts + [extra])
+
+    def test_one_network_cannot_fill_the_waiting_room(self):
+        """
+        If one network has C{network_waiting} attempts waiting, then its
+        next one is L{Busy}, while another network's attempts still wait
+        their turn normally.
+        """
+        self.throttle.network_waiting = 5
+        attempts = [self.attempt("192.0.2.1") for _ in range(self.throttle.parallel + 5)]
+        self.assertIs(self.attempt("192.0.2.1").result, Busy)
+        others = [self.attempt("198.51.100.1", "bob@example.org")
+                  for _ in range(self.throttle.parallel + 1)]
+        self.assertEqual([a.result for a in attempts + others],
+                         [None] * (len(attempts) + len(others)))
+        self.settle(attempts + others)
+        self.assertEqual(len(self.hasher.checks), len(attempts) + len(others))
 
     def test_other_errors_not_counted(self):
         """
