@@ -37,7 +37,12 @@ The decision is taken when the attempt arrives, before its hash:
 
 A successful login forgives only that user's own failures from that
 network (a user who mistyped a password); another account's success never
-resets anything.  Memory is bounded: at most L{max_keys} keys, the least
+resets anything.  A login that repeats one of the last L{repeats}
+failed user and password pairs of the same address (within the window)
+fails again without a hash and is not counted again (Dovecot does not
+count it either): a mail client with a stale password, retrying, does not
+lock its whole NAT out, and repeating a wrong password guesses nothing.
+The pairs are kept only as keyed digests.  Memory is bounded: at most L{max_keys} keys, the least
 failed forgotten first.
 """
 
@@ -45,6 +50,7 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import os
 from collections import deque
 from typing import Any, Awaitable, Callable, TypeVar
 
@@ -131,18 +137,25 @@ def network_keys(host: str) -> tuple[str, ...]:
     return (str(ipaddress.ip_network(f"{ip}/64", strict=False)),)
 
 
+class _Repeated(Exception):
+    """
+    A login repeating a recent failure: answered without a hash.
+    """
+
+
 class _Counter:
     """
     Recent failures (time, and the user or network they involved) and the
     attempts in flight for one key.
     """
 
-    __slots__ = ("failures", "inflight", "waiting")
+    __slots__ = ("failures", "inflight", "waiting", "tried")
 
     def __init__(self, size: int) -> None:
         self.failures: deque[tuple[float, str]] = deque(maxlen=size)
         self.inflight = 0
         self.waiting = 0
+        self.tried: deque[tuple[float, bytes]] = deque(maxlen=LoginThrottle.repeats)
 
     @property
     def busy(self) -> bool:
@@ -171,9 +184,11 @@ class LoginThrottle:
     network_waiting = 100
     max_waiting = 1000
     max_keys = 100_000
+    repeats = 10
 
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
+        self._secret = os.urandom(32)
         self._counters: dict[str, _Counter] = {}
         self._waiting: list[Deferred[None]] = []
 
@@ -275,10 +290,13 @@ class LoginThrottle:
     # -- one attempt --------------------------------------------------------------------
 
     async def attempt(self, host: str, username: str | bytes,
-                      check: Callable[[], Awaitable[T]]) -> T:
+                      check: Callable[[], Awaitable[T]],
+                      password: str | bytes | None = None) -> T:
         """
         Run C{check} (which hashes the password) for a login by
         C{username} from C{host}, if and when the throttle allows it.
+        With C{password}, a login repeating a recent failure from this
+        address fails again at once, without C{check}, and is not counted.
 
         @return: what C{check} returns.
         @raise UnauthorizedLogin: from C{check}; counted as a failure.
@@ -306,12 +324,17 @@ class LoginThrottle:
         keys = [key for key, *_ in self._limits(nets)] + ["user:" + user]
         for key in keys:
             self._counter(key).inflight += 1
+        fingerprint = self._fingerprint(user, password)
         try:
             if delay:
                 await deferLater(self.clock, delay)
+            if self._repeated(nets, fingerprint):
+                raise _Repeated("the same wrong password again")
             result = await check()
+        except _Repeated:
+            raise UnauthorizedLogin("bad username or password") from None
         except UnauthorizedLogin:
-            self._failed(nets, user)
+            self._failed(nets, user, fingerprint)
             raise
         else:
             self._succeeded(nets, user)
@@ -332,8 +355,30 @@ class LoginThrottle:
         for waiter in waiting:
             waiter.callback(None)
 
-    def _failed(self, nets: tuple[str, ...], user: str) -> None:
+    def _fingerprint(self, user: str, password: str | bytes | None) -> bytes | None:
+        if password is None:
+            return None
+        if isinstance(password, str):
+            password = password.encode("utf-8", "surrogatepass")
+        return hashlib.blake2b(user.encode("utf-8", "surrogatepass") + b"\0" + password,
+                               key=self._secret, digest_size=16).digest()
+
+    def _repeated(self, nets: tuple[str, ...], fingerprint: bytes | None) -> bool:
+        """
+        Whether this user and password failed from this address recently.
+        """
+        counter = self._counters.get("net:" + nets[0])
+        if fingerprint is None or counter is None:
+            return False
+        cutoff = self.clock.seconds() - self.window
+        return any(when >= cutoff and seen == fingerprint for when, seen in counter.tried)
+
+    def _failed(self, nets: tuple[str, ...], user: str, fingerprint: bytes | None) -> None:
         now = self.clock.seconds()
+        if fingerprint is not None:
+            if self._repeated(nets, fingerprint):
+                return  # checked in parallel with its twin: nothing new guessed
+            self._counter("net:" + nets[0]).tried.append((now, fingerprint))
         for key, _, limit, _ in self._limits(nets):
             self._counter(key).failures.append((now, user))
             if self._recent(key)[0] == limit:

@@ -253,7 +253,7 @@ class ThrottleTests(SynchronousTestCase):
         proto, transport = self.connect()
         waits = []
         for attempt in range(10):
-            code = self.auth(proto, transport, b"wrong")
+            code = self.auth(proto, transport, b"wrong%d" % attempt)
             waited = 0
             while not code and waited < 100:
                 self.clock.advance(1)
@@ -283,8 +283,8 @@ class ThrottleTests(SynchronousTestCase):
         Failures from one address do not slow another address's other user.
         """
         proto, transport = self.connect("192.0.2.1")
-        for _ in range(5):
-            self.auth(proto, transport, b"wrong")
+        for attempt in range(5):
+            self.auth(proto, transport, b"wrong%d" % attempt)
             self.clock.advance(100)
         other, t = self.connect("192.0.2.2")
         self.assertEqual(self.auth(other, t, b"right", user=b"v@x.test"), b"235")

@@ -252,6 +252,54 @@ class BypassTests(ThrottleTestCase):
         self.assertEqual(ok.result, "avatar")
 
 
+class RepeatTests(ThrottleTestCase):
+    def login(self, host, password, user="alice@example.org"):
+        d = Deferred.fromCoroutine(self.throttle.attempt(
+            host, user, self.hasher.check(user, password), password))
+        results = []
+        d.addBoth(results.append)
+        for _ in range(100):
+            if results:
+                break
+            self.hasher.finish()
+            self.clock.advance(1)
+        [result] = results
+        return result if not hasattr(result, "type") else result.type
+
+    def test_repeated_failure_not_counted(self):
+        """
+        If a client retries the same wrong password, then it is checked
+        once, counted once, and the retries fail at once without a hash;
+        the address is never blocked by them.
+        """
+        for _ in range(3 * self.throttle.limit):
+            self.assertIs(self.login("192.0.2.1", "stale"), UnauthorizedLogin)
+        self.assertEqual(self.hasher.checks, [("alice@example.org", "stale")])
+        self.assertEqual(self.throttle._recent("net:192.0.2.1/32")[0], 1)
+        self.assertEqual(self.login("192.0.2.1", RIGHT), "avatar")
+
+    def test_new_passwords_still_counted(self):
+        """
+        If the wrong passwords differ, then each counts: the block comes
+        after C{limit}, whatever repeats come between them.
+        """
+        for i in range(self.throttle.limit):
+            self.assertIs(self.login("192.0.2.1", f"guess{i}"), UnauthorizedLogin)
+            if i < self.throttle.limit - 1:
+                self.assertIs(self.login("192.0.2.1", "guess0"), UnauthorizedLogin)
+        self.assertIs(self.login("192.0.2.1", RIGHT), NetworkBlocked)
+        self.assertEqual(len(self.hasher.checks), self.throttle.limit)
+
+    def test_repeat_from_another_address_is_checked(self):
+        """
+        If the same pair comes from another address, then it is checked
+        and counted there.
+        """
+        self.login("192.0.2.1", "stale")
+        self.login("198.51.100.1", "stale")
+        self.assertEqual(len(self.hasher.checks), 2)
+
+
 class LegitimateUserTests(ThrottleTestCase):
     def test_not_slowed_by_attack_elsewhere(self):
         """
@@ -449,8 +497,8 @@ class POP3DelayTests(SynchronousTestCase):
         proto.makeConnection(transport)
         transport.clear()
         waits = []
-        for _ in range(throttle.limit):
-            proto.dataReceived(b"USER alice@example.org\r\nPASS wrong\r\n")
+        for i in range(throttle.limit):
+            proto.dataReceived(b"USER alice@example.org\r\nPASS wrong%d\r\n" % i)
             waited = 0
             while not portal.logins:
                 clock.advance(1)

@@ -354,11 +354,11 @@ class IMAPServer(imap4.IMAP4Server):
 
     def _IMAP4Server__ebLogin(self, failure: Failure, tag: bytes) -> None:
         if not self._login_unavailable(failure, tag):
-            super()._IMAP4Server__ebLogin(failure, tag)
+            super()._IMAP4Server__ebLogin(failure, tag)  # type: ignore[misc]
 
     def _IMAP4Server__ebAuthResp(self, failure: Failure, tag: bytes) -> None:
         if not self._login_unavailable(failure, tag):
-            super()._IMAP4Server__ebAuthResp(failure, tag)
+            super()._IMAP4Server__ebAuthResp(failure, tag)  # type: ignore[misc]
 
     def _login_unavailable(self, failure: Failure, tag: bytes) -> bool:
         """
@@ -831,7 +831,8 @@ class _ThrottledPortal:
         session = self.session
         try:
             result = await self.throttle.attempt(
-                session.ip, user, lambda: self.portal.login(credentials, mind, *interfaces))
+                session.ip, user, lambda: self.portal.login(credentials, mind, *interfaces),
+                getattr(credentials, "password", None))
         except UnauthorizedLogin:
             log.warn("imap: failed login for {user} from {client}", user=safe(user, 100),
                      client=session.client)

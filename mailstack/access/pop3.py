@@ -172,7 +172,7 @@ class POP3Server(pop3.POP3):
         """
         return Deferred.fromCoroutine(self.factory.throttle.attempt(
             self.transport.getPeer().host, user,
-            lambda: pop3.POP3.authenticateUserPASS(self, user, password)))
+            lambda: pop3.POP3.authenticateUserPASS(self, user, password), password))
 
     def _cbMailbox(self, result: Any, user: bytes) -> None:
         log.info("pop3: login of {user} from {client}", user=safe(user, 100),

@@ -122,7 +122,7 @@ class SubmissionPolicy(ReceivingPolicy):
         credentials = UsernamePassword(username, password)
         try:
             avatar = await self.throttle.attempt(
-                ip, username, lambda: self.checker.requestAvatarId(credentials))
+                ip, username, lambda: self.checker.requestAvatarId(credentials), password)
         except UnauthorizedLogin:
             log.warn("{client}: SASL {mechanism} authentication failed: user=<{user}>",
                      client=session.client, mechanism=mechanism, user=user)
