@@ -7,11 +7,16 @@ The pool's queue is bounded: at most C{max_pending} checks running or
 waiting for a thread.  Beyond that a login fails at once with
 L{mailstack.throttle.Busy} (a temporary error to the client) instead of
 waiting behind a flood of bogus logins, each costing tens of
-milliseconds and 64 MiB of memory.
+milliseconds and 64 MiB of memory.  The waiting checks are taken in two
+classes: those of clients the login throttle marks as suspect (recent
+failures) only when no other check waits, so a well-behaved client is not
+queued behind an attack.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from typing import Any, Callable
 
 import argon2
@@ -19,6 +24,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail
+from twisted.python.failure import Failure
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -26,7 +32,7 @@ from zope.interface import implementer
 
 from mailstack.address import AddressError, parse_address
 from mailstack.interfaces import IUserDatabase
-from mailstack.throttle import Busy
+from mailstack.throttle import SUSPECT, Busy
 
 log = Logger()
 
@@ -74,6 +80,10 @@ class PasswordChecker:
         self.verify = verify
         self.pending = 0
         self._full_logged = False
+        # Checks not yet given to the pool: (suspect, order, Deferred, hash, password).
+        self._queue: list[tuple[bool, int, Deferred[bool], str | None, str]] = []
+        self._order = itertools.count()
+        self._running = 0
 
     def requestAvatarId(self, credentials: Any) -> Deferred[str]:
         username = credentials.username
@@ -94,7 +104,9 @@ class PasswordChecker:
                 self._full_logged = True
             return fail(Busy("too many password checks queued"))
         self.pending += 1
-        d = deferToThreadPool(self.reactor, self.pool, self.verify, stored, password)
+        d: Deferred[bool] = Deferred()
+        heapq.heappush(self._queue, (SUSPECT.get(), next(self._order), d, stored, password))
+        self._feed()
 
         def done(result: Any) -> Any:
             self.pending -= 1
@@ -110,3 +122,23 @@ class PasswordChecker:
             return str(address)
 
         return d.addCallback(checked)
+
+    def _feed(self) -> None:
+        """
+        Give the pool the next waiting checks (others' before suspects'),
+        as many as it has threads: the rest wait here, in order.
+        """
+        while self._queue and self._running < max(1, getattr(self.pool, "max", 1)):
+            _, _, d, stored, password = heapq.heappop(self._queue)
+            self._running += 1
+            job = deferToThreadPool(self.reactor, self.pool, self.verify, stored, password)
+
+            def finished(result: Any, d: Deferred[bool] = d) -> None:
+                self._running -= 1
+                self._feed()
+                if isinstance(result, Failure):
+                    d.errback(result)
+                else:
+                    d.callback(result)
+
+            job.addBoth(finished)

@@ -30,7 +30,14 @@ The decision is taken when the attempt arrives, before its hash:
      their turn (and are decided again then), up to L{network_waiting}
      attempts per network (the /24 or /64) and L{max_waiting} in all;
      beyond that the answer is L{Busy}.
-  4. From the L{free}-th failure of the address (L{subnet_free} of the
+  4. Password checks are shared: attempts from a network or for a user
+     with recent failures, or from a network that found the hash queue
+     full in the last L{busy_memory} seconds, may hold at most
+     L{dirty_checks} of the checks in progress (the rest are L{Busy}), so
+     the places left in the bounded hash queue
+     (L{mailstack.auth.PasswordChecker}) are kept for clients without
+     failures, even in an attack from many networks.
+  5. From the L{free}-th failure of the address (L{subnet_free} of the
      /24, L{user_free} of a user on a network where it failed), the
      attempt waits 1, 2, 4, ... up to L{max_delay} seconds before its
      password is checked, right or wrong.
@@ -52,6 +59,7 @@ import hashlib
 import ipaddress
 import os
 from collections import deque
+from contextvars import ContextVar
 from typing import Any, Awaitable, Callable, TypeVar
 
 from twisted.cred.error import UnauthorizedLogin
@@ -68,6 +76,11 @@ log = Logger()
 T = TypeVar("T")
 
 MAX_KEY = 320  # longer than any address (RFC 5321: 64 + 1 + 255)
+
+#: True while the throttle starts the password check of a client with
+#: recent failures: L{mailstack.auth.PasswordChecker} queues it behind the
+#: others.  (Portal.login reaches the checker synchronously, in this context.)
+SUSPECT: ContextVar[bool] = ContextVar("mailstack_login_suspect", default=False)
 
 
 class LoginUnavailable(Exception):
@@ -149,13 +162,14 @@ class _Counter:
     attempts in flight for one key.
     """
 
-    __slots__ = ("failures", "inflight", "waiting", "tried")
+    __slots__ = ("failures", "inflight", "waiting", "tried", "busy_at")
 
     def __init__(self, size: int) -> None:
         self.failures: deque[tuple[float, str]] = deque(maxlen=size)
         self.inflight = 0
         self.waiting = 0
         self.tried: deque[tuple[float, bytes]] = deque(maxlen=LoginThrottle.repeats)
+        self.busy_at = float("-inf")
 
     @property
     def busy(self) -> bool:
@@ -185,12 +199,15 @@ class LoginThrottle:
     max_waiting = 1000
     max_keys = 100_000
     repeats = 10
+    dirty_checks = 8  # of PasswordChecker.max_pending (16)
+    busy_memory = 60.0
 
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
         self._secret = os.urandom(32)
         self._counters: dict[str, _Counter] = {}
         self._waiting: list[Deferred[None]] = []
+        self._checking = 0
 
     # -- counting -------------------------------------------------------------------
 
@@ -215,7 +232,8 @@ class LoginThrottle:
 
     def _tidy(self, key: str) -> None:
         counter = self._counters.get(key)
-        if counter is not None and not counter.busy and not self._recent(key)[0]:
+        if (counter is not None and not counter.busy and not self._recent(key)[0]
+                and not self._was_busy(counter)):
             del self._counters[key]
 
     def _forget(self) -> None:
@@ -262,6 +280,18 @@ class LoginThrottle:
         count, counter = self._recent("user:" + user)
         return count, counter, counter is not None and any(
             where == net for _, where in counter.failures)
+
+    def _was_busy(self, counter: _Counter | None) -> bool:
+        return counter is not None and counter.busy_at > self.clock.seconds() - self.busy_memory
+
+    def _dirty(self, nets: tuple[str, ...], user: str) -> bool:
+        """
+        Whether this network, or this user from this network, has recent
+        failures, or the network found the checks busy lately.
+        """
+        return (any(self._recent(key)[0] for key, *_ in self._limits(nets))
+                or self._was_busy(self._counters.get("net:" + nets[-1]))
+                or self._penalised(user, nets[-1])[2])
 
     def _decide(self, nets: tuple[str, ...], user: str) -> float | None:
         """
@@ -330,7 +360,23 @@ class LoginThrottle:
                 await deferLater(self.clock, delay)
             if self._repeated(nets, fingerprint):
                 raise _Repeated("the same wrong password again")
-            result = await check()
+            dirty = self._dirty(nets, user)
+            if self._checking >= self.dirty_checks and dirty:
+                self._counter("net:" + nets[-1]).busy_at = self.clock.seconds()
+                raise Busy("password checks are busy with failing clients")
+            self._checking += 1
+            try:
+                token = SUSPECT.set(dirty)
+                try:
+                    checking = check()
+                finally:
+                    SUSPECT.reset(token)
+                result = await checking
+            except Busy:
+                self._counter("net:" + nets[-1]).busy_at = self.clock.seconds()
+                raise
+            finally:
+                self._checking -= 1
         except _Repeated:
             raise UnauthorizedLogin("bad username or password") from None
         except UnauthorizedLogin:

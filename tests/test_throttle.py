@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailstack.access.pop3 import POP3Factory
 from mailstack.auth import PasswordChecker
 from mailstack.throttle import (
-    Busy, LoginThrottle, NetworkBlocked, UserBlocked, network_keys, user_key,
+    SUSPECT, Busy, LoginThrottle, NetworkBlocked, UserBlocked, network_keys, user_key,
 )
 
 RIGHT = "right"
@@ -364,14 +364,51 @@ class WaitingTests(ThrottleTestCase):
         self.settle(attempts + others)
         self.assertEqual(len(self.hasher.checks), len(attempts) + len(others))
 
+    def test_checks_kept_for_clean_clients(self):
+        """
+        If clients with failures already hold C{dirty_checks} password
+        checks, then their next attempt is L{Busy} at once, while a client
+        without failures (from a clean network) is still checked.
+        """
+        self.throttle.dirty_checks = 2
+        for net in ("192.0.2.1", "203.0.113.1", "198.18.0.1"):
+            self.fail_logins(net, 1, "mallory@example.org")
+        dirty = [self.attempt("192.0.2.1", "x@example.org"),
+                 self.attempt("203.0.113.1", "y@example.org")]
+        self.assertEqual(len(self.hasher.pending), 2)
+        self.assertIs(self.attempt("198.18.0.1", "z@example.org").result, Busy)
+        clean = self.attempt("198.51.100.7", "alice@example.org", RIGHT)
+        self.assertEqual(len(self.hasher.pending), 3)
+        self.settle(dirty + [clean])
+        self.assertEqual(clean.result, "avatar")
+        # Once the checks are done, the client with failures is checked again.
+        self.assertIs(self.settle_one(self.attempt("198.18.0.1", "z@example.org")),
+                      UnauthorizedLogin)
+
+    def settle_one(self, attempt):
+        self.settle([attempt])
+        return attempt.result
+
     def test_other_errors_not_counted(self):
         """
         If the check fails for another reason than a wrong password (the
-        queue is full), then no failure is recorded.
+        queue is full), then no failure is recorded; the network is
+        remembered as one that found the queue full, for C{busy_memory}.
         """
         d = Deferred.fromCoroutine(self.throttle.attempt(
             "192.0.2.1", "alice@example.org", lambda: Deferred.fromCoroutine(_raise(Busy()))))
         self.failureResultOf(d, Busy)
+        self.assertFalse(self.throttle.blocked("192.0.2.1"))
+        for key, counter in self.throttle._counters.items():
+            self.assertEqual(len(counter.failures), 0, key)
+        # The network that found the checks busy shares the places kept for
+        # clients with failures for a while: a distributed flood of fresh
+        # networks cannot keep taking the places of clean clients.
+        nets = network_keys("192.0.2.1")
+        self.assertTrue(self.throttle._dirty(nets, "alice@example.org"))
+        self.clock.advance(self.throttle.busy_memory + 1)
+        self.assertFalse(self.throttle._dirty(nets, "alice@example.org"))
+        self.throttle._tidy("net:192.0.2.0/24")
         self.assertEqual(self.throttle._counters, {})
 
 
@@ -381,8 +418,10 @@ async def _raise(exception):
 
 class FakePool:
     """
-    A thread pool that runs each job when the test says so.
+    A thread pool of C{max} threads that runs each job when the test says so.
     """
+
+    max = 2
 
     def __init__(self):
         self.jobs = []
@@ -428,17 +467,56 @@ class HashQueueTests(SynchronousTestCase):
         """
         waiting = [self.login("alice@example.org", "wrong") for _ in range(3)]
         self.failureResultOf(self.login("alice@example.org", RIGHT), Busy)
-        self.assertEqual(len(self.pool.jobs), 3)
+        self.assertEqual(len(self.pool.jobs), FakePool.max)  # the third waits its turn
+        self.assertEqual(self.checker.pending, 3)
         self.pool.run_one()
         self.failureResultOf(waiting[0], UnauthorizedLogin)
         d = self.login("alice@example.org", RIGHT)
-        self.assertEqual(len(self.pool.jobs), 3)
+        self.assertEqual(self.checker.pending, 3)
         while self.pool.jobs:
             self.pool.run_one()
         self.assertEqual(self.successResultOf(d), "alice@example.org")
         for other in waiting[1:]:
             self.failureResultOf(other, UnauthorizedLogin)
         self.assertEqual(self.checker.pending, 0)
+
+    def test_suspects_wait_behind_others(self):
+        """
+        If checks wait for a thread, then those started for suspect clients
+        (recent failures) run after the others, each class in its order.
+        """
+        self.checker.max_pending = 10
+        order = []
+        for name, suspect in [("a", False), ("b", False), ("s1", True), ("s2", True),
+                              ("c", False), ("s3", True), ("d", False)]:
+            token = SUSPECT.set(suspect)
+            try:
+                d = self.login(f"{name}@example.org", "wrong")
+            finally:
+                SUSPECT.reset(token)
+            d.addErrback(lambda f, name=name: order.append(name))
+        while self.pool.jobs:
+            self.pool.run_one()
+        self.assertEqual(order, ["a", "b", "c", "d", "s1", "s2", "s3"])
+
+    def test_throttle_marks_suspects(self):
+        """
+        If a client has recent failures, then the throttle starts its check
+        as suspect; a clean client's check is not.
+        """
+        clock = Clock()
+        throttle = LoginThrottle(clock)
+        seen = []
+
+        def check():
+            seen.append(SUSPECT.get())
+            return Deferred.fromCoroutine(_raise(UnauthorizedLogin()))
+
+        for _ in range(2):
+            d = Deferred.fromCoroutine(throttle.attempt("192.0.2.1", "a@example.org", check))
+            self.failureResultOf(d, UnauthorizedLogin)
+        self.assertEqual(seen, [False, True])
+        self.assertFalse(SUSPECT.get())
 
     def test_unknown_user_costs_a_check(self):
         """
