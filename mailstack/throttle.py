@@ -49,8 +49,8 @@ failed user and password pairs of the same address (within the window)
 fails again without a hash and is not counted again (Dovecot does not
 count it either): a mail client with a stale password, retrying, does not
 lock its whole NAT out, and repeating a wrong password guesses nothing.
-The pairs are kept only as keyed digests.  Memory is bounded: at most L{max_keys} keys, the least
-failed forgotten first.
+The pairs are kept only as keyed digests.  Memory is bounded: at most
+L{max_keys} keys, the least failed forgotten first.
 """
 
 from __future__ import annotations
