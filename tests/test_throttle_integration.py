@@ -276,6 +276,13 @@ class ThrottleIntegrationTests(TestCase):
             for clients, session in probes:
                 clients.send_login(session, "alice-pw")
                 answers.append(clients.answer(session))
+            # IMAP AUTHENTICATE PLAIN is answered the same way.
+            authenticate = imap.open("127.0.9.5")
+            authenticate.send(b"x1 AUTHENTICATE PLAIN\r\n")
+            authenticate.readline()  # the continuation
+            authenticate.send(plain("alice@localhost", "alice-pw").encode() + b"\r\n")
+            answers.append(imap.answer(authenticate))
+            probes.append((imap, authenticate))
             self.hold.set()
             held = [smtp.answer(first), imap.answer(second)]
             for session in [first, second] + [s for _, s in probes]:
@@ -284,10 +291,11 @@ class ThrottleIntegrationTests(TestCase):
 
         answers, held = yield in_thread(flood)
         self.assertEqual(self.hashes, 2)
-        self.assertEqual([kind for kind, _ in answers], ["refused"] * 3, answers)
+        self.assertEqual([kind for kind, _ in answers], ["refused"] * 4, answers)
         self.assertTrue(answers[0][1].startswith("454 4.7.0"), answers)
         self.assertIn("NO [UNAVAILABLE]", answers[1][1])
         self.assertTrue(answers[2][1].startswith("-ERR [SYS/TEMP]"), answers)
+        self.assertIn("NO [UNAVAILABLE]", answers[3][1])
         self.assertEqual([kind for kind, _ in held], ["failed", "failed"], held)
 
     @inlineCallbacks
