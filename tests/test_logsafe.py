@@ -4,7 +4,6 @@ lines (L{mailstack.logsafe.safe}), checked at the helper and end to end
 with real clients, the log events captured by a twisted.logger observer.
 """
 
-import base64
 import imaplib
 import poplib
 import smtplib
