@@ -201,9 +201,9 @@ class LoginTests(IMAPTestMixin, TestCase):
 
         def probe(client):
             answers = []
-            for _ in range(self.server.throttle.limit):
+            for i in range(self.server.throttle.limit):
                 try:
-                    client.login("alice@localhost", "wrong")
+                    client.login("alice@localhost", f"wrong{i}")
                 except imaplib.IMAP4.error as e:
                     answers.append(str(e))
             try:

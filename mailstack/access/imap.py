@@ -29,7 +29,7 @@ from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory
-from twisted.internet.task import LoopingCall, deferLater
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.mail import imap4
 from twisted.mail.imap4 import (
@@ -46,8 +46,9 @@ from mailstack.access.mailbox import (
 )
 from mailstack.access.mime import lf, literal, string
 from mailstack.access.search import SearchError, imap_date, parse_set
+from mailstack.logsafe import safe
 from mailstack.safeio import is_disk_full
-from mailstack.throttle import LoginThrottle
+from mailstack.throttle import LoginThrottle, LoginUnavailable
 
 log = Logger()
 
@@ -356,12 +357,16 @@ class IMAPServer(imap4.IMAP4Server):
         return b"[SERVERBUG] Internal storage error, try again later"
 
     def _IMAP4Server__ebLogin(self, failure: Failure, tag: bytes) -> None:
+        if self._login_unavailable(failure, tag):
+            return
         if failure.check(OSError):  # the first login creates the Maildir
             self.sendNegativeResponse(tag, self._storage_failed(failure.value))
         else:
             imap4.IMAP4Server._IMAP4Server__ebLogin(self, failure, tag)  # type: ignore[attr-defined]
 
     def _IMAP4Server__ebAuthResp(self, failure: Failure, tag: bytes) -> None:
+        if self._login_unavailable(failure, tag):
+            return
         if failure.check(OSError):
             self.sendNegativeResponse(tag, self._storage_failed(failure.value))
         else:
@@ -443,6 +448,23 @@ class IMAPServer(imap4.IMAP4Server):
                 self.factory.logout_deadline, self.transport.abortConnection)
 
     unauth_LOGOUT = auth_LOGOUT = select_LOGOUT = logout_LOGOUT = (do_LOGOUT,)
+
+    def _login_unavailable(self, failure: Failure, tag: bytes) -> bool:
+        """
+        A login the throttle refused, or no room to check its password:
+        C{NO [UNAVAILABLE]} (RFC 5530), closing the session if its network
+        is blocked.  (Twisted's LOGIN and AUTHENTICATE errbacks, above,
+        answer everything else.)
+        """
+        if not failure.check(LoginUnavailable):
+            return False
+        if failure.value.disconnect:
+            self.sendNegativeResponse(tag, b"[UNAVAILABLE] Too many failed logins")
+            self.transport.loseConnection()
+        else:
+            self.sendNegativeResponse(tag, b"[UNAVAILABLE] Temporary authentication failure, "
+                                           b"try again later")
+        return True
 
     def do_ID(self, tag: bytes, rest: bytes) -> None:
         self.sendUntaggedResponse(b'ID ("name" "mailstack")')
@@ -892,7 +914,8 @@ class IMAPServer(imap4.IMAP4Server):
                 self.sendNegativeResponse(tag, b"[LIMIT] " + str(e).encode())
                 return
             validity = await account.run(folder.uid_validity)
-            log.info("imap: APPEND to {folder} by {client}", folder=mailbox, client=self.client)
+            log.info("imap: APPEND to {folder} by {client}", folder=safe(mailbox),
+                     client=self.client)
             if self.mbox is not None and self.mbox.folder.path == folder.path:
                 await self._refresh()
             self.sendPositiveResponse(tag, b"[APPENDUID %d %d] APPEND completed"
@@ -935,9 +958,9 @@ class IMAPServer(imap4.IMAP4Server):
 
 class _ThrottledPortal:
     """
-    The portal as one session sees it, with SMTP AUTH's throttle: from the
-    fourth recent failure every answer (right or wrong) is delayed, and
-    failures and logins are logged.
+    The portal as one session sees it: every login goes through the shared
+    L{LoginThrottle} (decided before the password is hashed), and failures
+    and logins are logged.
     """
 
     def __init__(self, portal: Portal, throttle: LoginThrottle, session: IMAPServer) -> None:
@@ -953,20 +976,20 @@ class _ThrottledPortal:
         if isinstance(user, bytes):
             user = user.decode("utf-8", "replace")
         session = self.session
-        delay = self.throttle.delay(session.ip, user or None)
         try:
-            result = await self.portal.login(credentials, mind, *interfaces)
+            result = await self.throttle.attempt(
+                session.ip, user, lambda: self.portal.login(credentials, mind, *interfaces),
+                getattr(credentials, "password", None))
         except UnauthorizedLogin:
-            if delay:
-                await deferLater(session.factory.reactor, delay)
-            self.throttle.failed(session.ip, user or None)
-            log.warn("imap: failed login for {user} from {client}", user=user[:100],
+            log.warn("imap: failed login for {user} from {client}", user=safe(user, 100),
                      client=session.client)
             raise
-        if delay:
-            await deferLater(session.factory.reactor, delay)
-        self.throttle.succeeded(session.ip, user)
-        log.info("imap: login of {user} from {client}", user=user, client=session.client)
+        except LoginUnavailable as e:
+            log.warn("imap: login for {user} from {client} refused: {reason}",
+                     user=safe(user, 100), client=session.client, reason=e)
+            raise
+        log.info("imap: login of {user} from {client}", user=safe(user, 100),
+                 client=session.client)
         return result
 
 

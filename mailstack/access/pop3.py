@@ -8,7 +8,7 @@ POP3 over the Maildirs: Twisted's C{POP3} parser with what it lacks.
   - RETR and TOP byte-stuffed by L{DotStuffer}, which keeps its line-start
     state across chunks (Twisted's stuffs each chunk on its own);
   - DELE takes effect at QUIT only; an interrupted session deletes nothing;
-  - failed logins are throttled like SMTP AUTH.
+  - logins go through the same throttle as SMTP AUTH, before any hash.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import os
 from typing import Any
 
 from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.mail import pop3
@@ -25,8 +26,9 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailstack.access.maildir import MaildirMessage
+from mailstack.logsafe import safe
 from mailstack.smtp.client import DotStuffer
-from mailstack.throttle import LoginThrottle
+from mailstack.throttle import LoginThrottle, LoginUnavailable
 
 log = Logger()
 
@@ -164,15 +166,32 @@ class POP3Server(pop3.POP3):
     def do_APOP(self, user: bytes, digest: bytes) -> None:
         self.failResponse("APOP is not offered")
 
+    def authenticateUserPASS(self, user: bytes, password: bytes) -> Deferred[Any]:
+        """
+        The login goes through the shared throttle, before any hash.
+        """
+        return Deferred.fromCoroutine(self.factory.throttle.attempt(
+            self.transport.getPeer().host, user,
+            lambda: pop3.POP3.authenticateUserPASS(self, user, password), password))
+
     def _cbMailbox(self, result: Any, user: bytes) -> None:
-        log.info("pop3: login of {user} from {client}", user=user.decode("utf-8", "replace"),
+        log.info("pop3: login of {user} from {client}", user=safe(user, 100),
                  client=self.client)
         super()._cbMailbox(result, user)
 
     def _ebMailbox(self, failure: Any) -> None:
-        user = getattr(self, "_login_user", "")
-        self.factory.throttle.failed(self.transport.getPeer().host, user or None)
-        log.warn("pop3: failed login from {client}", client=self.client)
+        user = safe(getattr(self, "_login_user", ""), 100)
+        if failure.check(LoginUnavailable):
+            log.warn("pop3: login for {user} from {client} refused: {reason}", user=user,
+                     client=self.client, reason=failure.value)
+            if failure.value.disconnect:
+                self.failResponse("[SYS/TEMP] Too many failed logins, try again later")
+                self.transport.loseConnection()
+            else:
+                self.failResponse("[SYS/TEMP] Temporary authentication failure, "
+                                  "try again later")
+            return
+        log.warn("pop3: failed login for {user} from {client}", user=user, client=self.client)
         self.failResponse("[AUTH] Authentication failed")
 
     def do_QUIT(self) -> Any:

@@ -14,10 +14,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailstack.address import Address
+from mailstack.clock import wall_seconds
 from mailstack.delivery.cleanup import normalize
 from mailstack.delivery.router import AliasLoop, EmptyResolution, Router, UnknownRecipient
-from mailstack.clock import wall_seconds
 from mailstack.interfaces import IDeliveryAgent, IOutboundQueue, IPrepared, ITwoPhaseStore
+from mailstack.logsafe import safe
 from mailstack.message import Envelope, MessageSpool
 
 log = Logger()
@@ -129,7 +130,7 @@ class Dispatcher:
                 resolution = self.router.resolve(rcpt)
             except (UnknownRecipient, AliasLoop, EmptyResolution) as e:
                 log.warn("{qid}: to=<{to}> status=bounced (unknown local recipient: {e})",
-                         qid=envelope.queue_id, to=rcpt, e=e)
+                         qid=envelope.queue_id, to=safe(rcpt), e=safe(e))
                 continue
             envelope.add(rcpt, resolution)
         spool = MessageSpool(self.spool_dir)
@@ -138,8 +139,8 @@ class Dispatcher:
             spool.close()
             return fail(spool.error)
         log.info("{qid}: from=<{sender}> size={size} nrcpt={n} ({client})",
-                 qid=envelope.queue_id, sender=sender or "", size=spool.size,
-                 n=len(envelope.rcpts), client=client)
+                 qid=envelope.queue_id, sender=safe(sender or ""), size=spool.size,
+                 n=len(envelope.rcpts), client=safe(client))
         d = self.dispatch(envelope, spool)
 
         def done(result: Any) -> Any:

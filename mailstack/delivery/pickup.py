@@ -24,6 +24,7 @@ from twisted.protocols.basic import LineOnlyReceiver
 
 from mailstack.address import AddressError, parse_address
 from mailstack.clock import wall_seconds
+from mailstack.logsafe import safe
 from mailstack.mua.sendmail import maildrop_dir, read_drop
 from mailstack.privileges import user_name
 from mailstack.smtp.server import new_queue_id
@@ -81,8 +82,8 @@ class Pickup(TimerService):
                 rcpts = [parse_address(r) for r in recipients]
                 from_ = parse_address(sender) if sender else None
             except (OSError, ValueError, KeyError, AddressError) as e:
-                log.error("maildrop: cannot read {name}: {error}; moved aside", name=name,
-                          error=e)
+                log.error("maildrop: cannot read {name}: {error}; moved aside",
+                          name=safe(name), error=safe(e))
                 os.replace(path, os.path.join(self.directory, ".bad-" + name))
                 continue
             qid = new_queue_id()
@@ -97,7 +98,7 @@ class Pickup(TimerService):
                           error=e)
                 continue
             except Exception:
-                log.failure("maildrop: cannot deliver {name}; will retry", name=name)
+                log.failure("maildrop: cannot deliver {name}; will retry", name=safe(name))
                 continue
             await deferToThreadPool(self.reactor, self.pool, os.unlink, path)
             handled += 1

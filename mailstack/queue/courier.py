@@ -41,6 +41,7 @@ from twisted.names import dns
 from twisted.names.error import DNSNameError, DomainError
 
 from mailstack.config import Route
+from mailstack.logsafe import safe
 from mailstack.smtp.client import (
     Session, SMTPClientError, SMTPClientProtocol, STARTTLSInjection, Timeouts, TLSRequired,
     Transaction,
@@ -277,7 +278,7 @@ class Courier:
                         last = Reply(451, "4.4.1", f"connect to {relay}: {_describe(e)}")
                         break
                     except Exception as e:
-                        log.failure("session with {relay} failed", relay=relay)
+                        log.failure("session with {relay} failed", relay=safe(relay))
                         last = Reply(451, "4.3.0", f"{relay}: {_describe(e)}")
                         break
                     else:
@@ -311,7 +312,7 @@ class Courier:
                 if cached.stage != "MAIL":
                     raise
                 # Closed by the other side while idle: nothing was sent yet.
-                log.debug("cached session to {ip} was stale: {e}", ip=ip, e=_describe(e))
+                log.debug("cached session to {ip} was stale: {e}", ip=ip, e=safe(_describe(e)))
             else:
                 self._park(key, cached)
                 return result

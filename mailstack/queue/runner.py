@@ -37,6 +37,7 @@ from zope.interface import implementer
 
 from mailstack.clock import wall_seconds
 from mailstack.interfaces import IOutboundQueue, IPrepared, ITwoPhaseStore
+from mailstack.logsafe import safe
 from mailstack.message import Envelope, MessageSpool
 from mailstack.queue.courier import Courier, Outcome
 from mailstack.queue.dsn import build_report
@@ -65,7 +66,7 @@ def new_record(envelope: Envelope, now: float) -> QueueRecord:
 
 def log_queued(record: QueueRecord) -> None:
     log.info("{qid}: queued from=<{sender}> size={size} nrcpt={n}",
-             qid=record.queue_id, sender=record.sender, size=record.size,
+             qid=record.queue_id, sender=safe(record.sender), size=record.size,
              n=len(record.recipients))
 
 
@@ -345,7 +346,7 @@ class OutboundQueue(Service):
                 rcpt.dsn = "4.4.7"
                 rcpt.last_error = f"delivery time expired; last error: {rcpt.last_error}"
                 log.info("{qid}: to=<{to}> status=expired ({error})", qid=record.queue_id,
-                         to=rcpt.address, error=rcpt.last_error)
+                         to=safe(rcpt.address), error=safe(rcpt.last_error))
             still = []
         # A failed recipient stays failed; until its bounce is stored the
         # message stays queued and the bounce is tried again on the retry
@@ -400,9 +401,9 @@ class OutboundQueue(Service):
                 rcpt.state = FAILED
         log.info("{qid}: to=<{to}> relay={relay} delay={delay:.1f} dsn={dsn} "
                  "status={status} ({reply})",
-                 qid=record.queue_id, to=rcpt.address, relay=outcome.relay or "none",
-                 delay=now - record.arrival, dsn=rcpt.dsn, status=outcome.status,
-                 reply=f"{reply.code} {text}")
+                 qid=record.queue_id, to=safe(rcpt.address), relay=safe(outcome.relay or "none"),
+                 delay=now - record.arrival, dsn=safe(rcpt.dsn), status=outcome.status,
+                 reply=safe(f"{reply.code} {text}"))
 
     async def _bounce(self, record: QueueRecord, rcpts: list[RecipientState],
                       delayed: bool = False) -> bool:
@@ -412,7 +413,7 @@ class OutboundQueue(Service):
         """
         if not record.sender:
             log.info("{qid}: bounce of a bounce not sent (to={to})", qid=record.queue_id,
-                     to=",".join(f"<{r.address}>" for r in rcpts))
+                     to=safe(",".join(f"<{r.address}>" for r in rcpts)))
             return True
         if self.bounce_to is None:
             return False
@@ -427,7 +428,7 @@ class OutboundQueue(Service):
         except Exception as e:
             log.error("{qid}: cannot send the {kind} to <{sender}>: {error}",
                       qid=record.queue_id, kind="delay warning" if delayed else "bounce",
-                      sender=record.sender, error=e)
+                      sender=safe(record.sender), error=safe(e))
             return False
         log.info("{qid}: sender {kind} notification: {bounce_id}", qid=record.queue_id,
                  kind="delay" if delayed else "non-delivery", bounce_id=bounce_id)

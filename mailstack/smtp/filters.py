@@ -23,6 +23,7 @@ from mailstack import plugins
 from mailstack.address import Address
 from mailstack.config import Config, ConfigError
 from mailstack.interfaces import IMessageFilter, IMessageFilterFactory
+from mailstack.logsafe import safe
 from mailstack.message import Envelope, MessageSpool
 from mailstack.smtp.reply import Reply, SMTPError
 
@@ -101,7 +102,8 @@ class FilteredPolicy:
                     raise TypeError(f"filter {f.name} answered {verdict!r} at {stage}")
                 log.info("{client}: filter {name} refused at {stage}: {code} {enhanced} {text}",
                          client=session.client, name=f.name, stage=stage.upper(),
-                         code=verdict.code, enhanced=verdict.enhanced, text=verdict.text)
+                         code=verdict.code, enhanced=safe(verdict.enhanced),
+                         text=safe(verdict.text))
                 return verdict
         return None
 

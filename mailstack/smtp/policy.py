@@ -18,6 +18,7 @@ from twisted.logger import Logger
 from mailstack.address import Address
 from mailstack.delivery.dispatch import Dispatcher
 from mailstack.delivery.router import AliasLoop, EmptyResolution, Resolution, UnknownRecipient
+from mailstack.logsafe import safe
 from mailstack.message import Envelope, MessageSpool
 from mailstack.smtp.reply import Reply, SMTPError
 
@@ -62,7 +63,7 @@ class ReceivingPolicy:
                 raise SMTPError(550, "5.1.1", f"<{rcpt}>: Recipient address rejected: "
                                               "User unknown in local recipient table")
             except AliasLoop as e:
-                log.error("alias loop for <{rcpt}>: {error}", rcpt=rcpt, error=e)
+                log.error("alias loop for <{rcpt}>: {error}", rcpt=safe(rcpt), error=safe(e))
                 raise SMTPError(550, "5.4.6", f"<{rcpt}>: Recipient address rejected: "
                                               "alias loop")
             except EmptyResolution as e:

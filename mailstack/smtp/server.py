@@ -38,6 +38,7 @@ from twisted.python.failure import Failure
 from mailstack.address import Address, AddressError, parse_path
 from mailstack.clock import wall_seconds
 from mailstack.limits import CommandDeadline
+from mailstack.logsafe import safe
 from mailstack.message import Envelope, MessageSpool, rfc5322_date
 from mailstack.smtp.data import DataReader
 from mailstack.smtp.rdns import client_name
@@ -105,7 +106,7 @@ class Session:
         C{name[ip]:port} for logs: the forward-confirmed reverse DNS name
         or C{unknown}, never the HELO name (the client's own claim).
         """
-        return f"{self.name}[{self.peer_host}]:{self.peer_port}"
+        return safe(f"{self.name}[{self.peer_host}]:{self.peer_port}")
 
     @property
     def protocol_name(self) -> str:
@@ -354,7 +355,7 @@ class SMTPServer(Protocol):
         verb, _, arg = text.strip().partition(" ")
         handler: Callable[[str], Any] | None = getattr(self, "smtp_" + verb.upper(), None)
         if handler is None or not verb.isalpha():
-            log.info("unknown command {verb!r} from {client}", verb=verb[:20],
+            log.info("unknown command {verb} from {client}", verb=safe(verb, 20),
                      client=self.session.client)
             self._respond(Reply(500, "5.5.2", "Error: command not recognized"))
             return
@@ -558,7 +559,7 @@ class SMTPServer(Protocol):
                 return Reply(501, "5.5.4", "Bad SIZE parameter")
             if int(size) > self.settings.max_message_size:
                 log.info("reject: MAIL from {client}: SIZE={size} over the limit",
-                         client=self.session.client, size=size)
+                         client=self.session.client, size=safe(size))
                 return Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
         body = params.pop("BODY", "7BIT")
         if (body or "").upper() not in ("7BIT", "8BITMIME"):
@@ -575,7 +576,7 @@ class SMTPServer(Protocol):
                     client=self.session.client,
                 )
                 log.info("{qid}: client={client} helo=<{helo}>", qid=self.envelope.queue_id,
-                         client=self.session.client, helo=self.session.helo or "")
+                         client=self.session.client, helo=safe(self.session.helo or ""))
             return reply
 
         return maybeDeferred(self.policy.mail, self.session, sender).addCallback(accepted)
@@ -599,7 +600,7 @@ class SMTPServer(Protocol):
             return Reply(501, "5.1.3", "Error: the null address is not a recipient")
         if "%" in rcpt.local or "!" in rcpt.local:
             log.info("{qid}: reject: RCPT from {client}: <{rcpt}>: routed address",
-                     qid=envelope.queue_id, client=self.session.client, rcpt=rcpt)
+                     qid=envelope.queue_id, client=self.session.client, rcpt=safe(rcpt))
             return Reply(553, "5.1.3", "Error: %-hack and bang-path addresses are not accepted")
         if len(envelope.rcpts) >= self.settings.max_recipients:
             # RFC 5321 4.5.3.1.10: the client sends the rest in another
@@ -618,7 +619,8 @@ class SMTPServer(Protocol):
             if failure.check(SMTPError):
                 log.info("{qid}: reject: RCPT from {client}: {reply}; from=<{sender}> to=<{rcpt}>",
                          qid=envelope.queue_id, client=self.session.client,
-                         reply=failure.value.reply, sender=envelope.sender or "", rcpt=rcpt)
+                         reply=safe(failure.value.reply), sender=safe(envelope.sender or ""),
+                         rcpt=safe(rcpt))
             return failure
 
         d = maybeDeferred(self.policy.rcpt, self.session, envelope, rcpt)
@@ -674,11 +676,11 @@ class SMTPServer(Protocol):
             spool.close()
             reply = Reply(*rejection)
             log.info("{qid}: reject: DATA from {client}: {reply}",
-                     qid=envelope.queue_id, client=self.session.client, reply=reply)
+                     qid=envelope.queue_id, client=self.session.client, reply=safe(reply))
             return reply
         spool.add_header(self.received_header(envelope))
         log.info("{qid}: from=<{sender}> size={size} nrcpt={nrcpt}",
-                 qid=envelope.queue_id, sender=envelope.sender or "", size=spool.size,
+                 qid=envelope.queue_id, sender=safe(envelope.sender or ""), size=spool.size,
                  nrcpt=len(envelope.rcpts), service=self.settings.name, tls=self.session.tls)
 
         def delivered(reply: Reply | None) -> Reply:
@@ -709,7 +711,7 @@ class SMTPServer(Protocol):
             log.failure("{qid}: delivery failed", failure, qid=envelope.queue_id)
             reply = Reply(451, "4.3.0", "Error: could not store the message, try again later")
         log.info("{qid}: reject: DATA from {client}: {reply}",
-                 qid=envelope.queue_id, client=self.session.client, reply=reply)
+                 qid=envelope.queue_id, client=self.session.client, reply=safe(reply))
         return reply
 
     # Trace

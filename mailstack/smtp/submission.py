@@ -8,7 +8,8 @@ The submission policy (RFC 6409): mail from our own users' clients.
   - recipients anywhere: local ones through the router, remote ones to
     the outbound queue;
   - a missing C{Message-ID:} or C{Date:} is added (RFC 6409 8);
-  - failed logins are throttled per client address and per user.
+  - logins go through the shared L{LoginThrottle} before any password is
+    hashed (per client network and per user; see L{mailstack.throttle}).
 """
 
 from __future__ import annotations
@@ -22,16 +23,16 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.task import deferLater
 from twisted.logger import Logger
 
 from mailstack.address import Address, AddressError, parse_address
 from mailstack.clock import wall_seconds
 from mailstack.delivery.router import AliasLoop, EmptyResolution, Resolution, UnknownRecipient
+from mailstack.logsafe import safe
 from mailstack.message import Envelope, MessageSpool, rfc5322_date
 from mailstack.smtp.policy import ReceivingPolicy
 from mailstack.smtp.reply import Reply, SMTPError
-from mailstack.throttle import LoginThrottle
+from mailstack.throttle import LoginThrottle, LoginUnavailable
 
 log = Logger()
 
@@ -118,24 +119,26 @@ class SubmissionPolicy(ReceivingPolicy):
         except UnicodeDecodeError:
             return Reply(501, "5.5.2", "Error: cannot decode response")
         ip = session.peer_host
-        delay = self.throttle.delay(ip, username)
+        user = safe(username, 100)
+        credentials = UsernamePassword(username, password)
         try:
-            avatar = await self.checker.requestAvatarId(UsernamePassword(username, password))
+            avatar = await self.throttle.attempt(
+                ip, username, lambda: self.checker.requestAvatarId(credentials), password)
         except UnauthorizedLogin:
-            avatar = None
-        if delay:
-            await deferLater(self.clock, delay)
-        if avatar is None:
-            self.throttle.failed(ip, username)
             log.warn("{client}: SASL {mechanism} authentication failed: user=<{user}>",
-                     client=session.client, mechanism=mechanism, user=username[:100])
+                     client=session.client, mechanism=mechanism, user=user)
             if self.throttle.blocked(ip):
                 log.warn("{client}: too many failed logins; disconnecting",
                          client=session.client)
                 return Reply(421, "4.7.0", f"{self.hostname} Error: too many failed logins")
             return Reply(535, "5.7.8", "Error: authentication credentials invalid")
+        except LoginUnavailable as e:
+            log.warn("{client}: SASL {mechanism} authentication refused: user=<{user}>: {reason}",
+                     client=session.client, mechanism=mechanism, user=user, reason=e)
+            if e.disconnect:
+                return Reply(421, "4.7.0", f"{self.hostname} Error: too many failed logins")
+            return Reply(454, "4.7.0", "Temporary authentication failure, try again later")
         session.user = parse_address(avatar)
-        self.throttle.succeeded(ip, avatar)
         log.info("{client}: sasl_method={mechanism}, sasl_username={user}",
                  client=session.client, mechanism=mechanism, user=avatar)
         return Reply(235, "2.7.0", "Authentication successful")
@@ -172,7 +175,7 @@ class SubmissionPolicy(ReceivingPolicy):
             raise SMTPError(553, "5.7.1", "Error: the null sender is not allowed here")
         if not self.owns(session.user, sender):
             log.info("reject: MAIL from {client}: <{sender}> not owned by {user}",
-                     client=session.client, sender=sender, user=session.user)
+                     client=session.client, sender=safe(sender), user=session.user)
             raise SMTPError(553, "5.7.1", f"<{sender}>: Sender address rejected: "
                                           f"not owned by user {session.user}")
         return None
