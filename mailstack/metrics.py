@@ -166,6 +166,9 @@ class Metrics:
             reply = event.get("reply")
             if reply is not None and hasattr(reply, "code"):
                 code = f"{reply.code} {reply.enhanced}".strip()
+            elif reply is not None and _CODE.match(str(reply)):
+                # The reply as logged (escaped text): "550 5.1.1 ..."
+                code = " ".join(g for g in _CODE.match(str(reply)).groups() if g)  # type: ignore[union-attr]
             elif "code" in event:
                 code = f"{event['code']} {event.get('enhanced', '')}".strip()
             elif "SIZE=" in fmt:
@@ -181,6 +184,7 @@ class Metrics:
         elif "authentication failed" in fmt:
             self.auth_failures.labels("submission").inc()
         elif fmt in ("imap: failed login for {user} from {client}",
+                     "pop3: failed login for {user} from {client}",
                      "pop3: failed login from {client}"):
             self.auth_failures.labels(fmt[:4]).inc()
         elif fmt == "connect from {client} ({service})":
