@@ -151,6 +151,14 @@ def render(loaded: Loaded, query: list[Any], uid: bool) -> bytes:
     return b"* %d FETCH (" % loaded.seq + b" ".join(items) + b")\r\n"
 
 
+def render_all(loaded: list[Loaded | None], query: list[Any], uid: bool
+               ) -> list[bytes | None]:
+    """
+    The FETCH responses of a batch (None for a message that is gone).
+    """
+    return [None if message is None else render(message, query, uid) for message in loaded]
+
+
 def _system_flags(flags: list[Any]) -> set[str]:
     """
     The flags mailstack keeps, spelled as IMAP spells them; others dropped
@@ -829,13 +837,12 @@ class IMAPServer(imap4.IMAP4Server):
                     end += 1
                 loaded = await mbox.load(items[start:end], level, mark_seen)
                 start = end
-                out = []
-                for message in loaded:
-                    if message is None:
-                        vanished += 1
-                    else:
-                        out.append(render(message, query, uid))
-                self.transport.write(b"".join(out))
+                if level == NOTHING:
+                    out = render_all(loaded, query, uid)
+                else:  # structures and sections: rendered off the reactor thread
+                    out = await mbox.account.run(render_all, loaded, query, uid)
+                vanished += out.count(None)
+                self.transport.write(b"".join(o for o in out if o is not None))
                 await self._writable()
         finally:
             self.transport.unregisterProducer()

@@ -37,7 +37,8 @@ from twisted.mail.imap4 import (
 MAX_MIME_DEPTH = 100
 MAX_MIME_PARTS = 10_000
 MAX_ENVELOPE_ADDRESSES = 1_000
-MAX_ADDRESS_FIELD = 256 * 1024  # bytes of one address header that are parsed
+MAX_ADDRESS_FIELD = 64 * 1024  # bytes of one address header that are parsed
+MAX_HEADER_PARSE = 256 * 1024  # bytes of a header block whose fields count
 
 # -- folders ----------------------------------------------------------------------
 MAX_FOLDERS = 1_000

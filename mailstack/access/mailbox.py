@@ -32,6 +32,7 @@ from twisted.mail import imap4
 from twisted.mail.imap4 import MailboxException
 from zope.interface import implementer
 
+from mailstack.access.cache import PART_OVERHEAD, PartCache, parsed
 from mailstack.access.folder import (
     PERMANENT_FLAGS, Entry, Folder, Snapshot, ensure_folder,
 )
@@ -194,12 +195,26 @@ def _read(folder: Folder, entry: Entry, level: int) -> tuple[float, Part | None]
                 return mtime, Part(crlf(_read_header(path)))
             if level == WHOLE:
                 with open(path, "rb") as f:
-                    return mtime, Part(crlf(f.read()))
+                    return mtime, _parsed(f)
             return mtime, None
         except FileNotFoundError:
             if not folder.locate(entry):
                 return None
     return None
+
+
+def _parsed(f: Any) -> Part:
+    """
+    The whole message, parsed (every part, within the limits), from the
+    cache when another FETCH parsed it before.  Blocking: call it in a
+    worker thread, never on the reactor's.
+    """
+    key = PartCache.key(os.fstat(f.fileno()))
+    part = parsed.get(key)
+    if part is None:
+        part = Part(crlf(f.read())).parse_all()
+        parsed.put(key, part, len(part.raw) + PART_OVERHEAD * part.budget.parts)
+    return part
 
 
 def wildcard_match(pattern: str, name: str) -> bool:
