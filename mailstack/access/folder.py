@@ -26,14 +26,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from twisted.logger import Logger
+
 from mailstack.access.maildir import served_size
 from mailstack.delivery.maildir import SUBDIRS, unique_name
+from mailstack.nofollow import check_tree, open_file, open_nofollow
 from mailstack.safeio import atomic_write, fsync_directory, write_file
 
 UIDLIST = "mailstack-uidlist"
 VALIDITY = "mailstack-uidvalidity"  # the last UIDVALIDITY given, kept apart
 LOCKFILE = "mailstack-uidlist.lock"
 MAGIC = "mailstack-uidlist 1"
+
+log = Logger()
 
 FLAG_LETTERS = {
     "\\Draft": "D",
@@ -104,15 +109,23 @@ class Folder:
     One Maildir (the INBOX root or a C{.Name} subfolder).
     """
 
-    def __init__(self, path: str, hostname: str = "localhost") -> None:
+    def __init__(self, path: str, hostname: str = "localhost", base: str | None = None) -> None:
         self.path = path
         self.hostname = hostname
+        self.base = base  # trusted directory above: nothing below it may be a link
+
+    def check(self) -> None:
+        """
+        Refuse (L{SymlinkRefused}) a folder reached through a symbolic link.
+        """
+        check_tree(self.base or os.path.dirname(self.path), self.path, SUBDIRS)
 
     # -- the uid list --------------------------------------------------------
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        fd = os.open(os.path.join(self.path, LOCKFILE), os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(os.path.join(self.path, LOCKFILE),
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -159,7 +172,7 @@ class Folder:
         uidlist.clean = True
 
     def _append(self, uidlist: UidList, added: list[tuple[str, int]]) -> None:
-        fd = os.open(os.path.join(self.path, UIDLIST), os.O_WRONLY | os.O_APPEND)
+        fd = open_nofollow(os.path.join(self.path, UIDLIST), os.O_WRONLY | os.O_APPEND)
         try:
             os.write(fd, "".join(f"{uid} {base}\n" for base, uid in added).encode("ascii"))
             os.fsync(fd)
@@ -217,12 +230,16 @@ class Folder:
         found: dict[str, tuple[str, str]] = {}
         for sub in ("new", "cur"):  # a name in cur/ wins over the same in new/
             try:
-                names = os.listdir(os.path.join(self.path, sub))
+                entries = list(os.scandir(os.path.join(self.path, sub)))
             except FileNotFoundError:
                 continue
-            for name in names:
-                if not name.startswith("."):
-                    found[split_name(name)[0]] = (sub, name)
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_symlink():
+                    log.warn("maildir: refusing the symbolic link {path}", path=entry.path)
+                    continue
+                found[split_name(entry.name)[0]] = (sub, entry.name)
         return found
 
     def scan(self, claim_new: bool = False, sizes: dict[str, int] | None = None) -> Snapshot:
@@ -234,6 +251,7 @@ class Folder:
         @param sizes: sizes already known by base name, to skip measuring.
         """
         sizes = sizes or {}
+        self.check()
         with self.locked():
             uidlist = self._load()
             files = self._files()
@@ -328,6 +346,7 @@ class Folder:
         """
         Store a message (LF line endings) durably in C{cur/}; its UID.
         """
+        self.check()
         size = len(content)
         name = unique_name(self.hostname, size, vsize=size + content.count(b"\n"))
         base = name
@@ -350,6 +369,7 @@ class Folder:
         C{entry} from folder C{source} into C{cur/} here; the new base name.
         Call L{register} after, then fsync with L{sync}.
         """
+        self.check()
         old = entry.path(source)
         size, vsize = _sizes_from_name(entry.base)
         name = unique_name(self.hostname, size if size is not None else 0,
@@ -363,7 +383,7 @@ class Folder:
             except OSError as e:
                 if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                     raise
-                with open(old, "rb") as f:
+                with open_file(old) as f:
                     write_file(target, [f.read()])
         return name
 

@@ -47,6 +47,7 @@ from mailstack.access.mailbox import (
 )
 from mailstack.access.mime import lf, literal, string
 from mailstack.access.search import SearchError, imap_date, parse_set
+from mailstack.nofollow import SymlinkRefused
 from mailstack.throttle import LoginThrottle
 
 log = Logger()
@@ -430,6 +431,10 @@ class IMAPServer(imap4.IMAP4Server):
             self.sendNegativeResponse(tag, b"[CANNOT] Invalid folder name")
         elif isinstance(error, (IllegalOperation, MailboxException)):
             self.sendNegativeResponse(tag, clean_text(error))
+        elif isinstance(error, SymlinkRefused):
+            log.warn("imap: {client}: {error} {path}", client=self.client, error=error.strerror,
+                     path=error.filename)
+            self.sendNegativeResponse(tag, b"[SERVERBUG] Folder unavailable; see the server log")
         else:
             log.failure("imap: command failed for {client}", failure, client=self.client)
             self.sendNegativeResponse(tag, b"[SERVERBUG] Internal error; see the server log")

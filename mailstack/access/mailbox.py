@@ -29,6 +29,7 @@ from typing import Any, Iterable
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.mail import imap4
 from twisted.mail.imap4 import MailboxException
 from zope.interface import implementer
@@ -40,7 +41,10 @@ from mailstack.access.folder import (
 )
 from mailstack.access.mime import Part, crlf, lf
 from mailstack.access.search import Candidate, Ranges, matches, needs
+from mailstack.nofollow import SymlinkRefused, open_file
 from mailstack.safeio import atomic_write
+
+log = Logger()
 
 DELIMITER = "."
 SPECIAL = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk"}
@@ -155,20 +159,19 @@ class MaildirMessage:
         return io.BytesIO(self._part().raw)
 
 
-def _read_header(path: str) -> bytes:
+def _read_header(f: Any) -> bytes:
     """
     The header block of a stored message, without reading its body.
     """
     data = b""
-    with open(path, "rb") as f:
-        while len(data) < 1 << 20:
-            chunk = f.read(8192)
-            if not chunk:
-                break
-            data += chunk
-            end = data.find(b"\n\n")
-            if end >= 0 or data.startswith(b"\n"):
-                return data[:end + 2] if end >= 0 else b"\n"
+    while len(data) < 1 << 20:
+        chunk = f.read(8192)
+        if not chunk:
+            break
+        data += chunk
+        end = data.find(b"\n\n")
+        if end >= 0 or data.startswith(b"\n"):
+            return data[:end + 2] if end >= 0 else b"\n"
     return data
 
 
@@ -195,16 +198,19 @@ def _read(folder: Folder, entry: Entry, level: int) -> tuple[float, Part | None]
     for _ in range(2):
         try:
             path = entry.path(folder.path)
-            mtime = os.stat(path).st_mtime
-            if level == HEADER:
-                return mtime, Part(crlf(_read_header(path)))
-            if level == WHOLE:
-                with open(path, "rb") as f:
-                    return mtime, _parsed(f)
-            return mtime, None
+            if level == NOTHING:
+                return os.lstat(path).st_mtime, None
+            with open_file(path) as f:
+                mtime = os.fstat(f.fileno()).st_mtime
+                if level == HEADER:
+                    return mtime, Part(crlf(_read_header(f)))
+                return mtime, _parsed(f)
         except FileNotFoundError:
             if not folder.locate(entry):
                 return None
+        except SymlinkRefused as e:
+            log.warn("imap: not serving {path}: {error}", path=e.filename, error=e.strerror)
+            return None
     return None
 
 
@@ -573,7 +579,8 @@ class MaildirAccount:
         return deferToThreadPool(self.reactor, self.pool, f, *args)
 
     def folder(self, name: str) -> Folder:
-        return Folder(os.path.join(self.root, folder_dirname(name)), self.hostname)
+        return Folder(os.path.join(self.root, folder_dirname(name)), self.hostname,
+                      base=os.path.dirname(os.path.dirname(self.root)))
 
     def existing(self, name: str) -> Folder:
         folder = self.folder(name)
@@ -607,7 +614,8 @@ class MaildirAccount:
         names = ["INBOX"]
         for entry in sorted(os.listdir(self.root)):
             if entry.startswith(".") and entry not in (".", "..") and os.path.isdir(
-                    os.path.join(self.root, entry, "cur")):
+                    os.path.join(self.root, entry, "cur")) and not os.path.islink(
+                    os.path.join(self.root, entry)):
                 try:
                     names.append(folder_name(entry))
                 except (UnicodeError, ValueError):

@@ -29,6 +29,7 @@ from zope.interface import implementer
 
 from mailstack.access.limits import AccessLimits
 from mailstack.access.maildir import MaildirMessage
+from mailstack.nofollow import SymlinkRefused, open_file
 from mailstack.smtp.client import DotStuffer
 from mailstack.throttle import LoginThrottle
 
@@ -60,7 +61,11 @@ class MaildirMailbox:
         message = self._message(index)
         if message.deleted:
             raise ValueError(index)
-        return open(message.path, "rb")
+        try:
+            return open_file(message.path)
+        except SymlinkRefused as e:
+            log.warn("pop3: not serving {path}: {error}", path=e.filename, error=e.strerror)
+            raise ValueError(index)
 
     def getUidl(self, index: int) -> bytes:
         message = self._message(index)

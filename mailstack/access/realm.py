@@ -66,7 +66,7 @@ class MaildirRealm:
             d = deferToThreadPool(self.reactor, self.pool, prepare)
             return d.addCallback(lambda _: (imap4.IAccount, account, lambda: None))
         if pop3.IMailbox in interfaces:
-            d = deferToThreadPool(self.reactor, self.pool, scan, root)
+            d = deferToThreadPool(self.reactor, self.pool, scan, root, self.store.root)
             return d.addCallback(lambda messages: (pop3.IMailbox, MaildirMailbox(messages),
                                                    lambda: None))
         raise NotImplementedError("IMAP accounts and POP3 mailboxes only")

@@ -39,6 +39,7 @@ from zope.interface import implementer
 from mailstack.address import Address, AddressError, mailbox_name
 from mailstack.interfaces import IDeliveryAgent
 from mailstack.message import Envelope, MessageSpool
+from mailstack.nofollow import SymlinkRefused, check_tree
 from mailstack.safeio import fsync_directory, write_file
 
 log = Logger()
@@ -188,7 +189,11 @@ class MaildirWriter:
         committed: list[str] = []
         try:
             for copy in copies:
+                # No link anywhere below the mail root: a planted one would
+                # make delivery write outside the data directory.
+                check_tree(self.store.root, copy.maildir, SUBDIRS)
                 self.store.ensure(copy.maildir)
+                check_tree(self.store.root, copy.maildir, SUBDIRS)
                 size = len(copy.prefix) + spool.size
                 vsize = size + copy.prefix.count(b"\n") + spool.lines
                 name = unique_name(self.hostname, size, vsize=vsize)
@@ -240,6 +245,14 @@ class MaildirDeliveryAgent:
         except AddressError as e:
             return fail(e)
         d = deferToThreadPool(self.reactor, self.pool, self.writer.write, copies, spool)
+
+        def refused(failure: Any) -> Any:
+            if failure.check(SymlinkRefused):
+                log.warn("{qid}: status=deferred (refusing a link in a maildir: {path})",
+                         qid=envelope.queue_id, path=failure.value.filename)
+            return failure
+
+        d.addErrback(refused)
 
         def logged(paths: list[str]) -> list[str]:
             delay = self.reactor.seconds() - envelope.received_at
