@@ -222,6 +222,9 @@ class Part:
 
     def children(self) -> list[Part]:
         if self._children is None:
+            if (self.multipart or self.encapsulates) and self.budget.parts >= MAX_MIME_PARTS:
+                # No part left for what is inside: this one becomes opaque.
+                self.opaque, self.type = True, "application/octet-stream"
             if self.multipart:
                 self._children = self._split()
             elif self.encapsulates:
