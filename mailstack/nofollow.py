@@ -84,5 +84,5 @@ def _real_directory(path: str) -> bool:
     if stat.S_ISLNK(mode):
         raise SymlinkRefused(path)
     if not stat.S_ISDIR(mode):
-        raise SymlinkRefused(path, "file where a directory belongs")
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", path)
     return True
