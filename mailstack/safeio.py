@@ -31,10 +31,11 @@ class Disk:
     """
 
     def create(self, path: str, mode: int) -> int:
-        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
 
     def open_append(self, path: str) -> int:
-        return os.open(path, os.O_WRONLY | os.O_APPEND)
+        # A planted symbolic link is refused (ELOOP), never written through.
+        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_NOFOLLOW)
 
     def write(self, fd: int, data: memoryview) -> int:
         return os.write(fd, data)

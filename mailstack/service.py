@@ -249,11 +249,15 @@ class MailStack(MultiService):
                                    "smtp", "submissions")
             self.listen("submissions", config.submissions, TLSMemoryBIOFactory(
                 ReloadingContextFactory(self.tls), False, factory))
-        # Reading mail: one portal for IMAP and POP3.
-        portal = make_portal(self.store, config.hostname, self.checker, reactor, self.io_pool)
+        # Reading mail: one portal for IMAP and POP3, with its own worker
+        # threads, so deliveries (io_pool) never queue behind folder reads.
+        self.access_pool = ThreadPool(minthreads=0, maxthreads=8, name="mailstack-access")
+        ThreadPoolService(self.access_pool).setServiceParent(self)
+        portal = make_portal(self.store, config.hostname, self.checker, reactor,
+                             self.access_pool)
         if config.pop3 is not None:
             self.listen("pop3", config.pop3, self.limited(POP3Factory(
-                portal, reactor, self.io_pool, self.throttle, tls=self.tls.context_factory),
+                portal, reactor, self.access_pool, self.throttle, tls=self.tls.context_factory),
                 "pop3", "pop3"))
         if config.imap is not None:
             self.listen("imap", config.imap, self.limited(IMAPFactory(

@@ -30,8 +30,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Iterator
 
+from twisted.logger import Logger
+
 from mailstack.access.maildir import served_size
 from mailstack.delivery.maildir import SUBDIRS, arrival_key, unique_name
+from mailstack.nofollow import check_tree, open_file
 from mailstack.safeio import (
     append_file, atomic_write, discard, fsync_directory, rename, temporary_name, write_file,
 )
@@ -44,6 +47,8 @@ KEYWORDS = "mailstack-keywords"  # "<index> <keyword>" lines, as dovecot-keyword
 RECENT = "mailstack-recent"  # "V<uidvalidity> <first recent UID>"
 COUNTER = "mailstack-uidvalidity-counter"  # in the account root: the last given
 MAX_KEYWORDS = 26  # info letters a-z, as Dovecot's Maildir
+
+log = Logger()
 
 FLAG_LETTERS = {
     "\\Draft": "D",
@@ -141,10 +146,12 @@ class Folder:
     One Maildir (the INBOX root or a C{.Name} subfolder).
     """
 
-    def __init__(self, path: str, hostname: str = "localhost", root: str | None = None) -> None:
+    def __init__(self, path: str, hostname: str = "localhost", root: str | None = None,
+                 base: str | None = None) -> None:
         self.path = path
         self.hostname = hostname
         self.root = root or path  # where the account's UIDVALIDITY counter lives
+        self.base = base  # trusted directory above: nothing below it may be a link
         self.keywords: list[str] = []  # as last read, index = letter - 'a'
 
     # -- keywords ----------------------------------------------------------------
@@ -195,11 +202,18 @@ class Folder:
         known = {k.lower(): k for k in self.keywords}
         return {known.get(f.lower(), f) if is_keyword(f) else f for f in flags}
 
+    def check(self) -> None:
+        """
+        Refuse (L{SymlinkRefused}) a folder reached through a symbolic link.
+        """
+        check_tree(self.base or os.path.dirname(self.path), self.path, SUBDIRS)
+
     # -- the uid list --------------------------------------------------------
 
     @contextmanager
     def locked(self) -> Iterator[None]:
-        fd = os.open(os.path.join(self.path, LOCKFILE), os.O_RDWR | os.O_CREAT, 0o600)
+        fd = os.open(os.path.join(self.path, LOCKFILE),
+                     os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             yield
@@ -353,12 +367,16 @@ class Folder:
         found: dict[str, tuple[str, str]] = {}
         for sub in ("new", "cur"):  # a name in cur/ wins over the same in new/
             try:
-                names = os.listdir(os.path.join(self.path, sub))
+                entries = list(os.scandir(os.path.join(self.path, sub)))
             except FileNotFoundError:
                 continue
-            for name in names:
-                if not name.startswith("."):
-                    found[split_name(name)[0]] = (sub, name)
+            for entry in entries:
+                if entry.name.startswith("."):
+                    continue
+                if entry.is_symlink():
+                    log.warn("maildir: refusing the symbolic link {path}", path=entry.path)
+                    continue
+                found[split_name(entry.name)[0]] = (sub, entry.name)
         return found
 
     def scan(self, claim_new: bool = False, sizes: dict[str, int] | None = None) -> Snapshot:
@@ -371,6 +389,7 @@ class Folder:
         @param sizes: sizes already known by base name, to skip measuring.
         """
         sizes = sizes or {}
+        self.check()
         with self.locked():
             uidlist = self._load()
             keywords = self._read_keywords()
@@ -498,6 +517,7 @@ class Folder:
         """
         Store a message (LF line endings) durably in C{cur/}; its UID.
         """
+        self.check()
         size = len(content)
         name = unique_name(self.hostname, size, vsize=size + content.count(b"\n"))
         base = name
@@ -522,6 +542,7 @@ class Folder:
         C{entry} from folder C{source} into C{cur/} here; the new base name.
         Call L{register} after, then fsync with L{sync}.
         """
+        self.check()
         old = entry.path(source)
         size, vsize = _sizes_from_name(entry.base)
         name = unique_name(self.hostname, size if size is not None else 0,
@@ -538,7 +559,7 @@ class Folder:
             except OSError as e:
                 if e.errno not in (errno.EXDEV, errno.EPERM, errno.EMLINK):
                     raise
-                with open(old, "rb") as f:
+                with open_file(old) as f:
                     write_file(target, [f.read()])
         return name
 

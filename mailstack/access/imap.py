@@ -33,13 +33,15 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.mail import imap4
 from twisted.mail.imap4 import (
-    IllegalClientResponse, IllegalMailboxEncoding, MailboxException,
-    _parseMbox,  # type: ignore[attr-defined]
+    IllegalClientResponse, IllegalMailboxEncoding, IllegalOperation, MailboxException,
 )
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailstack.access.folder import MAX_KEYWORDS, Entry, TooManyKeywords
+from mailstack.access.limits import (
+    COMMAND, TAG, AccessLimits, FolderLimit, clean_text, literal_size, strict_parser,
+)
 from mailstack.access.mailbox import (
     HEADER, NOTHING, WHOLE, Changes, Loaded, MaildirAccount, MaildirMailbox, MissingFolder,
     wildcard_match,
@@ -47,6 +49,7 @@ from mailstack.access.mailbox import (
 from mailstack.access.mime import lf, literal, string
 from mailstack.access.search import SearchError, imap_date, parse_set
 from mailstack.logsafe import safe
+from mailstack.nofollow import SymlinkRefused
 from mailstack.safeio import is_disk_full
 from mailstack.throttle import LoginThrottle, LoginUnavailable
 
@@ -154,6 +157,14 @@ def render(loaded: Loaded, query: list[Any], uid: bool) -> bytes:
     return b"* %d FETCH (" % loaded.seq + b" ".join(items) + b")\r\n"
 
 
+def render_all(loaded: list[Loaded | None], query: list[Any], uid: bool
+               ) -> list[bytes | None]:
+    """
+    The FETCH responses of a batch (None for a message that is gone).
+    """
+    return [None if message is None else render(message, query, uid) for message in loaded]
+
+
 def _client_flags(flags: list[Any]) -> set[str]:
     """
     A client's flag list as stored: system flags spelled as IMAP spells
@@ -204,6 +215,25 @@ def _list_name(name: bytes) -> str | None:
         return None
 
 
+def _parseMbox(name: bytes | str) -> str:
+    """
+    A mailbox name from the client (modified UTF-7) as text; a name that
+    does not decode is the client's error (C{NO}), not the server's.
+    """
+    if isinstance(name, str):
+        return name
+    try:
+        text = name.decode("imap4-utf-7")
+        # Twisted's codec is lenient ("&" alone, "&AGE-" for "a", raw
+        # 8-bit): only a name that encodes back to itself is valid.
+        valid = text.encode("imap4-utf-7") == name
+    except (UnicodeError, ValueError):
+        valid = False
+    if not valid:
+        raise IllegalMailboxEncoding("Invalid modified UTF-7 in the folder name")
+    return text
+
+
 def _parse_date(value: bytes | None) -> float | None:
     if value is None:
         return None
@@ -239,11 +269,18 @@ class IMAPServer(imap4.IMAP4Server):
         self._lost = False
         self._logout_timer: Any = None
         self.client = "?"
+        self.limits = factory.limits
+        self._waiting_bytes = 0
+        self._reading_paused = False
+        self._bad_in_row = 0
+        self._abort_call: Any = None
 
     # -- connection ---------------------------------------------------------------
 
     def connectionMade(self) -> None:
         self.callLater = self.factory.reactor.callLater  # TimeoutMixin's clock
+        self.timeOut = self.limits.imap_preauth_timeout
+        self.POSTAUTH_TIMEOUT = self.limits.imap_timeout
         peer = self.transport.getPeer()
         self.ip = getattr(peer, "host", "?")
         self.client = f"[{self.ip}]:{getattr(peer, 'port', 0)}"
@@ -258,6 +295,8 @@ class IMAPServer(imap4.IMAP4Server):
         if self._logout_timer is not None and self._logout_timer.active():
             self._logout_timer.cancel()
         self._logout_timer = None
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
         self._stop_idle()
         self._waiting = []
         if self._paused is not None:
@@ -287,41 +326,202 @@ class IMAPServer(imap4.IMAP4Server):
     # -- one command at a time ---------------------------------------------------
 
     def lineReceived(self, line: bytes) -> Any:
-        if self.parseState == "command" and (self._busy or self._waiting):
-            if len(self._waiting) > 1000:
-                self.sendLine(b"* BYE Too many pipelined commands")
-                self.transport.loseConnection()
-                return None
-            self._waiting.append(line)
+        if self._lost or self.transport.disconnecting:
             return None
-        return super().lineReceived(line)
+        if self.parseState == "command" and (self._busy or self._waiting):
+            # A command runs: stop reading (the rest waits in the kernel's
+            # socket buffer) and keep what was already read, up to a cap.
+            self._waiting.append(line)
+            self._waiting_bytes += len(line) + 2
+            self._stop_reading()
+            if self._waiting_bytes + len(self._buffer) > self.limits.max_buffered:
+                self._overflow()
+            return None
+        return self._process(line)
+
+    def _process(self, line: bytes) -> None:
+        self.resetTimeout()
+        handler = getattr(self, "parse_" + self.parseState)
+        try:
+            handler(line)
+        except Exception:
+            log.failure("imap: cannot handle a line from {client}", client=self.client)
+            self.sendBadResponse(None, b"[SERVERBUG] Internal error")
+
+    def _stop_reading(self) -> None:
+        if not self._reading_paused:
+            self._reading_paused = True
+            self.transport.pauseProducing()
+
+    def _start_reading(self) -> None:
+        self._waiting_bytes = 0
+        if self._reading_paused and not self._lost and not self.transport.disconnecting:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+
+    def _overflow(self) -> None:
+        log.warn("imap: {client} sent more than {cap} bytes while a command ran; closed",
+                 client=self.client, cap=self.limits.max_buffered)
+        self._close(b"* BYE Too much input while a command runs")
+
+    def _close(self, goodbye: bytes) -> None:
+        """
+        Say goodbye and close; a client that does not read is cut after a
+        grace period (loseConnection waits for the write buffer).
+        """
+        self._waiting = []
+        self._waiting_bytes = 0
+        if self._lost or self.transport.disconnecting:
+            return
+        self.sendLine(goodbye)
+        # Read nothing more (TLS would read on, waiting for close_notify).
+        self.transport.pauseProducing()
+        self._reading_paused = True
+        self.transport.loseConnection()
+        self._abort_call = self.factory.reactor.callLater(self.limits.close_grace, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        if not self._lost:
+            self.transport.abortConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        log.warn("imap: line over {max} bytes from {client}; closed", max=self.MAX_LENGTH,
+                 client=self.client)
+        self._buffer = b""
+        self._close(b"* BYE Line too long")
+
+    def timeoutConnection(self) -> None:
+        log.info("imap: {client} idle for too long; closed", client=self.client)
+        self._stop_idle()
+        self._close(b"* BYE Autologout; idle for too long")
+
+    def rawDataReceived(self, data: bytes) -> None:
+        # Literal bytes do not reset the idle timer: a command with its
+        # literals must arrive within the timeout (no trickling forever).
+        passon = self._pendingLiteral.write(data)
+        if passon is not None:
+            self.setLineMode(passon)
 
     def parse_command(self, line: bytes) -> Any:
-        words = line.split(None, 1)
+        words = line.split(None, 2)
         if not words:
             self.sendBadResponse(None, b"Null command")
             return None
+        tag = words[0]
+        if len(tag) > 64 or not TAG.fullmatch(tag):
+            self._count_bad()
+            self.sendBadResponse(None, b"Invalid tag")
+            return None
+        if len(words) < 2:
+            self.sendBadResponse(tag, b"Missing command")
+            return None
+        command = words[1].upper()
+        if not COMMAND.fullmatch(command):
+            self.sendBadResponse(tag, b"Invalid command name")
+            return None
         self._busy = True
         try:
-            return super().parse_command(line)
+            self.dispatchCommand(tag, command, words[2] if len(words) > 2 else None)
         except Exception:
-            log.failure("imap: command failed for {client}", client=self.client)
-            self.sendBadResponse(words[0], b"Server error")
-            return None
+            self._command_failed(tag, Failure())
+        return None
+
+    def dispatchCommand(self, tag: bytes, cmd: bytes, rest: bytes | None,
+                        uid: int | None = None) -> None:
+        found = self.lookupCommand(cmd)
+        if not found:
+            self.sendBadResponse(tag, b"Unknown command or not allowed in this state")
+            return
+        # The command tables name Twisted's parsers; use this class's
+        # version of each (stricter literals), made strict about errors.
+        handler, parsers = found[0], tuple(
+            strict_parser(getattr(type(self), p.__name__, p)) if callable(p) else p
+            for p in found[1:])
+        self._IMAP4Server__doCommand(tag, handler, [self, tag], parsers, rest, uid)  # type: ignore[attr-defined]
+
+    def _IMAP4Server__ebDispatch(self, failure: Failure, tag: bytes) -> None:
+        self._command_failed(tag, failure)
+
+    def _IMAP4Server__ebLogin(self, failure: Failure, tag: bytes) -> None:
+        if failure.check(UnauthorizedLogin):
+            self.sendNegativeResponse(tag, b"[AUTHENTICATIONFAILED] LOGIN failed")
+        else:
+            self._command_failed(tag, failure)
+
+    def _IMAP4Server__ebAuthResp(self, failure: Failure, tag: bytes) -> None:
+        if failure.check(UnauthorizedLogin):
+            self.sendNegativeResponse(tag, b"[AUTHENTICATIONFAILED] Authentication failed")
+        else:
+            self._command_failed(tag, failure)
+
+    def _IMAP4Server__ebAuthChunk(self, failure: Failure, tag: bytes) -> None:
+        if failure.check(IllegalClientResponse, ValueError, TypeError):
+            self.sendBadResponse(tag, b"Malformed authentication response")
+        else:
+            self._command_failed(tag, failure)
+
+    def _command_failed(self, tag: bytes, failure: Failure) -> None:
+        """
+        The one answer to a command that raised: the protocol's error for
+        the client's mistakes, a generic C{NO [SERVERBUG]} for ours (the
+        traceback goes to the log only).
+        """
+        error = failure.value
+        if isinstance(error, FolderLimit):
+            self.sendNegativeResponse(tag, b"[LIMIT] " + clean_text(error))
+        elif isinstance(error, MissingFolder):
+            self.sendNegativeResponse(tag, b"[TRYCREATE] " + clean_text(error))
+        elif isinstance(error, (SearchError, IllegalClientResponse)):
+            text = clean_text(error)
+            self.sendBadResponse(tag, text if text.startswith(b"[")
+                                 else b"Illegal syntax: " + text)
+        elif isinstance(error, IllegalMailboxEncoding):
+            self.sendNegativeResponse(tag, b"[CANNOT] Invalid folder name")
+        elif isinstance(error, (IllegalOperation, MailboxException)):
+            self.sendNegativeResponse(tag, clean_text(error))
+        elif isinstance(error, TooManyKeywords):
+            self.sendNegativeResponse(tag, b"[LIMIT] " + clean_text(error))
+        elif isinstance(error, SymlinkRefused):
+            log.warn("imap: {client}: {error} {path}", client=self.client, error=error.strerror,
+                     path=error.filename)
+            self.sendNegativeResponse(tag, b"[SERVERBUG] Folder unavailable; see the server log")
+        elif isinstance(error, OSError):  # a full disk, a storage fault: one log line
+            self.sendNegativeResponse(tag, self._storage_failed(error))
+        else:
+            log.failure("imap: command failed for {client}", failure, client=self.client)
+            self.sendNegativeResponse(tag, b"[SERVERBUG] Internal error; see the server log")
+
+    def _count_bad(self) -> None:
+        self._bad_in_row += 1
+        if self._bad_in_row >= self.limits.max_bad_commands:
+            log.warn("imap: {client} sent {n} invalid commands in a row; closed",
+                     client=self.client, n=self._bad_in_row)
+            self._close(b"* BYE Too many invalid commands")
 
     def _respond(self, state: bytes, tag: bytes | None, message: bytes | None) -> None:
         super()._respond(state, tag, message)
         if tag not in (None, b"*") and state in (b"OK", b"NO", b"BAD"):
             self._busy = False
+            if state == b"BAD":
+                self._count_bad()
+            else:
+                self._bad_in_row = 0
             if self._waiting and not self._drain_pending:
                 self._drain_pending = True
                 self.factory.reactor.callLater(0, self._drain)
+            elif not self._waiting:
+                self._start_reading()
 
     def _drain(self) -> None:
         self._drain_pending = False
         while (self._waiting and not self._busy and self.parseState == "command"
                and not self.transport.disconnecting):
-            super().lineReceived(self._waiting.pop(0))
+            line = self._waiting.pop(0)
+            self._waiting_bytes -= len(line) + 2
+            self._process(line)
+        if not self._waiting and not self._busy:
+            self._start_reading()
 
     def _run(self, tag: bytes, work: Any) -> None:
         """
@@ -329,22 +529,7 @@ class IMAPServer(imap4.IMAP4Server):
         """
         d = Deferred.fromCoroutine(work)
 
-        def failed(failure: Failure) -> None:
-            if failure.check(SearchError, IllegalClientResponse):
-                self.sendBadResponse(tag, str(failure.value).encode("utf-8", "replace"))
-            elif failure.check(TooManyKeywords):
-                self.sendNegativeResponse(tag, b"[LIMIT] " + str(failure.value).encode())
-            elif failure.check(MissingFolder):
-                self.sendNegativeResponse(tag, b"[TRYCREATE] " + str(failure.value).encode())
-            elif failure.check(MailboxException):
-                self.sendNegativeResponse(tag, str(failure.value).encode("utf-8", "replace"))
-            elif failure.check(OSError):
-                self.sendNegativeResponse(tag, self._storage_failed(failure.value))
-            else:
-                log.failure("imap: command failed for {client}", failure, client=self.client)
-                self.sendBadResponse(tag, b"Server error")
-
-        d.addErrback(failed)
+        d.addErrback(lambda failure: self._command_failed(tag, failure))
 
     def _storage_failed(self, error: OSError) -> bytes:
         """
@@ -482,14 +667,32 @@ class IMAPServer(imap4.IMAP4Server):
             raise IllegalClientResponse(str(e))
 
     def arg_literal(self, line: bytes) -> Any:
-        try:
-            size = int(line[1:-1])
-        except ValueError:
-            raise IllegalClientResponse("Malformed literal")
-        if size > self.factory.max_message_size:
-            raise IllegalClientResponse(
-                f"[TOOBIG] Messages are limited to {self.factory.max_message_size} bytes")
-        return super().arg_literal(line)
+        size = literal_size(line, self.factory.max_message_size)
+        return self._fileLiteral(size)
+
+    def arg_astring(self, line: bytes, final: bool = False) -> Any:
+        stripped = line.strip()
+        if stripped[:1] == b"{":
+            size = literal_size(stripped, self.limits.max_string_literal)
+            if final and not size:
+                return (b"", b"")
+            return self._stringLiteral(size)
+        return super().arg_astring(line, final)
+
+    def _stringLiteral(self, size: int) -> Any:
+        self._literalStringLimit = self.limits.max_string_literal
+        return super()._stringLiteral(size)
+
+    def arg_fetchatt(self, line: bytes) -> Any:
+        if not line or not line.strip():
+            raise IllegalClientResponse("Missing FETCH items")
+        query, rest = super().arg_fetchatt(line)
+        for item in query:
+            begin = getattr(item, "partialBegin", None)
+            length = getattr(item, "partialLength", None)
+            if (begin is not None and begin < 0) or (length is not None and length < 1):
+                raise IllegalClientResponse("Bad partial range")
+        return query, rest
 
     def arg_mailbox(self, line: bytes) -> Any:
         return self.arg_astring(line)
@@ -802,13 +1005,12 @@ class IMAPServer(imap4.IMAP4Server):
                     end += 1
                 loaded = await mbox.load(items[start:end], level, mark_seen)
                 start = end
-                out = []
-                for message in loaded:
-                    if message is None:
-                        vanished += 1
-                    else:
-                        out.append(render(message, query, uid))
-                self.transport.write(b"".join(out))
+                if level == NOTHING:
+                    out = render_all(loaded, query, uid)
+                else:  # structures and sections: rendered off the reactor thread
+                    out = await mbox.account.run(render_all, loaded, query, uid)
+                vanished += out.count(None)
+                self.transport.write(b"".join(o for o in out if o is not None))
                 await self._writable()
         finally:
             self.transport.unregisterProducer()
@@ -946,7 +1148,9 @@ class IMAPServer(imap4.IMAP4Server):
     def do_UID(self, tag: bytes, command: bytes, line: bytes) -> None:
         command = command.upper()
         if command == b"EXPUNGE":
-            ranges, rest = self.arg_seqset(line)
+            ranges, rest = self.arg_seqset(line or b"")
+            if rest:
+                raise IllegalClientResponse("Too many arguments")
             self.do_EXPUNGE(tag, ranges)
             return
         if command not in (b"COPY", b"MOVE", b"FETCH", b"STORE", b"SEARCH"):
@@ -997,8 +1201,10 @@ class IMAPFactory(Factory):
     noisy = False
 
     def __init__(self, portal: Portal, reactor: Any, throttle: LoginThrottle, tls: Any,
-                 max_message_size: int, implicit_tls: bool = False) -> None:
+                 max_message_size: int, implicit_tls: bool = False,
+                 limits: AccessLimits = AccessLimits()) -> None:
         self.portal = portal
+        self.limits = limits
         self.reactor = reactor
         self.throttle = throttle
         self.tls = tls

@@ -19,6 +19,7 @@ from __future__ import annotations
 import bisect
 import email.utils
 import fcntl
+import functools
 import io
 import os
 import re
@@ -29,16 +30,22 @@ from typing import Any, Iterable, Iterator
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.mail import imap4
 from twisted.mail.imap4 import MailboxException
 from zope.interface import implementer
 
+from mailstack.access.cache import PART_OVERHEAD, PartCache, parsed
+from mailstack.access.limits import MAX_FOLDER_NAME, MAX_FOLDERS, FolderLimit
 from mailstack.access.folder import (
     PERMANENT_FLAGS, Entry, Folder, Snapshot, ensure_folder,
 )
 from mailstack.access.mime import Part, crlf, lf
 from mailstack.access.search import Candidate, Ranges, matches, needs
+from mailstack.nofollow import SymlinkRefused, open_file
 from mailstack.safeio import atomic_write, temporary_name
+
+log = Logger()
 
 DELIMITER = "."
 SPECIAL = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "\\Junk"}
@@ -57,10 +64,13 @@ def folder_dirname(name: str) -> str:
     if name.upper().startswith("INBOX" + DELIMITER):
         raise MailboxException("Folders under INBOX are not supported here")
     parts = name.split(DELIMITER)
-    if (not name or len(name) > 200 or any(not p for p in parts)
+    if (not name or any(not p for p in parts)
             or any(c in name for c in "/\\\0\r\n") or any(ord(c) < 32 for c in name)):
-        raise MailboxException(f"Invalid folder name {name!r}")
+        raise MailboxException(f"Invalid folder name {name[:100]!r}")
     encoded = name.encode("imap4-utf-7").decode("ascii")
+    if len(encoded) + 1 > MAX_FOLDER_NAME:
+        raise FolderLimit(f"Folder names are limited to {MAX_FOLDER_NAME - 1} bytes"
+                          " (modified UTF-7)")
     return "." + encoded
 
 
@@ -150,20 +160,19 @@ class MaildirMessage:
         return io.BytesIO(self._part().raw)
 
 
-def _read_header(path: str) -> bytes:
+def _read_header(f: Any) -> bytes:
     """
     The header block of a stored message, without reading its body.
     """
     data = b""
-    with open(path, "rb") as f:
-        while len(data) < 1 << 20:
-            chunk = f.read(8192)
-            if not chunk:
-                break
-            data += chunk
-            end = data.find(b"\n\n")
-            if end >= 0 or data.startswith(b"\n"):
-                return data[:end + 2] if end >= 0 else b"\n"
+    while len(data) < 1 << 20:
+        chunk = f.read(8192)
+        if not chunk:
+            break
+        data += chunk
+        end = data.find(b"\n\n")
+        if end >= 0 or data.startswith(b"\n"):
+            return data[:end + 2] if end >= 0 else b"\n"
     return data
 
 
@@ -190,17 +199,34 @@ def _read(folder: Folder, entry: Entry, level: int) -> tuple[float, Part | None]
     for _ in range(2):
         try:
             path = entry.path(folder.path)
-            mtime = os.stat(path).st_mtime
-            if level == HEADER:
-                return mtime, Part(crlf(_read_header(path)))
-            if level == WHOLE:
-                with open(path, "rb") as f:
-                    return mtime, Part(crlf(f.read()))
-            return mtime, None
+            if level == NOTHING:
+                return os.lstat(path).st_mtime, None
+            with open_file(path) as f:
+                mtime = os.fstat(f.fileno()).st_mtime
+                if level == HEADER:
+                    return mtime, Part(crlf(_read_header(f)))
+                return mtime, _parsed(f)
         except FileNotFoundError:
             if not folder.locate(entry):
                 return None
+        except SymlinkRefused as e:
+            log.warn("imap: not serving {path}: {error}", path=e.filename, error=e.strerror)
+            return None
     return None
+
+
+def _parsed(f: Any) -> Part:
+    """
+    The whole message, parsed (every part, within the limits), from the
+    cache when another FETCH parsed it before.  Blocking: call it in a
+    worker thread, never on the reactor's.
+    """
+    key = PartCache.key(os.fstat(f.fileno()))
+    part = parsed.get(key)
+    if part is None:
+        part = Part(crlf(f.read())).parse_all()
+        parsed.put(key, part, len(part.raw) + PART_OVERHEAD * part.budget.parts)
+    return part
 
 
 def wildcard_match(pattern: str, name: str) -> bool:
@@ -208,11 +234,53 @@ def wildcard_match(pattern: str, name: str) -> bool:
     LIST patterns: C{*} matches anything, C{%} anything but the delimiter;
     INBOX matches in any case.
     """
-    regex = "".join(".*" if c == "*" else "[^.]*" if c == "%" else re.escape(c)
-                    for c in pattern)
-    if name == "INBOX":
-        return re.fullmatch(regex, name, re.IGNORECASE) is not None
-    return re.fullmatch(regex, name) is not None
+    return _matcher(pattern)(name)
+
+
+@functools.lru_cache(maxsize=64)
+def _matcher(pattern: str) -> Any:
+    """
+    A LIST pattern compiled once.  A pattern with many wildcards is run as
+    a set of positions (linear in the name, whatever the pattern) instead
+    of a backtracking regex, which a pattern like C{*a*a*a*a*b} makes
+    exponential.
+    """
+    pattern = re.sub(r"\*[*%]*", "*", pattern)  # runs of wildcards: one "*" if any
+    if pattern.count("*") + pattern.count("%") <= 2:
+        regex = "".join(".*" if c == "*" else "[^.]*" if c == "%" else re.escape(c)
+                        for c in pattern)
+        exact = re.compile(regex, re.DOTALL)
+        folded = re.compile(regex, re.DOTALL | re.IGNORECASE)
+        return lambda name: (folded if name == "INBOX" else exact).fullmatch(name) is not None
+
+    def closure(states: set[int]) -> set[int]:
+        stack = list(states)
+        while stack:
+            i = stack.pop()
+            if i < len(pattern) and pattern[i] in "*%" and i + 1 not in states:
+                states.add(i + 1)
+                stack.append(i + 1)
+        return states
+
+    def match(name: str) -> bool:
+        fold = name == "INBOX"
+        states = closure({0})
+        for c in name:
+            step = set()
+            for i in states:
+                if i >= len(pattern):
+                    continue
+                p = pattern[i]
+                if p == "*" or (p == "%" and c != DELIMITER):
+                    step.add(i)
+                elif p == c or (fold and p.upper() == c.upper()):
+                    step.add(i + 1)
+            if not step:
+                return False
+            states = closure(step)
+        return len(pattern) in states
+
+    return match
 
 
 @implementer(imap4.IMailbox, imap4.ISearchableMailbox)
@@ -497,17 +565,22 @@ class MaildirAccount:
     One logged-in user's folders.
     """
 
-    def __init__(self, root: str, hostname: str, reactor: Any, pool: Any) -> None:
+    def __init__(self, root: str, hostname: str, reactor: Any, pool: Any,
+                 share: Any = None) -> None:
         self.root = root
         self.hostname = hostname
         self.reactor = reactor
         self.pool = pool
+        self.share = share  # a DeferredSemaphore shared by the user's sessions
 
     def run(self, f: Any, *args: Any) -> Deferred[Any]:
+        if self.share is not None:
+            return self.share.run(deferToThreadPool, self.reactor, self.pool, f, *args)
         return deferToThreadPool(self.reactor, self.pool, f, *args)
 
     def folder(self, name: str) -> Folder:
-        return Folder(os.path.join(self.root, folder_dirname(name)), self.hostname, self.root)
+        return Folder(os.path.join(self.root, folder_dirname(name)), self.hostname, self.root,
+                      base=os.path.dirname(os.path.dirname(self.root)))
 
     def existing(self, name: str) -> Folder:
         folder = self.folder(name)
@@ -542,23 +615,25 @@ class MaildirAccount:
         names = ["INBOX"]
         for entry in sorted(os.listdir(self.root)):
             if entry.startswith(".") and entry not in (".", "..") and os.path.isdir(
-                    os.path.join(self.root, entry, "cur")):
+                    os.path.join(self.root, entry, "cur")) and not os.path.islink(
+                    os.path.join(self.root, entry)):
                 try:
                     names.append(folder_name(entry))
                 except (UnicodeError, ValueError):
                     continue  # not a name mailstack would have written
         present = set(names)
         implied = set()
+        parents = set()  # every name with a child: linear, not a scan per name
         for name in names[1:]:
             parts = name.split(DELIMITER)
             for i in range(1, len(parts)):
                 parent = DELIMITER.join(parts[:i])
+                parents.add(parent)
                 if parent not in present:
                     implied.add(parent)
         infos = []
-        every = present | implied
         for name in names + sorted(implied):
-            children = any(other.startswith(name + DELIMITER) for other in every)
+            children = name in parents
             attributes = ["\\HasChildren" if children else "\\HasNoChildren"]
             if name in implied:
                 attributes.insert(0, "\\Noselect")
@@ -573,7 +648,17 @@ class MaildirAccount:
         path = os.path.join(self.root, folder_dirname(name))
         if os.path.isdir(path):
             raise MailboxException(f"{name} already exists")
+        if self.folder_count() >= MAX_FOLDERS:
+            raise FolderLimit(f"At most {MAX_FOLDERS} folders per user")
         ensure_folder(path, subfolder=True)
+
+    def folder_count(self) -> int:
+        """
+        The folders (subdirectories C{.Name}) of this user.  Blocking.
+        """
+        with os.scandir(self.root) as entries:
+            return sum(1 for e in entries if e.name.startswith(".") and e.name[1:2] != "#"
+                       and e.is_dir(follow_symlinks=False))
 
     def delete_folder(self, name: str) -> None:
         dirname = folder_dirname(name)
@@ -599,6 +684,9 @@ class MaildirAccount:
         moves = [(old_dir, new_dir)] + [
             (entry, new_dir + entry[len(old_dir):]) for entry in os.listdir(self.root)
             if entry.startswith(old_dir + ".")]
+        if any(len(target) > MAX_FOLDER_NAME for _, target in moves):
+            raise FolderLimit(f"Folder names are limited to {MAX_FOLDER_NAME - 1} bytes"
+                              " (modified UTF-7)")
         for source, target in moves:
             os.rename(os.path.join(self.root, source), os.path.join(self.root, target))
         with self._subscriptions_locked():

@@ -15,6 +15,11 @@ import re
 from dataclasses import dataclass
 
 from mailstack.delivery.maildir import arrival_key
+from twisted.logger import Logger
+
+from mailstack.nofollow import check_tree, open_file
+
+log = Logger()
 
 _W = re.compile(r",W=(\d+)")
 
@@ -35,27 +40,33 @@ def served_size(path: str) -> int:
     if match:
         return int(match.group(1))
     size = lines = 0
-    with open(path, "rb") as f:
+    with open_file(path) as f:
         for chunk in iter(lambda: f.read(65536), b""):
             size += len(chunk)
             lines += chunk.count(b"\n")
     return size + lines
 
 
-def scan(maildir: str) -> list[MaildirMessage]:
+def scan(maildir: str, base: str | None = None) -> list[MaildirMessage]:
     """
-    The messages in C{new/} and C{cur/}, oldest first.  Blocking: call it
-    in a thread.
+    The messages in C{new/} and C{cur/}, oldest first; symbolic links are
+    left out (and logged), and no directory below C{base} may be one.
+    Blocking: call it in a thread.
     """
+    check_tree(base or os.path.dirname(maildir), maildir, ("cur", "new"))
     found = []
     for sub in ("cur", "new"):
         directory = os.path.join(maildir, sub)
         try:
-            names = os.listdir(directory)
+            entries = list(os.scandir(directory))
         except FileNotFoundError:
             continue
-        for name in names:
+        for entry in entries:
+            name = entry.name
             if name.startswith("."):
+                continue
+            if entry.is_symlink():
+                log.warn("pop3: refusing the symbolic link {path}", path=entry.path)
                 continue
             path = os.path.join(directory, name)
             try:

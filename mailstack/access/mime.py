@@ -7,6 +7,13 @@ The message is split by hand on its boundaries, so C{BODY[1.2]} is the
 exact bytes of that part (the C{email} package re-serialises, which can
 change bytes); the C{email} package only parses header fields.  Header
 values keep their raw bytes (8-bit headers go out as literals).
+
+A crafted message cannot make the parse unbounded (Dovecot's limits since
+CVE-2020-12100, see L{mailstack.access.limits}): nesting stops at 100
+levels and a message has at most 10,000 parts; beyond them the rest is one
+opaque C{application/octet-stream} part.  ENVELOPE address lists are
+bounded too.  Parsing and rendering are meant for a worker thread:
+L{Part.parse_all} builds the whole (bounded) tree at once.
 """
 
 from __future__ import annotations
@@ -14,10 +21,15 @@ from __future__ import annotations
 import email.utils
 import re
 from email.message import Message
+from typing import Iterator
 from email.parser import BytesHeaderParser
 from email.policy import compat32
 
 from mailstack.access.addresses import parse_addresses
+from mailstack.access.limits import (
+    MAX_ADDRESS_FIELD, MAX_ENVELOPE_ADDRESSES, MAX_HEADER_PARSE, MAX_MIME_DEPTH,
+    MAX_MIME_PARTS,
+)
 
 _parser = BytesHeaderParser(policy=compat32)
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")
@@ -76,29 +88,124 @@ def select_fields(header: bytes, names: list[bytes], negate: bool) -> bytes:
     return b"".join(kept) + b"\r\n"
 
 
+def _delimiters(buffer: bytes, marker: bytes, start: int, end: int
+                ) -> Iterator[tuple[tuple[int, int], bool]]:
+    """
+    The boundary delimiter lines in C{buffer[start:end]}: for each, the span
+    it takes (its leading CRLF included) and whether it is the closing one.
+    A line is a delimiter when it begins with C{marker} (C{--boundary}),
+    optionally C{--}, then only spaces or tabs (RFC 2046 5.1.1).  Uses
+    C{bytes.find}, so a long body is scanned at memory speed.
+    """
+    pos = start
+    while True:
+        at = buffer.find(marker, pos, end)
+        if at < 0:
+            return
+        pos = at + len(marker)
+        if at != start and not (at - 2 >= start and buffer[at - 2:at] == b"\r\n"):
+            continue
+        after = pos
+        closing = buffer.startswith(b"--", after, end)
+        if closing:
+            after += 2
+        while after < end and buffer[after] in (32, 9):
+            after += 1
+        if after == end:
+            line_end = end
+        elif buffer.startswith(b"\r\n", after, end):
+            line_end = after + 2
+        else:
+            continue
+        yield (at - 2 if at != start else at, line_end), closing
+        pos = line_end
+
+
+class _Budget:
+    """
+    The parts one message may still have (shared by its whole tree).
+    """
+
+    def __init__(self) -> None:
+        self.parts = 0
+
+
+def _bounded_header(header: bytes) -> bytes:
+    """
+    The part of a header block the C{email} parser sees (at a line end):
+    fields past L{MAX_HEADER_PARSE} do not count for the structure.
+    """
+    if len(header) <= MAX_HEADER_PARSE:
+        return header
+    cut = header.rfind(b"\r\n", 0, MAX_HEADER_PARSE)
+    return header[:cut + 2 if cut > 0 else MAX_HEADER_PARSE] + b"\r\n"
+
+
+def _bounded_addresses(value: bytes) -> str:
+    """
+    An address header's value cut to what ENVELOPE parses (at a comma).
+    """
+    if len(value) > MAX_ADDRESS_FIELD:
+        cut = value.rfind(b",", 0, MAX_ADDRESS_FIELD)
+        value = value[:cut if cut > 0 else MAX_ADDRESS_FIELD]
+    return value.decode("utf-8", "surrogateescape")
+
+
 class Part:
     """
     A message or a MIME entity: its header block (blank line included) and
     its body, both with CRLF line endings.
+
+    @ivar opaque: past the nesting or part limit: one leaf of type
+        C{application/octet-stream}, whatever its header says.
+
+    Every part of a message shares the message's bytes (C{raw} and C{body}
+    are sliced on demand), so deep nesting costs no copies.
     """
 
-    def __init__(self, raw: bytes, default_type: str = "text/plain") -> None:
-        if raw.startswith(b"\r\n"):
-            self.header, self.body = b"\r\n", raw[2:]
+    def __init__(self, raw: bytes, default_type: str = "text/plain", depth: int = 0,
+                 budget: _Budget | None = None, opaque: bool = False,
+                 span: tuple[int, int] | None = None) -> None:
+        self.depth = depth
+        self.budget = budget or _Budget()
+        self.budget.parts += 1
+        self.opaque = opaque or depth > MAX_MIME_DEPTH
+        self._buffer = raw
+        start, end = span if span is not None else (0, len(raw))
+        self._start, self._end = start, end
+        if raw.startswith(b"\r\n", start, end):
+            self.header, self._body_start = b"\r\n", start + 2
         else:
-            end = raw.find(b"\r\n\r\n")
-            if end < 0:
-                self.header, self.body = raw + (b"" if raw.endswith(b"\r\n") else b"\r\n"), b""
+            blank = raw.find(b"\r\n\r\n", start, end)
+            if blank < 0:
+                header = raw[start:end]
+                self.header = header + (b"" if header.endswith(b"\r\n") else b"\r\n")
+                self._body_start = end
             else:
-                self.header, self.body = raw[:end + 4], raw[end + 4:]
-        self.raw = raw
+                self.header, self._body_start = raw[start:blank + 4], blank + 4
         # Values unfolded (a folded boundary= or subject is one line).
-        self.fields: Message = _parser.parsebytes(_FOLD.sub(b"", self.header))
+        self.fields: Message = _parser.parsebytes(_FOLD.sub(b"", _bounded_header(self.header)))
         self.fields.set_default_type(default_type)
         self.type = self.fields.get_content_type()
-        if self.type.startswith("multipart/") and not self.fields.get_param("boundary"):
+        if self.opaque:
+            self.type = "application/octet-stream"
+        elif self.type.startswith("multipart/") and not self.fields.get_param("boundary"):
             self.type = "text/plain"  # a multipart without a boundary is one text part
         self._children: list[Part] | None = None
+
+    @property
+    def raw(self) -> bytes:
+        if self._start == 0 and self._end == len(self._buffer):
+            return self._buffer
+        return self._buffer[self._start:self._end]
+
+    @property
+    def body(self) -> bytes:
+        return self._buffer[self._body_start:self._end]
+
+    @property
+    def body_size(self) -> int:
+        return self._end - self._body_start
 
     @property
     def multipart(self) -> bool:
@@ -108,12 +215,26 @@ class Part:
     def encapsulates(self) -> bool:
         return self.type == "message/rfc822"
 
+    def parse_all(self) -> "Part":
+        """
+        Split the whole tree now (bounded by the limits), so rendering
+        later does no parsing.  Blocking: for a worker thread.
+        """
+        stack = [self]
+        while stack:
+            stack.extend(stack.pop().children())
+        return self
+
     def children(self) -> list[Part]:
         if self._children is None:
+            if (self.multipart or self.encapsulates) and self.budget.parts >= MAX_MIME_PARTS:
+                # No part left for what is inside: this one becomes opaque.
+                self.opaque, self.type = True, "application/octet-stream"
             if self.multipart:
                 self._children = self._split()
             elif self.encapsulates:
-                self._children = [Part(self.body)]
+                self._children = [Part(self._buffer, depth=self.depth + 1, budget=self.budget,
+                                       span=(self._body_start, self._end))]
             else:
                 self._children = []
         return self._children
@@ -121,22 +242,40 @@ class Part:
     def _split(self) -> list[Part]:
         boundary = str(self.fields.get_param("boundary")).encode("utf-8", "surrogateescape")
         default = "message/rfc822" if self.type == "multipart/digest" else "text/plain"
-        delimiter = re.compile(rb"(?:^|\r\n)--" + re.escape(boundary) + rb"(--)?[ \t]*(?:\r\n|$)")
         parts: list[Part] = []
         start = None
         closed = False
-        for match in delimiter.finditer(self.body):
+        found = _delimiters(self._buffer, b"--" + boundary, self._body_start, self._end)
+        for (first, last), closing in found:
             if start is not None:
-                parts.append(Part(self.body[start:match.start()], default))
-            if match.group(1):
+                if self.budget.parts >= MAX_MIME_PARTS:
+                    # Over the limit: the rest of this body, up to the closing
+                    # delimiter, is one opaque part.
+                    rest_end = self._end
+                    if closing:
+                        rest_end = first
+                    else:
+                        for (first, _), closing in found:
+                            if closing:
+                                rest_end = first
+                                break
+                    parts.append(Part(self._buffer, default, self.depth + 1, self.budget,
+                                      opaque=True, span=(start, rest_end)))
+                    return parts
+                parts.append(Part(self._buffer, default, self.depth + 1, self.budget,
+                                  span=(start, first)))
+            if closing:
                 closed = True
                 break
-            start = match.end()
+            start = last
         if start is not None and not closed:
-            parts.append(Part(self.body[start:], default))  # no closing delimiter
+            # No closing delimiter: the last part runs to the end.
+            parts.append(Part(self._buffer, default, self.depth + 1, self.budget,
+                              opaque=self.budget.parts >= MAX_MIME_PARTS,
+                              span=(start, self._end)))
         if not parts:
             # The boundary never occurs: the body is one text part, as Dovecot shows it.
-            parts.append(Part(b"\r\n" + self.body))
+            parts.append(Part(b"\r\n" + self.body, "text/plain", self.depth + 1, self.budget))
         return parts
 
     def header_value(self, name: str) -> bytes | None:
@@ -245,7 +384,8 @@ class Part:
     def envelope(self) -> bytes:
         def addresses(name: str, fallback: str | None = None) -> bytes:
             value = self.header_value(name)
-            found = parse_addresses(value.decode("utf-8", "surrogateescape")) if value else []
+            found = (parse_addresses(_bounded_addresses(value))[:MAX_ENVELOPE_ADDRESSES]
+                     if value else [])
             if not found and fallback is not None:
                 return addresses(fallback)
             items = [b"(" + b" ".join([string(a.name), string(a.route), string(a.mailbox),

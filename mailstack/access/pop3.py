@@ -13,10 +13,13 @@ POP3 over the Maildirs: Twisted's C{POP3} parser with what it lacks.
 
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Any
 
+from twisted.cred.error import LoginDenied, LoginFailed
 from twisted.cred.portal import Portal
+from twisted.internet import defer
 from twisted.internet.defer import Deferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -25,8 +28,10 @@ from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailstack.access.limits import AccessLimits
 from mailstack.access.maildir import MaildirMessage
 from mailstack.logsafe import safe
+from mailstack.nofollow import SymlinkRefused, open_file
 from mailstack.smtp.client import DotStuffer
 from mailstack.throttle import LoginThrottle, LoginUnavailable
 
@@ -58,7 +63,11 @@ class MaildirMailbox:
         message = self._message(index)
         if message.deleted:
             raise ValueError(index)
-        return open(message.path, "rb")
+        try:
+            return open_file(message.path)
+        except SymlinkRefused as e:
+            log.warn("pop3: not serving {path}: {error}", path=e.filename, error=e.strerror)
+            raise ValueError(index)
 
     def getUidl(self, index: int) -> bytes:
         message = self._message(index)
@@ -96,7 +105,12 @@ class POP3Server(pop3.POP3):
         self.challengers = {}
         self.tls = self.factory.implicit_tls
         self.callLater = self.factory.reactor.callLater  # type: ignore[assignment]
+        self.limits = self.factory.limits
         self.timeOut = self.factory.timeout
+        self._blocked_bytes = 0
+        self._reading_paused = False
+        self._errors = 0
+        self._abort_call: Any = None
         self._stuffer = DotStuffer()
         self._after_stls = False
         peer = self.transport.getPeer()
@@ -128,9 +142,136 @@ class POP3Server(pop3.POP3):
     def lineReceived(self, line: bytes) -> Any:
         # LineOnlyReceiver has already split the whole packet: the lines that
         # came after STLS in it must not run inside TLS (CVE-2011-0411).
-        if self._after_stls:
+        if self._after_stls or self.transport.disconnecting:
             return None
+        if self.blocked is not None:
+            # A command runs: stop reading, keep what was read, up to a cap.
+            self._blocked_bytes += len(line) + 2
+            if not self._reading_paused:
+                self._reading_paused = True
+                self.transport.pauseProducing()
+            if self._blocked_bytes > self.limits.max_buffered:
+                log.warn("pop3: {client} sent more than {cap} bytes while a command ran; "
+                         "closed", client=self.client, cap=self.limits.max_buffered)
+                self.blocked = []
+                self._close(b"-ERR Too much input while a command runs")
+                return None
         return super().lineReceived(line)
+
+    def _unblock(self, _: Any) -> None:
+        super()._unblock(_)
+        if self.blocked is None:
+            self._blocked_bytes = 0
+            if self._reading_paused:
+                self._reading_paused = False
+                self.transport.resumeProducing()
+
+    def _longOperation(self, d: Any) -> Any:
+        # Twisted stops the idle timer during a long operation, so a client
+        # that never reads its RETR holds the session forever; here the
+        # timer runs on, and every chunk the client takes resets it.
+        self.blocked = []
+
+        def unblock(result: Any) -> Any:
+            self._unblock(None)
+            return result
+
+        return d.addBoth(unblock)
+
+    def _close(self, goodbye: bytes) -> None:
+        if self.transport.disconnecting:
+            return
+        self.sendLine(goodbye)
+        self.transport.pauseProducing()  # read nothing more
+        self.transport.loseConnection()
+        self._abort_call = self.factory.reactor.callLater(self.limits.close_grace, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        self.transport.abortConnection()
+
+    def do_DELE(self, i: bytes) -> None:
+        try:
+            index = int(i) - 1
+            if index < 0:
+                raise ValueError(i)
+            self.mbox.deleteMessage(index)
+        except ValueError:
+            self.failResponse("Bad message number argument")
+            return
+        self.successResponse()
+
+    def timeoutConnection(self) -> None:
+        log.info("pop3: {client} idle for too long; closed", client=self.client)
+        self._close(b"-ERR Autologout; idle for too long")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        log.warn("pop3: line over {max} bytes from {client}; closed", max=self.MAX_LENGTH,
+                 client=self.client)
+        self._close(b"-ERR Line too long")
+
+    def state_COMMAND(self, line: bytes) -> Any:
+        """
+        Run one command; a malformed one gets C{-ERR} and the session goes
+        on (RFC 1939), never exception text; an error of ours is logged.
+        """
+        if self.blocked is not None:
+            self.blocked.append((line, ()))
+            return None
+        words = line.split(b" ")
+        command = words[0].upper()
+        name = command.decode("ascii", "replace")
+        handler = getattr(self, "do_" + name, None) if name.isalpha() else None
+        if handler is None:
+            self._refuse("Unknown command")
+            return None
+        if not self.mbox and command not in self.AUTH_CMDS:
+            self._refuse("Log in first")
+            return None
+        if self.mbox and command in (b"USER", b"PASS", b"APOP", b"AUTH", b"STLS"):
+            self._refuse("Already logged in")
+            return None
+        args = words[1:]
+        if command == b"PASS":
+            args = [b" ".join(args)] if args else []
+        if not _accepts(handler, len(args)):
+            self._refuse(f"Syntax error in {name}")
+            return None
+        self._errors = 0
+        try:
+            result = handler(*args)
+        except Exception:
+            log.failure("pop3: {command} failed for {client}", command=name,
+                        client=self.client)
+            self.failResponse("[SYS/TEMP] Internal error; see the server log")
+            return None
+        if isinstance(result, defer.Deferred):
+            result.addErrback(self._unexpected, name)
+        return result
+
+    def processCommand(self, command: bytes, *args: bytes) -> Any:
+        if self.blocked is not None:
+            self.blocked.append((command, args))
+            return None
+        return self.state_COMMAND(b" ".join((command,) + args))
+
+    def _refuse(self, text: str) -> None:
+        self._errors += 1
+        self.failResponse(text)
+        if self._errors >= self.limits.max_bad_commands:
+            log.warn("pop3: {client} sent {n} invalid commands in a row; closed",
+                     client=self.client, n=self._errors)
+            self._close(b"-ERR Too many invalid commands")
+
+    def _unexpected(self, failure: Failure, name: str) -> None:
+        log.failure("pop3: {command} failed for {client}", failure, command=name,
+                    client=self.client)
+        self.failResponse("[SYS/TEMP] Internal error; see the server log")
+
+    def _ebUnexpected(self, failure: Failure) -> None:
+        log.failure("pop3: login failed unexpectedly for {client}", failure,
+                    client=self.client)
+        self.failResponse("[SYS/TEMP] Internal error; see the server log")
 
     def do_STLS(self) -> None:
         if self.tls or self.factory.tls is None:
@@ -160,8 +301,18 @@ class POP3Server(pop3.POP3):
             self.failResponse("[SYS/TEMP] Too many failed logins, try again later")
             self.transport.loseConnection()
             return None
-        self._login_user = (self._userIs or b"").decode("utf-8", "replace")
-        return super().do_PASS(password, *words)
+        user = self._userIs
+        if user is None:
+            self.failResponse("USER required before PASS")
+            return None
+        self._userIs = None
+        self._login_user = user.decode("utf-8", "replace")
+        password = b" ".join((password,) + words)
+        d = defer.maybeDeferred(self.authenticateUserPASS, user, password)
+        d.addCallbacks(self._cbMailbox, self._ebMailbox, callbackArgs=(user,))
+        d.addErrback(self._ebUnexpected)
+        # Later commands wait for the answer (and the session stops reading).
+        return self._longOperation(d)
 
     def do_APOP(self, user: bytes, digest: bytes) -> None:
         self.failResponse("APOP is not offered")
@@ -191,6 +342,7 @@ class POP3Server(pop3.POP3):
                 self.failResponse("[SYS/TEMP] Temporary authentication failure, "
                                   "try again later")
             return
+        failure.trap(LoginDenied, LoginFailed)  # anything else: the generic error path
         log.warn("pop3: failed login for {user} from {client}", user=user, client=self.client)
         self.failResponse("[AUTH] Authentication failed")
 
@@ -223,10 +375,13 @@ class POP3Server(pop3.POP3):
         return super().do_TOP(i, size)
 
     def transformChunk(self, chunk: bytes) -> bytes:
+        self.resetTimeout()  # the client is reading: not idle
         return self._stuffer(chunk)
 
     def connectionLost(self, reason: Any = None) -> None:
         log.info("pop3: disconnect from {client}", client=self.client)
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
         self.mbox = None  # an interrupted session deletes nothing
         super().connectionLost(reason)
 
@@ -236,11 +391,24 @@ class POP3Factory(Factory):
     noisy = False
 
     def __init__(self, portal: Portal, reactor: Any, pool: Any, throttle: LoginThrottle,
-                 tls: Any = None, implicit_tls: bool = False, timeout: float = 600) -> None:
+                 tls: Any = None, implicit_tls: bool = False, timeout: float | None = None,
+                 limits: AccessLimits = AccessLimits()) -> None:
         self.portal = portal
+        self.limits = limits
         self.reactor = reactor
         self.pool = pool
         self.throttle = throttle
         self.tls = tls
         self.implicit_tls = implicit_tls
-        self.timeout = timeout
+        self.timeout = limits.pop3_timeout if timeout is None else timeout
+
+
+def _accepts(handler: Any, count: int) -> bool:
+    """
+    Whether C{handler} takes C{count} positional arguments.
+    """
+    try:
+        inspect.signature(handler).bind(*([b""] * count))
+    except TypeError:
+        return False
+    return True

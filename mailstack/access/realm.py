@@ -5,11 +5,12 @@ Who a login becomes: one realm for IMAP and POP3, over the same Maildirs.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import IRealm, Portal
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.threads import deferToThreadPool
 from twisted.mail import imap4, pop3
 from zope.interface import implementer
@@ -26,20 +27,37 @@ class MaildirRealm:
     """
     A logged-in user gets, for IMAP, an account over their Maildir++ (the
     usual folders created on the first login); for POP3, their INBOX as
-    listed at login.  All file work runs in the worker pool.
+    listed at login.  All file work runs in the worker pool, at most
+    L{per_user} jobs of one user at a time (all their sessions together),
+    so one user's parallel sessions cannot take every worker thread.
     """
+
+    per_user = 2
 
     def __init__(self, store: MaildirStore, hostname: str, reactor: Any, pool: Any) -> None:
         self.store = store
         self.hostname = hostname
         self.reactor = reactor
         self.pool = pool
+        self._shares: weakref.WeakValueDictionary[str, DeferredSemaphore] = (
+            weakref.WeakValueDictionary())
+
+    def share(self, root: str) -> DeferredSemaphore:
+        """
+        The worker-thread share of the user whose Maildir is C{root}, kept
+        while one of their sessions lives.
+        """
+        share = self._shares.get(root)
+        if share is None:
+            share = self._shares[root] = DeferredSemaphore(self.per_user)
+        return share
 
     def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Deferred[Any]:
         user = parse_address(avatar_id if isinstance(avatar_id, str) else avatar_id.decode())
         root = self.store.path_for(user)
         if imap4.IAccount in interfaces:
-            account = MaildirAccount(root, self.hostname, self.reactor, self.pool)
+            account = MaildirAccount(root, self.hostname, self.reactor, self.pool,
+                                     share=self.share(root))
 
             def prepare() -> None:
                 self.store.ensure(root)
@@ -48,7 +66,7 @@ class MaildirRealm:
             d = deferToThreadPool(self.reactor, self.pool, prepare)
             return d.addCallback(lambda _: (imap4.IAccount, account, lambda: None))
         if pop3.IMailbox in interfaces:
-            d = deferToThreadPool(self.reactor, self.pool, scan, root)
+            d = deferToThreadPool(self.reactor, self.pool, scan, root, self.store.root)
             return d.addCallback(lambda messages: (pop3.IMailbox, MaildirMailbox(messages),
                                                    lambda: None))
         raise NotImplementedError("IMAP accounts and POP3 mailboxes only")

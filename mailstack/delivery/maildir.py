@@ -41,6 +41,7 @@ from mailstack.address import Address, AddressError, mailbox_name
 from mailstack.clock import wall_seconds
 from mailstack.interfaces import IDeliveryAgent, IPrepared, ITwoPhaseStore
 from mailstack.message import Envelope, MessageSpool
+from mailstack.nofollow import SymlinkRefused, check_tree
 from mailstack.safeio import discard, fsync_directory, rename, write_file
 
 log = Logger()
@@ -213,7 +214,11 @@ class MaildirWriter:
         staged: list[tuple[str, str]] = []
         try:
             for copy in copies:
+                # No link anywhere below the mail root: a planted one would
+                # make delivery write outside the data directory.
+                check_tree(self.store.root, copy.maildir, SUBDIRS)
                 self.store.ensure(copy.maildir)
+                check_tree(self.store.root, copy.maildir, SUBDIRS)
                 size = len(copy.prefix) + spool.size
                 vsize = size + copy.prefix.count(b"\n") + spool.lines
                 name = unique_name(self.hostname, size, vsize=vsize)
@@ -294,7 +299,19 @@ class MaildirDeliveryAgent:
         except AddressError as e:
             return fail(e)
         d = deferToThreadPool(self.reactor, self.pool, self.writer.stage, copies, spool)
+        d.addErrback(_log_link_refusal, envelope)
         return d.addCallback(lambda staged: StagedCopies(self, envelope, staged))
+
+
+def _log_link_refusal(failure: Any, envelope: Envelope) -> Any:
+    """
+    A symbolic link planted in a Maildir is refused, never written through:
+    say so in the log (the message is deferred, 451).
+    """
+    if failure.check(SymlinkRefused):
+        log.warn("{qid}: status=deferred (refusing a link in a maildir: {path})",
+                 qid=envelope.queue_id, path=failure.value.filename)
+    return failure
 
 
 @implementer(IPrepared)
@@ -315,6 +332,7 @@ class StagedCopies:
 
     def commit(self) -> "Deferred[list[str]]":
         d = self._blocking(self.agent.writer.commit, self.staged)
+        d.addErrback(_log_link_refusal, self.envelope)
 
         def logged(paths: list[str]) -> list[str]:
             self.committed = paths
