@@ -232,6 +232,20 @@ def _filter_name(text: Any) -> str:
     return name
 
 
+def _delivery(text: Any) -> tuple[str | None, str]:
+    """
+    C{NAME} (every local recipient), C{DOMAIN=NAME} or C{USER@DOMAIN=NAME}.
+    """
+    where, sep, name = str(text).strip().rpartition("=")
+    name = _filter_name(name)
+    if not sep:
+        return None, name
+    where = where.strip()
+    if "@" in where:
+        return _postmaster(where).lower(), name
+    return _domain(where), name
+
+
 @dataclass(frozen=True)
 class Option:
     """
@@ -304,6 +318,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("filter", (), _filter_name,
            "enable a message filter plugin from mailstack.plugins, e.g. greylist "
            "(repeatable; they run in this order)", repeatable=True, metavar="NAME"),
+    Option("transform", (), _filter_name,
+           "enable an outbound transform plugin (e.g. a DKIM signer) for mail leaving "
+           "through the queue or submitted by local users (repeatable; in this order)",
+           repeatable=True, metavar="NAME"),
+    Option("delivery", (), _delivery,
+           "the delivery agent for local mail: NAME for everyone, DOMAIN=NAME or "
+           "USER@DOMAIN=NAME for some (repeatable) [default: maildir]",
+           repeatable=True, metavar="[WHERE=]NAME"),
     Option("postmaster", None, _postmaster,
            "where mail to postmaster (bare, or at any local domain) goes when no user "
            "or alias of that name exists [default: postmaster@ the first --domain, "
@@ -342,6 +364,9 @@ class Config:
     receivers: int = 1
     filter: tuple[str, ...] = ()
     postmaster: str | None = None
+    transform: tuple[str, ...] = ()
+    delivery: tuple[tuple[str | None, str], ...] = ()
+    plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, compare=False)
     source: str = field(default="defaults", compare=False)
 
     @property
@@ -359,11 +384,15 @@ class Config:
                 value = [f"{r.domain}={r.host}:{r.port}" for r in value]
             elif option.name == "relay-auth":
                 value = [f"{a.host}={a.user}:{a.password_file}" for a in value]
+            elif option.name == "delivery":
+                value = [f"{w}={n}" if w else n for w, n in value]
             elif option.name == "relay-networks":
                 value = [str(n) for n in value]
             elif isinstance(value, tuple):
                 value = list(value)
             lines.append(f"{option.name} = {value!r}")
+        for name, table in sorted(self.plugins.items()):
+            lines.append(f"[plugins.{name}] = {dict(table)!r}")
         return lines
 
 
@@ -387,6 +416,11 @@ def read_toml(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: {e}") from None
     values: dict[str, Any] = {}
     unknown = []
+    tables = raw.pop("plugins", {})
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ConfigError(f"{path}: plugins must be [plugins.NAME] tables")
+    if tables:
+        values["plugins"] = tables
     for key, value in raw.items():
         name = canonical_key(key)
         if name not in OPTIONS_BY_NAME or name == "config":
@@ -430,6 +464,7 @@ def build_config(
         except ConfigError as e:
             raise ConfigError(f"--{option.name} ({origin}): {e}") from None
         values[option.attribute] = value
+    values["plugins"] = dict(command_line.get("plugins") or from_file.get("plugins") or {})
     if values["hostname"] is None:
         values["hostname"] = _hostname(socket.getfqdn() or "localhost")
     if (values["tls_cert"] is None) != (values["tls_key"] is None):

@@ -161,6 +161,14 @@ class MessageSpool:
         self.size += len(lines)
         self.lines += lines.count(b"\n")
 
+    def prepend_header(self, lines: bytes) -> None:
+        """
+        Put header lines at the very top (filters' and transforms' fields).
+        """
+        self._prefix = lines + self._prefix
+        self.size += len(lines)
+        self.lines += lines.count(b"\n")
+
     def _collect_head(self, data: bytes) -> None:
         self._head += data
         end = self._head.find(b"\n\n")
@@ -267,6 +275,10 @@ class Envelope:
     remote: list[Address] = field(default_factory=list)
     received_at: float = 0.0
     client: str = ""
+    # Where it came from: smtp, submission, submissions, local (maildrop
+    # pickup), bounce; and the Maildir folder a filter asked for.
+    origin: str = ""
+    folder: str | None = None
 
     def add(self, rcpt: Address, resolution: Any) -> None:
         """

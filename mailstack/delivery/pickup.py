@@ -18,6 +18,7 @@ from twisted.logger import Logger
 
 from mailstack.address import AddressError, parse_address
 from mailstack.mua.sendmail import maildrop_dir, read_drop
+from mailstack.smtp.reply import SMTPError
 
 log = Logger()
 
@@ -73,7 +74,18 @@ class Pickup(TimerService):
                 os.replace(path, os.path.join(self.directory, ".bad-" + name))
                 continue
             try:
-                await self.dispatcher.inject(from_, rcpts, content, client=f"local {who}")
+                await self.dispatcher.inject(from_, rcpts, content, client=f"local {who}",
+                                             user=who)
+            except SMTPError as e:  # the message filters' refusal
+                if e.reply.code < 500:
+                    log.info("maildrop: {name} refused for now: {reply}; will retry",
+                             name=name, reply=e.reply)
+                    continue
+                log.warn("maildrop: {name} from <{sender}> (local user {who}) rejected: "
+                         "{reply}; moved to .rejected-{name}", name=name, sender=sender,
+                         who=who, reply=e.reply)
+                os.replace(path, os.path.join(self.directory, ".rejected-" + name))
+                continue
             except OSError as e:  # a full disk: one line, not a traceback
                 log.error("maildrop: cannot deliver {name}: {error}; will retry", name=name,
                           error=e)

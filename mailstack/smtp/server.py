@@ -498,7 +498,7 @@ class SMTPServer(Protocol, TimeoutMixin):
             if reply.code == 250:
                 self.envelope = Envelope(
                     new_queue_id(), sender, received_at=wall_seconds(self.factory.clock),
-                    client=self.session.client,
+                    client=self.session.client, origin=self.session.service,
                 )
                 log.info("{qid}: client={client}", qid=self.envelope.queue_id,
                          client=self.session.client)
