@@ -115,6 +115,7 @@ def parser() -> argparse.ArgumentParser:
     send.add_argument("--header", action="append", default=[], metavar="'NAME: VALUE'")
     send.add_argument("--body", help="the body [default: read from standard input]")
     send.add_argument("--dry-run", action="store_true", help="print the message, send nothing")
+    commands.add_parser("plugins", help="list the installed plugins and which are enabled")
     commands.add_parser("sendmail", help="sendmail-compatible local injection "
                         "([-t] [-i] [-f SENDER] [-F NAME] [RCPT...])", add_help=False)
     return p
@@ -332,6 +333,19 @@ def queue_command(args: argparse.Namespace, data_dir: str, stdout: TextIO) -> No
         print(f"deleted {args.id}", file=stdout)
 
 
+def plugins_command(args: argparse.Namespace, stdout: TextIO) -> None:
+    """
+    One line per installed plugin: kind, name, enabled or disabled, what it does.
+    """
+    from mailstack.plugin import listing
+    try:
+        config = build_config({}, args.config) if args.config else build_config({})
+    except ConfigError as e:
+        raise CommandError(str(e), EX_USAGE) from None
+    for line in listing(config):
+        print(line, file=stdout)
+
+
 def run(argv: Sequence[str], stdin: TextIO, stdout: TextIO) -> None:
     argv = list(argv)
     # sendmail's options are not argparse's: hand it everything after the word.
@@ -346,6 +360,9 @@ def run(argv: Sequence[str], stdin: TextIO, stdout: TextIO) -> None:
     args = parser().parse_args(argv)
     if args.command == "send":
         send_command(args, stdin, stdout)
+        return
+    if args.command == "plugins":
+        plugins_command(args, stdout)
         return
     data_dir, domains = _where(args)
     os.makedirs(data_dir, mode=0o700, exist_ok=True)

@@ -10,7 +10,9 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Sequence
 
-from twisted.internet.defer import CancelledError, Deferred, DeferredList, fail, maybeDeferred
+from twisted.internet.defer import (
+    CancelledError, Deferred, DeferredList, TimeoutError, fail, maybeDeferred,
+)
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -44,7 +46,7 @@ async def run_transforms(transforms: Sequence[Any], envelope: Envelope, spool: M
             d.addTimeout(timeout, clock)
             fields = await d
             lines = header_lines(fields or ())
-        except CancelledError:
+        except (CancelledError, TimeoutError):
             log.error("{qid}: transform {name} gave no answer within {timeout}s",
                       qid=envelope.queue_id, name=t.name, timeout=timeout)
             raise SMTPError(451, "4.7.1", "Error: the message could not be processed, "

@@ -16,7 +16,7 @@ from collections.abc import Coroutine
 from dataclasses import dataclass
 from typing import Any, Sequence
 
-from twisted.internet.defer import CancelledError, Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, maybeDeferred
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
 from zope.interface import implementer
@@ -109,7 +109,7 @@ class FilteredPolicy:
             verdict = await d
         except SMTPError as e:
             return e.reply
-        except CancelledError:
+        except (CancelledError, TimeoutError):
             log.error("{qid}: {client}: filter {name} gave no answer at {stage} within "
                       "{timeout}s; {reply}", qid=qid, client=session.client, name=f.name,
                       stage=stage.upper(), timeout=timeout, reply=TEMPFAIL)
