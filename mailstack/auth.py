@@ -12,7 +12,7 @@ import argon2
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
@@ -65,16 +65,17 @@ class PasswordChecker:
             username = username.decode("utf-8", "replace")
         if isinstance(password, bytes):
             password = password.decode("utf-8", "replace")
+        return Deferred.fromCoroutine(self._check(username, password))
+
+    async def _check(self, username: str, password: str) -> str:
         try:
             address = parse_address(username.strip()).lower()
-            stored = self.users.password_hash(address)
         except AddressError:
-            address, stored = None, None
-        d = deferToThreadPool(self.reactor, self.pool, verify_password, stored, password)
-
-        def checked(ok: bool) -> str:
-            if not ok or address is None:
-                raise UnauthorizedLogin("bad username or password")
-            return str(address)
-
-        return d.addCallback(checked)
+            address = None
+        # The database may answer later (SQLite in worker threads).
+        stored = None if address is None else await maybeDeferred(
+            self.users.password_hash, address)
+        ok = await deferToThreadPool(self.reactor, self.pool, verify_password, stored, password)
+        if not ok or address is None:
+            raise UnauthorizedLogin("bad username or password")
+        return str(address)

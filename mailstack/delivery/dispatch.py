@@ -179,24 +179,24 @@ class Dispatcher:
 
         envelope = Envelope(new_queue_id(), sender, received_at=wall_seconds(self.clock),
                             client=client, origin="bounce" if user is None else "local")
-        for rcpt in recipients:
-            try:
-                resolution = self.router.resolve(rcpt)
-            except (UnknownRecipient, AliasLoop, EmptyResolution) as e:
-                log.warn("{qid}: to=<{to}> status=bounced (unknown local recipient: {e})",
-                         qid=envelope.queue_id, to=rcpt, e=e)
-                continue
-            envelope.add(rcpt, resolution)
         spool = MessageSpool(self.spool_dir)
         spool.write(content)
         if spool.error is not None:
             spool.close()
             return fail(spool.error)
-        log.info("{qid}: from=<{sender}> size={size} nrcpt={n} ({client})",
-                 qid=envelope.queue_id, sender=sender or "", size=spool.size,
-                 n=len(envelope.rcpts), client=client)
 
         async def checked() -> None:
+            for rcpt in recipients:
+                try:
+                    resolution = await self.router.lookup(rcpt)
+                except (UnknownRecipient, AliasLoop, EmptyResolution) as e:
+                    log.warn("{qid}: to=<{to}> status=bounced (unknown local recipient: {e})",
+                             qid=envelope.queue_id, to=rcpt, e=e)
+                    continue
+                envelope.add(rcpt, resolution)
+            log.info("{qid}: from=<{sender}> size={size} nrcpt={n} ({client})",
+                     qid=envelope.queue_id, sender=sender or "", size=spool.size,
+                     n=len(envelope.rcpts), client=client)
             if user is not None and self.inject_check is not None:
                 if not await self.inject_check(envelope, spool, user):
                     return  # discarded, logged
