@@ -326,6 +326,9 @@ OPTIONS: tuple[Option, ...] = (
            "the delivery agent for local mail: NAME for everyone, DOMAIN=NAME or "
            "USER@DOMAIN=NAME for some (repeatable) [default: maildir]",
            repeatable=True, metavar="[WHERE=]NAME"),
+    Option("user-db", "file", _filter_name,
+           "the user database plugin: file (DATA/users, DATA/aliases) or sqlite "
+           "([plugins.sqlite] path)", metavar="NAME"),
     Option("postmaster", None, _postmaster,
            "where mail to postmaster (bare, or at any local domain) goes when no user "
            "or alias of that name exists [default: postmaster@ the first --domain, "
@@ -365,6 +368,7 @@ class Config:
     filter: tuple[str, ...] = ()
     postmaster: str | None = None
     transform: tuple[str, ...] = ()
+    user_db: str = "file"
     delivery: tuple[tuple[str | None, str], ...] = ()
     plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, compare=False)
     source: str = field(default="defaults", compare=False)

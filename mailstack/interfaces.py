@@ -9,17 +9,23 @@ from zope.interface import Attribute, Interface
 
 class IUserDatabase(Interface):
     """
-    Who the local users are, and their password hashes.
+    Who the local users are, and their password hashes.  One database
+    serves SMTP AUTH, IMAP, POP3, routing and sender authorization.  Each
+    method may answer at once or with a Deferred (e.g. SQL in a worker
+    thread); it must never block the reactor thread.
     """
 
     def password_hash(address):  # type: ignore[no-untyped-def]
         """
-        Return the stored hash for the normalised L{Address}, or C{None}.
+        @param address: a normalised (lowercased) L{Address}.
+        @return: the stored Argon2 hash (PHC string), or C{None}; or a
+            Deferred of it.
         """
 
     def exists(address):  # type: ignore[no-untyped-def]
         """
-        Return whether the L{Address} is a local user.
+        @param address: a normalised L{Address}.
+        @return: whether it is a local user, or a Deferred of it.
         """
 
 
@@ -30,8 +36,26 @@ class IAliasMap(Interface):
 
     def targets(address):  # type: ignore[no-untyped-def]
         """
-        Return the tuple of target L{Address}es, or C{None} if the address
-        is not an alias.
+        @param address: a normalised L{Address}.
+        @return: the tuple of target L{Address}es, or C{None} if the
+            address is not an alias; or a Deferred of it.
+        """
+
+
+class IUserDatabaseFactory(Interface):
+    """
+    A user database plugin, chosen with C{--user-db NAME} (default
+    C{file}: C{DATA/users} and C{DATA/aliases}).
+    """
+
+    name = Attribute("What --user-db calls it.")
+    description = Attribute("One line for mailstack plugins and the log.")
+
+    def build(config, reactor):  # type: ignore[no-untyped-def]
+        """
+        @param config: the L{mailstack.config.Config}.
+        @param reactor: the reactor.
+        @return: an object providing L{IUserDatabase} and L{IAliasMap}.
         """
 
 

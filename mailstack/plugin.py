@@ -125,9 +125,10 @@ def kinds() -> dict[str, Any]:
     """
     from mailstack.interfaces import (
         IDeliveryAgentFactory, IMessageFilterFactory, IOutboundTransformFactory,
+        IUserDatabaseFactory,
     )
     return {"filter": IMessageFilterFactory, "transform": IOutboundTransformFactory,
-            "delivery": IDeliveryAgentFactory}
+            "delivery": IDeliveryAgentFactory, "user-db": IUserDatabaseFactory}
 
 
 def available(kind: str) -> dict[str, Any]:
@@ -147,6 +148,7 @@ def enabled_names(config: Any) -> dict[str, set[str]]:
         "filter": set(config.filter),
         "transform": set(config.transform),
         "delivery": {name for _, name in config.delivery},
+        "user-db": {config.user_db},
     }
 
 

@@ -40,7 +40,7 @@ from mailstack.queue.store import QueueStore
 from mailstack.smtp.client import Timeouts
 from mailstack.receivers import AdoptedPort, ReceiverPool
 from mailstack.delivery.agents import AgentCourier, build_agents
-from mailstack.interfaces import IOutboundTransform
+from mailstack.interfaces import IAliasMap, IOutboundTransform, IUserDatabase
 from mailstack.plugin import build_plugin
 from mailstack.smtp.filters import FilteredPolicy, checked_injection, load_filters
 from mailstack.smtp.policy import ReceivingPolicy
@@ -48,7 +48,7 @@ from mailstack.smtp.server import ServerSettings, SMTPServerFactory
 from mailstack.smtp.submission import SubmissionPolicy
 from mailstack.throttle import LoginThrottle
 from mailstack.tls import ReloadingContextFactory, TLSMaterial
-from mailstack.users import AliasMap, UserDatabase
+from mailstack.users import AliasMap
 
 log = Logger()
 
@@ -135,8 +135,10 @@ class MailStack(MultiService):
         self.data_dir = data
         os.makedirs(data, mode=0o700, exist_ok=True)
 
-        self.users = UserDatabase(data)
-        self.aliases = AliasMap(data)
+        # The user database is a plugin (--user-db: file, sqlite); one that
+        # does not provide IAliasMap too has DATA/aliases beside it.
+        self.users = build_plugin("user-db", config.user_db, config, reactor, IUserDatabase)
+        self.aliases = self.users if IAliasMap.providedBy(self.users) else AliasMap(data)
         self.router = Router(config.domains, self.users, self.aliases,
                              parse_address(config.postmaster or
                                            f"postmaster@{config.domain[0]}"))
