@@ -7,7 +7,6 @@ per-recipient replies, and pipe(8)-like commands, both run from the queue.
 import os
 import pwd
 import shutil
-import smtplib
 import socket
 import subprocess
 import tempfile
