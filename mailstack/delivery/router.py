@@ -117,10 +117,12 @@ class Router:
         return Resolution(tuple(local), tuple(remote))
 
     async def _targets(self, address: Address) -> Any:
-        return await maybeDeferred(self.aliases.targets, address)
+        targets: Any = self.aliases.targets
+        return await maybeDeferred(targets, address)
 
     async def _exists(self, address: Address) -> bool:
-        return bool(await maybeDeferred(self.users.exists, address))
+        exists: Any = self.users.exists
+        return bool(await maybeDeferred(exists, address))
 
     async def _expand(
         self,

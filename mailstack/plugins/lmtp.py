@@ -201,7 +201,8 @@ class LMTPAgent:
         reply = await self._step(client.command("DATA"))
         if reply.code != 354:
             raise LMTPError(_remote(reply))
-        client.transport.write(dot_stuffed(content))
+        transport: Any = client.transport
+        transport.write(dot_stuffed(content))
         for rcpt in accepted:  # RFC 2033 4.2: one reply per accepted recipient
             results[rcpt] = _remote(await self._step(client.reply()))
         await self._step(client.command("QUIT"))

@@ -63,8 +63,9 @@ class _Run(ProcessProtocol):
         self.done: Deferred[Any] = Deferred()
 
     def connectionMade(self) -> None:
-        self.transport.write(self.content)
-        self.transport.closeStdin()
+        transport: Any = self.transport
+        transport.write(self.content)
+        transport.closeStdin()
 
     def outReceived(self, data: bytes) -> None:
         if len(self.output) < 4096:

@@ -149,14 +149,15 @@ class Rspamd(MessageFilter):
 
     async def scan(self, session: Any, envelope: Any, spool: Any) -> dict[str, Any]:
         body = await deferToThread(spool.read)
-        d = self.agent.request(b"POST", (self.options["url"] + "/checkv2").encode("ascii"),
-                               self.request_headers(session, envelope),
-                               FileBodyProducer(BytesIO(body)))
-        d.addTimeout(self.options["timeout"], self.reactor)
-        response = await d
-        d = readBody(response)
-        d.addTimeout(self.options["timeout"], self.reactor)
-        data = await d
+        producer: Any = FileBodyProducer(BytesIO(body))
+        request = self.agent.request(b"POST",
+                                     (self.options["url"] + "/checkv2").encode("ascii"),
+                                     self.request_headers(session, envelope), producer)
+        request.addTimeout(self.options["timeout"], self.reactor)
+        response = await request
+        reading = readBody(response)
+        reading.addTimeout(self.options["timeout"], self.reactor)
+        data = await reading
         if response.code != 200:
             raise RuntimeError(f"rspamd answered HTTP {response.code}")
         result = json.loads(data)
@@ -204,7 +205,7 @@ class Rspamd(MessageFilter):
                         str(name).lower() not in ("x-spam", "x-spamd-result"):
                     headers.append(f"{name}: {clean(value, 900)}")
         folder = self.options["junk-folder"] if spam and self.options["junk-folder"] else None
-        return Verdict(headers=headers, folder=folder)
+        return Verdict(headers=tuple(headers), folder=folder)
 
 
 @implementer(IPlugin, IMessageFilterFactory)

@@ -124,7 +124,7 @@ def _bool(value: Any) -> bool:
 class SQLiteFactory:
     name = "sqlite"
     description = "users, password hashes and aliases in an SQLite file"
-    spec = {"path": (str, None), "create": (_bool, True)}
+    spec: dict[str, tuple[Any, Any]] = {"path": (str, None), "create": (_bool, True)}
 
     def __init__(self) -> None:
         self.options: dict[str, Any] = {"path": None, "create": True}

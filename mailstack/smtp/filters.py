@@ -23,7 +23,7 @@ from zope.interface import implementer
 
 from mailstack import plugins
 from mailstack.address import Address
-from mailstack.config import Config, ConfigError
+from mailstack.config import Config
 from mailstack.interfaces import IMessageFilter, IMessageFilterFactory
 from mailstack.message import Envelope, MessageSpool
 from mailstack.plugin import Verdict, check_folder, header_lines
@@ -114,7 +114,7 @@ class FilteredPolicy:
                       "{timeout}s; {reply}", qid=qid, client=session.client, name=f.name,
                       stage=stage.upper(), timeout=timeout, reply=TEMPFAIL)
             return TEMPFAIL
-        except Exception:
+        except Exception:  # noqa: BLE001 - any failure of a plugin tempfails
             log.failure("{qid}: {client}: filter {name} failed at {stage}; {reply}",
                         qid=qid, client=session.client, name=f.name, stage=stage.upper(),
                         reply=TEMPFAIL)
