@@ -298,5 +298,9 @@ class IDeliveryAgentFactory(Interface):
         """
         @param config: the L{mailstack.config.Config}.
         @param reactor: the reactor.
-        @return: an L{IQueuedDeliveryAgent}.
+        @return: an L{IQueuedDeliveryAgent} (run from the queue, per
+            recipient answers), or an L{IDeliveryAgent} run at DATA like
+            Maildir (its C{deliver} must make every copy durable before it
+            fires; with L{ITwoPhaseStore} too, the dispatcher can undo it
+            when another store of the message fails).
         """

@@ -279,3 +279,72 @@ class PipeTests(TestCase):
         yield until(lambda: read_messages(server, "sender@localhost"))
         [bounce] = read_messages(server, "sender@localhost")
         self.assertIn(b"no such mailbox here", bounce)
+
+
+INLINE_AGENT = '''
+from twisted.internet.defer import succeed
+from twisted.plugin import IPlugin
+from zope.interface import implementer
+
+from mailstack.interfaces import IDeliveryAgent, IDeliveryAgentFactory
+
+DELIVERED = []
+
+
+@implementer(IDeliveryAgent)
+class Memory:
+    name = "memory"
+
+    def deliver(self, envelope, spool):
+        for rcpt in envelope.local:
+            DELIVERED.append((str(rcpt.user), spool.read()))
+        return succeed(None)
+
+
+@implementer(IPlugin, IDeliveryAgentFactory)
+class MemoryFactory:
+    name = "memory"
+    description = "keeps messages in a list, for the tests"
+
+    def build(self, config, reactor):
+        return Memory()
+
+
+memory = MemoryFactory()
+'''
+
+
+class InlineAgentTests(TestCase):
+    @inlineCallbacks
+    def test_third_party_agent_at_data(self):
+        """
+        An IDeliveryAgent from a plugin directory outside the package runs
+        at DATA for the user it is chosen for; others stay in Maildir, and
+        nothing goes through the queue.
+        """
+        import sys
+
+        from mailstack import plugins
+        root = self.mktemp()
+        directory = os.path.join(root, "mailstack", "plugins")
+        os.makedirs(directory)
+        with open(os.path.join(directory, "memory_agent.py"), "w") as f:
+            f.write(INLINE_AGENT)
+        plugins.__path__.append(directory)
+        self.addCleanup(plugins.__path__.remove, directory)
+        self.addCleanup(sys.modules.pop, "mailstack.plugins.memory_agent", None)
+        server = yield start_server(self, smtp=LISTEN,
+                                    delivery=["carol@example.test=memory"])
+        add_user(server, "alice@example.test")
+        add_user(server, "carol@example.test")
+        refused = yield send(server.ports["smtp"], ["alice@example.test",
+                                                    "carol+x@example.test"],
+                             sender="x@remote.test")
+        self.assertEqual(refused, {})
+        from mailstack.plugins.memory_agent import DELIVERED
+        [(user, content)] = DELIVERED
+        self.assertEqual(user, "carol@example.test")
+        self.assertIn(b"\n\nhello\n", content)
+        self.assertEqual(len(read_messages(server, "alice@example.test")), 1)
+        self.assertEqual(read_messages(server, "carol@example.test"), [])
+        self.assertEqual(server.queue.records, {})

@@ -3,7 +3,9 @@
 Delivery agents chosen per domain or per user (C{--delivery}).
 
 Maildir is the default and runs at DATA (a C{250} means the copy is in
-the Maildir, fsynced).  Any other agent (L{IQueuedDeliveryAgent}: the
+the Maildir, fsynced); a plugin agent providing L{IDeliveryAgent} (and
+best L{ITwoPhaseStore}) runs there the same way, for its recipients.  An
+agent providing L{IQueuedDeliveryAgent} (the
 built-in C{lmtp} and C{pipe}) runs from the outbound queue, as Postfix's
 lmtp(8) and pipe(8) run from its queue: the message is made durable in
 the queue for those recipients (the C{250}), and the queue hands it to the
@@ -20,11 +22,24 @@ from twisted.internet.defer import ensureDeferred, maybeDeferred
 from twisted.logger import Logger
 
 from mailstack.address import Address, parse_address
+from mailstack.interfaces import IDeliveryAgent, IQueuedDeliveryAgent
 from mailstack.message import LocalRecipient
 from mailstack.queue.courier import Outcome
 from mailstack.smtp.reply import Reply
 
 log = Logger()
+
+
+class AnyAgent:
+    """
+    What a delivery agent plugin must build: either kind of agent.
+    """
+
+    __name__ = "IDeliveryAgent or IQueuedDeliveryAgent"
+
+    @staticmethod
+    def providedBy(obj: Any) -> bool:
+        return IDeliveryAgent.providedBy(obj) or IQueuedDeliveryAgent.providedBy(obj)
 
 
 class AgentMap:
@@ -47,20 +62,24 @@ class AgentMap:
             return self.by_domain[domain]
         return self.default
 
-    def split(self, local: Sequence[LocalRecipient]) -> tuple[list[LocalRecipient], list[Address]]:
+    def split(self, local: Sequence[LocalRecipient]
+              ) -> tuple[dict[Any, list[LocalRecipient]], list[Address]]:
         """
-        The recipients for Maildir, and the addresses the queue hands to
-        an agent: the plus-address as sent when it is the user's own
-        (LMTP servers know C{user+tag}), else the user.
+        The recipients for each agent run at DATA (C{None}: Maildir), and
+        the addresses the queue hands to an agent: the plus-address as
+        sent when it is the user's own (LMTP servers know C{user+tag}),
+        else the user.
         """
-        maildir, queued = [], []
+        inline: dict[Any, list[LocalRecipient]] = {}
+        queued = []
         for rcpt in local:
-            if self.agent_for(rcpt.user) is None:
-                maildir.append(rcpt)
+            agent = self.agent_for(rcpt.user)
+            if agent is None or not IQueuedDeliveryAgent.providedBy(agent):
+                inline.setdefault(agent, []).append(rcpt)
             else:
                 own = rcpt.delivered_to.lower().base == rcpt.user
                 queued.append(rcpt.delivered_to if own else rcpt.user)
-        return maildir, queued
+        return inline, queued
 
 
 def build_agents(config: Any, reactor: Any) -> AgentMap | None:
@@ -68,7 +87,6 @@ def build_agents(config: Any, reactor: Any) -> AgentMap | None:
     The agents C{--delivery} names, built once each; C{None} if Maildir
     delivers for everyone.
     """
-    from mailstack.interfaces import IQueuedDeliveryAgent
     from mailstack.plugin import build_plugin
 
     if not config.delivery:
@@ -76,7 +94,7 @@ def build_agents(config: Any, reactor: Any) -> AgentMap | None:
     built: dict[str, Any] = {"maildir": None}
     for _, name in config.delivery:
         if name not in built:
-            built[name] = build_plugin("delivery", name, config, reactor, IQueuedDeliveryAgent)
+            built[name] = build_plugin("delivery", name, config, reactor, AnyAgent)
     default, by_domain, by_user = None, {}, {}
     for where, name in config.delivery:
         if where is None:

@@ -125,12 +125,14 @@ class Dispatcher:
     async def _transform_and_dispatch(self, envelope: Envelope, spool: MessageSpool) -> None:
         if self.transforms and (envelope.remote or envelope.origin in OUTBOUND_ORIGINS):
             await run_transforms(self.transforms, envelope, spool, self.clock)
-        local, queued = envelope.local, []
+        inline: dict[Any, list[Any]] = {None: envelope.local}
+        queued: list[Address] = []
         if self.agents is not None:
-            local, queued = self.agents.split(envelope.local)
+            inline, queued = self.agents.split(envelope.local)
         stores: list[Any] = []
-        if local:
-            stores.append((self.local_agent, replace(envelope, local=local)))
+        for agent, local in inline.items():
+            if local:
+                stores.append((agent or self.local_agent, replace(envelope, local=local)))
         if envelope.remote or queued:
             if self.queue is None:
                 raise RuntimeError("remote recipients but no outbound queue")
