@@ -171,6 +171,10 @@ def validate(config: Any) -> None:
     enabled plugin is installed, and each enabled plugin accepts its options.
     """
     check_tables(config)
+    for where, name in config.delivery:
+        if where is not None and where.rpartition("@")[2] not in config.domains:
+            raise ConfigError(f"--delivery {where}={name}: {where.rpartition('@')[2]} is not "
+                              "a local domain (--domain)")
     for kind, names in enabled_names(config).items():
         found = available(kind)
         for name in sorted(names):

@@ -6,6 +6,7 @@ time limits tempfail, filters on locally injected mail, transforms on
 outbound mail only, [plugins.NAME] options, and `mailstack plugins`.
 """
 
+import imaplib
 import os
 import smtplib
 import subprocess
@@ -126,7 +127,7 @@ class VerdictTests(TestCase):
     @inlineCallbacks
     def setUp(self):
         install_third_party(self)
-        self.server = yield start_server(self, smtp=LISTEN, submission=LISTEN,
+        self.server = yield start_server(self, smtp=LISTEN, submission=LISTEN, imap=LISTEN,
                                          filter=["scanner"], transform=["signer"])
         add_user(self.server, "alice@localhost", "alice-pw")
         self.port = self.server.ports["smtp"]
@@ -157,6 +158,19 @@ class VerdictTests(TestCase):
             message = f.read()
         self.assertIn(b"X-Spam: yes\n", message)
         self.assertTrue(os.path.exists(os.path.join(junk, "maildirfolder")))
+        context = client_context(self.server)
+
+        def imap():
+            client = imaplib.IMAP4("localhost", self.server.ports["imap"], timeout=30)
+            try:
+                client.starttls(ssl_context=context)
+                client.login("alice@localhost", "alice-pw")
+                typ, data = client.select("Junk")
+                return typ, int(data[0])
+            finally:
+                client.logout()
+
+        self.assertEqual((yield in_thread(imap)), ("OK", 1))
 
     @inlineCallbacks
     def test_discard_and_refusal(self):
@@ -270,6 +284,14 @@ class ConfigurationTests(TestCase):
         """)
         error = self.assertRaises(usage.UsageError, Options().parseOptions, ["--config", path])
         self.assertIn("nosuch", str(error))
+
+    def test_delivery_for_a_domain_not_ours(self):
+        path = self.write_config("""
+            domain = ["example.org"]
+            delivery = ["example.net=lmtp"]
+        """)
+        error = self.assertRaises(usage.UsageError, Options().parseOptions, ["--config", path])
+        self.assertIn("example.net is not a local domain", str(error))
 
     def test_pipe_needs_a_command(self):
         path = self.write_config("""

@@ -214,7 +214,7 @@ def _remote(reply: Reply) -> Reply:
     The LMTP server's reply as the queue records it (the log's and the
     bounce's diagnostic text).
     """
-    text = " ".join(reply.text.split())[:300]
+    text = re.sub(r"[^\x20-\x7e]", "?", " ".join(reply.text.split()))[:300]
     enhanced = reply.enhanced or {2: "2.0.0", 4: "4.0.0", 5: "5.0.0"}.get(reply.code // 100,
                                                                            "4.0.0")
     return Reply(reply.code, enhanced, f"lmtp said: {reply.code} {enhanced} {text}")

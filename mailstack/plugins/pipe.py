@@ -16,6 +16,7 @@ of output as the reason.
 
 from __future__ import annotations
 
+import re
 from typing import Any, Sequence
 
 from twisted.internet.defer import Deferred, DeferredList
@@ -126,7 +127,8 @@ class PipeAgent:
         if timer.active():
             timer.cancel()
         first = bytes(run.output).decode("utf-8", "replace").strip().splitlines()
-        said = " ".join(first[0].split())[:200] if first else ""
+        # The command's words go into logs and bounces: printable ASCII only.
+        said = re.sub(r"[^\x20-\x7e]", "?", " ".join(first[0].split()))[:200] if first else ""
         if timed_out:
             return Reply(451, "4.3.0", f"pipe: {argv[0]}: time limit exceeded")
         if isinstance(ended, ProcessDone):
