@@ -73,6 +73,11 @@ def receiver_settings(config: Any, family: int, index: int) -> dict[str, Any]:
         "max-message-size": config.max_message_size,
         "smtp-timeout": config.smtp_timeout,
         "filter": list(config.filter),
+        # Plugins: the same ones, with the same [plugins.NAME] options.
+        "transform": list(config.transform),
+        "delivery": [f"{where}={name}" if where else name for where, name in config.delivery],
+        "user-db": config.user_db,
+        "plugins": {name: dict(table) for name, table in config.plugins.items()},
     })
     for name in ("tls-cert", "tls-key"):
         value = getattr(config, name.replace("-", "_"))

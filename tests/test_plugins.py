@@ -285,6 +285,32 @@ class ConfigurationTests(TestCase):
         error = self.assertRaises(usage.UsageError, Options().parseOptions, ["--config", path])
         self.assertIn("nosuch", str(error))
 
+    def test_receivers_get_the_plugins(self):
+        """
+        --receivers processes rebuild their configuration from what the
+        main process sends: the plugins and their options are in it.
+        """
+        import json
+
+        from mailstack.config import build_config
+        from mailstack.receivers import receiver_settings
+        path = self.write_config("""
+            domain = ["example.org"]
+            filter = ["greylist", "rate-limit"]
+            transform = ["signer"]
+            delivery = ["example.org=lmtp", "bob@example.org=maildir"]
+            user-db = "sqlite"
+            [plugins.rate-limit]
+            network-messages = 5
+            [plugins.lmtp]
+            server = "127.0.0.1:24"
+        """)
+        config = build_config({}, path)
+        sent = json.loads(json.dumps(receiver_settings(config, 2, 1)))
+        again = build_config(sent["options"])
+        for name in ("filter", "transform", "delivery", "user_db", "plugins", "domain"):
+            self.assertEqual(getattr(again, name), getattr(config, name), name)
+
     def test_delivery_for_a_domain_not_ours(self):
         path = self.write_config("""
             domain = ["example.org"]
