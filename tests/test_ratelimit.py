@@ -6,14 +6,17 @@ and the filters run through the plugin API; a real server answers 450
 """
 
 import os
+import signal
+import smtplib
 import subprocess
 import sys
 import textwrap
+import time
 
 from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import Clock
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailstack.address import parse_address
 from mailstack.config import ConfigError
@@ -200,3 +203,92 @@ class SharedGreylistTests(TestCase):
         self.assertLessEqual(count, 10 + greylist.prune_every)
 
 
+
+
+def serving_process(pids, server_port, client_port):
+    """
+    Which of C{pids} holds the server side of the connection from
+    C{client_port}: its socket's inode in /proc/net/tcp, then in /proc/PID/fd.
+    """
+    inode = None
+    with open("/proc/net/tcp") as f:
+        for line in f.readlines()[1:]:
+            fields = line.split()
+            local, remote = fields[1], fields[2]
+            if (int(local.split(":")[1], 16) == server_port
+                    and int(remote.split(":")[1], 16) == client_port):
+                inode = fields[9]
+    assert inode is not None, "no such connection"
+    for pid in pids:
+        for fd in os.listdir(f"/proc/{pid}/fd"):
+            try:
+                if os.readlink(f"/proc/{pid}/fd/{fd}") == f"socket:[{inode}]":
+                    return pid
+            except OSError:
+                continue
+    raise AssertionError("no process holds the connection")
+
+
+class ReceiverProcessTests(SynchronousTestCase):
+    def test_greylist_and_rate_limit_across_receivers(self):
+        """
+        twistd with --receivers 3, greylist (delay 1s) and a network rate
+        limit: a retry after the delay passes on whichever process accepts
+        it, and the limit counts messages over all processes.
+        """
+        from mailstack.address import local_address
+        from mailstack.testing import start_server_process
+        from mailstack.users import UserDatabase
+        from tests.support import fast_hash
+        from tests.test_receivers import receiver_pids, wait_for
+
+        data_dir = short_tempdir(self)
+        UserDatabase(data_dir).add(local_address("alice@localhost"), fast_hash("pw"))
+        config = os.path.join(data_dir, "mailstack.toml")
+        with open(config, "w") as f:
+            f.write(textwrap.dedent("""
+                filter = ["greylist", "rate-limit"]
+                [plugins.greylist]
+                delay = "1s"
+                [plugins.rate-limit]
+                network-messages = 12
+            """))
+        process, port = start_server_process(data_dir, ["--receivers", "3", "--config", config],
+                                             pythonpath=ROOT)
+        self.addCleanup(lambda: process.poll() is None and (process.kill(), process.wait()))
+        self.assertTrue(wait_for(lambda: len(receiver_pids(process.pid)) == 2, 30))
+
+        pids = [process.pid] + receiver_pids(process.pid)
+        client = smtplib.SMTP("127.0.0.1", port, timeout=30)
+        client.ehlo("client.test")
+        client.mail("x@remote.test")
+        self.assertEqual(client.rcpt("alice@localhost")[0], 451)
+        handler = serving_process(pids, port, client.sock.getsockname()[1])
+        client.quit()
+        started = time.monotonic()
+        self.assertTrue(wait_for(lambda: time.monotonic() - started > 1.2, 5))
+        # The process that saw the first attempt is stopped: another one
+        # takes the retry, and lets it through.
+        os.kill(handler, signal.SIGSTOP)
+        try:
+            client = smtplib.SMTP("127.0.0.1", port, timeout=30)
+            client.ehlo("client.test")
+            client.mail("x@remote.test")
+            retry = client.rcpt("alice@localhost")[0]
+            other = serving_process(pids, port, client.sock.getsockname()[1])
+            client.quit()
+        finally:
+            os.kill(handler, signal.SIGCONT)
+        self.assertNotEqual(other, handler)
+        self.assertEqual(retry, 250)
+
+        def mail():
+            client = smtplib.SMTP("127.0.0.1", port, timeout=30)
+            try:
+                client.ehlo("client.test")
+                return client.mail("x@remote.test")[0]
+            finally:
+                client.quit()
+
+        # 2 messages so far; the limit of 12 holds across the processes.
+        self.assertEqual([mail() for _ in range(11)], [250] * 10 + [450])
