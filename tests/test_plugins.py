@@ -46,6 +46,10 @@ class Scanner(MessageFilter):
     name = "scanner"
     timeout = 0.5
 
+    def connect(self, session):
+        if session.peer_host == "127.0.0.2":
+            raise ValueError("cannot check this client")
+
     async def data(self, session, envelope, spool):
         body = await deferToThread(spool.read)  # CPU work off the reactor
         fields = [f"X-Scanned: yes; origin={session.service}"]
@@ -196,6 +200,21 @@ class VerdictTests(TestCase):
         ok = yield send(self.port, b"fine")
         self.assertEqual(ok[0], 250)
         self.assertEqual(len(read_messages(self.server, "alice@localhost")), 1)
+
+    @inlineCallbacks
+    def test_failure_at_connect_is_421(self):
+        def connect():
+            try:
+                smtplib.SMTP("127.0.0.1", self.port, timeout=30,
+                             source_address=("127.0.0.2", 0))
+            except smtplib.SMTPConnectError as e:
+                return e.smtp_code, e.smtp_error
+            return None
+
+        refused = yield in_thread(connect)
+        self.assertEqual(refused, (421, b"4.7.1 Error: the connection could not be checked, "
+                                        b"try again later"))
+        self.assertEqual(len(self.flushLoggedErrors(ValueError)), 1)
 
     @inlineCallbacks
     def test_submission_is_transformed_once(self):

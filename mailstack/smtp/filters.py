@@ -72,6 +72,8 @@ class MessageFilter:
 
 
 TEMPFAIL = Reply(451, "4.7.1", "Error: the message could not be checked, try again later")
+CONNECT_TEMPFAIL = Reply(421, "4.7.1", "Error: the connection could not be checked, "
+                                       "try again later")
 DEFAULT_TIMEOUT = 30.0
 
 
@@ -145,6 +147,8 @@ class FilteredPolicy:
     async def _verdict(self, stage: str, session: Any, *args: Any) -> Reply | None:
         for f in self.filters:
             verdict = await self._ask(f, stage, session, *args)
+            if verdict is TEMPFAIL and stage == "connect":
+                verdict = CONNECT_TEMPFAIL  # a greeting's 4xx is 421 (RFC 5321 3.1)
             if verdict is not None:
                 log.info("{client}: filter {name} refused at {stage}: {code} {enhanced} {text}",
                          client=session.client, name=f.name, stage=stage.upper(),
