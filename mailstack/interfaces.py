@@ -161,8 +161,10 @@ class IMessageFilter(Interface):
 
         Besides C{None} and a refusal, it may return a
         L{mailstack.plugin.Verdict}: header fields to prepend (in order,
-        above the C{Received:} field), a folder for local Maildir delivery
-        (e.g. C{Junk}), or discard (C{250}, delivered nowhere, logged).
+        above the C{Received:} field), received header fields to remove
+        (by index in C{spool.header_fields()}), a folder for local Maildir
+        delivery (e.g. C{Junk}), or discard (C{250}, delivered nowhere,
+        logged).
         The filters run in order; every filter's header fields are added,
         the first folder asked for wins, and a refusal or a discard stops
         the rest.  A filter that raises, or has not answered within its

@@ -43,10 +43,15 @@ class Verdict:
         Maildir++ C{.Junk}), or C{None} for the inbox.
     @ivar discard: accept the message (C{250}) and deliver it nowhere;
         C{reason} goes into the log line.
+    @ivar remove: received header fields to remove, by index in
+        C{spool.header_fields()} as the filter saw it (e.g. a forged
+        C{Authentication-Results} with our authserv-id, RFC 8601 5); the
+        filters after see the message without them.
     """
 
     reply: Reply | None = None
     headers: tuple[Any, ...] = ()
+    remove: tuple[int, ...] = ()
     folder: str | None = None
     discard: bool = False
     reason: str = ""

@@ -15,7 +15,7 @@ import textwrap
 
 from twisted.internet.defer import inlineCallbacks
 from twisted.python import usage
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailstack import plugins
 from mailstack.tap import Options
@@ -63,7 +63,10 @@ class Scanner(MessageFilter):
             return Reply(550, "5.7.1", "rejected by the scanner")
         if b"SPAM" in body:
             return Verdict(headers=fields + ["X-Spam: yes"], folder="Junk")
-        return Verdict(headers=fields)
+        forged = [i for i, f in enumerate(spool.header_fields())
+                  if f.lower().startswith(b"authentication-results: mx.test")]
+        return Verdict(headers=fields + ["Authentication-Results: mx.test; none"],
+                       remove=tuple(forged))
 
 
 @implementer(IPlugin, IMessageFilterFactory)
@@ -148,8 +151,34 @@ class VerdictTests(TestCase):
         body = message.split(b"\n\n", 1)[0]
         lines = body.split(b"\n")
         self.assertEqual(lines[2], b"X-Scanned: yes; origin=smtp")
-        self.assertTrue(lines[3].startswith(b"Received: from client.test"))
+        self.assertEqual(lines[3], b"Authentication-Results: mx.test; none")
+        self.assertTrue(lines[4].startswith(b"Received: from client.test"))
         self.assertNotIn(b"X-Signed", message)
+
+    @inlineCallbacks
+    def test_forged_fields_removed(self):
+        """
+        A verdict removes received fields (a forged Authentication-Results
+        with our authserv-id, folded) and adds its own; others stay; the
+        Maildir name's size is the stored size.
+        """
+        def talk(client):
+            client.ehlo("client.test")
+            client.sendmail("x@remote.test", ["alice@localhost"], (
+                b"Authentication-Results: mx.test; dkim=pass\r\n\t(forged)\r\n"
+                b"Subject: t\r\nAuthentication-Results: other.test; spf=fail\r\n"
+                b"authentication-results: MX.test; spf=pass\r\n\r\nbody\r\n"))
+
+        yield in_thread(smtp_session, self.port, talk)
+        [path] = maildir_files(self.server, "alice@localhost")
+        with open(path, "rb") as f:
+            message = f.read()
+        self.assertNotIn(b"forged", message)
+        self.assertNotIn(b"spf=pass", message)
+        self.assertEqual(message.count(b"Authentication-Results: mx.test; none\n"), 1)
+        self.assertIn(b"\nSubject: t\nAuthentication-Results: other.test; spf=fail\n\nbody\n",
+                      message)
+        self.assertIn(f",S={len(message)},".encode(), os.path.basename(path).encode())
 
     @inlineCallbacks
     def test_junk_folder(self):
@@ -365,3 +394,47 @@ class ConfigurationTests(TestCase):
         self.assertIn(("delivery", "lmtp", "enabled"), lines)
         self.assertIn(("delivery", "maildir", "enabled"), lines)
         self.assertIn(("delivery", "pipe", "disabled"), lines)
+
+
+class SpoolRemovalTests(SynchronousTestCase):
+    """
+    MessageSpool.remove_header_fields, in memory and spilled to a file
+    read in chunks smaller than a field.
+    """
+
+    MESSAGE = (b"Received: x\nAuthentication-Results: mx.test; spf=pass\n\tdkim=pass\n"
+               b"Subject: hi\nAuthentication-Results: other; x\n\nbody\nA: b\n")
+
+    def spool(self, spill):
+        from mailstack.message import MessageSpool
+        spool = MessageSpool(short_tempdir(self))
+        if spill:
+            spool.memory_limit = 10
+            spool.chunk_size = 7
+        spool.write(self.MESSAGE[:20])
+        spool.write(self.MESSAGE[20:])
+        spool.add_header(b"Trace: 1\n")
+        spool.prepend_header(b"Top: 1\n")
+        self.addCleanup(spool.close)
+        return spool
+
+    def test_remove(self):
+        for spill in (False, True):
+            spool = self.spool(spill)
+            self.assertEqual(len(spool.header_fields()), 4)
+            spool.remove_header_fields([1])
+            self.assertEqual(spool.header_names(),
+                             ["received", "subject", "authentication-results"])
+            spool.remove_header_fields([2])
+            content = spool.read()
+            self.assertEqual(content, b"Top: 1\nTrace: 1\nReceived: x\nSubject: hi\n\n"
+                                      b"body\nA: b\n")
+            self.assertEqual((spool.size, spool.lines), (len(content), content.count(b"\n")))
+            self.assertRaises(IndexError, spool.remove_header_fields, [2])
+            self.assertEqual(spool.read(), content)
+
+    def test_no_header(self):
+        from mailstack.message import MessageSpool
+        spool = MessageSpool()
+        spool.write(b"\nA: not a header\n")
+        self.assertEqual(spool.header_fields(), [])

@@ -135,7 +135,8 @@ class FilteredPolicy:
                       "{reply}", client=session.client, name=f.name, code=verdict.reply.code,
                       stage=stage.upper(), reply=TEMPFAIL)
             return TEMPFAIL
-        if stage != "data" and (verdict.headers or verdict.folder or verdict.discard):
+        if stage != "data" and (verdict.headers or verdict.folder or verdict.discard
+                                or verdict.remove):
             log.error("{client}: filter {name}: header fields, folder and discard are for "
                       "DATA, not {stage}; {reply}", client=session.client, name=f.name,
                       stage=stage.upper(), reply=TEMPFAIL)
@@ -173,7 +174,9 @@ class FilteredPolicy:
             try:
                 headers.append(header_lines(verdict.headers))
                 folder = check_folder(verdict.folder) if verdict.folder else None
-            except ValueError as e:
+                if verdict.remove and verdict.reply is None:
+                    spool.remove_header_fields(verdict.remove)
+            except (ValueError, IndexError, TypeError) as e:
                 log.error("{qid}: filter {name}: {error}; {reply}", qid=envelope.queue_id,
                           name=f.name, error=e, reply=TEMPFAIL)
                 return TEMPFAIL
