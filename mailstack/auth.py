@@ -23,7 +23,7 @@ import argon2
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred, fail
+from twisted.internet.defer import Deferred, fail, maybeDeferred
 from twisted.python.failure import Failure
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -92,11 +92,6 @@ class PasswordChecker:
             username = username.decode("utf-8", "replace")
         if isinstance(password, bytes):
             password = password.decode("utf-8", "replace")
-        try:
-            address = parse_address(username.strip()).lower()
-            stored = self.users.password_hash(address)
-        except AddressError:
-            address, stored = None, None
         if self.pending >= self.max_pending:
             if not self._full_logged:
                 log.warn("password checks: {n} queued already; refusing logins until "
@@ -104,9 +99,6 @@ class PasswordChecker:
                 self._full_logged = True
             return fail(Busy("too many password checks queued"))
         self.pending += 1
-        d: Deferred[bool] = Deferred()
-        heapq.heappush(self._queue, (SUSPECT.get(), next(self._order), d, stored, password))
-        self._feed()
 
         def done(result: Any) -> Any:
             self.pending -= 1
@@ -114,14 +106,23 @@ class PasswordChecker:
                 self._full_logged = False
             return result
 
-        d.addBoth(done)
+        return Deferred.fromCoroutine(self._check(username, password)).addBoth(done)
 
-        def checked(ok: bool) -> str:
-            if not ok or address is None:
-                raise UnauthorizedLogin("bad username or password")
-            return str(address)
-
-        return d.addCallback(checked)
+    async def _check(self, username: str, password: str) -> str:
+        try:
+            address = parse_address(username.strip()).lower()
+        except AddressError:
+            address = None
+        # The database may answer later (SQLite in worker threads).
+        stored = None if address is None else await maybeDeferred(
+            self.users.password_hash, address)
+        d: Deferred[bool] = Deferred()
+        heapq.heappush(self._queue, (SUSPECT.get(), next(self._order), d, stored, password))
+        self._feed()
+        ok = await d
+        if not ok or address is None:
+            raise UnauthorizedLogin("bad username or password")
+        return str(address)
 
     def _feed(self) -> None:
         """

@@ -125,6 +125,7 @@ def parser() -> argparse.ArgumentParser:
     report.add_argument("logfiles", nargs="*", metavar="LOGFILE",
                         help="log files (.gz too) [default: standard input]")
     report.add_argument("--top", type=int, default=10, help="lines per table [default: 10]")
+    commands.add_parser("plugins", help="list the installed plugins and which are enabled")
     commands.add_parser("sendmail", help="sendmail-compatible local injection "
                         "([-t] [-i] [-f SENDER] [-F NAME] [RCPT...])", add_help=False)
     from mailstack.mailauth.commands import add_parsers as add_mailauth_parsers
@@ -406,6 +407,19 @@ def queue_command(args: argparse.Namespace, data_dir: str, stdout: TextIO) -> No
         print(f"deleted {args.id}", file=stdout)
 
 
+def plugins_command(args: argparse.Namespace, stdout: TextIO) -> None:
+    """
+    One line per installed plugin: kind, name, enabled or disabled, what it does.
+    """
+    from mailstack.plugin import listing
+    try:
+        config = build_config({}, args.config) if args.config else build_config({})
+    except ConfigError as e:
+        raise CommandError(str(e), EX_USAGE) from None
+    for line in listing(config):
+        print(line, file=stdout)
+
+
 def run(argv: Sequence[str], stdin: TextIO, stdout: TextIO) -> None:
     argv = list(argv)
     # sendmail's options are not argparse's: hand it everything after the word.
@@ -428,6 +442,9 @@ def run(argv: Sequence[str], stdin: TextIO, stdout: TextIO) -> None:
             stdout.write(format_report(summarise(read_lines(args.logfiles, stdin)), args.top))
         except FileNotFoundError as e:
             raise CommandError(f"{e.filename}: no such file", 66) from None
+        return
+    if args.command == "plugins":
+        plugins_command(args, stdout)
         return
     data_dir, domains = _where(args)
     # root on a data directory that belongs to the server's user works as

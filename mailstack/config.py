@@ -261,6 +261,20 @@ def _metrics_endpoint(text: Any) -> str | None:
     return metrics_endpoint(text)
 
 
+def _delivery(text: Any) -> tuple[str | None, str]:
+    """
+    C{NAME} (every local recipient), C{DOMAIN=NAME} or C{USER@DOMAIN=NAME}.
+    """
+    where, sep, name = str(text).strip().rpartition("=")
+    name = _filter_name(name)
+    if not sep:
+        return None, name
+    where = where.strip()
+    if "@" in where:
+        return _postmaster(where).lower(), name
+    return _domain(where), name
+
+
 @dataclass(frozen=True)
 class Option:
     """
@@ -348,6 +362,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("smtp-min-data-rate", 500, _positive,
            "bytes per second a client must keep up in DATA (Postfix's smtpd_min_data_rate)",
            metavar="BYTES"),
+    Option("transform", (), _filter_name,
+           "enable an outbound transform plugin (e.g. a DKIM signer) for mail leaving "
+           "through the queue or submitted by local users (repeatable; in this order)",
+           repeatable=True, metavar="NAME"),
+    Option("delivery", (), _delivery,
+           "the delivery agent for local mail: NAME for everyone, DOMAIN=NAME or "
+           "USER@DOMAIN=NAME for some (repeatable) [default: maildir]",
+           repeatable=True, metavar="[WHERE=]NAME"),
+    Option("user-db", "file", _filter_name,
+           "the user database plugin: file (DATA/users, DATA/aliases) or sqlite "
+           "([plugins.sqlite] path)", metavar="NAME"),
     Option("postmaster", None, _postmaster,
            "where mail to postmaster (bare, or at any local domain) goes when no user "
            "or alias of that name exists [default: postmaster@ the first --domain, "
@@ -402,6 +427,10 @@ class Config:
     shutdown_grace: float = 30.0
     metrics: str | None = None
     smtp_bind_address: tuple[str, ...] = ()
+    transform: tuple[str, ...] = ()
+    user_db: str = "file"
+    delivery: tuple[tuple[str | None, str], ...] = ()
+    plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, compare=False)
     source: str = field(default="defaults", compare=False)
 
     @property
@@ -421,11 +450,15 @@ class Config:
                 value = [f"{a.host}={a.user}:{a.password_file}" for a in value]
             elif option.name == "max-connections" and value is None:
                 value = "auto"
+            elif option.name == "delivery":
+                value = [f"{w}={n}" if w else n for w, n in value]
             elif option.name in ("relay-networks", "connection-limit-exempt"):
                 value = [str(n) for n in value]
             elif isinstance(value, tuple):
                 value = list(value)
             lines.append(f"{option.name} = {value!r}")
+        for name, table in sorted(self.plugins.items()):
+            lines.append(f"[plugins.{name}] = {dict(table)!r}")
         return lines
 
 
@@ -449,6 +482,11 @@ def read_toml(path: str) -> dict[str, Any]:
         raise ConfigError(f"{path}: {e}") from None
     values: dict[str, Any] = {}
     unknown = []
+    tables = raw.pop("plugins", {})
+    if not isinstance(tables, dict) or not all(isinstance(t, dict) for t in tables.values()):
+        raise ConfigError(f"{path}: plugins must be [plugins.NAME] tables")
+    if tables:
+        values["plugins"] = tables
     for key, value in raw.items():
         name = canonical_key(key)
         if name not in OPTIONS_BY_NAME or name == "config":
@@ -492,6 +530,7 @@ def build_config(
         except ConfigError as e:
             raise ConfigError(f"--{option.name} ({origin}): {e}") from None
         values[option.attribute] = value
+    values["plugins"] = dict(command_line.get("plugins") or from_file.get("plugins") or {})
     if values["hostname"] is None:
         values["hostname"] = _hostname(socket.getfqdn() or "localhost")
     if (values["tls_cert"] is None) != (values["tls_key"] is None):

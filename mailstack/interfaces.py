@@ -9,17 +9,23 @@ from zope.interface import Attribute, Interface
 
 class IUserDatabase(Interface):
     """
-    Who the local users are, and their password hashes.
+    Who the local users are, and their password hashes.  One database
+    serves SMTP AUTH, IMAP, POP3, routing and sender authorization.  Each
+    method may answer at once or with a Deferred (e.g. SQL in a worker
+    thread); it must never block the reactor thread.
     """
 
     def password_hash(address):  # type: ignore[no-untyped-def]
         """
-        Return the stored hash for the normalised L{Address}, or C{None}.
+        @param address: a normalised (lowercased) L{Address}.
+        @return: the stored Argon2 hash (PHC string), or C{None}; or a
+            Deferred of it.
         """
 
     def exists(address):  # type: ignore[no-untyped-def]
         """
-        Return whether the L{Address} is a local user.
+        @param address: a normalised L{Address}.
+        @return: whether it is a local user, or a Deferred of it.
         """
 
 
@@ -30,8 +36,26 @@ class IAliasMap(Interface):
 
     def targets(address):  # type: ignore[no-untyped-def]
         """
-        Return the tuple of target L{Address}es, or C{None} if the address
-        is not an alias.
+        @param address: a normalised L{Address}.
+        @return: the tuple of target L{Address}es, or C{None} if the
+            address is not an alias; or a Deferred of it.
+        """
+
+
+class IUserDatabaseFactory(Interface):
+    """
+    A user database plugin, chosen with C{--user-db NAME} (default
+    C{file}: C{DATA/users} and C{DATA/aliases}).
+    """
+
+    name = Attribute("What --user-db calls it.")
+    description = Attribute("One line for mailstack plugins and the log.")
+
+    def build(config, reactor):  # type: ignore[no-untyped-def]
+        """
+        @param config: the L{mailstack.config.Config}.
+        @param reactor: the reactor.
+        @return: an object providing L{IUserDatabase} and L{IAliasMap}.
         """
 
 
@@ -130,7 +154,30 @@ class IMessageFilter(Interface):
     def data(session, envelope, spool):  # type: ignore[no-untyped-def]
         """
         The whole message (C{spool}, a L{MessageSpool}: C{read()},
-        C{chunks()}, C{size}) is in, before it is made durable.
+        C{chunks()}, C{size}) is in, before it is made durable.  Runs on
+        the receiving MTA, on submission, and on locally injected mail
+        (maildrop pickup: C{session.service} is C{local}, C{session.user}
+        the local user); C{envelope.origin} says the same.
+
+        Besides C{None} and a refusal, it may return a
+        L{mailstack.plugin.Verdict}: header fields to prepend (in order,
+        above the C{Received:} field), received header fields to remove
+        (by index in C{spool.header_fields()}), a folder for local Maildir
+        delivery (e.g. C{Junk}), or discard (C{250}, delivered nowhere,
+        logged).
+        The filters run in order; every filter's header fields are added,
+        the first folder asked for wins, and a refusal or a discard stops
+        the rest.  A filter that raises, or has not answered within its
+        C{timeout} attribute (seconds, default 30), tempfails the message
+        (C{451 4.7.1}) and its traceback is logged.  The method may be an
+        C{async def}; CPU work belongs in a worker thread
+        (C{twisted.internet.threads.deferToThread}).
+
+        @param session: who the client is (L{mailstack.smtp.server.Session}).
+        @param envelope: the L{mailstack.message.Envelope}.
+        @param spool: the L{mailstack.message.MessageSpool}.
+        @return: C{None}, a L{mailstack.smtp.reply.Reply} refusal, a
+            L{mailstack.plugin.Verdict}, or a Deferred or coroutine of one.
         """
 
 
@@ -149,4 +196,113 @@ class IMessageFilterFactory(Interface):
         """
         Make the L{IMessageFilter} for a running server with this
         L{mailstack.config.Config}.
+        """
+
+
+class IConfigurable(Interface):
+    """
+    Optional for any plugin factory: options from the C{[plugins.NAME]}
+    table of the TOML configuration, given before C{build}.  A factory
+    without C{configure} takes no options (a table for it is an error).
+    """
+
+    def configure(options):  # type: ignore[no-untyped-def]
+        """
+        Check and keep the options (L{mailstack.plugin.check_options} does
+        the work); raise L{mailstack.config.ConfigError} naming a bad or
+        unknown key, which stops the server at start.
+
+        @param options: the table, a C{dict} (empty when there is none).
+        """
+
+
+class IOutboundTransform(Interface):
+    """
+    Changes mail leaving through the queue or submitted by local users
+    before it is queued: run once per message, after the filters, for
+    every message with a remote recipient or whose origin
+    (C{envelope.origin}) is C{submission}, C{submissions} or C{local}.
+    What a DKIM signer needs.
+    """
+
+    name = Attribute("The transform's name, for log lines.")
+    timeout = Attribute("Seconds it may take (optional; default 30).")
+
+    def transform(envelope, spool):  # type: ignore[no-untyped-def]
+        """
+        Look at the message and say which header fields to prepend.  A
+        failure or timeout tempfails the message (C{451 4.7.1}) and is
+        logged with its traceback.  May be an C{async def}.
+
+        @param envelope: the L{mailstack.message.Envelope} (C{sender},
+            C{rcpts}, C{remote}, C{origin}).
+        @param spool: the L{mailstack.message.MessageSpool} with every
+            header field added so far.
+        @return: a sequence of header fields (C{"Name: value"}, C{str} or
+            C{bytes}; folded lines continue after an LF with a space),
+            prepended in order; or a Deferred or coroutine of it.
+        """
+
+
+class IOutboundTransformFactory(Interface):
+    """
+    An outbound transform plugin, enabled with C{--transform NAME}.
+    """
+
+    name = Attribute("What --transform calls it.")
+    description = Attribute("One line for mailstack plugins and the log.")
+
+    def build(config, reactor):  # type: ignore[no-untyped-def]
+        """
+        @param config: the L{mailstack.config.Config}.
+        @param reactor: the reactor.
+        @return: an L{IOutboundTransform}.
+        """
+
+
+class IQueuedDeliveryAgent(Interface):
+    """
+    A delivery agent run from the outbound queue, as Postfix's lmtp(8)
+    and pipe(8) run from its queue: a message for its recipients is first
+    made durable in the queue (the C{250} after DATA), then handed over;
+    each recipient's answer is honoured on its own: 2xx delivered, 4xx
+    retried on the queue's schedule, 5xx bounced to the sender.
+    """
+
+    name = Attribute("A short name for log lines (relay=NAME).")
+
+    def deliver_queued(sender, recipients, open_content, size):  # type: ignore[no-untyped-def]
+        """
+        Deliver one message to some of its local recipients.
+
+        @param sender: the envelope sender, C{""} for the null sender.
+        @param recipients: the recipient addresses (C{str}).
+        @param open_content: a callable returning a new binary file of the
+            message (LF line endings); read it in a worker thread or in
+            chunks.
+        @param size: the message's size in bytes.
+        @return: a Deferred (or coroutine) firing with a C{dict} from each
+            recipient to its L{mailstack.smtp.reply.Reply}; a failure
+            defers every recipient.
+        """
+
+
+class IDeliveryAgentFactory(Interface):
+    """
+    A delivery agent plugin, chosen with C{--delivery NAME} (everyone),
+    C{--delivery DOMAIN=NAME} or C{--delivery USER@DOMAIN=NAME}.
+    """
+
+    name = Attribute("What --delivery calls it.")
+    description = Attribute("One line for mailstack plugins and the log.")
+
+    def build(config, reactor):  # type: ignore[no-untyped-def]
+        """
+        @param config: the L{mailstack.config.Config}.
+        @param reactor: the reactor.
+        @return: an L{IQueuedDeliveryAgent} (run from the queue, per
+            recipient answers), or an L{IDeliveryAgent} run at DATA like
+            Maildir (its C{deliver} must make every copy durable before it
+            fires; with L{ITwoPhaseStore} too, the dispatcher can undo it
+            when another store of the message fails).
         """

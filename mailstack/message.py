@@ -60,6 +60,7 @@ class MessageSpool:
         self.error: OSError | None = None  # the first failed spill write
         self.backlog = 0  # bytes given to write() and not yet written
         self._drain_waiters: list[Deferred[None]] = []
+        self._cuts: list[tuple[int, int]] = []  # removed header fields (content offsets)
 
     def write(self, data: bytes) -> None:
         """
@@ -161,6 +162,14 @@ class MessageSpool:
         self.size += len(lines)
         self.lines += lines.count(b"\n")
 
+    def prepend_header(self, lines: bytes) -> None:
+        """
+        Put header lines at the very top (filters' and transforms' fields).
+        """
+        self._prefix = lines + self._prefix
+        self.size += len(lines)
+        self.lines += lines.count(b"\n")
+
     def _collect_head(self, data: bytes) -> None:
         self._head += data
         end = self._head.find(b"\n\n")
@@ -189,7 +198,56 @@ class MessageSpool:
         """
         The names of the header fields, lowercased, in order.
         """
+        if self._cuts:
+            return [_HEADER_NAME.match(f).group(1).decode("ascii").lower()  # type: ignore[union-attr]
+                    for f in self.header_fields()]
         return [m.group(1).decode("ascii").lower() for m in _HEADER_NAME.finditer(self._head)]
+
+    def _field_spans(self) -> list[tuple[int, int]]:
+        """
+        Where each received header field (with its continuation lines) is
+        in the content, except those removed.
+        """
+        spans: list[tuple[int, int]] = []
+        starts: list[bool] = []
+        pos = 0
+        for line in bytes(self._head).splitlines(keepends=True):
+            if line[:1] in (b" ", b"\t") and spans:
+                spans[-1] = (spans[-1][0], pos + len(line))
+            else:
+                spans.append((pos, pos + len(line)))
+                starts.append(_HEADER_NAME.match(line) is not None)
+            pos += len(line)
+        if not self._head.endswith(b"\n") or not self._head_done:
+            spans, starts = spans[:-1], starts[:-1]  # maybe cut short
+        return [span for span, ok in zip(spans, starts) if ok and span not in self._cuts]
+
+    def header_fields(self) -> list[bytes]:
+        """
+        The received header fields in order, each with its continuation
+        lines and LF (not those added with L{add_header} or
+        L{prepend_header}, nor those removed).
+        """
+        return [bytes(self._head[start:end]) for start, end in self._field_spans()]
+
+    def remove_header_fields(self, indexes: Any) -> None:
+        """
+        Remove received header fields, by their index in L{header_fields}
+        (e.g. a forged C{Authentication-Results}, RFC 8601 5); readers
+        started later do not see them.  An index out of range is an
+        C{IndexError} and removes nothing.
+        """
+        spans = self._field_spans()
+        chosen = sorted(set(indexes))
+        if any(not 0 <= i < len(spans) for i in chosen):
+            raise IndexError(f"no header field {chosen} of {len(spans)}")
+        for i in chosen:
+            start, end = spans[i]
+            removed = self._head[start:end]
+            self.size -= len(removed)
+            self.lines -= removed.count(b"\n")
+            with self._lock:
+                self._cuts = sorted(self._cuts + [(start, end)])
 
     def chunks(self) -> Iterator[bytes]:
         """
@@ -202,10 +260,12 @@ class MessageSpool:
         with self._lock:
             if self._closed:
                 raise ValueError("the message spool is closed")
-            prefix, memory = self._prefix, self._memory
+            prefix, memory, cuts = self._prefix, self._memory, list(self._cuts)
             source = None if self._fd is None else os.fdopen(os.dup(self._fd), "rb", 0)
         if source is None and memory is None:
             raise ValueError("the message spool lost its content")
+        if cuts:
+            return _without(self._read(prefix, memory, source), len(prefix), cuts)
         return self._read(prefix, memory, source)
 
     def _read(self, prefix: bytes, memory: bytearray | None, source: Any) -> Iterator[bytes]:
@@ -242,6 +302,30 @@ class MessageSpool:
                 self._fd = None
 
 
+def _without(chunks: Iterator[bytes], prefix: int,
+             cuts: list[tuple[int, int]]) -> Iterator[bytes]:
+    """
+    The chunks with the byte ranges C{cuts} (content offsets, after the
+    C{prefix} bytes of added fields) left out.
+    """
+    offset = -prefix
+    for chunk in chunks:
+        end = offset + len(chunk)
+        pieces, at = [], offset
+        for start, stop in cuts:
+            if stop <= at or start >= end:
+                continue
+            if start > at:
+                pieces.append(chunk[at - offset:start - offset])
+            at = max(at, stop)
+        if at < end:
+            pieces.append(chunk[at - offset:])
+        offset = end
+        joined = b"".join(pieces)
+        if joined:
+            yield joined
+
+
 @dataclass(frozen=True)
 class LocalRecipient:
     """
@@ -267,6 +351,10 @@ class Envelope:
     remote: list[Address] = field(default_factory=list)
     received_at: float = 0.0
     client: str = ""
+    # Where it came from: smtp, submission, submissions, local (maildrop
+    # pickup), bounce; and the Maildir folder a filter asked for.
+    origin: str = ""
+    folder: str | None = None
 
     def add(self, rcpt: Address, resolution: Any) -> None:
         """

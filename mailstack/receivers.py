@@ -80,8 +80,13 @@ def receiver_settings(config: Any, family: int, index: int) -> dict[str, Any]:
         "max-client-connections": config.max_client_connections,
         "connection-limit-exempt": ",".join(str(n) for n in config.connection_limit_exempt),
         "smtp-min-data-rate": config.smtp_min_data_rate,
+        # Plugins: the same ones, with the same [plugins.NAME] options.
+        "transform": list(config.transform),
+        "delivery": [f"{where}={name}" if where else name for where, name in config.delivery],
+        "user-db": config.user_db,
+        "plugins": {name: dict(table) for name, table in config.plugins.items()},
     })
-    for name in ("tls-cert", "tls-key"):
+    for name in ("tls-cert", "tls-key", "postmaster"):
         value = getattr(config, name.replace("-", "_"))
         if value is not None:
             options[name] = value

@@ -44,13 +44,16 @@ from mailstack.queue.runner import OutboundQueue
 from mailstack.queue.store import QueueStore
 from mailstack.smtp.client import Timeouts
 from mailstack.receivers import AdoptedPort, ReceiverPool
-from mailstack.smtp.filters import FilteredPolicy, load_filters
+from mailstack.delivery.agents import AgentCourier, build_agents
+from mailstack.interfaces import IAliasMap, IOutboundTransform, IUserDatabase
+from mailstack.plugin import build_plugin
+from mailstack.smtp.filters import FilteredPolicy, checked_injection, load_filters
 from mailstack.smtp.policy import ReceivingPolicy
 from mailstack.smtp.server import ServerSettings, SMTPServerFactory
 from mailstack.smtp.submission import SubmissionPolicy
 from mailstack.throttle import LoginThrottle
 from mailstack.tls import ReloadingContextFactory, TLSMaterial
-from mailstack.users import AliasMap, UserDatabase
+from mailstack.users import AliasMap
 
 log = Logger()
 
@@ -151,8 +154,10 @@ class MailStack(MultiService):
         self.data_dir = data
         ensure_layout(data)
 
-        self.users = UserDatabase(data)
-        self.aliases = AliasMap(data)
+        # The user database is a plugin (--user-db: file, sqlite); one that
+        # does not provide IAliasMap too has DATA/aliases beside it.
+        self.users = build_plugin("user-db", config.user_db, config, reactor, IUserDatabase)
+        self.aliases = self.users if IAliasMap.providedBy(self.users) else AliasMap(data)
         self.router = Router(config.domains, self.users, self.aliases,
                              parse_address(config.postmaster or
                                            f"postmaster@{config.domain[0]}"))
@@ -188,11 +193,16 @@ class MailStack(MultiService):
         self.resolver = resolver
         quiet_dns()
 
+        self.transforms = [build_plugin("transform", name, config, reactor, IOutboundTransform)
+                           for name in config.transform]
+        self.agents = build_agents(config, reactor)
+
         if receiver is not None:
             self.queue = QueueHandoff(QueueStore(os.path.join(data, "queue")), data, reactor,
                                       self.io_pool)
             self.dispatcher = Dispatcher(self.router, self.maildir, self.queue, reactor,
                                          self.spool_dir)
+            self.plug_in(self.dispatcher)
             policy = self.filtered(ReceivingPolicy(self.dispatcher, config.relay_networks))
             factory = self.limited(self.smtp_factory(policy, "smtp"), "smtp", "smtp")
             if (config.smtp or "").lower().startswith("haproxy:"):
@@ -205,13 +215,17 @@ class MailStack(MultiService):
                                endpoint=relay_endpoint, require_tls=config.require_tls,
                                relay_auth=config.relay_auth,
                                bind_addresses=config.smtp_bind_address)
+        courier: Any = self.courier
+        if self.agents is not None:  # lmtp, pipe: run from the queue
+            courier = AgentCourier(self.courier, self.agents, config.domains)
         self.queue = OutboundQueue(
-            QueueStore(os.path.join(data, "queue")), self.courier, reactor, clock or reactor,
+            QueueStore(os.path.join(data, "queue")), courier, reactor, clock or reactor,
             self.io_pool,
             config.retry_schedule, config.max_queue_lifetime, config.hostname)
         self.queue.setServiceParent(self)
         self.dispatcher = Dispatcher(self.router, self.maildir, self.queue, reactor,
                                      self.spool_dir)
+        self.plug_in(self.dispatcher)
         self.queue.bounce_to = self.bounce
         self.pickup = Pickup(data, self.dispatcher, reactor, self.io_pool, config.hostname,
                              config.max_message_size)
@@ -271,7 +285,18 @@ class MailStack(MultiService):
                 ReloadingContextFactory(self.tls), False, factory))
 
     def filtered(self, policy: Any) -> Any:
-        return FilteredPolicy(policy, self.filters) if self.filters else policy
+        return FilteredPolicy(policy, self.filters, self.reactor) if self.filters else policy
+
+    def plug_in(self, dispatcher: Dispatcher) -> None:
+        """
+        The plugins that act on every message: outbound transforms, the
+        filters' check of locally injected mail, delivery agents.
+        """
+        dispatcher.transforms = self.transforms
+        dispatcher.agents = self.agents
+        if self.filters:
+            dispatcher.inject_check = checked_injection(
+                FilteredPolicy(None, self.filters, self.reactor))
 
     def bounce(self, sender: str, report: bytes) -> Deferred[str]:
         """

@@ -62,6 +62,11 @@ class Options(usage.Options):
                 raise usage.UsageError(
                     f"--filter: no filter plugin named {name!r} "
                     f"(available: {', '.join(sorted(known)) or 'none installed'})")
+        from mailstack.plugin import validate
+        try:
+            validate(self.config)
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
 
 
 def makeService(options: Options) -> Any:

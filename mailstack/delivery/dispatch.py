@@ -7,9 +7,12 @@ accept; the queue uses it for bounces, and local injection for scripts.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Sequence
 
-from twisted.internet.defer import Deferred, DeferredList, fail, maybeDeferred
+from twisted.internet.defer import (
+    CancelledError, Deferred, DeferredList, TimeoutError, fail, maybeDeferred,
+)
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -22,6 +25,40 @@ from mailstack.logsafe import safe
 from mailstack.message import Envelope, MessageSpool
 
 log = Logger()
+
+# Mail from these origins is outbound even when every recipient is local.
+OUTBOUND_ORIGINS = ("submission", "submissions", "local")
+
+
+async def run_transforms(transforms: Sequence[Any], envelope: Envelope, spool: MessageSpool,
+                         clock: Any) -> None:
+    """
+    Run the outbound transforms (L{IOutboundTransform}) in order, each
+    within its time limit, prepending what each returns; a failure is a
+    logged C{451 4.7.1} (L{SMTPError}), never a lost or unsigned message.
+    """
+    from mailstack.plugin import header_lines
+    from mailstack.smtp.filters import DEFAULT_TIMEOUT, _await_coroutine
+    from mailstack.smtp.reply import SMTPError
+
+    for t in transforms:
+        timeout = getattr(t, "timeout", DEFAULT_TIMEOUT) or DEFAULT_TIMEOUT
+        try:
+            d = maybeDeferred(t.transform, envelope, spool).addCallback(_await_coroutine)
+            d.addTimeout(timeout, clock)
+            fields = await d
+            lines = header_lines(fields or ())
+        except (CancelledError, TimeoutError):
+            log.error("{qid}: transform {name} gave no answer within {timeout}s",
+                      qid=envelope.queue_id, name=t.name, timeout=timeout)
+            raise SMTPError(451, "4.7.1", "Error: the message could not be processed, "
+                                          "try again later") from None
+        except Exception:
+            log.failure("{qid}: transform {name} failed", qid=envelope.queue_id, name=t.name)
+            raise SMTPError(451, "4.7.1", "Error: the message could not be processed, "
+                                          "try again later") from None
+        if lines:
+            spool.prepend_header(lines)
 
 
 def _prepare(store: Any, envelope: Envelope, spool: MessageSpool) -> Any:
@@ -64,6 +101,12 @@ class Dispatcher:
         self.queue = queue
         self.clock = clock
         self.spool_dir = spool_dir
+        # Plugins (mailstack.service wires them): outbound transforms, the
+        # filters' check of locally injected mail, and delivery agents run
+        # from the queue (lmtp, pipe) for some local recipients.
+        self.transforms: list[Any] = []
+        self.inject_check: Any = None
+        self.agents: Any = None
 
     def dispatch(self, envelope: Envelope, spool: MessageSpool) -> Deferred[None]:
         """
@@ -79,19 +122,30 @@ class Dispatcher:
         every store has finished reading C{spool}: the caller may close it
         then, never while a worker thread still reads it.
         """
+        return Deferred.fromCoroutine(self._transform_and_dispatch(envelope, spool))
+
+    async def _transform_and_dispatch(self, envelope: Envelope, spool: MessageSpool) -> None:
+        if self.transforms and (envelope.remote or envelope.origin in OUTBOUND_ORIGINS):
+            await run_transforms(self.transforms, envelope, spool, self.clock)
+        inline: dict[Any, list[Any]] = {None: envelope.local}
+        queued: list[Address] = []
+        if self.agents is not None:
+            inline, queued = self.agents.split(envelope.local)
         stores: list[Any] = []
-        if envelope.local:
-            stores.append((self.local_agent, "local"))
-        if envelope.remote:
+        for agent, local in inline.items():
+            if local:
+                stores.append((agent or self.local_agent, replace(envelope, local=local)))
+        if envelope.remote or queued:
             if self.queue is None:
                 raise RuntimeError("remote recipients but no outbound queue")
-            stores.append((self.queue, "queue"))
-        return Deferred.fromCoroutine(self._dispatch(envelope, spool, stores))
+            remote = envelope.remote + [r for r in queued if r not in envelope.remote]
+            stores.append((self.queue, replace(envelope, remote=remote)))
+        await self._dispatch(envelope, spool, stores)
 
     async def _dispatch(self, envelope: Envelope, spool: MessageSpool,
                         stores: list[Any]) -> None:
         results = await DeferredList(
-            [maybeDeferred(_prepare, store, envelope, spool) for store, _ in stores],
+            [maybeDeferred(_prepare, store, part, spool) for store, part in stores],
             consumeErrors=True)
         prepared = [value for ok, value in results if ok]
         failures = [value for ok, value in results if not ok]
@@ -114,34 +168,48 @@ class Dispatcher:
                           qid=envelope.queue_id, error=e)
 
     def inject(self, sender: Address | None, recipients: Sequence[Address], content: bytes,
-               client: str = "local", queue_id: str | None = None) -> Deferred[str]:
+               client: str = "local", queue_id: str | None = None,
+               user: Any = None) -> Deferred[str]:
         """
         Deliver a message made here (a bounce, a local submission) with LF
         line endings; unknown local recipients are logged and skipped.
         Fires with the new queue id.  The content is normalised first
         (L{mailstack.delivery.cleanup}): it did not come through SMTP DATA.
+
+        @param user: for mail a local user injected (maildrop pickup), who:
+            the message filters then check it (origin C{local}); a refusal
+            fails the Deferred with an L{SMTPError}.  Bounces are not
+            filtered.
         """
         from mailstack.smtp.server import new_queue_id
 
-        envelope = Envelope(queue_id or new_queue_id(), sender, received_at=wall_seconds(self.clock),
-                            client=client)
-        for rcpt in recipients:
-            try:
-                resolution = self.router.resolve(rcpt)
-            except (UnknownRecipient, AliasLoop, EmptyResolution) as e:
-                log.warn("{qid}: to=<{to}> status=bounced (unknown local recipient: {e})",
-                         qid=envelope.queue_id, to=safe(rcpt), e=safe(e))
-                continue
-            envelope.add(rcpt, resolution)
+        envelope = Envelope(queue_id or new_queue_id(), sender,
+                            received_at=wall_seconds(self.clock), client=client,
+                            origin="bounce" if user is None else "local")
         spool = MessageSpool(self.spool_dir)
         spool.write(normalize(content))
         if spool.error is not None:
             spool.close()
             return fail(spool.error)
-        log.info("{qid}: from=<{sender}> size={size} nrcpt={n} ({client})",
-                 qid=envelope.queue_id, sender=safe(sender or ""), size=spool.size,
-                 n=len(envelope.rcpts), client=safe(client))
-        d = self.dispatch(envelope, spool)
+
+        async def checked() -> None:
+            for rcpt in recipients:
+                try:
+                    resolution = await self.router.lookup(rcpt)
+                except (UnknownRecipient, AliasLoop, EmptyResolution) as e:
+                    log.warn("{qid}: to=<{to}> status=bounced (unknown local recipient: {e})",
+                             qid=envelope.queue_id, to=safe(rcpt), e=safe(e))
+                    continue
+                envelope.add(rcpt, resolution)
+            log.info("{qid}: from=<{sender}> size={size} nrcpt={n} ({client})",
+                     qid=envelope.queue_id, sender=safe(sender or ""), size=spool.size,
+                     n=len(envelope.rcpts), client=safe(client))
+            if user is not None and self.inject_check is not None:
+                if not await self.inject_check(envelope, spool, user):
+                    return  # discarded, logged
+            await self.dispatch(envelope, spool)
+
+        d = Deferred.fromCoroutine(checked())
 
         def done(result: Any) -> Any:
             spool.close()

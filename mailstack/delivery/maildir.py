@@ -147,6 +147,9 @@ class MaildirStore:
                 os.mkdir(os.path.join(maildir, sub), 0o700)
             except FileExistsError:
                 pass
+        if os.path.basename(maildir).startswith("."):  # a Maildir++ subfolder (Junk)
+            os.close(os.open(os.path.join(maildir, "maildirfolder"),
+                             os.O_WRONLY | os.O_CREAT, 0o600))
         fsync_directory(maildir)
         for directory in created:
             fsync_directory(os.path.dirname(directory))
@@ -282,7 +285,10 @@ class MaildirDeliveryAgent:
                 f"Return-Path: {envelope.return_path}\n"
                 f"Delivered-To: {rcpt.delivered_to}\n"
             ).encode("ascii")
-            copies.append(Copy(self.writer.store.path_for(rcpt.user), prefix))
+            path = self.writer.store.path_for(rcpt.user)
+            if envelope.folder:  # a filter's verdict: a Maildir++ subfolder
+                path = os.path.join(path, "." + envelope.folder)
+            copies.append(Copy(path, prefix))
         return copies
 
     def deliver(self, envelope: Envelope, spool: MessageSpool) -> "Deferred[list[str]]":

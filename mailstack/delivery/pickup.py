@@ -28,6 +28,7 @@ from mailstack.logsafe import safe
 from mailstack.mua.sendmail import maildrop_dir, read_drop
 from mailstack.privileges import user_name
 from mailstack.smtp.server import new_queue_id
+from mailstack.smtp.reply import SMTPError
 
 log = Logger()
 
@@ -92,7 +93,17 @@ class Pickup(TimerService):
             who = f"uid={uid} user={user_name(uid)}"
             try:
                 await self.dispatcher.inject(from_, rcpts, received.encode("ascii") + content,
-                                             client=f"local {who}", queue_id=qid)
+                                             client=f"local {who}", queue_id=qid, user=who)
+            except SMTPError as e:  # the message filters' refusal
+                if e.reply.code < 500:
+                    log.info("maildrop: {name} refused for now: {reply}; will retry",
+                             name=name, reply=e.reply)
+                    continue
+                log.warn("maildrop: {name} from <{sender}> (local user {who}) rejected: "
+                         "{reply}; moved to .rejected-{name}", name=name, sender=safe(sender),
+                         who=who, reply=e.reply)
+                os.replace(path, os.path.join(self.directory, ".rejected-" + name))
+                continue
             except OSError as e:  # a full disk: one line, not a traceback
                 log.error("maildrop: cannot deliver {name}: {error}; will retry", name=name,
                           error=e)

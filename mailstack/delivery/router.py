@@ -12,8 +12,11 @@ its targets keeps a copy in the user's own mailbox (C{alice: alice, bob}).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailstack.address import Address
 from mailstack.interfaces import IAliasMap, IUserDatabase
@@ -83,18 +86,45 @@ class Router:
     def resolve(self, address: Address) -> Resolution:
         """
         Resolve one recipient; raise L{UnknownRecipient}, L{AliasLoop} or
-        L{EmptyResolution}.
+        L{EmptyResolution}.  Only for a user database and alias map that
+        answer at once (the file database); L{lookup} works with any.
         """
+        d = self.lookup(address)
+        result: list[Any] = []
+        d.addBoth(result.append)
+        if not result:
+            d.cancel()
+            raise RuntimeError("the user database answers asynchronously: use lookup()")
+        if isinstance(result[0], Failure):
+            result[0].raiseException()
+        return result[0]
+
+    def lookup(self, address: Address) -> Deferred[Resolution]:
+        """
+        L{resolve} for any user database and alias map: their methods may
+        return Deferreds (an SQL database in worker threads).
+        """
+        return Deferred.fromCoroutine(self._resolve(address))
+
+    async def _resolve(self, address: Address) -> Resolution:
         if not self.is_local(address):
             return Resolution(remote=(address,))
         local: dict[LocalRecipient, None] = {}
         remote: dict[Address, None] = {}
-        self._expand(address, (), local, remote)
+        await self._expand(address, (), local, remote)
         if not local and not remote:
             raise EmptyResolution(f"{address} resolves to no recipient (bad alias targets?)")
         return Resolution(tuple(local), tuple(remote))
 
-    def _expand(
+    async def _targets(self, address: Address) -> Any:
+        targets: Any = self.aliases.targets
+        return await maybeDeferred(targets, address)
+
+    async def _exists(self, address: Address) -> bool:
+        exists: Any = self.users.exists
+        return bool(await maybeDeferred(exists, address))
+
+    async def _expand(
         self,
         address: Address,
         path: tuple[Address, ...],
@@ -105,14 +135,14 @@ class Router:
             raise AliasLoop(f"alias expansion of {path[0]} is deeper than {self.max_depth}")
         key = address.lower()
         base = key.base
-        targets = self.aliases.targets(key)
+        targets = await self._targets(key)
         alias = key
         if targets is None and base != key:
-            targets, alias = self.aliases.targets(base), base
+            targets, alias = await self._targets(base), base
         if targets is None:
-            if self.users.exists(key):
+            if await self._exists(key):
                 local[LocalRecipient(key, address)] = None
-            elif self.users.exists(base):
+            elif await self._exists(base):
                 local[LocalRecipient(base, address)] = None
             elif (postmaster := self.postmaster_for(key)) is not None:
                 if postmaster.lower() in (key, base) or postmaster.lower() in path:
@@ -122,7 +152,7 @@ class Router:
                     remote[postmaster] = None
                 else:
                     try:
-                        self._expand(postmaster, path + (key,), local, remote)
+                        await self._expand(postmaster, path + (key,), local, remote)
                     except UnknownRecipient:
                         # A --postmaster nobody created: still never refused.
                         log.error("--postmaster <{postmaster}> is no user or alias; "
@@ -146,7 +176,7 @@ class Router:
             return
         for target in targets:
             if target.lower() == alias:
-                if not self.users.exists(alias):
+                if not await self._exists(alias):
                     raise UnknownRecipient(str(target))
                 local[LocalRecipient(alias, address)] = None
             elif not self.is_local(target):
@@ -154,4 +184,4 @@ class Router:
             elif target.lower() in path or target.lower() == key:
                 raise AliasLoop(f"alias loop: {' -> '.join(map(str, path + (key, target)))}")
             else:
-                self._expand(target, path + (key,), local, remote)
+                await self._expand(target, path + (key,), local, remote)

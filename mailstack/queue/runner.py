@@ -193,6 +193,10 @@ class OutboundQueue(Service):
             self._timer = self.clock.callLater(delay, self._run_due)
 
     def _run_due(self) -> None:
+        # Also called when an attempt finishes: a timer still armed is
+        # superseded by the one _rearm sets below, never left behind.
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
         self._timer = None
         now = self.clock.seconds()
         while self._heap and self._heap[0][0] <= now and len(self.active) < self.max_active:

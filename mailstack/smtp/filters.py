@@ -12,19 +12,22 @@ durable.  The first refusal wins and is logged with the filter's name.
 
 from __future__ import annotations
 
+from collections.abc import Coroutine
+from dataclasses import dataclass
 from typing import Any, Sequence
 
-from twisted.internet.defer import Deferred, maybeDeferred
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, maybeDeferred
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
 from zope.interface import implementer
 
 from mailstack import plugins
 from mailstack.address import Address
-from mailstack.config import Config, ConfigError
+from mailstack.config import Config
 from mailstack.interfaces import IMessageFilter, IMessageFilterFactory
 from mailstack.logsafe import safe
 from mailstack.message import Envelope, MessageSpool
+from mailstack.plugin import Verdict, check_folder, header_lines
 from mailstack.smtp.reply import Reply, SMTPError
 
 log = Logger()
@@ -43,19 +46,9 @@ def load_filters(config: Config, reactor: Any) -> list[Any]:
     """
     if not config.filter:
         return []
-    found = available_filters()
-    filters = []
-    for name in config.filter:
-        if name not in found:
-            known = ", ".join(sorted(found)) or "none installed"
-            raise ConfigError(f"--filter: no filter plugin named {name!r} (available: {known})")
-        built = found[name].build(config, reactor)
-        if not IMessageFilter.providedBy(built):
-            raise ConfigError(f"--filter {name}: the plugin did not build an IMessageFilter")
-        filters.append(built)
-        log.info("filter {name} enabled: {description}", name=name,
-                 description=found[name].description)
-    return filters
+    from mailstack.plugin import build_plugin
+    return [build_plugin("filter", name, config, reactor, IMessageFilter)
+            for name in config.filter]
 
 
 @implementer(IMessageFilter)
@@ -79,32 +72,135 @@ class MessageFilter:
         return None
 
 
+TEMPFAIL = Reply(451, "4.7.1", "Error: the message could not be checked, try again later")
+CONNECT_TEMPFAIL = Reply(421, "4.7.1", "Error: the connection could not be checked, "
+                                       "try again later")
+DEFAULT_TIMEOUT = 30.0
+
+
+class _Discarded(Exception):
+    """
+    A filter asked for the message to be discarded.
+    """
+
+
 class FilteredPolicy:
     """
     An SMTP policy with filters; everything else is the policy's own.
     """
 
-    def __init__(self, policy: Any, filters: Sequence[Any]) -> None:
+    def __init__(self, policy: Any, filters: Sequence[Any], clock: Any = None) -> None:
         self.policy = policy
         self.filters = tuple(filters)
+        if clock is None:
+            from twisted.internet import reactor as clock
+        self.clock = clock
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.policy, name)
 
+    async def _ask(self, f: Any, stage: str, session: Any, *args: Any) -> Any:
+        """
+        One filter's answer, within its time limit; a filter that raises
+        or runs out of time is a logged tempfail.
+        """
+        timeout = getattr(f, "timeout", DEFAULT_TIMEOUT) or DEFAULT_TIMEOUT
+        qid = args[0].queue_id if stage == "data" else "-"
+        try:
+            d = maybeDeferred(getattr(f, stage), session, *args).addCallback(_await_coroutine)
+            d.addTimeout(timeout, self.clock)
+            verdict = await d
+        except SMTPError as e:
+            return e.reply
+        except (CancelledError, TimeoutError):
+            log.error("{qid}: {client}: filter {name} gave no answer at {stage} within "
+                      "{timeout}s; {reply}", qid=qid, client=session.client, name=f.name,
+                      stage=stage.upper(), timeout=timeout, reply=TEMPFAIL)
+            return TEMPFAIL
+        except Exception:  # noqa: BLE001 - any failure of a plugin tempfails
+            log.failure("{qid}: {client}: filter {name} failed at {stage}; {reply}",
+                        qid=qid, client=session.client, name=f.name, stage=stage.upper(),
+                        reply=TEMPFAIL)
+            return TEMPFAIL
+        if verdict is None:
+            return None
+        if isinstance(verdict, Reply):
+            verdict = Verdict(reply=verdict)
+        if not isinstance(verdict, Verdict):
+            log.error("{client}: filter {name} answered {verdict!r} at {stage}; {reply}",
+                      client=session.client, name=f.name, verdict=verdict,
+                      stage=stage.upper(), reply=TEMPFAIL)
+            return TEMPFAIL
+        if verdict.reply is not None and verdict.reply.code < 400:
+            log.error("{client}: filter {name} answered {code} at {stage}, not a refusal; "
+                      "{reply}", client=session.client, name=f.name, code=verdict.reply.code,
+                      stage=stage.upper(), reply=TEMPFAIL)
+            return TEMPFAIL
+        if stage != "data" and (verdict.headers or verdict.folder or verdict.discard
+                                or verdict.remove):
+            log.error("{client}: filter {name}: header fields, folder and discard are for "
+                      "DATA, not {stage}; {reply}", client=session.client, name=f.name,
+                      stage=stage.upper(), reply=TEMPFAIL)
+            return TEMPFAIL
+        if stage != "data":
+            return verdict.reply
+        return verdict
+
     async def _verdict(self, stage: str, session: Any, *args: Any) -> Reply | None:
         for f in self.filters:
-            try:
-                verdict = await maybeDeferred(getattr(f, stage), session, *args)
-            except SMTPError as e:
-                verdict = e.reply
+            verdict = await self._ask(f, stage, session, *args)
+            if verdict is TEMPFAIL and stage == "connect":
+                verdict = CONNECT_TEMPFAIL  # a greeting's 4xx is 421 (RFC 5321 3.1)
             if verdict is not None:
-                if not isinstance(verdict, Reply) or verdict.code < 400:
-                    raise TypeError(f"filter {f.name} answered {verdict!r} at {stage}")
                 log.info("{client}: filter {name} refused at {stage}: {code} {enhanced} {text}",
                          client=session.client, name=f.name, stage=stage.upper(),
                          code=verdict.code, enhanced=safe(verdict.enhanced),
                          text=safe(verdict.text))
                 return verdict
+        return None
+
+    async def check_data(self, session: Any, envelope: Envelope,
+                         spool: MessageSpool) -> Reply | None:
+        """
+        Run every filter on a whole message and apply the verdicts: header
+        fields prepended, a folder recorded on the envelope.  Returns a
+        refusal, or raises L{_Discarded}; C{None} to deliver.
+        """
+        headers: list[bytes] = []
+        for f in self.filters:
+            verdict = await self._ask(f, "data", session, envelope, spool)
+            if verdict is None:
+                continue
+            if isinstance(verdict, Reply):  # a tempfail of ours
+                return verdict
+            try:
+                headers.append(header_lines(verdict.headers))
+                folder = check_folder(verdict.folder) if verdict.folder else None
+                if verdict.remove and verdict.reply is None:
+                    spool.remove_header_fields(verdict.remove)
+            except (ValueError, IndexError, TypeError) as e:
+                log.error("{qid}: filter {name}: {error}; {reply}", qid=envelope.queue_id,
+                          name=f.name, error=e, reply=TEMPFAIL)
+                return TEMPFAIL
+            if verdict.reply is not None:
+                reply = verdict.reply
+                log.info("{qid}: filter {name} refused at DATA from {client}: {code} "
+                         "{enhanced} {text}", qid=envelope.queue_id, client=session.client,
+                         name=f.name, code=reply.code, enhanced=reply.enhanced,
+                         text=reply.text)
+                return reply
+            if verdict.discard:
+                log.info("{qid}: discard: filter {name}: {reason}; from=<{sender}> "
+                         "nrcpt={n}", qid=envelope.queue_id, name=f.name,
+                         reason=verdict.reason or "no reason given",
+                         sender=envelope.sender or "", n=len(envelope.rcpts))
+                raise _Discarded()
+            if folder and envelope.folder is None:
+                envelope.folder = folder
+                log.info("{qid}: filter {name}: into folder {folder}", qid=envelope.queue_id,
+                         name=f.name, folder=folder)
+        if headers:
+            spool.prepend_header(b"".join(headers))
         return None
 
     def connect(self, session: Any) -> Deferred[Reply | None]:
@@ -132,8 +228,56 @@ class FilteredPolicy:
 
     def deliver(self, session: Any, envelope: Envelope, spool: MessageSpool) -> Deferred[Any]:
         async def run() -> Any:
-            refusal = await self._verdict("data", session, envelope, spool)
+            try:
+                refusal = await self.check_data(session, envelope, spool)
+            except _Discarded:
+                return None
             if refusal is not None:
                 raise SMTPError(refusal.code, refusal.enhanced, refusal.text)
             return await maybeDeferred(self.policy.deliver, session, envelope, spool)
         return Deferred.fromCoroutine(run())
+
+
+def _await_coroutine(result: Any) -> Any:
+    """
+    A filter method that is an C{async def} returns a coroutine: run it.
+    """
+    if isinstance(result, Coroutine):
+        return Deferred.fromCoroutine(result)
+    return result
+
+
+@dataclass
+class LocalSession:
+    """
+    What filters see for locally injected mail (C{mailstack sendmail}).
+    """
+
+    user: Any
+    service: str = "local"
+    peer_host: str = "127.0.0.1"
+    peer_port: int = 0
+    helo: str | None = None
+    esmtp: bool = False
+    tls: bool = False
+    tls_info: str = ""
+
+    @property
+    def client(self) -> str:
+        return f"local[{self.user}]"
+
+
+def checked_injection(filtered: FilteredPolicy) -> Any:
+    """
+    The dispatcher's hook for locally injected mail: the filters' verdict,
+    as an L{SMTPError} for a refusal, C{False} for a discard.
+    """
+    async def check(envelope: Envelope, spool: MessageSpool, user: Any) -> bool:
+        try:
+            refusal = await filtered.check_data(LocalSession(user), envelope, spool)
+        except _Discarded:
+            return False
+        if refusal is not None:
+            raise SMTPError(refusal.code, refusal.enhanced, refusal.text)
+        return True
+    return check

@@ -55,10 +55,13 @@ class ReceivingPolicy:
             return False
         return any(ip in network for network in self.relay_networks)
 
-    def rcpt(self, session: Any, envelope: Envelope, rcpt: Address) -> Resolution:
+    def rcpt(self, session: Any, envelope: Envelope, rcpt: Address) -> Deferred[Resolution]:
+        return Deferred.fromCoroutine(self._rcpt(session, envelope, rcpt))
+
+    async def _rcpt(self, session: Any, envelope: Envelope, rcpt: Address) -> Resolution:
         if self.router.is_local(rcpt):
             try:
-                resolution = self.router.resolve(rcpt)
+                resolution = await self.router.lookup(rcpt)
             except UnknownRecipient:
                 raise SMTPError(550, "5.1.1", f"<{rcpt}>: Recipient address rejected: "
                                               "User unknown in local recipient table")

@@ -573,7 +573,7 @@ class SMTPServer(Protocol):
             if reply.code == 250:
                 self.envelope = Envelope(
                     new_queue_id(), sender, received_at=wall_seconds(self.factory.clock),
-                    client=self.session.client,
+                    client=self.session.client, origin=self.session.service,
                 )
                 log.info("{qid}: client={client} helo=<{helo}>", qid=self.envelope.queue_id,
                          client=self.session.client, helo=safe(self.session.helo or ""))

@@ -166,21 +166,24 @@ class SubmissionPolicy(ReceivingPolicy):
 
     # The envelope
 
-    def mail(self, session: Any, sender: Address | None) -> Reply | None:
+    def mail(self, session: Any, sender: Address | None) -> Deferred[Reply | None]:
+        return Deferred.fromCoroutine(self._mail(session, sender))
+
+    async def _mail(self, session: Any, sender: Address | None) -> Reply | None:
         if not session.tls:
             raise SMTPError(*NEED_TLS)
         if session.user is None:
             raise SMTPError(*NEED_AUTH)
         if sender is None:
             raise SMTPError(553, "5.7.1", "Error: the null sender is not allowed here")
-        if not self.owns(session.user, sender):
+        if not await self.owns(session.user, sender):
             log.info("reject: MAIL from {client}: <{sender}> not owned by {user}",
                      client=session.client, sender=safe(sender), user=session.user)
             raise SMTPError(553, "5.7.1", f"<{sender}>: Sender address rejected: "
                                           f"not owned by user {session.user}")
         return None
 
-    def owns(self, user: Address, sender: Address) -> bool:
+    async def owns(self, user: Address, sender: Address) -> bool:
         """
         Whether C{user} may use C{sender}: their address, a plus-address of
         it, or an alias that delivers to them.
@@ -191,7 +194,7 @@ class SubmissionPolicy(ReceivingPolicy):
         if not self.router.is_local(sender):
             return False
         try:
-            resolution = self.router.resolve(sender)
+            resolution = await self.router.lookup(sender)
         except (UnknownRecipient, AliasLoop, EmptyResolution, AddressError):
             return False
         return any(local.user == user for local in resolution.local)
@@ -199,7 +202,7 @@ class SubmissionPolicy(ReceivingPolicy):
     def may_relay(self, session: Any) -> bool:
         return session.user is not None
 
-    def rcpt(self, session: Any, envelope: Envelope, rcpt: Address) -> Resolution:
+    def rcpt(self, session: Any, envelope: Envelope, rcpt: Address) -> Deferred[Resolution]:
         if not session.tls:
             raise SMTPError(*NEED_TLS)
         if session.user is None:
