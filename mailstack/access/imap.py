@@ -45,6 +45,7 @@ from mailstack.access.mailbox import (
 from mailstack.access.mime import lf, literal, string
 from mailstack.access.search import SearchError, imap_date, parse_set
 from mailstack.safeio import is_disk_full
+from mailstack.sockets import set_nodelay
 from mailstack.throttle import LoginThrottle
 
 log = Logger()
@@ -197,6 +198,7 @@ class IMAPServer(imap4.IMAP4Server):
     # -- connection ---------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        set_nodelay(self.transport)
         self.callLater = self.factory.reactor.callLater  # TimeoutMixin's clock
         peer = self.transport.getPeer()
         self.ip = getattr(peer, "host", "?")

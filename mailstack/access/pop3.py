@@ -26,6 +26,7 @@ from zope.interface import implementer
 
 from mailstack.access.maildir import MaildirMessage
 from mailstack.smtp.client import DotStuffer
+from mailstack.sockets import set_nodelay
 from mailstack.throttle import LoginThrottle
 
 log = Logger()
@@ -90,6 +91,7 @@ class POP3Server(pop3.POP3):
     factory: "POP3Factory"
 
     def connectionMade(self) -> None:
+        set_nodelay(self.transport)
         self.portal = self.factory.portal
         self.challengers = {}
         self.tls = self.factory.implicit_tls

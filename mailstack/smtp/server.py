@@ -41,6 +41,7 @@ from mailstack.clock import wall_seconds
 from mailstack.message import Envelope, MessageSpool, rfc5322_date
 from mailstack.smtp.data import DataReader
 from mailstack.smtp.reply import Reply, SMTPError
+from mailstack.sockets import set_nodelay
 
 log = Logger()
 
@@ -156,6 +157,7 @@ class SMTPServer(Protocol, TimeoutMixin):
     factory: "SMTPServerFactory"
 
     def connectionMade(self) -> None:
+        set_nodelay(self.transport)
         settings = self.factory.settings
         self.settings = settings
         self.policy = self.factory.policy
