@@ -153,8 +153,12 @@ def atomic_write(path: str, data: bytes, mode: int = 0o600) -> None:
     fsynced, renamed into place, the directory fsynced.
     """
     directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    discard(tmp)  # left by a crash of this same pid number
+    # One temporary name per thread: worker threads may replace the same
+    # file at once (two sessions' first logins write the subscriptions), and
+    # a shared name would mix their bytes or lose one rename.
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{os.getpid()}."
+                                  f"{threading.get_native_id()}.tmp")
+    discard(tmp)  # left by a crash of a thread with these same numbers
     try:
         write_file(tmp, [data], mode)
         _disk.rename(tmp, path)
