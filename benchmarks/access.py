@@ -54,15 +54,19 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import argon2
 
 from benchmarks.imap_mailbox import WORDS, fill
 from benchmarks.run import (
-    PeakSampler, free_port, tree_cpu, tree_pss_mib, wait_for_port,
+    PeakSampler,
+    free_port,
+    tree_cpu,
+    tree_pss_mib,
+    wait_for_port,
 )
 from mailstack.address import local_address
-from mailstack.testing import start_server_process
 from mailstack.users import UserDatabase
 
 DOMAIN = "localhost"
@@ -80,7 +84,7 @@ class Sizes:
     idlers: int = 200  # clients in IDLE
     idle_seconds: float = 10
 
-    def scaled(self, scale: float) -> "Sizes":
+    def scaled(self, scale: float) -> Sizes:
         if scale >= 1:
             return self
         return Sizes(big=max(20, int(self.big * scale)), mix=max(20, int(self.mix * scale)),
@@ -128,11 +132,16 @@ class MailstackAccess:
         data = os.path.join(work, "data")
         install_content(content, os.path.join(data, "mail"), data)
         self.imaps, self.pop3 = free_port("127.0.0.1"), free_port("127.0.0.1")
-        self.process, _ = start_server_process(data, [
-            "--imaps", f"tcp:{self.imaps}:interface=127.0.0.1",
-            "--pop3", f"tcp:{self.pop3}:interface=127.0.0.1",
-            "--tls-cert", content["cert"], "--tls-key", content["key"]], listener="imaps")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "twisted", f"--log-file={work}/mailstack.log",
+             "--log-format=text", "mailstack", "--data-dir", data, "--hostname", "mx.test",
+             "--smtp=none", "--submission=none", "--submissions=none", "--imap=none",
+             "--imaps", f"tcp:{self.imaps}:interface=127.0.0.1",
+             "--pop3", f"tcp:{self.pop3}:interface=127.0.0.1",
+             "--tls-cert", content["cert"], "--tls-key", content["key"]], cwd=data)
         self.root = self.process.pid
+        wait_for_port("127.0.0.1", self.imaps)
+        wait_for_port("127.0.0.1", self.pop3)
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)
@@ -232,7 +241,7 @@ class Dovecot:
         wait_for_port("127.0.0.1", self.pop3)
 
     def stop(self) -> None:
-        subprocess.run([dovecot_binary(), "-c", self.conf, "stop"],
+        subprocess.run([dovecot_binary(), "-c", self.conf, "stop"], check=False,
                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline and os.path.exists(f"/proc/{self.root}"):
@@ -364,24 +373,24 @@ def mix_client(system: object, context: ssl.SSLContext, seconds: float, seed: in
             exists = int(ok(client.select("INBOX"))[0])
             last = max(1, exists)
             some = rnd.randint(1, last)
-            actions = [
-                lambda: client.fetch("1:*", "(FLAGS UID RFC822.SIZE)"),
-                lambda: client.fetch(f"{max(1, last - 19)}:{last}",
-                                     "(BODY.PEEK[HEADER.FIELDS (FROM SUBJECT DATE)])"),
-                lambda: client.fetch(str(some), "(BODY.PEEK[])"),
-                lambda: client.fetch(str(rnd.randint(1, last)), "(BODY.PEEK[TEXT])"),
-                lambda: client.store(str(some), "+FLAGS", "(\\Seen)"),
-                lambda: client.search(None, "SUBJECT", rnd.choice(WORDS)),
-                lambda: client.append("INBOX", None, None,
-                                      (f"From: mix{seed}@remote.test\r\nSubject: appended\r\n\r\n"
-                                       f"{'x' * 2000}\r\n").encode()),
-                lambda: client.store(str(last), "+FLAGS", "(\\Deleted)"),
-                lambda: client.expunge(),
-                lambda: client.noop(),
+            appended = (f"From: mix{seed}@remote.test\r\nSubject: appended\r\n\r\n"
+                        f"{'x' * 2000}\r\n").encode()
+            actions: list[tuple[Any, tuple]] = [
+                (client.fetch, ("1:*", "(FLAGS UID RFC822.SIZE)")),
+                (client.fetch, (f"{max(1, last - 19)}:{last}",
+                                "(BODY.PEEK[HEADER.FIELDS (FROM SUBJECT DATE)])")),
+                (client.fetch, (str(some), "(BODY.PEEK[])")),
+                (client.fetch, (str(rnd.randint(1, last)), "(BODY.PEEK[TEXT])")),
+                (client.store, (str(some), "+FLAGS", "(\\Seen)")),
+                (client.search, (None, "SUBJECT", rnd.choice(WORDS))),
+                (client.append, ("INBOX", None, None, appended)),
+                (client.store, (str(last), "+FLAGS", "(\\Deleted)")),
+                (client.expunge, ()),
+                (client.noop, ()),
             ]
             commands += 1  # the SELECT
-            for action in actions:
-                typ, data = action()
+            for method, args in actions:
+                typ, data = method(*args)
                 commands += 1
                 if typ == "NO":
                     refused.append(f"{data!r}"[:200])  # e.g. EXPUNGEISSUED: another client's
@@ -511,6 +520,19 @@ CASES = {"big": case_big, "mix": case_mix, "pop3": case_pop3,
          "idle-sessions": case_sessions, "idle": case_idle}
 
 
+def print_logs(work: str) -> None:
+    """
+    The server's warnings and errors, for a case that went wrong.
+    """
+    for name in ("dovecot.log", "mailstack.log"):
+        path = os.path.join(work, name)
+        if os.path.exists(path):
+            with open(path, errors="replace") as f:
+                lines = [line for line in f if any(
+                    word in line for word in ("rror", "arn", "Traceback", "Fatal", "Panic"))]
+            print(f"{name}:", *lines[-20:], sep="\n", file=sys.stderr)
+
+
 def measure(system_class: type, content: dict[str, str], sizes: Sizes,
             cases: list[str]) -> Measured:
     work = tempfile.mkdtemp(prefix=f"bench-access-{system_class.name}-")
@@ -524,12 +546,11 @@ def measure(system_class: type, content: dict[str, str], sizes: Sizes,
             CASES[name](system, content, sizes, result)
             result.notes.setdefault("case seconds", "")
             result.notes["case seconds"] += f"{name} {time.monotonic() - t0:.0f} "
+        if result.notes.get("mix errors", "0") != "0":
+            print_logs(work)
         return result
     except BaseException:
-        log = os.path.join(work, "dovecot.log")
-        if os.path.exists(log):
-            with open(log, errors="replace") as f:
-                print("dovecot.log ends:", *f.readlines()[-15:], sep="\n", file=sys.stderr)
+        print_logs(work)
         raise
     finally:
         if system is not None:
