@@ -390,10 +390,15 @@ def mix_client(system: object, context: ssl.SSLContext, seconds: float, seed: in
             ]
             commands += 1  # the SELECT
             for method, args in actions:
-                typ, data = method(*args)
+                try:
+                    typ, data = method(*args)
+                except imaplib.IMAP4.error as e:
+                    # imaplib raises on BAD: Dovecot's answer to a sequence
+                    # number that another client's EXPUNGE just removed.
+                    typ, data = "NO", [str(e).encode()]
                 commands += 1
                 if typ == "NO":
-                    refused.append(f"{data!r}"[:200])  # e.g. EXPUNGEISSUED: another client's
+                    refused.append(f"{data!r}"[:200])  # e.g. EXPUNGEISSUED, another client's
                 elif typ != "OK":
                     errors.append(f"{typ} {data!r}"[:200])
         client.logout()
