@@ -1,8 +1,9 @@
 """
 mailstack against Postfix on the same machine, in the same run.
 
-    python -m benchmarks [--runs 3] [--scale 1.0] [--systems mailstack,postfix]
-                         [--cases inbound-20,inbound-3rcpt,...] [--idle 1000]
+    python -m benchmarks [--runs 3] [--scale 1.0] [--systems mailstack,postfix,dovecot]
+                         [--cases inbound-20,inbound-3rcpt,...|none] [--idle 1000]
+                         [--access-cases big,mix,pop3,idle-sessions,idle|none]
 
 For every case and run, each system is started fresh on loopback with a
 temporary directory, loaded with Postfix's C{smtp-source}, and timed until
@@ -14,7 +15,8 @@ median of the runs: messages/s, CPU ms per message (the whole process tree:
 Postfix's master and every daemon it ran, or mailstack's one process), and
 peak memory as PSS summed over the tree, sampled while the load runs.
 Then each system holds C{--idle} idle SMTP connections, and their PSS is
-reported.  The ratio column is mailstack/Postfix.
+reported.  The ratio column is mailstack/Postfix.  Then IMAP and POP3 are
+measured beside a private Dovecot on the same Maildirs (L{benchmarks.access}).
 
 Postfix runs as a private instance: its own C{main.cf}/C{master.cf} in the
 temporary directory, its own queue, SMTP on a loopback port, delivery to
@@ -544,8 +546,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--scale", type=float, default=1.0,
                         help="multiply every case's message count (0.01 for a smoke run)")
-    parser.add_argument("--systems", default="mailstack,mailstack:2,postfix",
-                        help="mailstack:N runs mailstack with --receivers N")
+    parser.add_argument("--systems", default="mailstack,mailstack:2,postfix,dovecot",
+                        help="mailstack:N runs mailstack with --receivers N; postfix is "
+                             "measured on the SMTP cases, dovecot on the IMAP/POP3 ones")
+    parser.add_argument("--access-cases", default="big,mix,pop3,idle-sessions,idle",
+                        help="IMAP and POP3 cases beside Dovecot (benchmarks/access.py), "
+                             "or none")
     parser.add_argument("--cases", default=",".join(c.name for c in CASES))
     parser.add_argument("--idle", type=int, default=1000,
                         help="idle connections to hold (0: skip)")
@@ -555,6 +561,8 @@ def main(argv: list[str] | None = None) -> dict:
     ensure_tools("postfix" in wanted)
     systems: list[type] = []
     for name in wanted:
+        if name == "dovecot":
+            continue  # the IMAP/POP3 peer, below
         if name == "mailstack" or name.startswith("mailstack:"):
             systems.append(mailstack_with(int(name.partition(":")[2] or 1)))
         elif name == "postfix":
@@ -565,14 +573,25 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             parser.error(f"unknown system {name}")
     by_name = {c.name: c for c in CASES}
-    cases = [by_name[n].scaled(args.scale) for n in args.cases.split(",")]
+    cases = [by_name[n].scaled(args.scale) for n in args.cases.split(",") if n != "none"]
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))
-    report = run(cases, systems, args.runs, args.idle)
+    report = run(cases, systems, args.runs, args.idle) if cases else None
+    access_report = None
+    if args.access_cases != "none":
+        from benchmarks import access
+        access_systems = access.systems_for(
+            [n for n in ("mailstack", "dovecot") if n in wanted])
+        access_report = access.run(access_systems, args.runs, access.Sizes().scaled(args.scale),
+                                   args.access_cases.split(","))
     print()
     print(f"{os.cpu_count()} CPUs; {platform_line()}")
-    print(table(report))
-    return report
+    if report is not None:
+        print(table(report))
+    if access_report is not None:
+        print()
+        print(access.table(access_report))
+    return {"smtp": report, "access": access_report}
 
 
 def platform_line() -> str:

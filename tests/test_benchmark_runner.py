@@ -5,6 +5,7 @@ each system it can start, with the counts checked.  No timing is asserted.
 
 import io
 import os
+import re
 import shutil
 
 from twisted.trial.unittest import SkipTest, TestCase
@@ -44,3 +45,47 @@ class RunnerSmokeTests(TestCase):
             pss, connected, greeted = report["idle"][system.name]
             self.assertGreater(pss, 0)
             self.assertEqual((connected, greeted), (20, 20))
+
+
+class AccessSmokeTests(TestCase):
+    """
+    The IMAP and POP3 cases (benchmarks/access.py) with a tiny load: through
+    mailstack, and through a private Dovecot when root has one installed.
+    """
+
+    def test_tiny_load_same_answers(self):
+        """
+        Every case runs on every system; both systems give the same answers
+        (message counts, search hits, POP3 octets), the mix has no failed
+        command, every idle session and IDLE client was set up, and the
+        table has a ratio on each row when Dovecot ran.
+        """
+        from benchmarks import access
+
+        if not shutil.which("openssl"):
+            raise SkipTest("openssl is needed for the certificate")
+        systems = [access.MailstackAccess]
+        if os.getuid() == 0 and access.dovecot_available():
+            systems.append(access.Dovecot)
+        sizes = access.Sizes(big=30, mix=20, pop=5, mix_clients=2, mix_seconds=1,
+                             sessions=5, idlers=3, idle_seconds=1)
+        out = io.StringIO()
+        report = access.run(systems, 1, sizes, out=out)
+        for system in systems:
+            [measured] = report["results"][system.name]
+            self.assertEqual(measured.steps["SELECT INBOX, first (claims new/)"].answer, "30")
+            self.assertEqual(measured.steps["FETCH 1:* ENVELOPE"].answer, "30")
+            self.assertEqual(measured.steps["SEARCH SUBJECT invoice"].answer, "2")
+            self.assertEqual(measured.steps['SEARCH TEXT "Line 5 about"'].answer, "1")
+            self.assertTrue(measured.steps["POP3 RETR, per message"].answer.startswith(
+                "5 messages, "))
+            self.assertEqual(measured.notes["mix errors"], "0")
+            self.assertGreater(measured.values["mix commands/s"], 0)
+            self.assertGreater(measured.values["idle sessions PSS MiB"], 0)
+            self.assertEqual(measured.notes["idle sessions"], "5 logged in, INBOX selected")
+            self.assertEqual(measured.notes["IDLE"], "3 clients in IDLE on 30 messages")
+        text = access.table(report)
+        self.assertNotIn("| NO: ", text)
+        if len(systems) == 2:
+            self.assertEqual(len(re.findall(r"\| \d+\.\dx \| yes \|", text)),
+                             len(access.BIG_STEPS) + 1 + 2)

@@ -51,6 +51,7 @@ from mailstack.access.search import SearchError, imap_date, parse_set
 from mailstack.logsafe import safe
 from mailstack.nofollow import SymlinkRefused
 from mailstack.safeio import is_disk_full
+from mailstack.sockets import set_nodelay
 from mailstack.throttle import LoginThrottle, LoginUnavailable
 
 log = Logger()
@@ -278,6 +279,7 @@ class IMAPServer(imap4.IMAP4Server):
     # -- connection ---------------------------------------------------------------
 
     def connectionMade(self) -> None:
+        set_nodelay(self.transport)
         self.callLater = self.factory.reactor.callLater  # TimeoutMixin's clock
         self.timeOut = self.limits.imap_preauth_timeout
         self.POSTAUTH_TIMEOUT = self.limits.imap_timeout

@@ -33,6 +33,7 @@ from mailstack.access.maildir import MaildirMessage
 from mailstack.logsafe import safe
 from mailstack.nofollow import SymlinkRefused, open_file
 from mailstack.smtp.client import DotStuffer
+from mailstack.sockets import set_nodelay
 from mailstack.throttle import LoginThrottle, LoginUnavailable
 
 log = Logger()
@@ -101,6 +102,7 @@ class POP3Server(pop3.POP3):
     factory: "POP3Factory"
 
     def connectionMade(self) -> None:
+        set_nodelay(self.transport)
         self.portal = self.factory.portal
         self.challengers = {}
         self.tls = self.factory.implicit_tls

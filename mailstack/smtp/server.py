@@ -43,6 +43,7 @@ from mailstack.message import Envelope, MessageSpool, rfc5322_date
 from mailstack.smtp.data import DataReader
 from mailstack.smtp.rdns import client_name
 from mailstack.smtp.reply import Reply, SMTPError
+from mailstack.sockets import set_nodelay
 
 log = Logger()
 
@@ -162,6 +163,7 @@ class SMTPServer(Protocol):
     factory: "SMTPServerFactory"
 
     def connectionMade(self) -> None:
+        set_nodelay(self.transport)
         settings = self.factory.settings
         self.settings = settings
         self.policy = self.factory.policy
