@@ -163,7 +163,8 @@ class Router:
             else:
                 # A catch-all (@domain) takes what no user or alias took.
                 catch_all = getattr(self.aliases, "catch_all", None)
-                targets = catch_all(key.domain) if catch_all is not None else None
+                targets = (await maybeDeferred(catch_all, key.domain)
+                           if catch_all is not None else None)
                 if not targets:
                     raise UnknownRecipient(str(address))
                 for target in targets:
@@ -172,7 +173,7 @@ class Router:
                     elif target.lower() in path or target.lower() == key:
                         raise AliasLoop(f"catch-all loop: {key} -> {target}")
                     else:
-                        self._expand(target, path + (key,), local, remote)
+                        await self._expand(target, path + (key,), local, remote)
             return
         for target in targets:
             if target.lower() == alias:
