@@ -780,3 +780,7 @@ class MaildirAccount:
 
     def getOtherNamespaces(self) -> None:
         return None
+
+    def getUserNamespaces(self) -> None:
+        # INamespacePresenter's name for the other users' namespaces: none.
+        return None

@@ -49,7 +49,6 @@ from mailstack.queue.store import (
 log = Logger()
 
 
-@implementer(IOutboundQueue)
 def new_record(envelope: Envelope, now: float) -> QueueRecord:
     """
     The queue record of a message just accepted for its remote recipients.
