@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_auth -*-
+# -*- test-case-name: tests.test_throttle,tests.test_throttle_integration -*-
 """
 Passwords: Argon2id hashes (argon2-cffi), verified in a thread pool, and the
 twisted.cred checker that the submission, IMAP and POP3 services log in with.

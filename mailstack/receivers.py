@@ -27,6 +27,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 
@@ -188,7 +189,7 @@ def _kill(process: _ReceiverProcess) -> None:
     log.warn("receiver {index} did not stop; killing it", index=process.index)
     try:
         process.transport.signalProcess("KILL")
-    except Exception:
+    except (ProcessExitedAlready, OSError):
         pass  # already gone
 
 

@@ -151,7 +151,7 @@ def reload(stack: Any, load: Callable[[], Config]) -> bool:
         return False
     lines = stack.config.describe()
     for name in applied:
-        line = next(l for l in lines if l.startswith(name + " = "))
+        line = next(x for x in lines if x.startswith(name + " = "))
         log.info("reload: changed {line}", line=line)
     for name in restart:
         # twisted.logger.Logger's method is warn (not logging's warning).

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_service -*-
+# -*- test-case-name: tests.test_receiving,tests.test_reload,tests.test_tap -*-
 """
 A L{Config} becomes a running mail system: one L{MailStack} MultiService
 holding the listeners and the worker pools.  The reactor is passed in, so

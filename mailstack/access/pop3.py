@@ -67,7 +67,7 @@ class MaildirMailbox:
             return open_file(message.path)
         except SymlinkRefused as e:
             log.warn("pop3: not serving {path}: {error}", path=e.filename, error=e.strerror)
-            raise ValueError(index)
+            raise ValueError(index) from None
 
     def getUidl(self, index: int) -> bytes:
         message = self._message(index)
@@ -240,7 +240,7 @@ class POP3Server(pop3.POP3):
         self._errors = 0
         try:
             result = handler(*args)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any command's failure is answered -ERR and logged, never fatal
             log.failure("pop3: {command} failed for {client}", command=name,
                         client=self.client)
             self.failResponse("[SYS/TEMP] Internal error; see the server log")

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_imap_search -*-
+# -*- test-case-name: tests.test_imap_store -*-
 """
 IMAP sequence sets and SEARCH keys (RFC 3501 6.4.4).
 
@@ -120,7 +120,7 @@ def parse_date(word: Any) -> date:
         day, month, year = word.decode("ascii").split("-")
         return date(int(year), _MONTHS[month.lower()], int(day))
     except (AttributeError, ValueError, KeyError, UnicodeDecodeError):
-        raise SearchError(f"bad date {word!r}")
+        raise SearchError(f"bad date {word!r}") from None
 
 
 def _text(value: bytes | None) -> str:

@@ -53,7 +53,7 @@ async def run_transforms(transforms: Sequence[Any], envelope: Envelope, spool: M
                       qid=envelope.queue_id, name=t.name, timeout=timeout)
             raise SMTPError(451, "4.7.1", "Error: the message could not be processed, "
                                           "try again later") from None
-        except Exception:
+        except Exception:  # noqa: BLE001 - a plugin's code may raise anything: a 451, logged
             log.failure("{qid}: transform {name} failed", qid=envelope.queue_id, name=t.name)
             raise SMTPError(451, "4.7.1", "Error: the message could not be processed, "
                                           "try again later") from None
@@ -163,7 +163,7 @@ class Dispatcher:
         for staged in prepared:
             try:
                 await maybeDeferred(staged.abort)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - a store may be a plugin's; abort the other copies
                 log.error("{qid}: could not remove a stored copy after a failure: {error}",
                           qid=envelope.queue_id, error=e)
 

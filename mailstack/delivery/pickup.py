@@ -108,7 +108,7 @@ class Pickup(TimerService):
                 log.error("maildrop: cannot deliver {name}: {error}; will retry", name=name,
                           error=e)
                 continue
-            except Exception:
+            except Exception:  # noqa: BLE001 - one file's failure must not stop the others
                 log.failure("maildrop: cannot deliver {name}; will retry", name=safe(name))
                 continue
             await deferToThreadPool(self.reactor, self.pool, os.unlink, path)

@@ -428,7 +428,7 @@ class OutboundQueue(Service):
             report = build_report(self.hostname, record, rcpts, headers, wall_seconds(self.clock),
                                   delayed=delayed, retry_until=record.arrival + self.lifetime)
             bounce_id = await self.bounce_to(record.sender, report)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a failed bounce is logged; the queue run goes on
             log.error("{qid}: cannot send the {kind} to <{sender}>: {error}",
                       qid=record.queue_id, kind="delay warning" if delayed else "bounce",
                       sender=safe(record.sender), error=safe(e))

@@ -28,6 +28,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
@@ -746,7 +747,7 @@ class SMTPServer(Protocol):
             version = connection.get_protocol_version_name()
             cipher = connection.get_cipher_name()
             bits = connection.get_cipher_bits()
-        except Exception:
+        except (AttributeError, SSL.Error):  # not a TLS transport, or no session yet
             return ""
         return f"using {version} with cipher {cipher} ({bits}/{bits} bits)"
 
