@@ -172,7 +172,7 @@ class Router:
                     elif target.lower() in path or target.lower() == key:
                         raise AliasLoop(f"catch-all loop: {key} -> {target}")
                     else:
-                        self._expand(target, path + (key,), local, remote)
+                        await self._expand(target, path + (key,), local, remote)
             return
         for target in targets:
             if target.lower() == alias:
