@@ -29,6 +29,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -172,7 +173,8 @@ class SignalService(Service):
     take SIGTERM and SIGINT).
     """
 
-    def __init__(self, stack: Any, reactor: Any, load: Callable[[], Config]) -> None:
+    def __init__(self, stack: Any, reactor: IReactorFromThreads,
+                 load: Callable[[], Config]) -> None:
         self.stack = stack
         self.reactor = reactor
         self.load = load
@@ -205,7 +207,7 @@ class Drain(Service):
 
     poll = 0.1
 
-    def __init__(self, stack: Any, clock: Any, grace: float = 30.0) -> None:
+    def __init__(self, stack: Any, clock: IReactorTime, grace: float = 30.0) -> None:
         self.stack = stack
         self.clock = clock
         self.grace = grace

@@ -161,5 +161,5 @@ class ReloadingContextFactory:
     def __init__(self, material: TLSMaterial) -> None:
         self.material = material
 
-    def getContext(self) -> object:
+    def getContext(self) -> SSL.Context:
         return self.material.context_factory().getContext()

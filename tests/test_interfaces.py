@@ -106,6 +106,7 @@ def instances(testcase):
     from mailstack.auth import PasswordChecker
     from mailstack.delivery import dispatch, maildir
     from mailstack.logs import NoiseFilter
+    from mailstack.metrics import Metrics
     from mailstack.plugins import dnsbl, greylist, lmtp, pipe, ratelimit, rspamd, userdb
     from mailstack.queue import handoff, runner
     from mailstack.queue.store import QueueRecord, QueueStore
@@ -167,6 +168,7 @@ def instances(testcase):
         handoff.QueueHandoff: hand,
         handoff._Staged: handoff._Staged(hand, record),
         NoiseFilter: NoiseFilter(lambda event: None),
+        Metrics: Metrics(Placeholder(), clock),
         # The plugins as the server finds them, and what they build.
         userdb.FileFactory: userdb.file,
         userdb.SQLiteFactory: sqlite_factory,

@@ -52,6 +52,7 @@ from mailstack.logsafe import safe
 from mailstack.nofollow import SymlinkRefused
 from mailstack.safeio import is_disk_full
 from mailstack.throttle import LoginThrottle, LoginUnavailable
+from mailstack.transport import IConnection
 
 log = Logger()
 
@@ -249,6 +250,8 @@ class IMAPServer(imap4.IMAP4Server):
     """
     One IMAP session; see the module docstring.
     """
+
+    transport: IConnection  # once connected: see mailstack.transport
 
     IDENT = b"mailstack IMAP4rev1 ready"
     MAX_LENGTH = 65536

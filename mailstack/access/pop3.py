@@ -34,6 +34,7 @@ from mailstack.logsafe import safe
 from mailstack.nofollow import SymlinkRefused, open_file
 from mailstack.smtp.client import DotStuffer
 from mailstack.throttle import LoginThrottle, LoginUnavailable
+from mailstack.transport import IConnection
 
 log = Logger()
 
@@ -95,6 +96,8 @@ class POP3Server(pop3.POP3):
     """
     One POP3 session; see the module docstring.
     """
+
+    transport: IConnection  # once connected: see mailstack.transport
 
     AUTH_CMDS = [b"CAPA", b"USER", b"PASS", b"APOP", b"AUTH", b"RPOP", b"QUIT", b"STLS"]
     MAX_LENGTH = 512

@@ -195,8 +195,8 @@ def _one(words: list[Any], c: Candidate, last_seq: int, last_uid: int) -> bool:
     if key == b"ALL":
         return True
     if key in FLAG_KEYS:
-        flag, wanted = FLAG_KEYS[key]
-        return (flag in c.flags) == wanted
+        flag, present = FLAG_KEYS[key]
+        return (flag in c.flags) == present
     if key == b"NEW":
         return "\\Recent" in c.flags and "\\Seen" not in c.flags
     if key == b"NOT":
@@ -235,11 +235,11 @@ def _one(words: list[Any], c: Candidate, last_seq: int, last_uid: int) -> bool:
             raise SearchError("bad HEADER field name")
         return any(needle in text for text in _field_texts(c, name.decode("ascii", "replace")))
     if key in BODY_KEYS:
-        needle = _needle(_take(words)).encode("utf-8")
+        octets = _needle(_take(words)).encode("utf-8")
         if c.part is None:
             return False
         haystack = (c.part.raw if key == b"TEXT" else c.part.body).lower()
-        return needle in haystack
+        return octets in haystack
     raise SearchError(f"unknown search key {word.decode('ascii', 'replace')}")
 
 

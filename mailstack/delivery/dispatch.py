@@ -13,6 +13,7 @@ from typing import Any, Sequence
 from twisted.internet.defer import (
     CancelledError, Deferred, DeferredList, TimeoutError, fail, maybeDeferred,
 )
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -31,7 +32,7 @@ OUTBOUND_ORIGINS = ("submission", "submissions", "local")
 
 
 async def run_transforms(transforms: Sequence[Any], envelope: Envelope, spool: MessageSpool,
-                         clock: Any) -> None:
+                         clock: IReactorTime) -> None:
     """
     Run the outbound transforms (L{IOutboundTransform}) in order, each
     within its time limit, prepending what each returns; a failure is a
@@ -95,7 +96,8 @@ class Dispatcher:
     """
 
     def __init__(self, router: Router, local_agent: IDeliveryAgent,
-                 queue: IOutboundQueue | None, clock: Any, spool_dir: str | None = None):
+                 queue: IOutboundQueue | None, clock: IReactorTime,
+                 spool_dir: str | None = None):
         self.router = router
         self.local_agent = local_agent
         self.queue = queue

@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -83,8 +84,8 @@ class OutboundQueue(Service):
         self,
         store: QueueStore,
         courier: Courier,
-        reactor: Any,
-        clock: Any,
+        reactor: IReactorFromThreads,
+        clock: IReactorTime,
         pool: ThreadPool,
         schedule: Sequence[float],
         lifetime: float,

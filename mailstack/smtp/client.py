@@ -30,6 +30,7 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 
 from mailstack.smtp.reply import Reply
+from mailstack.transport import IConnection
 
 MAX_REPLY_LINE = 4096
 MAX_REPLY_LINES = 100
@@ -140,6 +141,8 @@ class SMTPClientProtocol(Protocol):
     """
     Reads replies; a coroutine asks for them one at a time.
     """
+
+    transport: IConnection  # once connected: see mailstack.transport
 
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock

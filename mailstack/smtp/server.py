@@ -44,6 +44,7 @@ from mailstack.message import Envelope, MessageSpool, rfc5322_date
 from mailstack.smtp.data import DataReader
 from mailstack.smtp.rdns import client_name
 from mailstack.smtp.reply import Reply, SMTPError
+from mailstack.transport import IConnection
 
 log = Logger()
 
@@ -159,6 +160,8 @@ class SMTPServer(Protocol):
     """
     One SMTP session; see the module docstring.
     """
+
+    transport: IConnection  # once connected: see mailstack.transport
 
     factory: "SMTPServerFactory"
 
@@ -592,6 +595,7 @@ class SMTPServer(Protocol):
         path, rest = split_path(arg[match.end():])
         if rest:
             return Reply(555, "5.5.4", "Unsupported RCPT parameters")
+        rcpt: Address | None
         if path.lower() == "<postmaster>":  # RFC 5321 4.1.1.3: no domain needed
             rcpt = Address("postmaster",
                            self.settings.postmaster_domain or self.settings.hostname)
@@ -743,7 +747,7 @@ class SMTPServer(Protocol):
         C{using TLSv1.3 with cipher ...}, as Postfix writes it, if known.
         """
         try:
-            connection = self.transport.getHandle()
+            connection: Any = self.transport.getHandle()  # an SSL.Connection under TLS
             version = connection.get_protocol_version_name()
             cipher = connection.get_cipher_name()
             bits = connection.get_cipher_bits()
