@@ -168,7 +168,7 @@ class Courier:
             # only when the lookup succeeds with no MX; anything else defers.
             raise RouteError(Reply(451, "4.4.3", f"DNS lookup of the MX of {domain} failed: "
                                                  f"{type(e).__name__}")) from e
-        except Exception as e:  # noqa: BLE001 - any resolver (IResolver, replaceable) failure defers
+        except Exception as e:  # any failure of the (replaceable) resolver defers: re-raised
             raise RouteError(Reply(451, "4.4.3", f"DNS lookup of {domain} failed: {e}")) from e
         mx = [(a.payload.preference, str(a.payload.name).rstrip("."))
               for a in answers if a.type == dns.MX]
