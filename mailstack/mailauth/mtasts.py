@@ -273,9 +273,9 @@ class MTASTSClient:
     async def _address(self, host: str) -> str:
         for rtype in (dns.A, dns.AAAA):
             for rr in await self.cache.lookup(host, rtype):
-                if rr.type == dns.A:
+                if isinstance(rr.payload, dns.Record_A):
                     return rr.payload.dottedQuad()
-                if rr.type == dns.AAAA:
+                if isinstance(rr.payload, dns.Record_AAAA):
                     import socket
                     return socket.inet_ntop(socket.AF_INET6, rr.payload.address)
         raise PolicyError(f"{host} has no address")
