@@ -324,7 +324,8 @@ BIG_STEPS = [
     ("FETCH 1:* BODY.PEEK[HEADER.FIELDS (FROM SUBJECT DATE)]",
      lambda c: str(fetched(ok(c.fetch("1:*", "(BODY.PEEK[HEADER.FIELDS (FROM SUBJECT DATE)])"))))),
     ("FETCH 1:* ENVELOPE", lambda c: str(fetched(ok(c.fetch("1:*", "ENVELOPE"))))),
-    ("SEARCH SUBJECT invoice", lambda c: str(len(ok(c.search(None, "SUBJECT", "invoice"))[0].split()))),
+    ("SEARCH SUBJECT invoice",
+     lambda c: str(len(ok(c.search(None, "SUBJECT", "invoice"))[0].split()))),
     ('SEARCH TEXT "Line 5 about"',
      lambda c: str(len(ok(c.search(None, "TEXT", '"Line 5 about"'))[0].split()))),
 ]

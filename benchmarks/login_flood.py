@@ -6,8 +6,8 @@ A real user's login while bogus logins flood the server (Argon2 flood).
 Starts C{twist mailstack} with submissions (implicit TLS) on 127.0.0.1
 and times a real user's login (TCP, TLS, EHLO, AUTH PLAIN, QUIT) with
 smtplib (the whole session, and the AUTH command alone, which is where
-the throttle and the hash queue act): first on an idle server, then while C{--attackers} threads send
-wrong passwords as fast as the server answers, each thread from its own
+the throttle and the hash queue act): first on an idle server, then while
+C{--attackers} threads send wrong passwords as fast as the server answers, each thread from its own
 source address, either all in one /24 (one attacking network) or each in
 its own /24 (a distributed attack, the worst case for the throttle's
 per-network limits).  The real user comes from a network with no

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_auth -*-
+# -*- test-case-name: tests.test_throttle,tests.test_throttle_integration -*-
 """
 Passwords: Argon2id hashes (argon2-cffi), verified in a thread pool, and the
 twisted.cred checker that the submission, IMAP and POP3 services log in with.
@@ -24,6 +24,7 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred, fail, maybeDeferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.python.failure import Failure
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -70,7 +71,7 @@ class PasswordChecker:
 
     credentialInterfaces = (IUsernamePassword,)
 
-    def __init__(self, users: IUserDatabase, reactor: Any, pool: ThreadPool,
+    def __init__(self, users: IUserDatabase, reactor: IReactorFromThreads, pool: ThreadPool,
                  max_pending: int = 16,
                  verify: Callable[[str | None, str], bool] = verify_password) -> None:
         self.users = users

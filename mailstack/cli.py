@@ -14,7 +14,7 @@ import getpass
 import os
 import sys
 import time
-from typing import Sequence, TextIO
+from typing import Any, Sequence, TextIO
 
 from mailstack.address import AddressError, local_address, parse_address
 from mailstack.auth import hash_password
@@ -305,7 +305,7 @@ def send_command(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> Non
                                    recipients, content)
         except SubmitError as e:
             print(f"mailstack: {e}", file=sys.stderr)
-            raise SystemExit(e.status)
+            raise SystemExit(e.status) from None
         failed = {rcpt: reply for rcpt, reply in replies.items() if reply.code >= 300}
         for rcpt, reply in failed.items():
             print(f"mailstack: <{rcpt}>: {reply}", file=sys.stderr)
@@ -463,8 +463,8 @@ def run(argv: Sequence[str], stdin: TextIO, stdout: TextIO) -> None:
     os.makedirs(data_dir, mode=0o700, exist_ok=True)
     users, aliases = UserDatabase(data_dir), AliasMap(data_dir)
 
-    def warn_if_not_local(address: object) -> None:
-        domain = getattr(address, "domain")
+    def warn_if_not_local(address: Any) -> None:  # an Address or a Namespace(domain=)
+        domain = address.domain
         if domains is not None and domain not in domains:
             print(f"mailstack: warning: {domain} is not a local domain in {args.config}",
                   file=sys.stderr)

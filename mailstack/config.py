@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.test_tap,tests.test_limits,tests.test_bind_address,tests.test_reload -*-
 """
 Options and TOML files become one immutable L{Config}.
 

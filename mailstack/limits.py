@@ -32,9 +32,11 @@ import resource
 from typing import Any, Callable, Iterable
 
 from twisted.internet.interfaces import IReactorTime
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
+from mailstack.transport import IConnection
 
 log = Logger()
 
@@ -151,6 +153,8 @@ class _Refused(Protocol):
     Says the refusal, closes, and aborts if the client lingers.
     """
 
+    transport: IConnection  # once connected: see mailstack.transport
+
     def __init__(self, clock: IReactorTime, message: bytes) -> None:
         self.clock = clock
         self.message = message
@@ -188,7 +192,7 @@ class _Counted(ProtocolWrapper):
     def disconnecting(self, value: bool) -> None:
         pass  # ProtocolWrapper.loseConnection sets it; the transport's is the truth
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.factory.limits.release(self.factory.label, self.key)  # type: ignore[attr-defined]
         super().connectionLost(reason)
 

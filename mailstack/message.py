@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_message -*-
+# -*- test-case-name: tests.test_maildir,tests.test_smtp_limits,tests.test_plugins -*-
 """
 A received message on its way to its recipients: the envelope, and the
 spool that holds the content.

@@ -46,9 +46,11 @@ from prometheus_client import (
     generate_latest,
 )
 from twisted.application.service import Service
-from twisted.logger import globalLogPublisher
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import ILogObserver, globalLogPublisher
 from twisted.web.resource import Resource
 from twisted.web.server import Site
+from zope.interface import implementer
 
 from mailstack.clock import wall_seconds
 from mailstack.config import ConfigError
@@ -79,12 +81,13 @@ def metrics_endpoint(text: Any) -> str | None:
     return text
 
 
+@implementer(ILogObserver)
 class Metrics:
     """
     The metrics of one L{MailStack}, in a registry of their own.
     """
 
-    def __init__(self, stack: Any, clock: Any) -> None:
+    def __init__(self, stack: Any, clock: IReactorTime) -> None:
         self.stack = stack
         self.clock = clock
         self.registry = registry = CollectorRegistry()

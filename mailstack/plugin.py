@@ -76,7 +76,7 @@ def header_lines(fields: Iterable[Any]) -> bytes:
         if not colon or not _FIELD_NAME.fullmatch(name.decode("latin-1")):
             raise ValueError(f"not a header field: {value[:80]!r}")
         for continuation in value.split(b"\n")[1:]:
-            if not continuation[:1] in (b" ", b"\t") or not continuation.strip():
+            if continuation[:1] not in (b" ", b"\t") or not continuation.strip():
                 raise ValueError(f"a header field line must be folded: {value[:80]!r}")
         if b"\r" in value or b"\0" in value:
             raise ValueError(f"CR or NUL in a header field: {value[:80]!r}")

@@ -25,9 +25,12 @@ from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 from zope.interface import directlyProvides, providedBy
+from mailstack.transport import IConnection
 
 log = Logger()
 
@@ -123,6 +126,8 @@ class ProxyHeaderProtocol(ProtocolWrapper):
     C{getHost} are the header's.
     """
 
+    transport: IConnection  # once connected: see mailstack.transport
+
     def __init__(self, factory: "ProxyHeaderFactory") -> None:
         super().__init__(factory, None)  # type: ignore[arg-type]
         self._buffer = b""
@@ -195,7 +200,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
     def getHost(self) -> Any:
         return self._host or self.transport.getHost()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._stop_timer()
         if self.wrappedProtocol is not None:
             self.wrappedProtocol.connectionLost(reason)

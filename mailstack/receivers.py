@@ -27,6 +27,8 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
 
@@ -94,6 +96,8 @@ def receiver_settings(config: Any, family: int, index: int) -> dict[str, Any]:
 
 
 class _ReceiverProcess(ProcessProtocol):
+    transport: IProcessTransport  # once spawned
+
     def __init__(self, pool: "ReceiverPool", index: int) -> None:
         self.pool = pool
         self.index = index
@@ -126,7 +130,11 @@ class ReceiverPool(Service):
         # writes, and a receiver's write in progress must not look like one.
         d = DeferredList([listener.listening, self.stack.queue.loaded],
                          fireOnOneErrback=True, consumeErrors=True)
-        d.addCallback(lambda _: [self._spawn(i) for i in range(1, self.count + 1)])
+        def spawn_all(_: object) -> None:
+            for i in range(1, self.count + 1):
+                self._spawn(i)
+
+        d.addCallback(spawn_all)
         d.addErrback(lambda f: log.failure("receivers not started", f))
 
     def _spawn(self, index: int) -> None:
@@ -188,7 +196,7 @@ def _kill(process: _ReceiverProcess) -> None:
     log.warn("receiver {index} did not stop; killing it", index=process.index)
     try:
         process.transport.signalProcess("KILL")
-    except Exception:
+    except (ProcessExitedAlready, OSError):
         pass  # already gone
 
 

@@ -29,6 +29,7 @@ from typing import Any
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
@@ -151,7 +152,7 @@ def reload(stack: Any, load: Callable[[], Config]) -> bool:
         return False
     lines = stack.config.describe()
     for name in applied:
-        line = next(l for l in lines if l.startswith(name + " = "))
+        line = next(x for x in lines if x.startswith(name + " = "))
         log.info("reload: changed {line}", line=line)
     for name in restart:
         # twisted.logger.Logger's method is warn (not logging's warning).
@@ -172,7 +173,8 @@ class SignalService(Service):
     take SIGTERM and SIGINT).
     """
 
-    def __init__(self, stack: Any, reactor: Any, load: Callable[[], Config]) -> None:
+    def __init__(self, stack: Any, reactor: IReactorFromThreads,
+                 load: Callable[[], Config]) -> None:
         self.stack = stack
         self.reactor = reactor
         self.load = load
@@ -205,7 +207,7 @@ class Drain(Service):
 
     poll = 0.1
 
-    def __init__(self, stack: Any, clock: Any, grace: float = 30.0) -> None:
+    def __init__(self, stack: Any, clock: IReactorTime, grace: float = 30.0) -> None:
         self.stack = stack
         self.clock = clock
         self.grace = grace

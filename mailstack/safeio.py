@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_safeio -*-
+# -*- test-case-name: tests.test_faults_durable,tests.test_faults_imap -*-
 """
 Durable file writes, the only way mailstack puts data on disk that it has
 promised to keep: the data fsynced before a rename makes it visible, the

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_service -*-
+# -*- test-case-name: tests.test_receiving,tests.test_reload,tests.test_tap -*-
 """
 A L{Config} becomes a running mail system: one L{MailStack} MultiService
 holding the listeners and the worker pools.  The reactor is passed in, so
@@ -19,6 +19,7 @@ from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.names.client import Resolver as DNSClient
 from twisted.names.client import createResolver
+from twisted.protocols.policies import WrappingFactory
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
@@ -198,13 +199,14 @@ class MailStack(MultiService):
         self.agents = build_agents(config, reactor)
 
         if receiver is not None:
-            self.queue = QueueHandoff(QueueStore(os.path.join(data, "queue")), data, reactor,
-                                      self.io_pool)
+            self.queue: OutboundQueue | QueueHandoff = QueueHandoff(
+                QueueStore(os.path.join(data, "queue")), data, reactor, self.io_pool)
             self.dispatcher = Dispatcher(self.router, self.maildir, self.queue, reactor,
                                          self.spool_dir)
             self.plug_in(self.dispatcher)
             policy = self.filtered(ReceivingPolicy(self.dispatcher, config.relay_networks))
-            factory = self.limited(self.smtp_factory(policy, "smtp"), "smtp", "smtp")
+            factory: WrappingFactory = self.limited(self.smtp_factory(policy, "smtp"), "smtp",
+                                                    "smtp")
             if (config.smtp or "").lower().startswith("haproxy:"):
                 factory = ProxyHeaderFactory(factory, reactor, "smtp")
             AdoptedPort(reactor, *receiver, factory).setServiceParent(self)
@@ -218,15 +220,15 @@ class MailStack(MultiService):
         courier: Any = self.courier
         if self.agents is not None:  # lmtp, pipe: run from the queue
             courier = AgentCourier(self.courier, self.agents, config.domains)
-        self.queue = OutboundQueue(
+        self.queue = queue = OutboundQueue(
             QueueStore(os.path.join(data, "queue")), courier, reactor, clock or reactor,
             self.io_pool,
             config.retry_schedule, config.max_queue_lifetime, config.hostname)
-        self.queue.setServiceParent(self)
+        queue.setServiceParent(self)
         self.dispatcher = Dispatcher(self.router, self.maildir, self.queue, reactor,
                                      self.spool_dir)
         self.plug_in(self.dispatcher)
-        self.queue.bounce_to = self.bounce
+        queue.bounce_to = self.bounce
         self.pickup = Pickup(data, self.dispatcher, reactor, self.io_pool, config.hostname,
                              config.max_message_size)
         self.pickup.setServiceParent(self)
@@ -252,7 +254,7 @@ class MailStack(MultiService):
                         self.limited(self.smtp_factory(policy, "smtp"), "smtp", "smtp"))
             if config.receivers > 1:
                 ReceiverPool(self, config.receivers - 1).setServiceParent(self)
-                self.queue.sweep_interval = 60.0
+                queue.sweep_interval = 60.0
         submission = self.filtered(SubmissionPolicy(self.dispatcher, self.checker, self.throttle,
                                                reactor, config.hostname))
         if config.submission is not None:

@@ -139,7 +139,7 @@ def start_server_process(data_dir: str, extra: list[str] | None = None,
     env = dict(os.environ, PYTHONPATH=pythonpath) if pythonpath else None
     process = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                env=env, cwd=data_dir)
-    lines = queue.Queue()
+    lines: queue.Queue[str | None] = queue.Queue()
 
     def read_log():
         # Reads the whole log, so the pipe never fills up and blocks the server.

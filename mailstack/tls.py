@@ -14,7 +14,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-from OpenSSL import crypto
+from cryptography.exceptions import UnsupportedAlgorithm
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.logger import Logger
@@ -121,12 +122,16 @@ class TLSMaterial:
             key_pem = f.read()
         certs = x509.load_pem_x509_certificates(chain_pem)
         key = serialization.load_pem_private_key(key_pem, password=None)
-        self._options = ssl.CertificateOptions(
+        options = ssl.CertificateOptions(
             privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
             certificate=crypto.X509.from_cryptography(certs[0]),
             extraCertChain=[crypto.X509.from_cryptography(c) for c in certs[1:]],
             raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
         )
+        # Built now, so a key that is not the certificate's (SSL.Error) is
+        # refused here rather than at every handshake.
+        options.getContext()
+        self._options = options
         self._signature = signature
 
     def context_factory(self) -> ssl.CertificateOptions:
@@ -138,7 +143,8 @@ class TLSMaterial:
             if self._current_signature() != self._signature:
                 self.load()
                 log.info("reloaded TLS certificate {path}", path=self.cert_path)
-        except Exception as e:
+        except (OSError, ValueError, TypeError, UnsupportedAlgorithm, crypto.Error,
+                SSL.Error) as e:  # unreadable, unparsable, encrypted or unusable files
             log.error("cannot reload TLS certificate {path}: {error}; keeping the old one",
                       path=self.cert_path, error=e)
         assert self._options is not None
@@ -155,5 +161,5 @@ class ReloadingContextFactory:
     def __init__(self, material: TLSMaterial) -> None:
         self.material = material
 
-    def getContext(self) -> object:
+    def getContext(self) -> SSL.Context:
         return self.material.context_factory().getContext()

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_users -*-
+# -*- test-case-name: tests.test_router,tests.test_cli,tests.test_catchall -*-
 """
 The user database and the alias map: two small text files under DATA.
 

@@ -35,7 +35,8 @@ def test_config(data_dir, **options):
     """
     values = {name: "none" for name in
               ("smtp", "submission", "submissions", "imap", "imaps", "pop3")}
-    values.update({"data-dir": data_dir, "hostname": "mx.test", "domain": ["localhost", "example.test"]})
+    values.update({"data-dir": data_dir, "hostname": "mx.test",
+                   "domain": ["localhost", "example.test"]})
     for key, value in options.items():
         values[key.replace("_", "-")] = value
     return build_config(values)

@@ -96,7 +96,7 @@ class PendingInputTests(SynchronousTestCase):
         clock.advance(0)
         lines = transport.value().split(b"\r\n")
         self.assertTrue(lines[0].startswith(b"a NO"), lines[0])
-        self.assertEqual(len([l for l in lines if l.startswith(b"* BAD")]), 3)
+        self.assertEqual(len([x for x in lines if x.startswith(b"* BAD")]), 3)
         self.assertEqual(transport.producerState, "producing")  # reading again
 
     def test_imap_cap_on_buffered_input(self):
@@ -297,8 +297,9 @@ class FloodTests(TestCase):
         factory.limits = AccessLimits(close_grace=1.0)
         sessions = []
         closed = []
-        observer = lambda event: closed.append(event) if "invalid commands in a row" in (
-            event.get("log_format") or "") else None
+        def observer(event):
+            if "invalid commands in a row" in (event.get("log_format") or ""):
+                closed.append(event)
         globalLogPublisher.addObserver(observer)
         self.addCleanup(globalLogPublisher.removeObserver, observer)
         build = factory.buildProtocol
@@ -467,7 +468,7 @@ class MalformedTests(TestCase):
                 self.check_reply(state, line, lines)
                 self.assertTrue(lines[-1].startswith(b"n") and b" OK " in lines[-1],
                                 (state, line, lines))
-                answers = [l for l in lines[:-1] if l[:1] != b"+"]
+                answers = [x for x in lines[:-1] if x[:1] != b"+"]
                 self.assertTrue(answers, (state, line, lines))
                 first = answers[-1].split(b" ")
                 if line.split(b" ")[1:2] in ([b"LIST"], [b"LSUB"]) and first[1] == b"OK":

@@ -148,7 +148,8 @@ class ServerTests(TestCase):
             refused_mail = client.mail("spammer@remote.test")
             client.rset()
             try:
-                client.sendmail("x@remote.test", ["alice@localhost"], b"Subject: hi\r\n\r\nBUY NOW\r\n")
+                client.sendmail("x@remote.test", ["alice@localhost"],
+                                b"Subject: hi\r\n\r\nBUY NOW\r\n")
                 refused_data = None
             except smtplib.SMTPDataError as e:
                 refused_data = (e.smtp_code, e.smtp_error)

@@ -19,7 +19,8 @@ from tests.support import (
 
 LISTEN = "tcp:0:interface=127.0.0.1"
 
-PLAIN = b"From: Bob <bob@remote.test>\r\nTo: alice@localhost\r\nSubject: hello\r\n\r\nfirst\r\n.\r\nlast\r\n"
+PLAIN = (b"From: Bob <bob@remote.test>\r\nTo: alice@localhost\r\nSubject: hello\r\n\r\n"
+         b"first\r\n.\r\nlast\r\n")
 MULTIPART = (
     b"From: Carol <carol@remote.test>\r\nTo: alice@localhost\r\nSubject: parts\r\n"
     b"MIME-Version: 1.0\r\nContent-Type: multipart/mixed; boundary=\"XX\"\r\n\r\n"
@@ -320,7 +321,8 @@ class ReadingTests(IMAPTestMixin, TestCase):
         self.assertIn(b'("ATTACHMENT" ("FILENAME" "a.bin"))', line)
         self.assertIn(b'"MIXED" ("BOUNDARY" "XX")', line)
         self.assertIn(b'"parts" (("Carol" NIL "carol" "remote.test"))', line)
-        self.assertRegex(line, rb'INTERNALDATE "[ \d]\d-[A-Z][a-z]{2}-\d{4} \d\d:\d\d:\d\d [+-]\d{4}"')
+        self.assertRegex(
+            line, rb'INTERNALDATE "[ \d]\d-[A-Z][a-z]{2}-\d{4} \d\d:\d\d:\d\d [+-]\d{4}"')
 
     @inlineCallbacks
     def test_search(self):

@@ -140,7 +140,8 @@ NESTED = crlf(
     b"--b1\nContent-Type: text/plain\n\nhello\n"
     b"--b1\nContent-Type: message/rfc822\n\n"
     b"Subject: inner\nFrom: A <a@x.test>\nContent-Type: multipart/alternative; boundary=b2\n\n"
-    b"--b2\nContent-Type: text/plain\n\ninner text\n--b2\nContent-Type: text/html\n\n<p>x</p>\n--b2--\n"
+    b"--b2\nContent-Type: text/plain\n\ninner text\n"
+    b"--b2\nContent-Type: text/html\n\n<p>x</p>\n--b2--\n"
     b"--b1--\n")
 
 
@@ -184,10 +185,12 @@ class MimeTests(TestCase):
                              b"Subject: hi\nMessage-ID: <1@x>\n\nb\n")).envelope()
         self.assertEqual(envelope, b'(NIL "hi" (("Ann B" NIL "ann" "x.test")) '
                                    b'(("Ann B" NIL "ann" "x.test")) (("Ann B" NIL "ann" "x.test")) '
-                                   b'((NIL NIL "c" "y.test")(NIL NIL "d" "z.test")) NIL NIL NIL "<1@x>")')
+                                   b'((NIL NIL "c" "y.test")(NIL NIL "d" "z.test")) '
+                                   b'NIL NIL NIL "<1@x>")')
 
 
-def candidate(seq=1, uid=10, flags=(), size=100, header=b"Subject: Hello World\r\nFrom: Ann <ann@x.test>\r\n\r\n", body=b""):
+def candidate(seq=1, uid=10, flags=(), size=100,
+              header=b"Subject: Hello World\r\nFrom: Ann <ann@x.test>\r\n\r\n", body=b""):
     return Candidate(seq, uid, set(flags), size, 1_700_000_000.0, Part(header + body))
 
 

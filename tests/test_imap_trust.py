@@ -257,7 +257,7 @@ class FirstLoginTests(IMAPTestMixin, TestCase):
                 client.login(user, "pw")
                 results.append(ok(client.list()))
                 client.logout()
-            except Exception as e:  # reported below with the user
+            except Exception as e:  # noqa: BLE001 - any failure is reported below with the user
                 results.append(f"{user}: {e!r}")
 
         def run():

@@ -187,8 +187,8 @@ class ClientNameTests(TestCase):
         [line] = [line for line in lines if ": client=" in line]
         self.assertRegex(line, r": client=localhost\[127\.0\.0\.1\]:\d+ "
                                r"helo=<i-am-google\.test>$")
-        self.assertTrue(any(l.startswith("connect from localhost[127.0.0.1]:")
-                            for l in lines), lines)
+        self.assertTrue(any(x.startswith("connect from localhost[127.0.0.1]:")
+                            for x in lines), lines)
         self.assertEqual(resolver.queries, [])
 
 

@@ -30,7 +30,8 @@ from mailstack.mailauth.mtasts import (
 )
 from mailstack.mailauth.testing import ZoneResolver
 
-POLICY = b"version: STSv1\r\nmode: enforce\r\nmx: mx1.example.org\r\nmx: *.mx.example.org\r\nmax_age: 86400\r\n"
+POLICY = (b"version: STSv1\r\nmode: enforce\r\nmx: mx1.example.org\r\nmx: *.mx.example.org\r\n"
+          b"max_age: 86400\r\n")
 
 
 def _name(text):

@@ -41,8 +41,8 @@ class SchedulerTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
         self.courier = HeldCourier()
-        self.queue = OutboundQueue(PathOnlyStore(), self.courier, None, self.clock, None, (300,), 86400,
-                                   "mx.test")
+        self.queue = OutboundQueue(PathOnlyStore(), self.courier, None, self.clock, None, (300,),
+                                   86400, "mx.test")
         self.queue.running = True
         for n in range(3):
             queue_id = f"{n:012X}"

@@ -107,7 +107,8 @@ class RelayTests(TestCase):
     def server(self, data_dir=None, resolver=None, **options):
         options.setdefault("submission", LISTEN)
         server = yield start_server(
-            self, resolver=self.resolver if resolver is None else resolver, relay_endpoint=self.endpoint, clock=self.clock,
+            self, resolver=self.resolver if resolver is None else resolver,
+            relay_endpoint=self.endpoint, clock=self.clock,
             relay_timeouts=Timeouts(5, 5, 5, 5, 5), data_dir=data_dir, **options)
         yield server.queue.loaded
         if not server.users.exists(parse_address("alice@localhost")):

@@ -83,7 +83,7 @@ class RouterTests(SynchronousTestCase):
         self.alias("team@localhost", "alice@localhost", "ops@localhost")
         self.alias("ops@localhost", "bob@localhost", "pager@remote.test")
         r = self.router.resolve(Address("team", "localhost"))
-        self.assertEqual([str(l.user) for l in r.local], ["alice@localhost", "bob@localhost"])
+        self.assertEqual([str(x.user) for x in r.local], ["alice@localhost", "bob@localhost"])
         self.assertEqual(r.remote, (Address("pager", "remote.test"),))
         r = self.router.resolve(Address("team+x", "localhost"))
         self.assertEqual(len(r.local), 2)
@@ -91,7 +91,7 @@ class RouterTests(SynchronousTestCase):
     def test_self_reference_keeps_a_copy(self):
         self.alias("alice@localhost", "alice@localhost", "bob@localhost")
         r = self.router.resolve(Address("alice", "localhost"))
-        self.assertEqual([str(l.user) for l in r.local], ["alice@localhost", "bob@localhost"])
+        self.assertEqual([str(x.user) for x in r.local], ["alice@localhost", "bob@localhost"])
 
     def test_loops(self):
         self.alias("a@localhost", "b@localhost")

@@ -105,7 +105,8 @@ class DialogTests(SynchronousTestCase):
         self.start()
         self.server(b"220 mx ESMTP\r\n",  # greeting
                     b"250-mx\r\n250-SIZE 1000\r\n250 8BITMIME\r\n")  # EHLO
-        self.assertEqual(self.sent(), b"EHLO me.test\r\nMAIL FROM:<s@y.test> SIZE=16 BODY=8BITMIME\r\n")
+        self.assertEqual(self.sent(),
+                         b"EHLO me.test\r\nMAIL FROM:<s@y.test> SIZE=16 BODY=8BITMIME\r\n")
         self.server(b"250 2.1.0 ok\r\n")  # MAIL
         self.server(b"250 2.1.5 ok\r\n")  # RCPT a
         self.server(b"550 5.1.1 unknown\r\n")  # RCPT b
@@ -261,3 +262,23 @@ class STARTTLSInjectionTests(SynchronousTestCase):
         self.assertEqual(self.transport.tls_started_at, before)
         self.assertTrue(self.transport.value().endswith(b"STARTTLS\r\nEHLO me.test\r\n"))
         self.assertNoResult(self.result)
+
+
+class ConnectionLostDefaultTests(SynchronousTestCase):
+    """
+    C{connectionLost()} without a reason fails the waiting read with a
+    ConnectionDone of its own: a Failure built once at import time as the
+    default argument was shared by every connection, so each coroutine that
+    raised it overwrote the one exception's traceback and context (and kept
+    another session's frames alive).
+    """
+
+    def test_fresh_failure_per_connection(self):
+        errors = []
+        for _ in range(2):
+            proto = SMTPClientProtocol(Clock())
+            proto.makeConnection(StringTransport())
+            d = proto.read_reply(10)
+            proto.connectionLost()
+            errors.append(self.failureResultOf(d, ConnectionDone).value)
+        self.assertIsNot(errors[0], errors[1])

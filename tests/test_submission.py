@@ -108,7 +108,8 @@ class SubmissionTests(TestCase):
             return [
                 client.docmd("AUTH", "PLAIN " + b64(b"\0alice@localhost\0wrong")),
                 client.docmd("AUTH", "PLAIN " + b64(b"\0nobody@localhost\0alice-pw")),
-                client.docmd("AUTH", "PLAIN " + b64(b"bob@example.test\0alice@localhost\0alice-pw")),
+                client.docmd("AUTH",
+                             "PLAIN " + b64(b"bob@example.test\0alice@localhost\0alice-pw")),
                 (client.docmd("AUTH", "LOGIN"), client.docmd("*"))[1],
                 client.docmd("AUTH", "PLAIN !!notbase64!!"),
                 client.docmd("AUTH", "CRAM-MD5"),

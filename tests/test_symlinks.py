@@ -6,6 +6,7 @@ and log it; nothing outside the data directory is read or written.
 
 import os
 import poplib
+import smtplib
 import socket
 
 from twisted.internet.defer import inlineCallbacks
@@ -194,7 +195,7 @@ class SymlinkTests(TestCase):
             def send(client, to=to):
                 try:
                     client.sendmail("x@remote.test", [to], b"Subject: t\r\n\r\nt\r\n")
-                except Exception as e:
+                except smtplib.SMTPException as e:
                     return e
             error = yield in_thread(smtp_session, self.server.ports["smtp"], send)
             self.assertEqual(getattr(error, "smtp_code", None), 451, to)

@@ -46,3 +46,43 @@ class TLSMaterialTests(SynchronousTestCase):
             f.write("garbage")
         self.assertIs(material.context_factory(), second)
         self.flushLoggedErrors()
+
+    def test_reload_each_kind_of_broken_file(self):
+        """
+        Every way a renewal can leave the files unusable keeps the old
+        context (the reload catches exactly these): a missing key, a
+        certificate with no PEM block, a key protected by a password, a key
+        of another certificate, a PEM of the wrong kind.
+        """
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ec
+
+        material = TLSMaterial.from_config(self.data, "mx.test", None, None)
+        good = material.context_factory()
+        with open(material.cert_path, "rb") as f:
+            cert_pem = f.read()
+        with open(material.key_path, "rb") as f:
+            key_pem = f.read()
+        other = ec.generate_private_key(ec.SECP256R1())
+        broken = {
+            "missing key": None,
+            "no certificate": (b"", key_pem),
+            "encrypted key": (cert_pem, other.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                serialization.BestAvailableEncryption(b"secret"))),
+            "another key": (cert_pem, other.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption())),
+            "certificate as key": (cert_pem, cert_pem),
+        }
+        for what, files in broken.items():
+            if files is None:
+                os.remove(material.key_path)
+            else:
+                for path, content in zip((material.cert_path, material.key_path), files):
+                    with open(path, "wb") as f:
+                        f.write(content)
+            self.assertIs(material.context_factory(), good, what)
+            for path, content in ((material.cert_path, cert_pem), (material.key_path, key_pem)):
+                with open(path, "wb") as f:
+                    f.write(content)

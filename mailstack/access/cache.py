@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_access_limits -*-
+# -*- test-case-name: tests.test_crafted_mail -*-
 """
 Parsed messages, kept for the next FETCH: a FETCH of BODYSTRUCTURE then
 BODY[1.2] (what every client does) parses the message once.  Bounded by

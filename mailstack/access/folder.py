@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_folder -*-
+# -*- test-case-name: tests.test_imap_store,tests.test_imap_trust,tests.test_imap -*-
 """
 One Maildir++ folder as IMAP sees it: stable UIDs, flags, \\Recent.
 

@@ -53,6 +53,7 @@ from mailstack.nofollow import SymlinkRefused
 from mailstack.safeio import is_disk_full
 from mailstack.sockets import set_nodelay
 from mailstack.throttle import LoginThrottle, LoginUnavailable
+from mailstack.transport import IConnection
 
 log = Logger()
 
@@ -203,7 +204,7 @@ def _mailbox_name(name: bytes) -> str:
     try:
         return str(_parseMbox(name))
     except (IllegalMailboxEncoding, UnicodeError):
-        raise MailboxException("Invalid folder name (not modified UTF-7)")
+        raise MailboxException("Invalid folder name (not modified UTF-7)") from None
 
 
 def _list_name(name: bytes) -> str | None:
@@ -250,6 +251,8 @@ class IMAPServer(imap4.IMAP4Server):
     """
     One IMAP session; see the module docstring.
     """
+
+    transport: IConnection  # once connected: see mailstack.transport
 
     IDENT = b"mailstack IMAP4rev1 ready"
     MAX_LENGTH = 65536
@@ -346,7 +349,7 @@ class IMAPServer(imap4.IMAP4Server):
         handler = getattr(self, "parse_" + self.parseState)
         try:
             handler(line)
-        except Exception:
+        except Exception:  # noqa: BLE001 - a bug in one handler answers BAD; the session and the server go on
             log.failure("imap: cannot handle a line from {client}", client=self.client)
             self.sendBadResponse(None, b"[SERVERBUG] Internal error")
 
@@ -425,7 +428,7 @@ class IMAPServer(imap4.IMAP4Server):
         self._busy = True
         try:
             self.dispatchCommand(tag, command, words[2] if len(words) > 2 else None)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any command's failure is answered and logged, never fatal
             self._command_failed(tag, Failure())
         return None
 
@@ -666,7 +669,7 @@ class IMAPServer(imap4.IMAP4Server):
         try:
             return parse_set(word), rest
         except SearchError as e:
-            raise IllegalClientResponse(str(e))
+            raise IllegalClientResponse(str(e)) from None
 
     def arg_literal(self, line: bytes) -> Any:
         size = literal_size(line, self.factory.max_message_size)

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_access_limits -*-
+# -*- test-case-name: tests.test_access_abuse,tests.test_folder_limits -*-
 """
 What one IMAP or POP3 session, one message and one user may cost the
 server: the limits, their defaults (Dovecot's where it has one), and the

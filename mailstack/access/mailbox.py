@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.mail import imap4
@@ -565,7 +566,7 @@ class MaildirAccount:
     One logged-in user's folders.
     """
 
-    def __init__(self, root: str, hostname: str, reactor: Any, pool: Any,
+    def __init__(self, root: str, hostname: str, reactor: IReactorFromThreads, pool: Any,
                  share: Any = None) -> None:
         self.root = root
         self.hostname = hostname
@@ -779,4 +780,8 @@ class MaildirAccount:
         return None
 
     def getOtherNamespaces(self) -> None:
+        return None
+
+    def getUserNamespaces(self) -> None:
+        # INamespacePresenter's name for the other users' namespaces: none.
         return None

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_imap_mime -*-
+# -*- test-case-name: tests.test_imap_store,tests.test_crafted_mail,tests.test_access_fuzz -*-
 """
 What IMAP FETCH shows of a message: its sections byte for byte,
 BODYSTRUCTURE, ENVELOPE, and IMAP strings.
@@ -360,7 +360,8 @@ class Part:
             children = b"".join(c.bodystructure(extended) for c in self.children())
             out = children + b" " + string(self.type.split("/", 1)[1].upper())
             if extended:
-                out += b" " + self._params("content-type") + b" " + self._disposition() + b" NIL NIL"
+                out += (b" " + self._params("content-type") + b" " + self._disposition()
+                        + b" NIL NIL")
             return b"(" + out + b")"
         maintype, subtype = self.type.split("/", 1)
         encoding = self.header_value("content-transfer-encoding") or b"7BIT"

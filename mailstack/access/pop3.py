@@ -35,6 +35,7 @@ from mailstack.nofollow import SymlinkRefused, open_file
 from mailstack.smtp.client import DotStuffer
 from mailstack.sockets import set_nodelay
 from mailstack.throttle import LoginThrottle, LoginUnavailable
+from mailstack.transport import IConnection
 
 log = Logger()
 
@@ -68,7 +69,7 @@ class MaildirMailbox:
             return open_file(message.path)
         except SymlinkRefused as e:
             log.warn("pop3: not serving {path}: {error}", path=e.filename, error=e.strerror)
-            raise ValueError(index)
+            raise ValueError(index) from None
 
     def getUidl(self, index: int) -> bytes:
         message = self._message(index)
@@ -96,6 +97,8 @@ class POP3Server(pop3.POP3):
     """
     One POP3 session; see the module docstring.
     """
+
+    transport: IConnection  # once connected: see mailstack.transport
 
     AUTH_CMDS = [b"CAPA", b"USER", b"PASS", b"APOP", b"AUTH", b"RPOP", b"QUIT", b"STLS"]
     MAX_LENGTH = 512
@@ -242,7 +245,7 @@ class POP3Server(pop3.POP3):
         self._errors = 0
         try:
             result = handler(*args)
-        except Exception:
+        except Exception:  # noqa: BLE001 - any command's failure is answered -ERR and logged, never fatal
             log.failure("pop3: {command} failed for {client}", command=name,
                         client=self.client)
             self.failResponse("[SYS/TEMP] Internal error; see the server log")

@@ -11,6 +11,7 @@ from typing import Any
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet.defer import Deferred, DeferredSemaphore
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.mail import imap4, pop3
 from zope.interface import implementer
@@ -34,7 +35,8 @@ class MaildirRealm:
 
     per_user = 2
 
-    def __init__(self, store: MaildirStore, hostname: str, reactor: Any, pool: Any) -> None:
+    def __init__(self, store: MaildirStore, hostname: str, reactor: IReactorFromThreads,
+                 pool: Any) -> None:
         self.store = store
         self.hostname = hostname
         self.reactor = reactor

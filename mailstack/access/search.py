@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_imap_search -*-
+# -*- test-case-name: tests.test_imap_store -*-
 """
 IMAP sequence sets and SEARCH keys (RFC 3501 6.4.4).
 
@@ -120,7 +120,7 @@ def parse_date(word: Any) -> date:
         day, month, year = word.decode("ascii").split("-")
         return date(int(year), _MONTHS[month.lower()], int(day))
     except (AttributeError, ValueError, KeyError, UnicodeDecodeError):
-        raise SearchError(f"bad date {word!r}")
+        raise SearchError(f"bad date {word!r}") from None
 
 
 def _text(value: bytes | None) -> str:
@@ -195,8 +195,8 @@ def _one(words: list[Any], c: Candidate, last_seq: int, last_uid: int) -> bool:
     if key == b"ALL":
         return True
     if key in FLAG_KEYS:
-        flag, wanted = FLAG_KEYS[key]
-        return (flag in c.flags) == wanted
+        flag, present = FLAG_KEYS[key]
+        return (flag in c.flags) == present
     if key == b"NEW":
         return "\\Recent" in c.flags and "\\Seen" not in c.flags
     if key == b"NOT":
@@ -235,11 +235,11 @@ def _one(words: list[Any], c: Candidate, last_seq: int, last_uid: int) -> bool:
             raise SearchError("bad HEADER field name")
         return any(needle in text for text in _field_texts(c, name.decode("ascii", "replace")))
     if key in BODY_KEYS:
-        needle = _needle(_take(words)).encode("utf-8")
+        octets = _needle(_take(words)).encode("utf-8")
         if c.part is None:
             return False
         haystack = (c.part.raw if key == b"TEXT" else c.part.body).lower()
-        return needle in haystack
+        return octets in haystack
     raise SearchError(f"unknown search key {word.decode('ascii', 'replace')}")
 
 

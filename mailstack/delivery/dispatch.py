@@ -13,6 +13,7 @@ from typing import Any, Sequence
 from twisted.internet.defer import (
     CancelledError, Deferred, DeferredList, TimeoutError, fail, maybeDeferred,
 )
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
@@ -31,7 +32,7 @@ OUTBOUND_ORIGINS = ("submission", "submissions", "local")
 
 
 async def run_transforms(transforms: Sequence[Any], envelope: Envelope, spool: MessageSpool,
-                         clock: Any) -> None:
+                         clock: IReactorTime) -> None:
     """
     Run the outbound transforms (L{IOutboundTransform}) in order, each
     within its time limit, prepending what each returns; a failure is a
@@ -53,7 +54,7 @@ async def run_transforms(transforms: Sequence[Any], envelope: Envelope, spool: M
                       qid=envelope.queue_id, name=t.name, timeout=timeout)
             raise SMTPError(451, "4.7.1", "Error: the message could not be processed, "
                                           "try again later") from None
-        except Exception:
+        except Exception:  # noqa: BLE001 - a plugin's code may raise anything: a 451, logged
             log.failure("{qid}: transform {name} failed", qid=envelope.queue_id, name=t.name)
             raise SMTPError(451, "4.7.1", "Error: the message could not be processed, "
                                           "try again later") from None
@@ -95,7 +96,8 @@ class Dispatcher:
     """
 
     def __init__(self, router: Router, local_agent: IDeliveryAgent,
-                 queue: IOutboundQueue | None, clock: Any, spool_dir: str | None = None):
+                 queue: IOutboundQueue | None, clock: IReactorTime,
+                 spool_dir: str | None = None):
         self.router = router
         self.local_agent = local_agent
         self.queue = queue
@@ -163,7 +165,7 @@ class Dispatcher:
         for staged in prepared:
             try:
                 await maybeDeferred(staged.abort)
-            except Exception as e:
+            except Exception as e:  # noqa: BLE001 - a store may be a plugin's; abort the other copies
                 log.error("{qid}: could not remove a stored copy after a failure: {error}",
                           qid=envelope.queue_id, error=e)
 

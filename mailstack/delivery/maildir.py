@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -273,7 +274,8 @@ class MaildirDeliveryAgent:
 
     name = "maildir"
 
-    def __init__(self, writer: MaildirWriter, reactor: Any, pool: ThreadPool) -> None:
+    def __init__(self, writer: MaildirWriter, reactor: IReactorFromThreads,
+                 pool: ThreadPool) -> None:
         self.writer = writer
         self.reactor = reactor
         self.pool = pool

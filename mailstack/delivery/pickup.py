@@ -29,6 +29,7 @@ from mailstack.mua.sendmail import maildrop_dir, read_drop
 from mailstack.privileges import user_name
 from mailstack.smtp.server import new_queue_id
 from mailstack.smtp.reply import SMTPError
+from mailstack.transport import IConnection
 
 log = Logger()
 
@@ -108,7 +109,7 @@ class Pickup(TimerService):
                 log.error("maildrop: cannot deliver {name}: {error}; will retry", name=name,
                           error=e)
                 continue
-            except Exception:
+            except Exception:  # noqa: BLE001 - one file's failure must not stop the others
                 log.failure("maildrop: cannot deliver {name}; will retry", name=safe(name))
                 continue
             await deferToThreadPool(self.reactor, self.pool, os.unlink, path)
@@ -142,6 +143,8 @@ class PokeProtocol(LineOnlyReceiver):
     (the socket is mode 0666, like Postfix's public/pickup FIFO); it can do
     nothing else.  Pokes coalesce, so a flood costs directory listings.
     """
+
+    transport: IConnection  # once connected: see mailstack.transport
 
     delimiter = b"\n"
     MAX_LENGTH = 64

@@ -36,10 +36,12 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.protocol import Protocol
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.names import dns
+from twisted.python.failure import Failure
 from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, ResponseDone
 from twisted.web.http_headers import Headers
 
@@ -157,9 +159,10 @@ class _Body(Protocol):
         self.data += data
         if len(self.data) > self.limit and not self.done.called:
             self.done.errback(PolicyError("policy too large"))
-            self.transport.stopProducing()
+            # deliverBody's transport is the response's producer
+            IPushProducer(self.transport).stopProducing()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self.done.called:
             return
         if reason.check(ResponseDone):
@@ -270,9 +273,9 @@ class MTASTSClient:
     async def _address(self, host: str) -> str:
         for rtype in (dns.A, dns.AAAA):
             for rr in await self.cache.lookup(host, rtype):
-                if rr.type == dns.A:
+                if isinstance(rr.payload, dns.Record_A):
                     return rr.payload.dottedQuad()
-                if rr.type == dns.AAAA:
+                if isinstance(rr.payload, dns.Record_AAAA):
                     import socket
                     return socket.inet_ntop(socket.AF_INET6, rr.payload.address)
         raise PolicyError(f"{host} has no address")

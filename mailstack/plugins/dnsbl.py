@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, DeferredList
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names.client import Resolver, createResolver
@@ -150,7 +151,7 @@ class DNSBL(MessageFilter):
     cache_time = 300.0
     cache_size = 10_000
 
-    def __init__(self, resolver: Any, clock: Any, options: dict[str, Any]) -> None:
+    def __init__(self, resolver: Any, clock: IReactorTime, options: dict[str, Any]) -> None:
         self.resolver = resolver
         self.clock = clock
         self.sites = options["sites"]

@@ -25,6 +25,7 @@ import os
 from collections import OrderedDict
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
@@ -54,7 +55,7 @@ class Greylist(MessageFilter):
     pass_lifetime = 35 * 86400.0  # a triple that passed is let through this long
     max_entries = 100_000
 
-    def __init__(self, clock: Any) -> None:
+    def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
         self._first_seen: OrderedDict[tuple[str, str, str], float] = OrderedDict()
         self._passed: OrderedDict[tuple[str, str, str], float] = OrderedDict()
@@ -107,7 +108,7 @@ class SharedGreylist(Greylist):
 
     prune_every = 1000
 
-    def __init__(self, clock: Any, db: SharedDB) -> None:
+    def __init__(self, clock: IReactorTime, db: SharedDB) -> None:
         super().__init__(clock)
         self.db = db
         self._checks = 0

@@ -22,6 +22,7 @@ from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineReceiver
 
 from mailstack.queue.store import valid_id
+from mailstack.transport import IConnection
 
 
 class ControlProtocol(LineReceiver):
@@ -30,6 +31,8 @@ class ControlProtocol(LineReceiver):
     lines wait, at most L{MAX_PENDING} octets of them (then: an error and
     the connection closed).
     """
+
+    transport: IConnection  # once connected: see mailstack.transport
 
     delimiter = b"\n"
     MAX_LENGTH = 1024

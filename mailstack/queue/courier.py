@@ -161,14 +161,15 @@ class Courier:
         try:
             answers, _, _ = await self.resolver.lookupMailExchange(domain)
         except DNSNameError:
-            raise RouteError(Reply(550, "5.1.2", f"Host or domain name not found: {domain}"))
+            raise RouteError(Reply(550, "5.1.2",
+                                   f"Host or domain name not found: {domain}")) from None
         except DomainError as e:
             # SERVFAIL, REFUSED, ...: RFC 5321 5.1 allows the A/AAAA fallback
             # only when the lookup succeeds with no MX; anything else defers.
             raise RouteError(Reply(451, "4.4.3", f"DNS lookup of the MX of {domain} failed: "
-                                                 f"{type(e).__name__}"))
-        except Exception as e:
-            raise RouteError(Reply(451, "4.4.3", f"DNS lookup of {domain} failed: {e}"))
+                                                 f"{type(e).__name__}")) from e
+        except Exception as e:  # any failure of the (replaceable) resolver defers: re-raised
+            raise RouteError(Reply(451, "4.4.3", f"DNS lookup of {domain} failed: {e}")) from e
         mx = [(a.payload.preference, str(a.payload.name).rstrip("."))
               for a in answers if a.type == dns.MX]
         if len(mx) == 1 and mx[0][1] == "":
@@ -194,7 +195,7 @@ class Courier:
                               (self.resolver.lookupIPV6Address, dns.AAAA)):
             try:
                 answers, _, _ = await lookup(host)
-            except Exception:
+            except Exception:  # noqa: BLE001 - any failed lookup of one type: try the other
                 continue
             found.extend(a.payload.dottedQuad() if rtype == dns.A else
                          _ipv6(a.payload.address)
@@ -277,7 +278,7 @@ class Courier:
                     except (ConnectError, ConnectionClosed, TimeoutError, SSLError, OSError) as e:
                         last = Reply(451, "4.4.1", f"connect to {relay}: {_describe(e)}")
                         break
-                    except Exception as e:
+                    except Exception as e:  # noqa: BLE001 - a bug defers this message, not the queue
                         log.failure("session with {relay} failed", relay=safe(relay))
                         last = Reply(451, "4.3.0", f"{relay}: {_describe(e)}")
                         break

@@ -13,6 +13,7 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
@@ -29,7 +30,8 @@ log = Logger()
 
 @implementer(IOutboundQueue, ITwoPhaseStore)
 class QueueHandoff:
-    def __init__(self, store: QueueStore, data_dir: str, reactor: Any, pool: Any) -> None:
+    def __init__(self, store: QueueStore, data_dir: str, reactor: IReactorFromThreads,
+                 pool: Any) -> None:
         self.store = store
         self.data_dir = data_dir
         self.reactor = reactor

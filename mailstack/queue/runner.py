@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, ensureDeferred, succeed
+from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -49,7 +50,6 @@ from mailstack.queue.store import (
 log = Logger()
 
 
-@implementer(IOutboundQueue)
 def new_record(envelope: Envelope, now: float) -> QueueRecord:
     """
     The queue record of a message just accepted for its remote recipients.
@@ -84,8 +84,8 @@ class OutboundQueue(Service):
         self,
         store: QueueStore,
         courier: Courier,
-        reactor: Any,
-        clock: Any,
+        reactor: IReactorFromThreads,
+        clock: IReactorTime,
         pool: ThreadPool,
         schedule: Sequence[float],
         lifetime: float,
@@ -429,7 +429,7 @@ class OutboundQueue(Service):
             report = build_report(self.hostname, record, rcpts, headers, wall_seconds(self.clock),
                                   delayed=delayed, retry_until=record.arrival + self.lifetime)
             bounce_id = await self.bounce_to(record.sender, report)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - a failed bounce is logged; the queue run goes on
             log.error("{qid}: cannot send the {kind} to <{sender}>: {error}",
                       qid=record.queue_id, kind="delay warning" if delayed else "bounce",
                       sender=safe(record.sender), error=safe(e))

@@ -30,6 +30,7 @@ from twisted.protocols.basic import FileSender
 from twisted.python.failure import Failure
 
 from mailstack.smtp.reply import Reply
+from mailstack.transport import IConnection
 
 MAX_REPLY_LINE = 4096
 MAX_REPLY_LINES = 100
@@ -141,6 +142,8 @@ class SMTPClientProtocol(Protocol):
     Reads replies; a coroutine asks for them one at a time.
     """
 
+    transport: IConnection  # once connected: see mailstack.transport
+
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
         self._buffer = b""
@@ -189,8 +192,9 @@ class SMTPClientProtocol(Protocol):
             self._cancel_timer()
             d.errback(failure)
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
-        self._fail(reason)
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        # (built here, not once at import time as a default argument)
+        self._fail(reason if reason is not None else Failure(ConnectionDone()))
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
@@ -371,7 +375,7 @@ async def run_transaction(session: Session, transaction: Transaction,
             for _ in transaction.recipients:
                 rcpt_replies.append(await proto.read_reply(timeouts.command))
             data_reply = await proto.read_reply(timeouts.data_start)
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001 - whatever ended the connection (any reason, TLS, timeout)
             # Closed after a reply (a 421 to a RCPT, say): what was answered
             # stands, the rest is deferred.
             lost = next((r for r in reversed(rcpt_replies) if r.code == 421), None) or Reply(
@@ -399,7 +403,7 @@ async def run_transaction(session: Session, transaction: Transaction,
     if not any(r.code in (250, 251) for r in result.recipients.values()):
         try:
             session.clean = (await proto.command("RSET", timeouts.command)).code == 250
-        except Exception:
+        except Exception:  # noqa: BLE001 - any failure of RSET only makes the session not reusable
             session.clean = False  # the outcome is known; the session is just not reusable
         return result
     session.stage = "DATA"
@@ -480,6 +484,6 @@ async def _quit(proto: SMTPClientProtocol) -> None:
     try:
         proto.send_line("QUIT")
         await proto.read_reply(10)
-    except Exception:
+    except Exception:  # noqa: BLE001 - QUIT is a courtesy: any failure is ignored
         pass  # QUIT is a courtesy: the transaction's result is already known
     proto.transport.loseConnection()

@@ -64,16 +64,16 @@ class ReceivingPolicy:
                 resolution = await self.router.lookup(rcpt)
             except UnknownRecipient:
                 raise SMTPError(550, "5.1.1", f"<{rcpt}>: Recipient address rejected: "
-                                              "User unknown in local recipient table")
+                                              "User unknown in local recipient table") from None
             except AliasLoop as e:
                 log.error("alias loop for <{rcpt}>: {error}", rcpt=safe(rcpt), error=safe(e))
                 raise SMTPError(550, "5.4.6", f"<{rcpt}>: Recipient address rejected: "
-                                              "alias loop")
+                                              "alias loop") from None
             except EmptyResolution as e:
                 # A 250 here would lose the message: it would go nowhere.
                 log.error("{error}", error=e)
                 raise SMTPError(451, "4.3.0", f"<{rcpt}>: Recipient address rejected: "
-                                              "temporary lookup failure")
+                                              "temporary lookup failure") from None
         elif self.may_relay(session):
             resolution = Resolution(remote=(rcpt,))
         else:

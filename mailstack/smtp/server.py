@@ -28,6 +28,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from OpenSSL import SSL
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.interfaces import IReactorTime
@@ -44,6 +45,7 @@ from mailstack.smtp.data import DataReader
 from mailstack.smtp.rdns import client_name
 from mailstack.smtp.reply import Reply, SMTPError
 from mailstack.sockets import set_nodelay
+from mailstack.transport import IConnection
 
 log = Logger()
 
@@ -159,6 +161,8 @@ class SMTPServer(Protocol):
     """
     One SMTP session; see the module docstring.
     """
+
+    transport: IConnection  # once connected: see mailstack.transport
 
     factory: "SMTPServerFactory"
 
@@ -593,6 +597,7 @@ class SMTPServer(Protocol):
         path, rest = split_path(arg[match.end():])
         if rest:
             return Reply(555, "5.5.4", "Unsupported RCPT parameters")
+        rcpt: Address | None
         if path.lower() == "<postmaster>":  # RFC 5321 4.1.1.3: no domain needed
             rcpt = Address("postmaster",
                            self.settings.postmaster_domain or self.settings.hostname)
@@ -744,11 +749,11 @@ class SMTPServer(Protocol):
         C{using TLSv1.3 with cipher ...}, as Postfix writes it, if known.
         """
         try:
-            connection = self.transport.getHandle()
+            connection: Any = self.transport.getHandle()  # an SSL.Connection under TLS
             version = connection.get_protocol_version_name()
             cipher = connection.get_cipher_name()
             bits = connection.get_cipher_bits()
-        except Exception:
+        except (AttributeError, SSL.Error):  # not a TLS transport, or no session yet
             return ""
         return f"using {version} with cipher {cipher} ({bits}/{bits} bits)"
 
