@@ -628,3 +628,71 @@ class HostileInputTests(IMAPTestMixin, TestCase):
             self.assertEqual(answers[tag], b"NO", tag)
         for tag in (b"x2", b"x13", b"x14", b"x15", b"x18"):
             self.assertEqual(answers[tag], b"OK", tag)
+
+
+class LiteralTests(IMAPTestMixin, TestCase):
+    """
+    Literals behind a pipelined command, and in SEARCH (found by running
+    imaptest's stress mode and by hand against a fresh install).
+    """
+
+    @inlineCallbacks
+    def setUp(self):
+        yield self.start()
+        yield deliver(self.server, PLAIN)
+
+    @inlineCallbacks
+    def test_literal_behind_a_pipelined_command(self):
+        """
+        A command with a literal sent in the same write as the one before
+        it gets its continuation, its literal is read, and it is answered
+        (the session used to stop reading for good).
+        """
+        message = b"Subject: pipelined\r\n\r\nbody\r\n"
+
+        def run():
+            session = RawSession(self.server, self.context)
+            session.send(b"c NOOP\r\nz APPEND INBOX (\\Seen) {%d}\r\n" % len(message))
+            before = session.until(b"+")
+            session.send(message + b"\r\n")
+            after = session.until(b"z ")
+            session.send(b"d CREATE {7}\r\n")
+            session.until(b"+")
+            session.send(b"Folder7\r\n")
+            created = session.until(b"d ")
+            session.close()
+            return before, after, created
+
+        before, after, created = yield in_thread(run)
+        self.assertIn(b"c OK NOOP completed\r\n", before)
+        self.assertTrue(after[-1].startswith(b"z OK [APPENDUID "), after)
+        self.assertTrue(created[-1].startswith(b"d OK"), created)
+
+    @inlineCallbacks
+    def test_search_literal(self):
+        """
+        A SEARCH string sent as a literal gets a continuation and is searched
+        for; its bytes are never run as a command.
+        """
+        def run():
+            session = RawSession(self.server, self.context)
+            subject = b"hello"
+            session.send(b"f SEARCH CHARSET UTF-8 SUBJECT {%d}\r\n" % len(subject))
+            session.until(b"+")
+            session.send(subject + b"\r\n")
+            found = session.until(b"f ")
+            session.send(b"g SEARCH TEXT {20}\r\n")
+            session.until(b"+")
+            session.send(b"x CREATE qa-injected\r\n")
+            injected = session.until(b"g ")
+            session.send(b"h LIST \"\" *\r\n")
+            listing = session.until(b"h ")
+            session.close()
+            return found, injected, listing
+
+        found, injected, listing = yield in_thread(run)
+        self.assertIn(b"* SEARCH 1\r\n", found)
+        self.assertTrue(found[-1].startswith(b"f OK"), found)
+        self.assertEqual(injected, [b"* SEARCH\r\n", injected[-1]])
+        self.assertTrue(injected[-1].startswith(b"g OK"), injected)
+        self.assertFalse([line for line in listing if b"qa-injected" in line], listing)

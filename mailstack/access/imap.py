@@ -57,6 +57,7 @@ from mailstack.transport import IConnection
 
 log = Logger()
 
+_TRAILING_LITERAL = re.compile(rb"\{[0-9]+\}$")
 SYSTEM_FLAGS = ("\\Answered", "\\Flagged", "\\Deleted", "\\Seen", "\\Draft")
 _ATOM_SPECIALS = re.compile(r'[(){ %*"\\\]\x00-\x1f\x7f-\uffff]')
 LOGOUT_TLS_DEADLINE = 2.0  # seconds for the client's TLS close_notify after LOGOUT
@@ -525,7 +526,9 @@ class IMAPServer(imap4.IMAP4Server):
             line = self._waiting.pop(0)
             self._waiting_bytes -= len(line) + 2
             self._process(line)
-        if not self._waiting and not self._busy:
+        if not self._waiting and (not self._busy or self.parseState == "pending"):
+            # Idle again, or the line just run announced a literal: the
+            # client sends its bytes after our continuation, so read them.
             self._start_reading()
 
     def _run(self, tag: bytes, work: Any) -> None:
@@ -683,6 +686,31 @@ class IMAPServer(imap4.IMAP4Server):
                 return (b"", b"")
             return self._stringLiteral(size)
         return super().arg_astring(line, final)
+
+    def arg_searchkeys(self, line: bytes) -> Any:
+        """
+        SEARCH keys with literals (RFC 3501: any astring may be one; clients
+        send non-ASCII text so).  Each literal is read after a continuation
+        and handed to the key parser as a quoted string, so its bytes can
+        never be taken for a command.
+        """
+        return self._search_keys(b"", line)
+
+    def _search_keys(self, done: bytes, line: bytes) -> Any:
+        match = _TRAILING_LITERAL.search(line)
+        if match is None:
+            return imap4.IMAP4Server.arg_searchkeys(self, done + line)
+        size = literal_size(match.group(0), self.limits.max_string_literal)
+        before = line[:match.start()]
+
+        def got(result: tuple[bytes, bytes]) -> Any:
+            literal, rest = result
+            if b"\r" in literal or b"\n" in literal:
+                raise IllegalClientResponse("Line breaks in a search string")
+            quoted = b'"' + literal.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+            return self._search_keys(done + before + quoted, rest)
+
+        return self._stringLiteral(size).addCallback(got)
 
     def _stringLiteral(self, size: int) -> Any:
         self._literalStringLimit = self.limits.max_string_literal
