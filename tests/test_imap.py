@@ -660,10 +660,16 @@ class LiteralTests(IMAPTestMixin, TestCase):
             session.until(b"+")
             session.send(b"Folder7\r\n")
             created = session.until(b"d ")
+            session.send(b"e STATUS {5}\r\n")
+            session.until(b"+")
+            session.send(b"INBOX (MESSAGES UIDNEXT)\r\n")
+            status = session.until(b"e ")
             session.close()
-            return before, after, created
+            return before, after, created, status
 
-        before, after, created = yield in_thread(run)
+        before, after, created, status = yield in_thread(run)
+        self.assertTrue(status[-1].startswith(b"e OK"), status)
+        self.assertEqual(status[0], b"* STATUS \"INBOX\" (MESSAGES 2 UIDNEXT 3)\r\n")
         self.assertIn(b"c OK NOOP completed\r\n", before)
         self.assertTrue(after[-1].startswith(b"z OK [APPENDUID "), after)
         self.assertTrue(created[-1].startswith(b"d OK"), created)

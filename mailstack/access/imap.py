@@ -684,7 +684,13 @@ class IMAPServer(imap4.IMAP4Server):
             size = literal_size(stripped, self.limits.max_string_literal)
             if final and not size:
                 return (b"", b"")
-            return self._stringLiteral(size)
+            # What follows the literal comes as the next line, after the
+            # space that separates arguments: the next parser gets it
+            # without that space, as after a quoted or atom argument
+            # (STATUS {5} then " (MESSAGES)").
+            return self._stringLiteral(size).addCallback(
+                lambda result: (result[0], result[1][1:] if result[1][:1] == b" "
+                                else result[1]))
         return super().arg_astring(line, final)
 
     def arg_searchkeys(self, line: bytes) -> Any:
