@@ -492,7 +492,7 @@ def release(clients: list[imaplib.IMAP4_SSL]) -> None:
             if hasattr(client, "idle_tag"):
                 client.send(b"DONE\r\n")
         except OSError:
-            pass
+            pass  # the server closed it already; close() below is all that is left
         close(client)
 
 

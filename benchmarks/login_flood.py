@@ -56,7 +56,7 @@ def login(port, context, source, password):
         try:
             client.quit()
         except (smtplib.SMTPServerDisconnected, OSError):
-            pass
+            pass  # a throttled client is cut by the server; the AUTH figure is taken
         return code, time.monotonic() - t0, auth
     except (smtplib.SMTPServerDisconnected, OSError):
         return "closed", time.monotonic() - t0, 0.0

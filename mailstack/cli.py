@@ -331,10 +331,6 @@ def list_queue(data_dir: str, stdout: TextIO) -> None:
     the queue (root and the data directory's owner).
     """
     try:
-        try:
-            os.stat(os.path.join(data_dir, "queue", "envelope"))
-        except FileNotFoundError:
-            pass  # nothing queued yet
         queue_command(argparse.Namespace(action="list"), data_dir, stdout)
         maildrop = os.path.join(data_dir, "maildrop")
         waiting = [n for n in os.listdir(maildrop) if not n.startswith(".")] if os.path.isdir(

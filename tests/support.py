@@ -122,3 +122,33 @@ def smtp_session(port, actions, host="127.0.0.1"):
             client.quit()
         except (smtplib.SMTPServerDisconnected, OSError):
             pass
+
+
+class IMAPSession:
+    """
+    A logged-in IMAPS session on a raw TLS socket: one command at a time,
+    its answer returned whole (up to and including the tagged line).
+    """
+
+    def __init__(self, server, context, user="alice@localhost", password="alice-pw",
+                 timeout=30):
+        import socket
+
+        raw = socket.create_connection(("127.0.0.1", server.ports["imaps"]), timeout)
+        self.tls = context.wrap_socket(raw, server_hostname="localhost")
+        self.reader = self.tls.makefile("rb")
+        self.reader.readline()  # greeting
+        assert b"OK" in self.command(b"l LOGIN %s %s" % (user.encode(), password.encode()))
+
+    def command(self, line):
+        tag = line.split()[0]
+        self.tls.sendall(line + b"\r\n")
+        out = []
+        while True:
+            got = self.reader.readline()
+            out.append(got)
+            if not got or got.startswith(tag + b" "):
+                return b"".join(out)
+
+    def close(self):
+        self.tls.close()

@@ -5,7 +5,6 @@ parse runs in a worker thread, and another session is served meanwhile.
 """
 
 import re
-import socket
 import threading
 
 from twisted.internet.defer import inlineCallbacks
@@ -15,7 +14,9 @@ from mailstack.access import imap as imap_module
 from mailstack.access.cache import PartCache
 from mailstack.access.limits import MAX_ENVELOPE_ADDRESSES, MAX_MIME_DEPTH, MAX_MIME_PARTS
 from mailstack.access.mime import Part
-from tests.support import add_user, client_context, in_thread, smtp_session, start_server
+from tests.support import (
+    IMAPSession, add_user, client_context, in_thread, smtp_session, start_server,
+)
 
 LISTEN = "tcp:0:interface=127.0.0.1"
 
@@ -98,27 +99,10 @@ class LimitTests(SynchronousTestCase):
         self.assertLessEqual(cache._bytes, 1000)
 
 
-class Session:
+class Session(IMAPSession):
     def __init__(self, server, context):
-        raw = socket.create_connection(("127.0.0.1", server.ports["imaps"]), 120)
-        self.tls = context.wrap_socket(raw, server_hostname="localhost")
-        self.reader = self.tls.makefile("rb")
-        self.reader.readline()
-        self.command(b"l LOGIN alice@localhost alice-pw")
+        super().__init__(server, context, timeout=120)
         self.command(b"s SELECT INBOX")
-
-    def command(self, line):
-        tag = line.split()[0]
-        self.tls.sendall(line + b"\r\n")
-        out = []
-        while True:
-            got = self.reader.readline()
-            out.append(got)
-            if not got or got.startswith(tag + b" "):
-                return b"".join(out)
-
-    def close(self):
-        self.tls.close()
 
 
 class CraftedMailTests(TestCase):

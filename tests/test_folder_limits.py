@@ -6,7 +6,6 @@ delivery never waits behind them.
 """
 
 import os
-import socket
 import threading
 
 from twisted.internet.defer import inlineCallbacks
@@ -15,7 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from mailstack.access.limits import MAX_FOLDERS
 from mailstack.access.mailbox import MaildirAccount, folder_dirname, wildcard_match
 from tests.support import (
-    add_user, client_context, in_thread, maildir_files, short_tempdir, smtp_session,
+    IMAPSession, add_user, client_context, in_thread, maildir_files, short_tempdir, smtp_session,
     start_server,
 )
 
@@ -63,26 +62,7 @@ class FolderListTests(SynchronousTestCase):
             self.assertEqual(type(caught.exception).__name__, "FolderLimit")
 
 
-class Raw:
-    def __init__(self, server, context, user="alice@localhost", password="alice-pw"):
-        raw = socket.create_connection(("127.0.0.1", server.ports["imaps"]), 30)
-        self.tls = context.wrap_socket(raw, server_hostname="localhost")
-        self.reader = self.tls.makefile("rb")
-        self.reader.readline()
-        assert b"OK" in self.command(b"l LOGIN %s %s" % (user.encode(), password.encode()))
-
-    def command(self, line):
-        tag = line.split()[0]
-        self.tls.sendall(line + b"\r\n")
-        out = []
-        while True:
-            got = self.reader.readline()
-            out.append(got)
-            if not got or got.startswith(tag + b" "):
-                return b"".join(out)
-
-    def close(self):
-        self.tls.close()
+Raw = IMAPSession
 
 
 class FolderLimitTests(TestCase):
