@@ -16,6 +16,7 @@ import datetime
 import email.utils
 import os
 import re
+import secrets
 import tempfile
 import threading
 from dataclasses import dataclass, field
@@ -335,6 +336,13 @@ class LocalRecipient:
 
     user: Address
     delivered_to: Address
+
+
+def new_queue_id() -> str:
+    """
+    A short random id for log lines and Received headers, Postfix-like.
+    """
+    return secrets.token_hex(6).upper()
 
 
 @dataclass

@@ -23,7 +23,7 @@ from mailstack.delivery.cleanup import normalize
 from mailstack.delivery.router import AliasLoop, EmptyResolution, Router, UnknownRecipient
 from mailstack.interfaces import IDeliveryAgent, IOutboundQueue, IPrepared, ITwoPhaseStore
 from mailstack.logsafe import safe
-from mailstack.message import Envelope, MessageSpool
+from mailstack.message import Envelope, MessageSpool, new_queue_id
 
 log = Logger()
 
@@ -183,8 +183,6 @@ class Dispatcher:
             fails the Deferred with an L{SMTPError}.  Bounces are not
             filtered.
         """
-        from mailstack.smtp.server import new_queue_id
-
         envelope = Envelope(queue_id or new_queue_id(), sender,
                             received_at=wall_seconds(self.clock), client=client,
                             origin="bounce" if user is None else "local")

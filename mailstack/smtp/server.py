@@ -24,7 +24,6 @@ state machine instead:
 from __future__ import annotations
 
 import re
-import secrets
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -40,7 +39,7 @@ from mailstack.address import Address, AddressError, parse_path
 from mailstack.clock import wall_seconds
 from mailstack.limits import CommandDeadline
 from mailstack.logsafe import safe
-from mailstack.message import Envelope, MessageSpool, rfc5322_date
+from mailstack.message import Envelope, MessageSpool, new_queue_id, rfc5322_date
 from mailstack.smtp.data import DataReader
 from mailstack.smtp.rdns import client_name
 from mailstack.smtp.reply import Reply, SMTPError
@@ -53,13 +52,6 @@ MAX_COMMAND_LINE = 512  # octets, with CRLF (RFC 5321 4.5.3.1.4)
 MAX_AUTH_LINE = 12288  # octets, AUTH and its responses (RFC 4954 4)
 MAX_PENDING_INPUT = 256 * 1024  # octets a client may send ahead while a command is pending
 _HELO_NAME = re.compile(r"[A-Za-z0-9._:\-\[\]]{1,255}")
-
-
-def new_queue_id() -> str:
-    """
-    A short random id for log lines and Received headers, Postfix-like.
-    """
-    return secrets.token_hex(6).upper()
 
 
 @dataclass
