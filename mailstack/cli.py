@@ -19,20 +19,11 @@ from typing import Any, Sequence, TextIO
 from mailstack.address import AddressError, local_address, parse_address
 from mailstack.auth import hash_password
 from mailstack.config import ConfigError, build_config
+from mailstack.errors import CommandError
 from mailstack.privileges import become_owner
 from mailstack.queue.control import send_command as control_command
 from mailstack.queue.store import QueueStore, valid_id
 from mailstack.users import AliasMap, UserDatabase, alias_key
-
-
-class CommandError(Exception):
-    """
-    A failure to report on stderr, with an exit status (sysexits.h).
-    """
-
-    def __init__(self, message: str, status: int = 1) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 EX_USAGE, EX_DATAERR, EX_NOUSER, EX_UNAVAILABLE, EX_CANTCREAT, EX_TEMPFAIL = (

@@ -19,12 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 from mailstack.address import AddressError, normalize_domain
-
-
-class ConfigError(ValueError):
-    """
-    A configuration value or file is wrong; the message says which and why.
-    """
+from mailstack.errors import ConfigError
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}

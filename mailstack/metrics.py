@@ -53,7 +53,7 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from mailstack.clock import wall_seconds
-from mailstack.config import ConfigError
+from mailstack.errors import ConfigError
 
 DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600,
                  86400, float("inf"))

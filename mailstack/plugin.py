@@ -21,7 +21,7 @@ from typing import Any, Callable, Iterable, Mapping
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
 
-from mailstack.config import ConfigError
+from mailstack.errors import ConfigError
 from mailstack.smtp.reply import Reply
 
 log = Logger()

@@ -42,7 +42,7 @@ def add_parsers(commands: Any) -> None:
 
 
 def _fail(message: str, status: int) -> None:
-    from mailstack.cli import CommandError
+    from mailstack.errors import CommandError
     raise CommandError(message, status)
 
 
