@@ -250,10 +250,24 @@ def _bind_address(text: Any) -> str:
         raise ConfigError(f"not an IP address: {text!r}") from None
 
 
-def _metrics_endpoint(text: Any) -> str | None:
-    from mailstack.metrics import metrics_endpoint
-
-    return metrics_endpoint(text)
+def metrics_endpoint(text: Any) -> str | None:
+    """
+    Parse C{--metrics}: C{none}, a port number, or a server endpoint; TCP
+    without C{interface=} listens on 127.0.0.1.
+    """
+    text = str(text).strip()
+    if text.lower() in ("", "none"):
+        return None
+    if text.isdigit():
+        text = f"tcp:{text}"
+    kind = text.split(":", 1)[0].lower()
+    if kind not in ("tcp", "tcp6", "unix", "ssl"):
+        raise ConfigError(f"not a server endpoint: {text!r} (e.g. tcp:9125)")
+    if kind in ("tcp", "ssl") and "interface=" not in text:
+        text += ":interface=127.0.0.1"
+    elif kind == "tcp6" and "interface=" not in text:
+        text += ":interface=\\:\\:1"
+    return text
 
 
 def _delivery(text: Any) -> tuple[str | None, str]:
@@ -375,7 +389,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("smtp-bind-address", (), _bind_address,
            "source address of outbound SMTP, one IPv4 and one IPv6 at most "
            "(repeatable) [default: the kernel's choice]", repeatable=True, metavar="ADDRESS"),
-    Option("metrics", None, lambda v: _metrics_endpoint(v),
+    Option("metrics", None, lambda v: metrics_endpoint(v),
            "serve Prometheus metrics at /metrics on this endpoint (loopback unless an "
            "interface is given), e.g. tcp:9125 [default: off]", metavar="ENDPOINT"),
     Option("shutdown-grace", 30, _positive,

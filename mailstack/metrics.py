@@ -53,32 +53,11 @@ from twisted.web.server import Site
 from zope.interface import implementer
 
 from mailstack.clock import wall_seconds
-from mailstack.errors import ConfigError
 
 DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600,
                  86400, float("inf"))
 _STATUS = re.compile(r"status=(\w+)")
 _CODE = re.compile(r"^(\d{3})(?: (\d\.\d{1,3}\.\d{1,3}))?")
-
-
-def metrics_endpoint(text: Any) -> str | None:
-    """
-    Parse C{--metrics}: C{none}, a port number, or a server endpoint; TCP
-    without C{interface=} listens on 127.0.0.1.
-    """
-    text = str(text).strip()
-    if text.lower() in ("", "none"):
-        return None
-    if text.isdigit():
-        text = f"tcp:{text}"
-    kind = text.split(":", 1)[0].lower()
-    if kind not in ("tcp", "tcp6", "unix", "ssl"):
-        raise ConfigError(f"not a server endpoint: {text!r} (e.g. tcp:9125)")
-    if kind in ("tcp", "ssl") and "interface=" not in text:
-        text += ":interface=127.0.0.1"
-    elif kind == "tcp6" and "interface=" not in text:
-        text += ":interface=\\:\\:1"
-    return text
 
 
 @implementer(ILogObserver)

@@ -12,7 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.config import ConfigError, build_config
-from mailstack.metrics import metrics_endpoint
+from mailstack.config import metrics_endpoint
 from tests.processes import Twistd
 from tests.support import fast_hash, short_tempdir
 from tests.test_relay import closed_port
