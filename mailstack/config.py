@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from mailstack.address import AddressError, normalize_domain
 from mailstack.errors import ConfigError
+from mailstack.queue.routes import Route
 
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -106,17 +107,6 @@ def parse_hostport(text: str, default_port: int | None = None) -> tuple[str, int
     if not 0 < port < 65536:
         raise ConfigError(f"port out of range: {text!r}")
     return host, port
-
-
-@dataclass(frozen=True)
-class Route:
-    """
-    A static next hop: mail for C{domain} (C{*} for any) goes to host:port.
-    """
-
-    domain: str
-    host: str
-    port: int
 
 
 def parse_route(text: str) -> Route:

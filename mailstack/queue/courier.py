@@ -40,8 +40,8 @@ from twisted.logger import Logger
 from twisted.names import dns
 from twisted.names.error import DNSNameError, DomainError
 
-from mailstack.config import Route
 from mailstack.logsafe import safe
+from mailstack.queue.routes import Route
 from mailstack.smtp.client import (
     Session, SMTPClientError, SMTPClientProtocol, STARTTLSInjection, Timeouts, TLSRequired,
     Transaction,
