@@ -19,7 +19,7 @@ from benchmarks.run import children_by_parent
 from mailstack.address import local_address, parse_address
 from mailstack.delivery.dispatch import Dispatcher
 from mailstack.queue.handoff import QueueHandoff
-from mailstack.queue.runner import new_record
+from mailstack.queue.records import new_record
 from mailstack.queue.store import QueueStore
 from mailstack.message import Envelope, MessageSpool
 from mailstack.testing import start_server_process

@@ -17,7 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from mailstack.address import parse_address
 from mailstack.message import Envelope, MessageSpool
 from mailstack.mua.sendmail import SendmailError, parse_args, read_drop
-from mailstack.queue.runner import new_record
+from mailstack.queue.records import new_record
 from mailstack.queue.store import QueueStore
 from tests.processes import ROOT, Twistd
 from tests.support import (

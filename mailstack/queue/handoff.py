@@ -22,7 +22,7 @@ from mailstack.clock import wall_seconds
 from mailstack.interfaces import IOutboundQueue, IPrepared, ITwoPhaseStore
 from mailstack.message import Envelope, MessageSpool
 from mailstack.queue.control import send_command
-from mailstack.queue.runner import log_queued, new_record
+from mailstack.queue.records import log_queued, new_record
 from mailstack.queue.store import QueueStore
 
 log = Logger()

@@ -42,32 +42,13 @@ from mailstack.logsafe import safe
 from mailstack.message import Envelope, MessageSpool
 from mailstack.queue.courier import Courier, Outcome
 from mailstack.queue.dsn import build_report
+from mailstack.queue.records import log_queued, new_record
 from mailstack.smtp.reply import Reply
 from mailstack.queue.store import (
     FAILED, SENT, OrphanContent, QueueRecord, QueueStore, RecipientState,
 )
 
 log = Logger()
-
-
-def new_record(envelope: Envelope, now: float) -> QueueRecord:
-    """
-    The queue record of a message just accepted for its remote recipients.
-    """
-    return QueueRecord(
-        queue_id=envelope.queue_id,
-        sender=str(envelope.sender) if envelope.sender is not None else "",
-        arrival=now,
-        recipients=[RecipientState(str(a)) for a in envelope.remote],
-        next_attempt=now,
-        received_from=envelope.client,
-    )
-
-
-def log_queued(record: QueueRecord) -> None:
-    log.info("{qid}: queued from=<{sender}> size={size} nrcpt={n}",
-             qid=record.queue_id, sender=safe(record.sender), size=record.size,
-             n=len(record.recipients))
 
 
 @implementer(IOutboundQueue, ITwoPhaseStore)
