@@ -36,7 +36,7 @@ from mailstack.limits import ConnectionLimits, LimitedFactory, default_total, ra
 from mailstack.proxy import ProxyHeaderFactory
 from mailstack.delivery.router import Router
 from mailstack.logs import quiet_dns
-from mailstack.mua.sendmail import pickup_path
+from mailstack.delivery.maildrop import pickup_path
 from mailstack.privileges import StartupError, check as check_data_dir, ensure_layout
 from mailstack.queue.control import ControlFactory, control_path
 from mailstack.queue.courier import Courier

@@ -16,7 +16,8 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailstack.address import parse_address
 from mailstack.message import Envelope, MessageSpool
-from mailstack.mua.sendmail import SendmailError, parse_args, read_drop
+from mailstack.delivery.maildrop import read_drop
+from mailstack.mua.sendmail import SendmailError, parse_args
 from mailstack.queue.records import new_record
 from mailstack.queue.store import QueueStore
 from tests.processes import ROOT, Twistd

@@ -26,7 +26,7 @@ from mailstack.address import AddressError, parse_address
 from mailstack.clock import wall_seconds
 from mailstack.logsafe import safe
 from mailstack.message import new_queue_id
-from mailstack.mua.sendmail import maildrop_dir, read_drop
+from mailstack.delivery.maildrop import maildrop_dir, read_drop
 from mailstack.privileges import user_name
 from mailstack.smtp.reply import SMTPError
 from mailstack.transport import IConnection

@@ -15,7 +15,7 @@ be one): as in Postfix's world-writable maildrop, C{DATA/maildrop} is mode
 1733 (anyone may create a file, nobody but its owner may list it, and the
 sticky bit lets only a file's owner, or the directory's, remove or rename
 it).  The server takes the submitting user from the file's owner, which
-the kernel sets (L{read_drop} uses C{fstat}), never from the file's
+the kernel sets (L{mailstack.delivery.maildrop.read_drop} uses C{fstat}), never from the file's
 content; it opens files without following symbolic links and refuses
 anything but a plain file with one link, so a user cannot make it read a
 file that is not theirs.
@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO, Sequence
 
 from mailstack.address import AddressError, parse_address
+from mailstack.delivery.maildrop import maildrop_dir, pickup_path
 from mailstack.privileges import MAILDROP_MODE, ensure_layout
 from mailstack import safeio
 
@@ -191,14 +192,6 @@ def qualify(address: str, domain: str) -> str:
     return address if "@" in address else f"{address}@{domain}"
 
 
-def maildrop_dir(data_dir: str) -> str:
-    return os.path.join(os.path.abspath(data_dir), "maildrop")
-
-
-def pickup_path(data_dir: str) -> str:
-    return os.path.join(os.path.abspath(data_dir), "pickup.sock")
-
-
 def poke(data_dir: str, timeout: float = 10) -> bool:
     """
     Tell a running server to look at the maildrop now; C{False} if none
@@ -272,22 +265,3 @@ def drop(data_dir: str, sender: str, recipients: list[str], content: bytes) -> s
     except PermissionError:
         pass  # not the owner: see above
     return name
-
-
-def read_drop(path: str, max_size: int | None = None) -> tuple[str, list[str], int, bytes]:
-    """
-    Parse a maildrop file: (sender, recipients, uid of its owner, content).
-    Symbolic links, devices, FIFOs and files with other links are refused
-    (C{ValueError}); the owner comes from the kernel, never the content.
-    """
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
-        if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
-            raise ValueError("not a plain file with one link")
-        if max_size is not None and st.st_size > max_size:
-            raise ValueError(f"too big ({st.st_size} bytes)")
-        data = f.read()
-    header, _, content = data.partition(b"\n")
-    meta = json.loads(header)
-    return str(meta["sender"]), [str(r) for r in meta["recipients"]], st.st_uid, content
