@@ -32,10 +32,10 @@ from mailstack.access.limits import AccessLimits
 from mailstack.access.maildir import MaildirMessage
 from mailstack.logsafe import safe
 from mailstack.nofollow import SymlinkRefused, open_file
-from mailstack.smtp.client import DotStuffer
 from mailstack.sockets import set_nodelay
 from mailstack.throttle import LoginThrottle, LoginUnavailable
 from mailstack.transport import IConnection
+from mailstack.wire import DotStuffer
 
 log = Logger()
 

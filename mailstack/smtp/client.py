@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 
 from mailstack.smtp.reply import Reply
 from mailstack.transport import IConnection
+from mailstack.wire import DotStuffer
 
 MAX_REPLY_LINE = 4096
 MAX_REPLY_LINES = 100
@@ -78,49 +79,6 @@ class STARTTLSInjection(SMTPClientError):
     Either way no TLS session exists; an opportunistic sender may treat it
     as a failed handshake.
     """
-
-
-class DotStuffer:
-    """
-    Turns LF-terminated content into DATA: CRLF line endings, a dot doubled
-    at the start of every line, however the content is cut into chunks.
-
-    Whatever is in the queue, no bare CR or LF ever goes out: a CRLF or a
-    lone CR in the content ends a line like an LF does (so a C{\\r.\\r}
-    cannot end DATA early at a receiver that takes a bare CR as a line
-    end: outbound smuggling).
-    """
-
-    def __init__(self) -> None:
-        self.at_line_start = True
-        self._cr = False  # the last chunk ended with a CR: maybe half a CRLF
-
-    def __call__(self, chunk: bytes) -> bytes:
-        if self._cr:
-            chunk = b"\r" + chunk
-            self._cr = False
-        if chunk.endswith(b"\r"):
-            chunk = chunk[:-1]
-            self._cr = True
-        if b"\r" in chunk:
-            chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-        if not chunk:
-            return b""
-        out = chunk.replace(b"\n.", b"\n..")
-        if self.at_line_start and out.startswith(b"."):
-            out = b"." + out
-        self.at_line_start = chunk.endswith(b"\n")
-        return out.replace(b"\n", b"\r\n")
-
-    def finish(self) -> bytes:
-        """
-        The end of DATA, with the CRLF the last line may lack.
-        """
-        out = b""
-        if self._cr:
-            self._cr = False
-            out = self(b"\n")
-        return out + (b"" if self.at_line_start else b"\r\n") + b".\r\n"
 
 
 def parse_reply_lines(lines: list[bytes]) -> Reply:
