@@ -23,7 +23,6 @@ from zope.interface import implementer
 
 from mailstack import plugins
 from mailstack.address import Address
-from mailstack.config import Config
 from mailstack.interfaces import IMessageFilter, IMessageFilterFactory
 from mailstack.logsafe import safe
 from mailstack.message import Envelope, MessageSpool
@@ -40,9 +39,12 @@ def available_filters() -> dict[str, Any]:
     return {factory.name: factory for factory in getPlugins(IMessageFilterFactory, plugins)}
 
 
-def load_filters(config: Config, reactor: Any) -> list[Any]:
+def load_filters(config: Any, reactor: Any) -> list[Any]:
     """
     The filters C{--filter} names, built; an unknown name is an error.
+
+    @param config: the running configuration, handed as it is to each
+        filter's factory (the filters need no more of it than C{filter}).
     """
     if not config.filter:
         return []
