@@ -31,8 +31,18 @@ from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.interfaces import IProcessTransport
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+from twisted.protocols.policies import WrappingFactory
 
 import mailstack
+from mailstack.clock import use_monotonic_time
+from mailstack.config import Config, build_config
+from mailstack.delivery.dispatch import Dispatcher
+from mailstack.proxy import ProxyHeaderFactory
+from mailstack.queue.handoff import QueueHandoff
+from mailstack.queue.store import QueueStore
+from mailstack.reload import Drain
+from mailstack.smtp.policy import ReceivingPolicy
+from mailstack.stack import StackBase
 
 log = Logger()
 
@@ -200,16 +210,42 @@ def _kill(process: _ReceiverProcess) -> None:
         pass  # already gone
 
 
+class ReceiverStack(StackBase):
+    """
+    The mail system of a receiver process: the receiving MTA alone, on the
+    listening socket it inherited, delivering locally and handing mail for
+    remote recipients to the main process's queue
+    (L{mailstack.queue.handoff}).
+    """
+
+    def __init__(self, config: Config, reactor: Any, fd: int, family: int) -> None:
+        """
+        @param config: the main process's settings for a receiver.
+        @param reactor: the reactor everything runs on.
+        @param fd: the inherited listening socket.
+        @param family: its address family.
+        """
+        super().__init__(config, reactor)
+        data = self.data_dir
+        self.queue = QueueHandoff(
+            QueueStore(os.path.join(data, "queue")), data, reactor, self.io_pool)
+        self.dispatcher = Dispatcher(self.router, self.maildir, self.queue, reactor,
+                                     self.spool_dir)
+        self.plug_in(self.dispatcher)
+        policy = self.filtered(ReceivingPolicy(self.dispatcher, config.relay_networks))
+        factory: WrappingFactory = self.limited(self.smtp_factory(policy, "smtp"), "smtp",
+                                                "smtp")
+        if (config.smtp or "").lower().startswith("haproxy:"):
+            factory = ProxyHeaderFactory(factory, reactor, "smtp")
+        AdoptedPort(reactor, fd, family, factory).setServiceParent(self)
+
+
 def main() -> None:
     """
     A receiver process: settings on standard input, the listening socket
     on descriptor 3.
     """
     from twisted.internet import reactor
-
-    from mailstack.clock import use_monotonic_time
-    from mailstack.config import build_config
-    from mailstack.service import MailStack
 
     settings = json.loads(sys.stdin.readline())
     write = textFileLogObserver(sys.stdout)
@@ -225,8 +261,7 @@ def main() -> None:
     globalLogBeginner.beginLoggingTo([observe], redirectStandardIO=False)
     config = build_config(settings["options"])
     use_monotonic_time(reactor)  # timers must not follow wall-clock steps
-    stack = MailStack(config, reactor, receiver=(3, settings["family"]))
-    from mailstack.reload import Drain
+    stack = ReceiverStack(config, reactor, 3, settings["family"])
     Drain(stack, reactor, config.shutdown_grace).setServiceParent(stack)
 
     def parent_gone() -> None:

@@ -128,9 +128,7 @@ def apply(stack: Any, new: Config) -> tuple[list[str], list[str]]:
         **{o.attribute: getattr(new, o.attribute) for o in OPTIONS if o.name in applied})
     receivers = [name for name in applied if name in RECEIVER_SETTINGS]
     if receivers and old.receivers > 1:
-        from mailstack.receivers import ReceiverPool
-
-        pool = next((s for s in stack if isinstance(s, ReceiverPool)), None)
+        pool = getattr(stack, "receiver_pool", None)
         if pool is not None:
             log.info("reload: restarting the receiver processes for {names}; their "
                      "sessions finish first", names=", ".join(receivers))
