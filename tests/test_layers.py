@@ -29,8 +29,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "mailstack.errors", "mailstack.interfaces", "mailstack.limits", "mailstack.logs",
         "mailstack.logsafe", "mailstack.message", "mailstack.nofollow", "mailstack.privileges",
         "mailstack.proxy", "mailstack.safeio", "mailstack.shared", "mailstack.sockets",
-        "mailstack.throttle", "mailstack.tls", "mailstack.transport", "mailstack.users",
-        "mailstack.wire",
+        "mailstack.throttle", "mailstack.tls", "mailstack.transport",
+        "mailstack.twisted_privates", "mailstack.users", "mailstack.wire",
         # The reply value every layer answers with, and the plugin package
         # itself (a namespace; the plugins in it are the top layer).
         "mailstack.smtp.reply", "mailstack.plugins.__init__",

@@ -54,6 +54,7 @@ from mailstack.safeio import is_disk_full
 from mailstack.sockets import set_nodelay
 from mailstack.throttle import LoginThrottle, LoginUnavailable
 from mailstack.transport import IConnection
+from mailstack.twisted_privates import buffered_input_size, discard_buffered_input
 
 log = Logger()
 
@@ -340,7 +341,7 @@ class IMAPServer(imap4.IMAP4Server):
             self._waiting.append(line)
             self._waiting_bytes += len(line) + 2
             self._stop_reading()
-            if self._waiting_bytes + len(self._buffer) > self.limits.max_buffered:
+            if self._waiting_bytes + buffered_input_size(self) > self.limits.max_buffered:
                 self._overflow()
             return None
         return self._process(line)
@@ -394,7 +395,7 @@ class IMAPServer(imap4.IMAP4Server):
     def lineLengthExceeded(self, line: bytes) -> None:
         log.warn("imap: line over {max} bytes from {client}; closed", max=self.MAX_LENGTH,
                  client=self.client)
-        self._buffer = b""
+        discard_buffered_input(self)
         self._close(b"* BYE Line too long")
 
     def timeoutConnection(self) -> None:
@@ -591,7 +592,7 @@ class IMAPServer(imap4.IMAP4Server):
             return
         self.sendPositiveResponse(tag, b"Begin TLS negotiation now")
         # Whatever came after STARTTLS in clear text must not run inside TLS.
-        self._buffer = b""
+        discard_buffered_input(self)
         self._waiting = []
         self.transport.startTLS(self.ctx())
         self._tls_started()

@@ -35,6 +35,7 @@ from mailstack.nofollow import SymlinkRefused, open_file
 from mailstack.sockets import set_nodelay
 from mailstack.throttle import LoginThrottle, LoginUnavailable
 from mailstack.transport import IConnection
+from mailstack.twisted_privates import discard_buffered_input, forget_pop3_user, pop3_pending_user
 from mailstack.wire import DotStuffer
 
 log = Logger()
@@ -284,11 +285,11 @@ class POP3Server(pop3.POP3):
             return
         self.successResponse("Begin TLS negotiation")
         log.info("pop3: STLS from {client}", client=self.client)
-        self._buffer = b""
+        discard_buffered_input(self)
         self._after_stls = True
         self.transport.startTLS(self.factory.tls())
         self.tls = True
-        self._userIs = None
+        forget_pop3_user(self)
 
     def do_USER(self, user: bytes) -> None:
         if not self.tls:
@@ -306,11 +307,11 @@ class POP3Server(pop3.POP3):
             self.failResponse("[SYS/TEMP] Too many failed logins, try again later")
             self.transport.loseConnection()
             return None
-        user = self._userIs
+        user = pop3_pending_user(self)
         if user is None:
             self.failResponse("USER required before PASS")
             return None
-        self._userIs = None
+        forget_pop3_user(self)
         self._login_user = user.decode("utf-8", "replace")
         password = b" ".join((password,) + words)
         d = defer.maybeDeferred(self.authenticateUserPASS, user, password)

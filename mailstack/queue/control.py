@@ -23,6 +23,7 @@ from twisted.protocols.basic import LineReceiver
 
 from mailstack.queue.store import valid_id
 from mailstack.transport import IConnection
+from mailstack.twisted_privates import buffered_input_size, discard_buffered_input
 
 
 class ControlProtocol(LineReceiver):
@@ -39,8 +40,8 @@ class ControlProtocol(LineReceiver):
     MAX_PENDING = 64 * 1024
 
     def dataReceived(self, data: bytes) -> None:
-        if len(self._buffer) + len(data) > self.MAX_PENDING:
-            self._buffer = b""
+        if buffered_input_size(self) + len(data) > self.MAX_PENDING:
+            discard_buffered_input(self)
             self.paused = True
             self.answer("error too much input")
             self.transport.loseConnection()
