@@ -132,13 +132,16 @@ PRIVATES: tuple[Private, ...] = (
         security=True),
     Private(
         IMAP4_SERVER, "_IMAP4Server__ebLogin", "method", ("self", "failure", "tag"),
-        ("mailstack.access.imap: overridden, and called for the default",),
-        "A failed LOGIN: the override answers the throttle's refusals and "
-        "storage errors, and hands the rest to Twisted's."),
+        ("mailstack.access.imap: overridden",),
+        "A failed LOGIN: the override answers the throttle's refusals, storage "
+        "errors, a wrong password (NO [AUTHENTICATIONFAILED]) and anything "
+        "else without the exception's text, which Twisted's answer carries.",
+        security=True),
     Private(
         IMAP4_SERVER, "_IMAP4Server__ebAuthResp", "method", ("self", "failure", "tag"),
-        ("mailstack.access.imap: overridden, and called for the default",),
-        "A failed AUTHENTICATE, as for LOGIN."),
+        ("mailstack.access.imap: overridden",),
+        "A failed AUTHENTICATE, as for LOGIN.",
+        security=True),
     Private(
         IMAP4_SERVER, "_IMAP4Server__ebAuthChunk", "method", ("self", "failure", "tag"),
         ("mailstack.access.imap: overridden",),

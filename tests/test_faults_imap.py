@@ -69,3 +69,48 @@ class DiskFullTests(IMAPTestMixin, TestCase):
         self.assertEqual(answers[1][0], "NO")
         self.assertTrue(answers[1][1].startswith(b"[SERVERBUG]"), answers)
         self.assertEqual(answers[2], "OK")
+
+
+class UnexpectedLoginErrorTests(IMAPTestMixin, TestCase):
+    """
+    A login that fails for a reason of ours (a user database or realm that
+    raises) is answered without the exception's text, by LOGIN and by
+    AUTHENTICATE alike, and a wrong password is NO [AUTHENTICATIONFAILED].
+    """
+
+    @inlineCallbacks
+    def setUp(self):
+        yield self.start()
+
+    def attempt(self, client, how, password="alice-pw"):
+        try:
+            if how == "login":
+                client.login("alice@localhost", password)
+            else:
+                client.authenticate(
+                    "PLAIN", lambda _: f"\0alice@localhost\0{password}".encode())
+        except imaplib.IMAP4.error as e:
+            return str(e)
+        return "logged in"
+
+    @inlineCallbacks
+    def test_no_exception_text(self):
+        from twisted.internet.defer import fail
+
+        from mailstack.access.realm import MaildirRealm
+
+        self.patch(MaildirRealm, "requestAvatar", lambda self, *args: fail(
+            RuntimeError("/secret/path/users.db is locked")))
+        for how in ("login", "authenticate"):
+            answer = yield self.imap(lambda client, how=how: self.attempt(client, how), login=False)
+            self.assertNotIn("secret", answer, how)
+            self.assertNotIn("Server error", answer, how)
+            self.assertIn("[SERVERBUG]", answer, how)
+        self.flushLoggedErrors(RuntimeError)
+
+    @inlineCallbacks
+    def test_wrong_password(self):
+        for how in ("login", "authenticate"):
+            answer = yield self.imap(lambda client, how=how: self.attempt(client, how, "wrong"),
+                                     login=False)
+            self.assertIn("[AUTHENTICATIONFAILED]", answer, how)

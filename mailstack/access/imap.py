@@ -450,18 +450,6 @@ class IMAPServer(imap4.IMAP4Server):
     def _IMAP4Server__ebDispatch(self, failure: Failure, tag: bytes) -> None:
         self._command_failed(tag, failure)
 
-    def _IMAP4Server__ebLogin(self, failure: Failure, tag: bytes) -> None:
-        if failure.check(UnauthorizedLogin):
-            self.sendNegativeResponse(tag, b"[AUTHENTICATIONFAILED] LOGIN failed")
-        else:
-            self._command_failed(tag, failure)
-
-    def _IMAP4Server__ebAuthResp(self, failure: Failure, tag: bytes) -> None:
-        if failure.check(UnauthorizedLogin):
-            self.sendNegativeResponse(tag, b"[AUTHENTICATIONFAILED] Authentication failed")
-        else:
-            self._command_failed(tag, failure)
-
     def _IMAP4Server__ebAuthChunk(self, failure: Failure, tag: bytes) -> None:
         if failure.check(IllegalClientResponse, ValueError, TypeError):
             self.sendBadResponse(tag, b"Malformed authentication response")
@@ -555,16 +543,20 @@ class IMAPServer(imap4.IMAP4Server):
             return
         if failure.check(OSError):  # the first login creates the Maildir
             self.sendNegativeResponse(tag, self._storage_failed(failure.value))
-        else:
-            imap4.IMAP4Server._IMAP4Server__ebLogin(self, failure, tag)  # type: ignore[attr-defined]
+        elif failure.check(UnauthorizedLogin):
+            self.sendNegativeResponse(tag, b"[AUTHENTICATIONFAILED] LOGIN failed")
+        else:  # not Twisted's answer, which carries the exception's text
+            self._command_failed(tag, failure)
 
     def _IMAP4Server__ebAuthResp(self, failure: Failure, tag: bytes) -> None:
         if self._login_unavailable(failure, tag):
             return
         if failure.check(OSError):
             self.sendNegativeResponse(tag, self._storage_failed(failure.value))
+        elif failure.check(UnauthorizedLogin):
+            self.sendNegativeResponse(tag, b"[AUTHENTICATIONFAILED] Authentication failed")
         else:
-            imap4.IMAP4Server._IMAP4Server__ebAuthResp(self, failure, tag)  # type: ignore[attr-defined]
+            self._command_failed(tag, failure)
 
     # -- flow control for big FETCH responses ------------------------------------
 
