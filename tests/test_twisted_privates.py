@@ -152,6 +152,39 @@ class ShapeTests(SynchronousTestCase):
         self.assertEqual(missing, [])
 
 
+    def test_no_method_defined_twice(self) -> None:
+        """
+        No mailstack class defines a method twice: the second definition
+        silently replaces the first (IMAPServer once had two
+        C{_IMAP4Server__ebLogin}, and the one that won handed failures to
+        Twisted's, which sends the exception's text).
+        """
+        root = os.path.dirname(os.path.abspath(mailstack.__file__))
+        twice = []
+        for directory, _, files in os.walk(root):
+            for filename in sorted(files):
+                if not filename.endswith(".py"):
+                    continue
+                path = os.path.join(directory, filename)
+                with open(path, encoding="utf-8") as f:
+                    tree = ast.parse(f.read())
+                for node in ast.walk(tree):
+                    if not isinstance(node, ast.ClassDef):
+                        continue
+                    seen: set[str] = set()
+                    for item in node.body:
+                        if not isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                            continue
+                        decorators = [ast.unparse(d) for d in item.decorator_list]
+                        if any(d.endswith((".setter", ".deleter")) or "overload" in d
+                               for d in decorators):
+                            continue
+                        if item.name in seen:
+                            twice.append(f"{path}:{item.lineno}: {node.name}.{item.name}")
+                        seen.add(item.name)
+        self.assertEqual(twice, [])
+
+
 class LineBufferTests(SynchronousTestCase):
     """
     Emptying a line receiver's buffer drops the clear-text bytes that came
