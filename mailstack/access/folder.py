@@ -32,7 +32,7 @@ from typing import Iterator
 
 from twisted.logger import Logger
 
-from mailstack.access.maildir import served_size
+from mailstack.access.scan import served_size
 from mailstack.delivery.maildir import SUBDIRS, arrival_key, unique_name
 from mailstack.nofollow import check_tree, open_file
 from mailstack.safeio import (

@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailstack.access.limits import AccessLimits
-from mailstack.access.maildir import MaildirMessage
+from mailstack.access.scan import MaildirMessage
 from mailstack.logsafe import safe
 from mailstack.nofollow import SymlinkRefused, open_file
 from mailstack.sockets import set_nodelay

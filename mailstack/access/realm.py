@@ -17,7 +17,7 @@ from twisted.mail import imap4, pop3
 from zope.interface import implementer
 
 from mailstack.access.mailbox import MaildirAccount
-from mailstack.access.maildir import scan
+from mailstack.access.scan import scan
 from mailstack.access.pop3 import MaildirMailbox
 from mailstack.address import parse_address
 from mailstack.delivery.maildir import MaildirStore
