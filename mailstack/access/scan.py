@@ -49,8 +49,13 @@ def served_size(path: str) -> int:
 
 def scan(maildir: str, base: str | None = None) -> list[MaildirMessage]:
     """
-    The messages in C{new/} and C{cur/}, oldest first; symbolic links are
-    left out (and logged), and no directory below C{base} may be one.
+    The messages in C{new/} and C{cur/}, in the order of the delivery time
+    their names record (L{mailstack.delivery.maildir.arrival_key}: seconds,
+    microseconds, then the writer's pid and counter, so two messages of the
+    same microsecond from different processes are in pid order, not
+    necessarily the order they arrived), names without a leading time first, by
+    text; symbolic links are left out (and logged), and no directory below
+    C{base} may be one.
     Blocking: call it in a thread.
     """
     check_tree(base or os.path.dirname(maildir), maildir, ("cur", "new"))
