@@ -224,6 +224,16 @@ class LMTPTests(TestCase):
     def test_dot_stuffing(self):
         self.assertEqual(dot_stuffed(b".a\nb\n..c\n"), b"..a\r\nb\r\n...c\r\n.\r\n")
         self.assertEqual(dot_stuffed(b"no newline"), b"no newline\r\n.\r\n")
+        self.assertEqual(dot_stuffed(b""), b".\r\n")
+
+    def test_no_bare_cr(self):
+        """
+        A bare CR in the content (a file from elsewhere) goes out as a line
+        end, with the dot after it doubled: an LMTP server that takes a bare
+        CR for a line end never sees C{.} alone on a line before the end.
+        """
+        self.assertEqual(dot_stuffed(b"a\r.\rb\n"), b"a\r\n..\r\nb\r\n.\r\n")
+        self.assertEqual(dot_stuffed(b"a\r\n.\r\n"), b"a\r\n..\r\n.\r\n")
 
 
 SCRIPT = """\

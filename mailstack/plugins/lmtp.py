@@ -27,6 +27,7 @@ from mailstack.config import ConfigError, parse_hostport
 from mailstack.interfaces import IDeliveryAgentFactory, IQueuedDeliveryAgent
 from mailstack.plugin import check_options
 from mailstack.smtp.reply import Reply
+from mailstack.wire import DotStuffer
 
 log = Logger()
 
@@ -120,14 +121,12 @@ class LMTPClient(LineOnlyReceiver):
 
 def dot_stuffed(content: bytes) -> bytes:
     """
-    LF content as SMTP/LMTP DATA: CRLF line ends, dots doubled, ended.
+    LF content as SMTP/LMTP DATA: CRLF line ends, dots doubled, ended
+    (L{mailstack.wire.DotStuffer}: a bare CR ends a line too, so none goes
+    out).
     """
-    if content and not content.endswith(b"\n"):
-        content += b"\n"
-    data = content.replace(b"\n", b"\r\n")
-    if data.startswith(b"."):
-        data = b"." + data
-    return data.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    stuffer = DotStuffer()
+    return stuffer(content) + stuffer.finish()
 
 
 def _read_all(open_content: Any) -> bytes:
