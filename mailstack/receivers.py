@@ -215,7 +215,7 @@ class ReceiverStack(StackBase):
     The mail system of a receiver process: the receiving MTA alone, on the
     listening socket it inherited, delivering locally and handing mail for
     remote recipients to the main process's queue
-    (L{mailstack.queue.handoff}).
+    (C{mailstack.queue.handoff}).
     """
 
     def __init__(self, config: Config, reactor: Any, fd: int, family: int) -> None:
