@@ -233,7 +233,7 @@ class MailstackLayersTests(SynchronousTestCase):
         """
         found = {(e.importer, e.imported) for e in self.edges}
         self.assertIn(("mailstack.service", "mailstack.stack"), found)
-        self.assertIn(("mailstack.delivery.dispatch", "mailstack.smtp.filters"), found)
+        self.assertIn(("mailstack.tap", "mailstack.service"), found)  # inside a function
         self.assertGreater(len(found), 200)
 
     def test_every_module_has_a_layer(self) -> None:
