@@ -519,8 +519,7 @@ class MaildirMailbox:
         return self._run(lambda: self.folder.add(lf(message.read()), set(flags), None))
 
     def expunge(self) -> Deferred[list[int]]:
-        d = self.remove_deleted()
-        d.addCallback(lambda _: self.refresh())
+        d = self.remove_deleted().addCallback(lambda _: self.refresh())
         return d.addCallback(lambda changes: changes.expunged)
 
     def fetch(self, messages: Any, uid: bool) -> Deferred[list[tuple[int, MaildirMessage]]]:

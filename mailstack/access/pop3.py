@@ -102,7 +102,15 @@ class POP3Server(pop3.POP3):
 
     AUTH_CMDS = [b"CAPA", b"USER", b"PASS", b"APOP", b"AUTH", b"RPOP", b"QUIT", b"STLS"]
     MAX_LENGTH = 512
-    factory: "POP3Factory"
+    # Twisted's POP3 declares these as class attributes `= None` (and
+    # timeOut `= 300`), which mypy reads as their only type; the session
+    # sets them in connectionMade and login.
+    factory: POP3Factory  # type: ignore[assignment]
+    portal: Portal  # type: ignore[assignment]
+    mbox: pop3.IMailbox | None  # type: ignore[assignment]
+    blocked: list[tuple[bytes, tuple[bytes, ...]]] | None  # type: ignore[assignment]
+    timeOut: float  # type: ignore[assignment]
+    challengers: dict[bytes, Any]
 
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
@@ -198,7 +206,7 @@ class POP3Server(pop3.POP3):
     def do_DELE(self, i: bytes) -> None:
         try:
             index = int(i) - 1
-            if index < 0:
+            if index < 0 or self.mbox is None:
                 raise ValueError(i)
             self.mbox.deleteMessage(index)
         except ValueError:
@@ -391,7 +399,7 @@ class POP3Server(pop3.POP3):
         super().connectionLost(reason)
 
 
-class POP3Factory(Factory):
+class POP3Factory(Factory[POP3Server]):
     protocol = POP3Server
     noisy = False
 

@@ -68,8 +68,8 @@ class MaildirRealm:
             d = deferToThreadPool(self.reactor, self.pool, prepare)
             return d.addCallback(lambda _: (imap4.IAccount, account, lambda: None))
         if pop3.IMailbox in interfaces:
-            d = deferToThreadPool(self.reactor, self.pool, scan, root, self.store.root)
-            return d.addCallback(lambda messages: (pop3.IMailbox, MaildirMailbox(messages),
+            scanned = deferToThreadPool(self.reactor, self.pool, scan, root, self.store.root)
+            return scanned.addCallback(lambda messages: (pop3.IMailbox, MaildirMailbox(messages),
                                                    lambda: None))
         raise NotImplementedError("IMAP accounts and POP3 mailboxes only")
 
