@@ -233,9 +233,13 @@ async def verify_dkim(message: bytes, cache: DNSCache, reactor: Any,
         return DKIMResult("fail", **base, reason="signature did not verify")
 
     def check_all() -> list[DKIMResult]:
-        return [result if result is not None else check(idx, tags)
-                for idx, (result, tags) in enumerate(zip(results, parsed))
-                if result is not None or tags is not None]
+        checked = []
+        for idx, (result, tags) in enumerate(zip(results, parsed)):
+            if result is not None:
+                checked.append(result)
+            elif tags is not None:
+                checked.append(check(idx, tags))
+        return checked
 
     if threadpool is None:
         threadpool = reactor.getThreadPool()

@@ -46,7 +46,7 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, ResponseDone
 from twisted.web.http_headers import Headers
 
 from mailstack.clock import wall_seconds
-from mailstack.mailauth.lookup import DNSCache, DNSTempError
+from mailstack.mailauth.lookup import DNSCache, DNSTempError, payload
 
 log = Logger()
 
@@ -273,11 +273,15 @@ class MTASTSClient:
     async def _address(self, host: str) -> str:
         for rtype in (dns.A, dns.AAAA):
             for rr in await self.cache.lookup(host, rtype):
-                if isinstance(rr.payload, dns.Record_A):
-                    return rr.payload.dottedQuad()
-                if isinstance(rr.payload, dns.Record_AAAA):
+                # Through lookup.payload: mypy-zope takes an isinstance
+                # test of an IEncodableRecord for unreachable code.
+                a = payload(rr, dns.Record_A)
+                if a is not None:
+                    return a.dottedQuad()
+                aaaa = payload(rr, dns.Record_AAAA)
+                if aaaa is not None:
                     import socket
-                    return socket.inet_ntop(socket.AF_INET6, rr.payload.address)
+                    return socket.inet_ntop(socket.AF_INET6, aaaa.address)
         raise PolicyError(f"{host} has no address")
 
     def _path(self, domain: str) -> str | None:

@@ -95,7 +95,8 @@ class ZoneResolver(ResolverBase):
                 elif type == dns.MX:
                     payload = dns.Record_MX(value[0], value[1], ttl=self.ttl)
                 elif type == dns.SRV:
-                    payload = dns.Record_SRV(*value, ttl=self.ttl)
+                    priority, weight, port, target = value
+                    payload = dns.Record_SRV(priority, weight, port, target, ttl=self.ttl)
                 elif type == dns.A:
                     payload = dns.Record_A(str(ipaddress.IPv4Address(value)), ttl=self.ttl)
                 elif type == dns.AAAA:

@@ -81,9 +81,9 @@ class Authenticator:
                 check_spf(self.cache, client_ip, mail_from, helo, self.authserv_id)))
         done = await gatherResults(checks, consumeErrors=True)
         dkim_results = tuple(done[0])
-        helo_spf = done[1] if helo_ok else None
-        spf = done[-1] if mail_from else helo_spf
-        if mail_from:
+        helo_spf: SPFResult | None = done[1] if helo_ok else None
+        spf: SPFResult | None = done[-1] if mail_from else None
+        if spf is not None:
             spf_domain, spf_result = spf.domain, spf.result
         elif helo_spf is not None:
             spf_domain, spf_result = helo_spf.domain, helo_spf.result
@@ -91,7 +91,7 @@ class Authenticator:
             spf_domain, spf_result = "", "none"
         dmarc = await check_dmarc(self.cache, message, spf_domain, spf_result, dkim_results,
                                   self.sample)
-        return AuthResults(self.authserv_id, spf if mail_from else None, helo_spf,
+        return AuthResults(self.authserv_id, spf, helo_spf,
                            dkim_results, dmarc)
 
 
