@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
 from twisted.application.service import MultiService, Service
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
@@ -96,7 +97,8 @@ class Listener(StreamServerEndpointService):
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.port = port
         address = port.getHost()
-        where = (f"{address.host}:{address.port}" if hasattr(address, "port")
+        where = (f"{address.host}:{address.port}"
+                 if isinstance(address, (IPv4Address, IPv6Address))
                  else getattr(address, "name", address))
         if isinstance(where, bytes):
             where = where.decode("utf-8", "replace")
@@ -205,7 +207,7 @@ class MailStack(MultiService):
                                          self.spool_dir)
             self.plug_in(self.dispatcher)
             policy = self.filtered(ReceivingPolicy(self.dispatcher, config.relay_networks))
-            factory: WrappingFactory = self.limited(self.smtp_factory(policy, "smtp"), "smtp",
+            factory: WrappingFactory[Any] = self.limited(self.smtp_factory(policy, "smtp"), "smtp",
                                                     "smtp")
             if (config.smtp or "").lower().startswith("haproxy:"):
                 factory = ProxyHeaderFactory(factory, reactor, "smtp")
