@@ -34,7 +34,9 @@ from twisted.internet import ssl
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionClosed, TimeoutError
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator, IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.names import dns
@@ -42,6 +44,7 @@ from twisted.names.error import DNSNameError, DomainError
 
 from mailstack.config import Route
 from mailstack.logsafe import safe
+from mailstack.reactors import IMailReactor
 from mailstack.smtp.client import (
     Session, SMTPClientError, SMTPClientProtocol, STARTTLSInjection, Timeouts, TLSRequired,
     Transaction,
@@ -108,8 +111,8 @@ class Courier:
 
     def __init__(
         self,
-        reactor: Any,
-        resolver: Any,
+        reactor: IMailReactor,
+        resolver: Any,  # an IResolver (Twisted declares its lookups' timeout required)
         hostname: str,
         routes: Sequence[Route] = (),
         port: int = 25,
@@ -177,7 +180,7 @@ class Courier:
                                                   "(null MX)"))
         if not mx:
             return [(domain, self.port)]
-        hosts = []
+        hosts: list[tuple[str, int]] = []
         for preference in sorted({p for p, _ in mx}):
             same = [name for p, name in mx if p == preference and name]
             self.shuffle(same)
@@ -190,7 +193,7 @@ class Courier:
         """
         if is_ip(host):
             return [host]
-        found = []
+        found: list[str] = []
         for lookup, rtype in ((self.resolver.lookupAddress, dns.A),
                               (self.resolver.lookupIPV6Address, dns.AAAA)):
             try:
@@ -319,6 +322,7 @@ class Courier:
                 return result
             finally:
                 transaction.content.close()
+        context: IOpenSSLClientConnectionCreator | ssl.CertificateOptions | None
         if verify_host is not None:
             context = ssl.optionsForClientTLS(
                 verify_host, trustRoot=self.trust_root or ssl.platformTrust())
