@@ -206,12 +206,13 @@ class SubmissionTests(TestCase):
 
 class FakeChecker:
     """
-    Accepts one password; answers synchronously.
+    Accepts one password; answers synchronously.  Credentials are bytes,
+    as Twisted's L{UsernamePassword} says; the avatar id is the address.
     """
 
     def requestAvatarId(self, credentials):
-        if credentials.password == "right":
-            return succeed(credentials.username)
+        if credentials.password == b"right":
+            return succeed(credentials.username.decode("utf-8"))
         return fail(UnauthorizedLogin())
 
 

@@ -31,10 +31,11 @@ from typing import Any, Callable
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailstack.address import Address, AddressError, parse_path
 from mailstack.clock import wall_seconds
@@ -157,9 +158,11 @@ def parse_params(text: str) -> dict[str, str | None]:
     return params
 
 
+@implementer(IPushProducer)
 class SMTPServer(Protocol):
     """
-    One SMTP session; see the module docstring.
+    One SMTP session; see the module docstring.  It is the push producer
+    registered with its transport (see L{pauseProducing}).
     """
 
     transport: IConnection  # once connected: see mailstack.transport
@@ -758,7 +761,7 @@ class SMTPServer(Protocol):
         return f"using {version} with cipher {cipher} ({bits}/{bits} bits)"
 
 
-class SMTPServerFactory(Factory):
+class SMTPServerFactory(Factory[SMTPServer]):
     """
     Builds L{SMTPServer} sessions for one listener.
 

@@ -120,7 +120,7 @@ class SubmissionPolicy(ReceivingPolicy):
             return Reply(501, "5.5.2", "Error: cannot decode response")
         ip = session.peer_host
         user = safe(username, 100)
-        credentials = UsernamePassword(username, password)
+        credentials = UsernamePassword(username.encode("utf-8"), password.encode("utf-8"))
         try:
             avatar = await self.throttle.attempt(
                 ip, username, lambda: self.checker.requestAvatarId(credentials), password)
