@@ -115,11 +115,11 @@ def apply(stack: Any, new: Config) -> tuple[list[str], list[str]]:
         if hasattr(policy, "relay_networks"):
             policy.relay_networks = tuple(new.relay_networks)
     for service in stack:
-        factory = getattr(service, "factory", None)
-        while factory is not None and not hasattr(factory, "max_message_size"):
-            factory = getattr(factory, "wrappedFactory", None)  # inside TLS (imaps)
-        if factory is not None:
-            factory.max_message_size = new.max_message_size  # IMAP APPEND
+        listening = getattr(service, "factory", None)
+        while listening is not None and not hasattr(listening, "max_message_size"):
+            listening = getattr(listening, "wrappedFactory", None)  # inside TLS (imaps)
+        if listening is not None:
+            listening.max_message_size = new.max_message_size  # IMAP APPEND
     if material is not None:
         stack.tls.cert_path, stack.tls.key_path = material.cert_path, material.key_path
         stack.tls.load()
