@@ -55,6 +55,7 @@ from zope.interface import implementer
 
 from mailstack.clock import wall_seconds
 from mailstack.config import ConfigError
+from mailstack.reactors import IMailReactor
 
 DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600,
                  86400, float("inf"))
@@ -251,7 +252,7 @@ def site(metrics: Metrics) -> Site:
     return factory
 
 
-def install(stack: Any, reactor: Any) -> Metrics | None:
+def install(stack: Any, reactor: IMailReactor) -> Metrics | None:
     """
     With C{--metrics}, give a L{MailStack} its metrics and their listener.
     """

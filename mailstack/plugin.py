@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.plugin import getPlugins
 
 from mailstack.config import ConfigError
+from mailstack.reactors import IMailReactor
 from mailstack.smtp.reply import Reply
 
 log = Logger()
@@ -202,7 +203,7 @@ def _configure(factory: Any, name: str, config: Any) -> None:
                           f"(unknown: {', '.join(sorted(table))})")
 
 
-def build_plugin(kind: str, name: str, config: Any, reactor: Any,
+def build_plugin(kind: str, name: str, config: Any, reactor: IMailReactor,
                  provides: Any) -> Any:
     """
     Configure and build one enabled plugin; an unknown name, a bad option or

@@ -34,6 +34,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mailstack.config import OPTIONS, Config, ConfigError
+from mailstack.reactors import IMailReactor
 from mailstack.smtp.reply import Reply
 from mailstack.smtp.server import SMTPServerFactory
 from mailstack.tls import TLSMaterial
@@ -251,7 +252,7 @@ class Drain(Service):
         return done
 
 
-def install(stack: Any, reactor: Any, load: Callable[[], Config]) -> None:
+def install(stack: Any, reactor: IMailReactor, load: Callable[[], Config]) -> None:
     """
     Give a L{MailStack} its SIGHUP reload and its SIGTERM drain.
     """

@@ -16,7 +16,7 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IListeningPort, IReactorTime
 from twisted.logger import Logger
 from twisted.names.client import Resolver as DNSClient
 from twisted.names.client import createResolver
@@ -44,6 +44,7 @@ from mailstack.queue.courier import Courier
 from mailstack.queue.handoff import QueueHandoff
 from mailstack.queue.runner import OutboundQueue
 from mailstack.queue.store import QueueStore
+from mailstack.reactors import IMailReactor
 from mailstack.smtp.client import Timeouts
 from mailstack.receivers import AdoptedPort, ReceiverPool
 from mailstack.delivery.agents import AgentCourier, build_agents
@@ -131,12 +132,12 @@ class MailStack(MultiService):
     def __init__(
         self,
         config: Config,
-        reactor: Any,
+        reactor: IMailReactor,
         resolver: Any = None,
         relay_endpoint: Any = None,
         relay_port: int = 25,
         relay_timeouts: Timeouts = Timeouts(),
-        clock: Any = None,
+        clock: IReactorTime | None = None,
         receiver: tuple[int, int] | None = None,
     ) -> None:
         """

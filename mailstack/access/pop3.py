@@ -26,12 +26,14 @@ from twisted.logger import Logger
 from twisted.mail import pop3
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailstack.access.limits import AccessLimits
 from mailstack.access.maildir import MaildirMessage
 from mailstack.logsafe import safe
 from mailstack.nofollow import SymlinkRefused, open_file
+from mailstack.reactors import IMailReactor
 from mailstack.smtp.client import DotStuffer
 from mailstack.sockets import set_nodelay
 from mailstack.throttle import LoginThrottle, LoginUnavailable
@@ -403,7 +405,8 @@ class POP3Factory(Factory[POP3Server]):
     protocol = POP3Server
     noisy = False
 
-    def __init__(self, portal: Portal, reactor: Any, pool: Any, throttle: LoginThrottle,
+    def __init__(self, portal: Portal, reactor: IMailReactor, pool: ThreadPool,
+                 throttle: LoginThrottle,
                  tls: Any = None, implicit_tls: bool = False, timeout: float | None = None,
                  limits: AccessLimits = AccessLimits()) -> None:
         self.portal = portal

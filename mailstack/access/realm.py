@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.mail import imap4, pop3
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailstack.access.mailbox import MaildirAccount
@@ -36,7 +37,7 @@ class MaildirRealm:
     per_user = 2
 
     def __init__(self, store: MaildirStore, hostname: str, reactor: IReactorFromThreads,
-                 pool: Any) -> None:
+                 pool: ThreadPool) -> None:
         self.store = store
         self.hostname = hostname
         self.reactor = reactor
@@ -75,5 +76,5 @@ class MaildirRealm:
 
 
 def make_portal(store: MaildirStore, hostname: str, checker: ICredentialsChecker,
-                reactor: Any, pool: Any) -> Portal:
+                reactor: IReactorFromThreads, pool: ThreadPool) -> Portal:
     return Portal(MaildirRealm(store, hostname, reactor, pool), [checker])

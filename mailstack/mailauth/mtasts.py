@@ -36,7 +36,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -47,6 +47,7 @@ from twisted.web.http_headers import Headers
 
 from mailstack.clock import wall_seconds
 from mailstack.mailauth.lookup import DNSCache, DNSTempError, payload
+from mailstack.reactors import IMailReactor
 
 log = Logger()
 
@@ -177,7 +178,7 @@ class _FixedAddress:
     verified for the URI's host name.
     """
 
-    def __init__(self, reactor: Any, tls: Any, address: str, port: int) -> None:
+    def __init__(self, reactor: IMailReactor, tls: Any, address: str, port: int) -> None:
         self.reactor, self.tls, self.address, self.port = reactor, tls, address, port
 
     def endpointForURI(self, uri: Any) -> Any:
@@ -201,9 +202,9 @@ class MTASTSClient:
     @param clock: the time for C{max_age} (the reactor by default).
     """
 
-    def __init__(self, reactor: Any, cache: DNSCache, directory: str | None = None,
+    def __init__(self, reactor: IMailReactor, cache: DNSCache, directory: str | None = None,
                  tls: Any = None, connect_to: dict[str, tuple[str, int]] | None = None,
-                 clock: Any = None, timeout: float = FETCH_TIMEOUT) -> None:
+                 clock: IReactorTime | None = None, timeout: float = FETCH_TIMEOUT) -> None:
         self.reactor = reactor
         self.cache = cache
         self.directory = directory

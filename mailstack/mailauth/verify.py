@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.python.threadpool import ThreadPool
 
 from mailstack.mailauth.dkim import DKIMResult, verify_dkim
 from mailstack.mailauth.dmarc import DMARCResult, check_dmarc
 from mailstack.mailauth.lookup import DNSCache
 from mailstack.mailauth.results import authentication_results
 from mailstack.mailauth.spf import SPFResult, check_spf, helo_checkable
+from mailstack.reactors import IMailReactor
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,8 @@ class Authenticator:
     @param sample: C{() -> [0, 1)}, for DMARC's C{pct}.
     """
 
-    def __init__(self, authserv_id: str, resolver: Any, reactor: Any, threadpool: Any = None,
+    def __init__(self, authserv_id: str, resolver: Any, reactor: IMailReactor,
+                 threadpool: ThreadPool | None = None,
                  timeout: float = 10.0, sample: Callable[[], float] = random.random) -> None:
         self.authserv_id = authserv_id
         self.reactor = reactor

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
 from zope.interface import implementer
@@ -28,6 +29,7 @@ from mailstack.interfaces import IMessageFilter, IMessageFilterFactory
 from mailstack.logsafe import safe
 from mailstack.message import Envelope, MessageSpool
 from mailstack.plugin import Verdict, check_folder, header_lines
+from mailstack.reactors import IMailReactor
 from mailstack.smtp.reply import Reply, SMTPError
 
 log = Logger()
@@ -40,7 +42,7 @@ def available_filters() -> dict[str, Any]:
     return {factory.name: factory for factory in getPlugins(IMessageFilterFactory, plugins)}
 
 
-def load_filters(config: Config, reactor: Any) -> list[Any]:
+def load_filters(config: Config, reactor: IMailReactor) -> list[Any]:
     """
     The filters C{--filter} names, built; an unknown name is an error.
     """
@@ -89,12 +91,14 @@ class FilteredPolicy:
     An SMTP policy with filters; everything else is the policy's own.
     """
 
-    def __init__(self, policy: Any, filters: Sequence[Any], clock: Any = None) -> None:
+    def __init__(self, policy: Any, filters: Sequence[Any], clock: IReactorTime | None = None
+                 ) -> None:
         self.policy = policy
         self.filters = tuple(filters)
         if clock is None:
-            from twisted.internet import reactor as clock
-        self.clock = clock
+            from twisted.internet import reactor
+            clock = reactor
+        self.clock: IReactorTime = clock
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.policy, name)
