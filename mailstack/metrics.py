@@ -11,25 +11,27 @@ session) already carries its facts as fields, so the metrics count exactly
 what the log says, and no protocol code knows about them.  Gauges (queue
 size and age, open SMTP sessions) are read when scraped.
 
-=========================================  =====================================
-metric                                     labels
-=========================================  =====================================
-mailstack_messages_received_total          service (smtp, submission, ...,
-                                           local, bounce), tls (yes, no)
-mailstack_deliveries_total                 status (sent, deferred, bounced,
-                                           expired), relay (local, remote)
-mailstack_delivery_delay_seconds           relay; histogram of arrival to
-                                           delivery, delivered mail only
-mailstack_rejections_total                 stage (CONNECT, MAIL, RCPT, DATA),
-                                           code (e.g. ``550 5.1.1``)
-mailstack_auth_failures_total              service (submission, imap, pop3)
-mailstack_sessions_total                   listener
-mailstack_sessions_open                    listener
-mailstack_tls_sessions_total               listener (STARTTLS/STLS, implicit TLS;
-                                           ``outbound`` for deliveries)
-mailstack_queue_messages                   (none)
-mailstack_queue_oldest_message_seconds     (none)
-=========================================  =====================================
+The metrics and their labels::
+
+    =========================================  =====================================
+    metric                                     labels
+    =========================================  =====================================
+    mailstack_messages_received_total          service (smtp, submission, ...,
+                                               local, bounce), tls (yes, no)
+    mailstack_deliveries_total                 status (sent, deferred, bounced,
+                                               expired), relay (local, remote)
+    mailstack_delivery_delay_seconds           relay; histogram of arrival to
+                                               delivery, delivered mail only
+    mailstack_rejections_total                 stage (CONNECT, MAIL, RCPT, DATA),
+                                               code (e.g. ``550 5.1.1``)
+    mailstack_auth_failures_total              service (submission, imap, pop3)
+    mailstack_sessions_total                   listener
+    mailstack_sessions_open                    listener
+    mailstack_tls_sessions_total               listener (STARTTLS/STLS, implicit TLS;
+                                               ``outbound`` for deliveries)
+    mailstack_queue_messages                   (none)
+    mailstack_queue_oldest_message_seconds     (none)
+    =========================================  =====================================
 """
 
 from __future__ import annotations

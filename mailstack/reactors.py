@@ -2,8 +2,8 @@
 """
 The reactor, as mailstack's code types it.
 
-Twisted types a reactor by capability: L{IReactorTime} for timers,
-L{IReactorTCP} to connect, L{IReactorFromThreads} to come back from a
+Twisted types a reactor by capability: C{IReactorTime} for timers,
+C{IReactorTCP} to connect, C{IReactorFromThreads} to come back from a
 worker thread, and so on.  A function or class that uses one capability
 takes that interface.  The parts that use several, or hand the reactor on
 to parts that do (the service, the courier, the submission client), take

@@ -63,7 +63,7 @@ log = Logger()
 
 class ThreadPoolService(Service):
     """
-    Runs a L{ThreadPool} for the life of the service.
+    Runs a C{ThreadPool} for the life of the service.
     """
 
     def __init__(self, pool: ThreadPool) -> None:
