@@ -48,6 +48,7 @@ class Verdict:
         C{spool.header_fields()} as the filter saw it (e.g. a forged
         C{Authentication-Results} with our authserv-id, RFC 8601 5); the
         filters after see the message without them.
+    @ivar reason: why it is discarded, for the log line.
     """
 
     reply: Reply | None = None

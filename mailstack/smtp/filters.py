@@ -56,7 +56,10 @@ def load_filters(config: Config, reactor: IMailReactor) -> list[Any]:
 @implementer(IMessageFilter)
 class MessageFilter:
     """
-    A base for filters: no objection anywhere; override what you check.
+    A base for filters (L{mailstack.interfaces.IMessageFilter}): no
+    objection anywhere; override what you check.
+
+    @ivar name: the filter's name, for log lines.
     """
 
     name = "unnamed"
@@ -254,7 +257,11 @@ def _await_coroutine(result: Any) -> Any:
 @dataclass
 class LocalSession:
     """
-    What filters see for locally injected mail (C{mailstack sendmail}).
+    What filters see for locally injected mail (C{mailstack sendmail}),
+    in place of a L{mailstack.smtp.server.Session}.
+
+    @ivar user: who injected it, C{uid=N user=NAME}.
+    @ivar service: always C{local}.
     """
 
     user: Any

@@ -91,7 +91,26 @@ class ServerSettings:
 @dataclass
 class Session:
     """
-    What is known about the client of one connection.
+    What is known about the client of one connection.  Message filters get
+    it (L{mailstack.interfaces.IMessageFilter}); for locally injected mail
+    they get a L{mailstack.smtp.filters.LocalSession} with the same
+    attributes.
+
+    @ivar peer_host: the client's IP address as text (C{unix} on a UNIX
+        socket).
+    @ivar peer_port: the client's port (0 on a UNIX socket).
+    @ivar service: the listener: C{smtp} (the receiving MTA),
+        C{submission} or C{submissions}.
+    @ivar helo: the name the client gave with HELO or EHLO (its own claim,
+        unchecked), or C{None} before it and again after STARTTLS.
+    @ivar esmtp: whether the client said EHLO.
+    @ivar tls: whether the connection is encrypted (after STARTTLS, or
+        implicit TLS).
+    @ivar tls_info: not filled in by the SMTP server (empty).
+    @ivar user: the authenticated user (a L{mailstack.address.Address})
+        after AUTH on submission; C{None} before and on the receiving MTA.
+    @ivar name: the client's forward-confirmed reverse DNS name, or
+        C{unknown}.
     """
 
     peer_host: str
