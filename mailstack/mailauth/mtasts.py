@@ -235,8 +235,7 @@ class MTASTSClient:
             return cached
         try:
             fetched = await self.fetch(domain)
-        # Any network, TLS, HTTP or syntax failure (RFC 8461 5.1).
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any network, TLS, HTTP or syntax failure (8461 5.1)
             log.info("mta-sts {domain}: policy fetch failed: {error}", domain=domain,
                      error=str(e) or type(e).__name__)
             return cached

@@ -311,7 +311,7 @@ class Courier:
             transaction.content = open_content()
             try:
                 result = await run_transaction(cached, transaction, self.timeouts)
-            except Exception as e:
+            except Exception as e:  # any failure ends the cached session; re-raised past MAIL
                 cached.proto.transport.loseConnection()
                 if cached.stage != "MAIL":
                     raise
