@@ -185,6 +185,7 @@ class _Counted(ProtocolWrapper):
     key: str | None = None
     factory: LimitedFactory
 
+    # ProtocolWrapper's is a plain attribute; a property reads the transport's.
     @property  # type: ignore[override]
     def disconnecting(self) -> bool:
         return bool(getattr(self.transport, "disconnecting", False))

@@ -98,7 +98,8 @@ class MessageSpool:
             self._queue(self._append, data)
 
     def _queue(self, f: Callable[[bytes], None], data: bytes) -> None:
-        if self._blocking is None:
+        blocking = self._blocking
+        if blocking is None:
             try:
                 f(data)
             except OSError as e:
@@ -108,7 +109,7 @@ class MessageSpool:
         def run(_: Any) -> Any:
             if self.error is not None or self._closed:
                 return None
-            return self._blocking(f, data)  # type: ignore[misc]
+            return blocking(f, data)
 
         def failed(failure: Any) -> None:
             failure.trap(OSError)
@@ -214,6 +215,7 @@ class MessageSpool:
         @return: e.g. C{["received", "from", "subject"]}.
         """
         if self._cuts:
+            # Every field matches: header_fields keeps only those that do.
             return [_HEADER_NAME.match(f).group(1).decode("ascii").lower()  # type: ignore[union-attr]
                     for f in self.header_fields()]
         return [m.group(1).decode("ascii").lower() for m in _HEADER_NAME.finditer(self._head)]

@@ -173,9 +173,9 @@ class Metrics:
             reply = event.get("reply")
             if reply is not None and hasattr(reply, "code"):
                 code = f"{reply.code} {reply.enhanced}".strip()
-            elif reply is not None and _CODE.match(str(reply)):
+            elif reply is not None and (logged := _CODE.match(str(reply))):
                 # The reply as logged (escaped text): "550 5.1.1 ..."
-                code = " ".join(g for g in _CODE.match(str(reply)).groups() if g)  # type: ignore[union-attr]
+                code = " ".join(g for g in logged.groups() if g)
             elif "code" in event:
                 code = f"{event['code']} {event.get('enhanced', '')}".strip()
             elif "SIZE=" in fmt:

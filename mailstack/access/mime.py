@@ -313,6 +313,7 @@ class Part:
                 return None
         return node
 
+    # An immutable () default for a list that is only read.
     def section(self, numbers: tuple[int, ...], kind: str, names: list[bytes] = (),  # type: ignore[assignment]
                 negate: bool = False) -> bytes:
         """

@@ -112,6 +112,7 @@ class POP3Server(pop3.POP3):
     mbox: pop3.IMailbox | None  # type: ignore[assignment]
     blocked: list[tuple[bytes, tuple[bytes, ...]]] | None  # type: ignore[assignment]
     timeOut: float  # type: ignore[assignment]
+    _userIs: bytes | None  # type: ignore[assignment]
     challengers: dict[bytes, Any]
 
     def connectionMade(self) -> None:
@@ -119,6 +120,7 @@ class POP3Server(pop3.POP3):
         self.portal = self.factory.portal
         self.challengers = {}
         self.tls = self.factory.implicit_tls
+        # TimeoutMixin types callLater as the global reactor's method.
         self.callLater = self.factory.reactor.callLater  # type: ignore[assignment]
         self.limits = self.factory.limits
         self.timeOut = self.factory.timeout

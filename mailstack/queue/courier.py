@@ -305,6 +305,7 @@ class Courier:
         TLS is required and AUTH is done inside it.
         """
         key = (ip, port, use_tls, verify_host, credentials)
+        # No content yet: each try below opens its own (open_content()).
         transaction = Transaction(sender, list(recipients), None, size)  # type: ignore[arg-type]
         cached = self._take_idle(key)
         if cached is not None:
