@@ -28,11 +28,6 @@ from __future__ import annotations
 
 from zope.interface import Attribute, Interface
 
-# The methods below are declared as zope.interface wants them (no self,
-# no annotations: the contract is in the docstrings, and mypy-zope checks
-# implementers against these signatures), so `mypy --strict` sees
-# untyped definitions; the ignores say that, and nothing else.
-
 
 class IUserDatabase(Interface):
     """
@@ -42,7 +37,7 @@ class IUserDatabase(Interface):
     thread); it must never block the reactor thread.
     """
 
-    def password_hash(address):  # type: ignore[no-untyped-def]
+    def password_hash(address):
         """
         The password hash of a local user, for a login.
 
@@ -54,7 +49,7 @@ class IUserDatabase(Interface):
         @rtype: C{str} or C{None}
         """
 
-    def exists(address):  # type: ignore[no-untyped-def]
+    def exists(address):
         """
         Whether mail to C{address} has a local mailbox.
 
@@ -71,7 +66,7 @@ class IAliasMap(Interface):
     user database that does not provide it has C{DATA/aliases} beside it.
     """
 
-    def targets(address):  # type: ignore[no-untyped-def]
+    def targets(address):
         """
         What an alias stands for.
 
@@ -93,7 +88,7 @@ class IUserDatabaseFactory(Interface):
     name = Attribute("What --user-db calls it (str).")
     description = Attribute("One line for mailstack plugins and the log (str).")
 
-    def build(config, reactor):  # type: ignore[no-untyped-def]
+    def build(config, reactor):
         """
         Make the database for a running server.  Called once, at start,
         after C{configure} (L{IConfigurable}).
@@ -114,7 +109,7 @@ class IOutboundQueue(Interface):
     Where mail for remote recipients goes: a durable queue.
     """
 
-    def enqueue(envelope, spool):  # type: ignore[no-untyped-def]
+    def enqueue(envelope, spool):
         """
         Store the message durably for later delivery to each of the
         envelope's remote recipients.
@@ -136,7 +131,7 @@ class IDeliveryAgent(Interface):
 
     name = Attribute("A short name for log lines (str).")
 
-    def deliver(envelope, spool):  # type: ignore[no-untyped-def]
+    def deliver(envelope, spool):
         """
         Deliver the message to every local recipient of C{envelope}.
 
@@ -161,7 +156,7 @@ class ITwoPhaseStore(Interface):
     it is written in one step and cannot be undone.
     """
 
-    def prepare(envelope, spool):  # type: ignore[no-untyped-def]
+    def prepare(envelope, spool):
         """
         Write everything durably but invisibly (Maildir C{tmp/}, the queue's
         C{tmp/}).
@@ -180,7 +175,7 @@ class IPrepared(Interface):
     A message a L{ITwoPhaseStore} has prepared.
     """
 
-    def commit():  # type: ignore[no-untyped-def]
+    def commit():
         """
         Make it visible (and deliverable).
 
@@ -188,7 +183,7 @@ class IPrepared(Interface):
             left.
         """
 
-    def abort():  # type: ignore[no-untyped-def]
+    def abort():
         """
         Remove it, prepared or committed.
 
@@ -220,7 +215,7 @@ class IMessageFilter(Interface):
 
     name = Attribute("The filter's name, for log lines (str).")
 
-    def connect(session):  # type: ignore[no-untyped-def]
+    def connect(session):
         """
         A client connected.
 
@@ -230,7 +225,7 @@ class IMessageFilter(Interface):
             connection is then closed after it); or a Deferred of either.
         """
 
-    def mail(session, sender):  # type: ignore[no-untyped-def]
+    def mail(session, sender):
         """
         MAIL FROM.
 
@@ -243,7 +238,7 @@ class IMessageFilter(Interface):
             Deferred of either.
         """
 
-    def rcpt(session, sender, rcpt):  # type: ignore[no-untyped-def]
+    def rcpt(session, sender, rcpt):
         """
         RCPT TO, for a recipient the server would accept.
 
@@ -257,7 +252,7 @@ class IMessageFilter(Interface):
             this recipient; or a Deferred of either.
         """
 
-    def data(session, envelope, spool):  # type: ignore[no-untyped-def]
+    def data(session, envelope, spool):
         """
         The whole message is in, before it is made durable.  Runs on the
         receiving MTA, on submission, and on locally injected mail
@@ -299,7 +294,7 @@ class IMessageFilterFactory(Interface):
     name = Attribute("What --filter calls it (str).")
     description = Attribute("One line for --help and the log (str).")
 
-    def build(config, reactor):  # type: ignore[no-untyped-def]
+    def build(config, reactor):
         """
         Make the filter for a running server.  Called once, at start,
         after C{configure} (L{IConfigurable}).
@@ -321,7 +316,7 @@ class IConfigurable(Interface):
     without C{configure} takes no options (a table for it is an error).
     """
 
-    def configure(options):  # type: ignore[no-untyped-def]
+    def configure(options):
         """
         Check and keep the options (L{mailstack.plugin.check_options} does
         the work).
@@ -345,7 +340,7 @@ class IOutboundTransform(Interface):
     name = Attribute("The transform's name, for log lines (str).")
     timeout = Attribute("Seconds it may take (optional; default 30).")
 
-    def transform(envelope, spool):  # type: ignore[no-untyped-def]
+    def transform(envelope, spool):
         """
         Look at the message and say which header fields to prepend.  A
         failure or timeout tempfails the message (C{451 4.7.1}) and is
@@ -370,7 +365,7 @@ class IOutboundTransformFactory(Interface):
     name = Attribute("What --transform calls it (str).")
     description = Attribute("One line for mailstack plugins and the log (str).")
 
-    def build(config, reactor):  # type: ignore[no-untyped-def]
+    def build(config, reactor):
         """
         Make the transform for a running server.  Called once, at start,
         after C{configure} (L{IConfigurable}).
@@ -396,7 +391,7 @@ class IQueuedDeliveryAgent(Interface):
 
     name = Attribute("A short name for log lines (relay=NAME) (str).")
 
-    def deliver_queued(sender, recipients, open_content, size):  # type: ignore[no-untyped-def]
+    def deliver_queued(sender, recipients, open_content, size):
         """
         Deliver one message to some of its local recipients.
 
@@ -426,7 +421,7 @@ class IDeliveryAgentFactory(Interface):
     name = Attribute("What --delivery calls it (str).")
     description = Attribute("One line for mailstack plugins and the log (str).")
 
-    def build(config, reactor):  # type: ignore[no-untyped-def]
+    def build(config, reactor):
         """
         Make the agent for a running server.  Called once, at start, after
         C{configure} (L{IConfigurable}).

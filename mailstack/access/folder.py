@@ -581,8 +581,7 @@ class Folder:
 
 
 class _AnySize(dict):
-    # 0 for any key: dict.get's typed overloads cannot say that.
-    def get(self, key: object, default: object = None) -> int:  # type: ignore[override]
+    def get(self, key: object, default: object = None) -> int:
         return 0
 
 

@@ -9,6 +9,5 @@ mailstack.
 
 from twisted.plugin import pluginPackagePaths
 
-# A package's __path__ is set by the import system; mypy does not know it.
-__path__.extend(pluginPackagePaths(__name__))  # type: ignore[name-defined]
+__path__.extend(pluginPackagePaths(__name__))
 __all__: list[str] = []
