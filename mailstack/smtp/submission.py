@@ -138,6 +138,8 @@ class SubmissionPolicy(ReceivingPolicy):
             if e.disconnect:
                 return Reply(421, "4.7.0", f"{self.hostname} Error: too many failed logins")
             return Reply(454, "4.7.0", "Temporary authentication failure, try again later")
+        if isinstance(avatar, bytes):  # a checker written to Twisted's contract
+            avatar = avatar.decode("utf-8")
         session.user = parse_address(avatar)
         log.info("{client}: sasl_method={mechanism}, sasl_username={user}",
                  client=session.client, mechanism=mechanism, user=avatar)
