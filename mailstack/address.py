@@ -88,7 +88,13 @@ def normalize_domain(text: str) -> str:
 @dataclass(frozen=True, order=True)
 class Address:
     """
-    A mailbox, C{local@domain}, with the domain normalised.
+    A mailbox, C{local@domain}, with the domain normalised; C{str()} of it
+    is the address.  Make one with L{parse_address}.
+
+    @ivar local: the local part, as given (case kept: only the receiving
+        host may interpret it).
+    @ivar domain: the domain, lowercased, internationalised names in their
+        A-label (C{xn--}) form; or an address literal (C{[192.0.2.1]}).
     """
 
     local: str

@@ -14,9 +14,9 @@ import getpass
 import os
 import sys
 import time
-from typing import Any, Sequence, TextIO
+from typing import IO, Any, BinaryIO, Sequence, TextIO, TypeVar, cast
 
-from mailstack.address import AddressError, local_address, parse_address
+from mailstack.address import Address, AddressError, local_address, parse_address
 from mailstack.auth import hash_password
 from mailstack.config import ConfigError, build_config
 from mailstack.errors import CommandError
@@ -29,6 +29,7 @@ from mailstack.users import AliasMap, UserDatabase, alias_key
 EX_USAGE, EX_DATAERR, EX_NOUSER, EX_UNAVAILABLE, EX_CANTCREAT, EX_TEMPFAIL = (
     64, 65, 67, 69, 73, 75)
 EX_NOPERM = 77
+_T = TypeVar("_T")
 # Where contrib/systemd's unit reads its configuration; sendmail and mailq
 # use it when the environment names no other.
 SYSTEM_CONFIG = "/etc/mailstack/mailstack.toml"
@@ -51,7 +52,7 @@ def read_password(stdin: TextIO, prompt: bool) -> str:
     return password
 
 
-def _address(text: str) -> object:
+def _address(text: str) -> Address:
     try:
         return local_address(text)
     except AddressError as e:
@@ -170,8 +171,14 @@ def _where_only(config_file: str) -> tuple[str, tuple[str, ...] | None]:
     return data_dir, parsed or None
 
 
-def sendmail_command(argv: Sequence[str], data_dir: str, domain: str, stdin: TextIO,
-                     stdout: TextIO | None = None) -> None:
+def _bytes_of(stream: IO[Any]) -> BinaryIO:
+    # A text stream's bytes are its .buffer (sys.stdin); a byte stream
+    # (a test's BytesIO) is used as it is.
+    return cast(BinaryIO, getattr(stream, "buffer", stream))
+
+
+def sendmail_command(argv: Sequence[str], data_dir: str, domain: str,
+                     stdin: TextIO | BinaryIO, stdout: TextIO | None = None) -> None:
     from mailstack.mua.sendmail import (
         SendmailError,
         drop,
@@ -193,11 +200,11 @@ def sendmail_command(argv: Sequence[str], data_dir: str, domain: str, stdin: Tex
 
             from mailstack.mua.stdin_smtp import serve
 
-            out = getattr(stdout or sys.stdout, "buffer", stdout or sys.stdout)
-            serve(getattr(stdin, "buffer", stdin), out, data_dir, domain, socket.getfqdn(),
+            out = _bytes_of(stdout or sys.stdout)
+            serve(_bytes_of(stdin), out, data_dir, domain, socket.getfqdn(),
                   poke=lambda: poke(data_dir))
             return
-        raw = read_message(getattr(stdin, "buffer", stdin), options.ignore_dots)
+        raw = read_message(_bytes_of(stdin), options.ignore_dots)
         sender, recipients, content = prepare(options, raw, domain)
         drop(data_dir, sender, recipients, content)
     except SendmailError as e:
@@ -240,13 +247,20 @@ def send_command(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> Non
     from mailstack.config import parse_hostport
     from mailstack.mua.compose import ComposeError, compose, to_bytes
     from mailstack.mua.submit import Server, SubmitError, submit
+    from mailstack.reactors import IMailReactor
 
     profile = load_profile(args.profile)
 
-    def pick(value: object, key: str) -> object:
-        return value if value is not None else profile.get(key)
+    def pick(value: _T | None, key: str, kind: type[_T]) -> _T | None:
+        if value is not None:
+            return value
+        found = profile.get(key)
+        if found is None or isinstance(found, kind):
+            return found
+        raise CommandError(f"profile key {key}: a {'boolean' if kind is bool else 'string'} "
+                           f"is needed, not {found!r}", EX_USAGE)
 
-    sender = pick(args.sender, "from")
+    sender = pick(args.sender, "from", str)
     if not sender:
         raise CommandError("--from is needed", EX_USAGE)
     recipients = args.to + args.cc + args.bcc
@@ -262,20 +276,20 @@ def send_command(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> Non
     if args.dry_run:
         stdout.write(content.decode("utf-8", "replace"))
         return
-    server_text = pick(args.server, "server")
+    server_text = pick(args.server, "server", str)
     if not server_text:
         raise CommandError("--server is needed", EX_USAGE)
     try:
         host, port = parse_hostport(str(server_text), 587)
     except ConfigError as e:
         raise CommandError(str(e), EX_USAGE) from None
-    implicit = pick(args.tls, "tls")
+    implicit = pick(args.tls, "tls", bool)
     # 465 is submissions (RFC 8314); 2465 is mailstack's unprivileged default for it.
     implicit = (port in (465, 2465)) if implicit is None else bool(implicit)
-    server = Server(host, port, implicit, cafile=pick(args.cafile, "cafile"),
-                    insecure=bool(pick(args.insecure, "insecure")))
-    user = str(pick(args.user, "user") or sender)
-    password_file = pick(args.password_file, "password-file")
+    server = Server(host, port, implicit, cafile=pick(args.cafile, "cafile", str),
+                    insecure=bool(pick(args.insecure, "insecure", bool)))
+    user = str(pick(args.user, "user", str) or sender)
+    password_file = pick(args.password_file, "password-file", str)
     if password_file:
         try:
             with open(os.path.expanduser(str(password_file))) as f:
@@ -290,7 +304,7 @@ def send_command(args: argparse.Namespace, stdin: TextIO, stdout: TextIO) -> Non
         envelope_from = str(parse_address(str(sender).split("<")[-1].strip(" >")))
     except AddressError as e:
         raise CommandError(f"bad --from: {e}", EX_DATAERR) from None
-    async def main(reactor: object) -> None:
+    async def main(reactor: IMailReactor) -> None:
         try:
             replies = await submit(reactor, server, (user, password), envelope_from,
                                    recipients, content)

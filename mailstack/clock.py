@@ -18,8 +18,10 @@ from __future__ import annotations
 import time
 from typing import Any, Callable
 
+from twisted.internet.interfaces import IReactorTime
 
-def wall_seconds(clock: Any) -> float:
+
+def wall_seconds(clock: IReactorTime) -> float:
     """
     The wall-clock time (seconds since the epoch) as C{clock} knows it.
     """
@@ -27,6 +29,8 @@ def wall_seconds(clock: Any) -> float:
     return float(wall() if wall is not None else clock.seconds())
 
 
+# Any: it replaces the reactor's seconds() and adds wall(), which no
+# interface types.
 def use_monotonic_time(reactor: Any, monotonic: Callable[[], float] = time.monotonic,
                        wall: Callable[[], float] = time.time) -> None:
     """

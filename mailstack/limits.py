@@ -183,7 +183,9 @@ class _Counted(ProtocolWrapper):
     """
 
     key: str | None = None
+    factory: LimitedFactory
 
+    # ProtocolWrapper's is a plain attribute; a property reads the transport's.
     @property  # type: ignore[override]
     def disconnecting(self) -> bool:
         return bool(getattr(self.transport, "disconnecting", False))
@@ -193,18 +195,18 @@ class _Counted(ProtocolWrapper):
         pass  # ProtocolWrapper.loseConnection sets it; the transport's is the truth
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
-        self.factory.limits.release(self.factory.label, self.key)  # type: ignore[attr-defined]
+        self.factory.limits.release(self.factory.label, self.key)
         super().connectionLost(reason)
 
 
-class LimitedFactory(WrappingFactory):
+class LimitedFactory(WrappingFactory[_Counted]):
     """
     Wraps one listener's factory with the shared L{ConnectionLimits}.
 
     @param kind: a key of L{REFUSALS}, the protocol's words at the limit.
     """
 
-    protocol = _Counted  # type: ignore[assignment]
+    protocol = _Counted
     noisy = False
 
     def __init__(self, wrappedFactory: Any, limits: ConnectionLimits, kind: str,

@@ -32,6 +32,19 @@ _HEADER_NAME = re.compile(rb"^([!-9;-~]+)[ \t]*:", re.MULTILINE)
 class MessageSpool:
     """
     The content of one message, written once, then read any number of times.
+
+    A plugin reads it with L{read} (small messages) or L{chunks}, in a
+    worker thread for a large one, and looks at its header with
+    L{header_fields} or L{header_names}; it never writes to it (filters
+    and transforms add header fields through their answers).
+
+    @ivar size: the content's size in bytes (LF line endings), header
+        fields added included.
+    @ivar lines: the number of LFs: the size with CRLF line endings is
+        C{size + lines}.
+    @ivar error: the first failed write to the spill file (a full disk),
+        or C{None}.
+    @ivar memory_limit: past this many bytes the content moves to a file.
     """
 
     memory_limit = 1024 * 1024
@@ -86,7 +99,8 @@ class MessageSpool:
             self._queue(self._append, data)
 
     def _queue(self, f: Callable[[bytes], None], data: bytes) -> None:
-        if self._blocking is None:
+        blocking = self._blocking
+        if blocking is None:
             try:
                 f(data)
             except OSError as e:
@@ -96,7 +110,7 @@ class MessageSpool:
         def run(_: Any) -> Any:
             if self.error is not None or self._closed:
                 return None
-            return self._blocking(f, data)  # type: ignore[misc]
+            return blocking(f, data)
 
         def failed(failure: Any) -> None:
             failure.trap(OSError)
@@ -198,8 +212,11 @@ class MessageSpool:
     def header_names(self) -> list[str]:
         """
         The names of the header fields, lowercased, in order.
+
+        @return: e.g. C{["received", "from", "subject"]}.
         """
         if self._cuts:
+            # Every field matches: header_fields keeps only those that do.
             return [_HEADER_NAME.match(f).group(1).decode("ascii").lower()  # type: ignore[union-attr]
                     for f in self.header_fields()]
         return [m.group(1).decode("ascii").lower() for m in _HEADER_NAME.finditer(self._head)]
@@ -228,6 +245,10 @@ class MessageSpool:
         The received header fields in order, each with its continuation
         lines and LF (not those added with L{add_header} or
         L{prepend_header}, nor those removed).
+
+        @return: the fields, e.g. C{[b"From: a@example.org\\n", ...]}; a
+            field's index here is what L{mailstack.plugin.Verdict} C{remove}
+            takes.
         """
         return [bytes(self._head[start:end]) for start, end in self._field_spans()]
 
@@ -255,8 +276,12 @@ class MessageSpool:
         Yield the content from its start; safe in any thread once complete
         (after L{finished}).  Each reader holds its own reference to the
         content (a duplicate of the spill file's descriptor), so L{close}
-        can never cut a reader short or let it read a reused descriptor;
-        after L{close} this raises C{ValueError}.
+        can never cut a reader short or let it read a reused descriptor.
+
+        @return: an iterator of byte strings, the content in order (LF line
+            endings); reading a spilled message blocks, so iterate in a
+            worker thread.
+        @raise ValueError: the spool is closed.
         """
         with self._lock:
             if self._closed:
@@ -287,6 +312,10 @@ class MessageSpool:
     def read(self) -> bytes:
         """
         The whole content (for tests and small messages).
+
+        @return: the message, LF line endings, header fields added by
+            filters and transforms included.
+        @raise ValueError: the spool is closed.
         """
         return b"".join(self.chunks())
 
@@ -332,6 +361,10 @@ class LocalRecipient:
     """
     A copy for a local mailbox: the user who owns it, and the address it was
     sent to (recorded in C{Delivered-To:}; keeps a plus-address tag).
+
+    @ivar user: the mailbox's owner, a local user.
+    @ivar delivered_to: the address that led to it (an alias, the user's
+        own address, or a plus-address of it).
     """
 
     user: Address
@@ -350,6 +383,21 @@ class Envelope:
     """
     Who a message is from and for, and where it came from: C{rcpts} as the
     client gave them, C{local} and C{remote} as they resolved.
+
+    @ivar queue_id: the message's id, in every log line about it and in
+        the queue.
+    @ivar sender: the envelope sender (MAIL FROM), or C{None} for the null
+        sender.
+    @ivar rcpts: the accepted recipients as the client gave them, in order.
+    @ivar local: the local mailboxes they resolved to (aliases expanded),
+        one L{LocalRecipient} per mailbox.
+    @ivar remote: the remote addresses, for the queue.
+    @ivar received_at: when it arrived, wall-clock seconds since the epoch.
+    @ivar client: the client as the log shows it (C{name[ip]:port}).
+    @ivar origin: where it came from: C{smtp}, C{submission},
+        C{submissions}, C{local} (maildrop pickup) or C{bounce}.
+    @ivar folder: the Maildir folder a filter asked for
+        (L{mailstack.plugin.Verdict}), or C{None} for the inbox.
     """
 
     queue_id: str
@@ -381,6 +429,9 @@ class Envelope:
 
     @property
     def return_path(self) -> str:
+        """
+        The sender as a C{Return-Path:} shows it: C{<address>}, or C{<>}.
+        """
         return f"<{self.sender}>" if self.sender is not None else "<>"
 
 

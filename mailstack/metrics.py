@@ -11,25 +11,27 @@ session) already carries its facts as fields, so the metrics count exactly
 what the log says, and no protocol code knows about them.  Gauges (queue
 size and age, open SMTP sessions) are read when scraped.
 
-=========================================  =====================================
-metric                                     labels
-=========================================  =====================================
-mailstack_messages_received_total          service (smtp, submission, ...,
-                                           local, bounce), tls (yes, no)
-mailstack_deliveries_total                 status (sent, deferred, bounced,
-                                           expired), relay (local, remote)
-mailstack_delivery_delay_seconds           relay; histogram of arrival to
-                                           delivery, delivered mail only
-mailstack_rejections_total                 stage (CONNECT, MAIL, RCPT, DATA),
-                                           code (e.g. ``550 5.1.1``)
-mailstack_auth_failures_total              service (submission, imap, pop3)
-mailstack_sessions_total                   listener
-mailstack_sessions_open                    listener
-mailstack_tls_sessions_total               listener (STARTTLS/STLS, implicit TLS;
-                                           ``outbound`` for deliveries)
-mailstack_queue_messages                   (none)
-mailstack_queue_oldest_message_seconds     (none)
-=========================================  =====================================
+The metrics and their labels::
+
+    =========================================  =====================================
+    metric                                     labels
+    =========================================  =====================================
+    mailstack_messages_received_total          service (smtp, submission, ...,
+                                               local, bounce), tls (yes, no)
+    mailstack_deliveries_total                 status (sent, deferred, bounced,
+                                               expired), relay (local, remote)
+    mailstack_delivery_delay_seconds           relay; histogram of arrival to
+                                               delivery, delivered mail only
+    mailstack_rejections_total                 stage (CONNECT, MAIL, RCPT, DATA),
+                                               code (e.g. ``550 5.1.1``)
+    mailstack_auth_failures_total              service (submission, imap, pop3)
+    mailstack_sessions_total                   listener
+    mailstack_sessions_open                    listener
+    mailstack_tls_sessions_total               listener (STARTTLS/STLS, implicit TLS;
+                                               ``outbound`` for deliveries)
+    mailstack_queue_messages                   (none)
+    mailstack_queue_oldest_message_seconds     (none)
+    =========================================  =====================================
 """
 
 from __future__ import annotations
@@ -48,11 +50,13 @@ from prometheus_client import (
 from twisted.application.service import Service
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import ILogObserver, globalLogPublisher
+from twisted.web.http import Request
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
 from mailstack.clock import wall_seconds
+from mailstack.reactors import IMailReactor
 
 DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600,
                  86400, float("inf"))
@@ -148,9 +152,9 @@ class Metrics:
             reply = event.get("reply")
             if reply is not None and hasattr(reply, "code"):
                 code = f"{reply.code} {reply.enhanced}".strip()
-            elif reply is not None and _CODE.match(str(reply)):
+            elif reply is not None and (logged := _CODE.match(str(reply))):
                 # The reply as logged (escaped text): "550 5.1.1 ..."
-                code = " ".join(g for g in _CODE.match(str(reply)).groups() if g)  # type: ignore[union-attr]
+                code = " ".join(g for g in logged.groups() if g)
             elif "code" in event:
                 code = f"{event['code']} {event.get('enhanced', '')}".strip()
             elif "SIZE=" in fmt:
@@ -216,16 +220,20 @@ class MetricsObserver(Service):
         globalLogPublisher.removeObserver(self.metrics)
 
 
+class _QuietSite(Site):
+    def log(self, request: Request) -> None:
+        pass  # scrapes every 15 s are not mail events
+
+
 def site(metrics: Metrics) -> Site:
     root = Resource()
     root.putChild(b"metrics", MetricsPage(metrics))
-    factory = Site(root)
+    factory = _QuietSite(root)
     factory.noisy = False
-    factory.log = lambda request: None  # scrapes every 15 s are not mail events
     return factory
 
 
-def install(stack: Any, reactor: Any) -> Metrics | None:
+def install(stack: Any, reactor: IMailReactor) -> Metrics | None:
     """
     With C{--metrics}, give a L{MailStack} its metrics and their listener.
     """

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.plugin import getPlugins
 
 from mailstack.errors import ConfigError
+from mailstack.reactors import IMailReactor
 from mailstack.smtp.reply import Reply
 
 log = Logger()
@@ -47,6 +48,7 @@ class Verdict:
         C{spool.header_fields()} as the filter saw it (e.g. a forged
         C{Authentication-Results} with our authserv-id, RFC 8601 5); the
         filters after see the message without them.
+    @ivar reason: why it is discarded, for the log line.
     """
 
     reply: Reply | None = None
@@ -202,7 +204,7 @@ def _configure(factory: Any, name: str, config: Any) -> None:
                           f"(unknown: {', '.join(sorted(table))})")
 
 
-def build_plugin(kind: str, name: str, config: Any, reactor: Any,
+def build_plugin(kind: str, name: str, config: Any, reactor: IMailReactor,
                  provides: Any) -> Any:
     """
     Configure and build one enabled plugin; an unknown name, a bad option or

@@ -24,7 +24,7 @@ import struct
 from typing import Any
 
 from twisted.internet.address import IPv4Address, IPv6Address
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IProtocol, IReactorTime
 from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
@@ -127,9 +127,13 @@ class ProxyHeaderProtocol(ProtocolWrapper):
     """
 
     transport: IConnection  # once connected: see mailstack.transport
+    factory: ProxyHeaderFactory
+    # ProtocolWrapper types the wrapped protocol as always there; here it
+    # is None until the header has arrived, and again once it is gone.
+    wrappedProtocol: IProtocol | None  # type: ignore[assignment]
 
     def __init__(self, factory: "ProxyHeaderFactory") -> None:
-        super().__init__(factory, None)  # type: ignore[arg-type]
+        super().__init__(factory, None)  # type: ignore[arg-type]  # (see wrappedProtocol)
         self._buffer = b""
         self._peer: Any = None
         self._host: Any = None
@@ -139,9 +143,9 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         directlyProvides(self, providedBy(transport))
         self.transport = transport
         self.connected = 1
-        self._timer = self.factory.clock.callLater(  # type: ignore[attr-defined]
-            self.factory.timeout, self._timed_out)  # type: ignore[attr-defined]
+        self._timer = self.factory.clock.callLater(self.factory.timeout, self._timed_out)
 
+    # ProtocolWrapper's is a plain attribute; a property reads the transport's.
     @property  # type: ignore[override]
     def disconnecting(self) -> bool:
         return bool(getattr(self.transport, "disconnecting", False))
@@ -153,8 +157,8 @@ class ProxyHeaderProtocol(ProtocolWrapper):
     def _timed_out(self) -> None:
         self._timer = None
         log.info("{label}: no PROXY header from {peer} in {timeout:g}s",
-                 label=self.factory.label, peer=self.transport.getPeer(),  # type: ignore
-                 timeout=self.factory.timeout)  # type: ignore[attr-defined]
+                 label=self.factory.label, peer=self.transport.getPeer(),
+                 timeout=self.factory.timeout)
         self.transport.abortConnection()
 
     def dataReceived(self, data: bytes) -> None:
@@ -167,7 +171,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         try:
             parsed = parse_header(self._buffer)
         except ProxyHeaderError as e:
-            log.warn("{label}: {error} from {peer}; closed", label=self.factory.label,  # type: ignore
+            log.warn("{label}: {error} from {peer}; closed", label=self.factory.label,
                      error=e, peer=self.transport.getPeer())
             self._stop_timer()
             self.transport.abortConnection()
@@ -179,7 +183,7 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         rest, self._buffer = self._buffer[used:], b""
         self._peer = source or self.transport.getPeer()
         self._host = destination or self.transport.getHost()
-        wrapped = self.factory.wrappedFactory.buildProtocol(self._peer)  # type: ignore
+        wrapped = self.factory.wrappedFactory.buildProtocol(self._peer)
         if wrapped is None:
             self.transport.loseConnection()
             return
@@ -204,16 +208,16 @@ class ProxyHeaderProtocol(ProtocolWrapper):
         self._stop_timer()
         if self.wrappedProtocol is not None:
             self.wrappedProtocol.connectionLost(reason)
-            self.wrappedProtocol = None  # type: ignore[assignment]
+            self.wrappedProtocol = None
 
 
-class ProxyHeaderFactory(WrappingFactory):
+class ProxyHeaderFactory(WrappingFactory[ProxyHeaderProtocol]):
     """
     Wraps a listener's factory: its protocols are built for the address in
     the PROXY header, once it has arrived.
     """
 
-    protocol = ProxyHeaderProtocol  # type: ignore[assignment]
+    protocol = ProxyHeaderProtocol
     noisy = False
 
     def __init__(self, wrappedFactory: Any, clock: IReactorTime, label: str = "proxy",

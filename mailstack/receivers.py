@@ -21,17 +21,19 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 import threading
-from typing import Any
+from typing import Any, cast
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.interfaces import IProcessTransport
+from twisted.internet.interfaces import IListeningPort, IProcessTransport, IReactorSocket
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger, globalLogBeginner, textFileLogObserver
+from twisted.logger import ILogObserver, Logger, globalLogBeginner, textFileLogObserver
 from twisted.protocols.policies import WrappingFactory
+from zope.interface import provider
 
 import mailstack
 from mailstack.clock import use_monotonic_time
@@ -40,6 +42,7 @@ from mailstack.delivery.dispatch import Dispatcher
 from mailstack.proxy import ProxyHeaderFactory
 from mailstack.queue.handoff import QueueHandoff
 from mailstack.queue.store import QueueStore
+from mailstack.reactors import IMailReactor
 from mailstack.reload import Drain
 from mailstack.smtp.policy import ReceivingPolicy
 from mailstack.stack import StackBase
@@ -54,16 +57,17 @@ class AdoptedPort(Service):
     Serve C{factory} on an inherited listening socket.
     """
 
-    def __init__(self, reactor: Any, fd: int, family: int, factory: Any) -> None:
+    def __init__(self, reactor: IReactorSocket, fd: int, family: int, factory: Any) -> None:
         self.reactor = reactor
         self.fd = fd
         self.family = family
         self.factory = factory
-        self.port: Any = None
+        self.port: IListeningPort | None = None
 
     def startService(self) -> None:
         super().startService()
-        self.port = self.reactor.adoptStreamPort(self.fd, self.family, self.factory)
+        self.port = self.reactor.adoptStreamPort(self.fd, socket.AddressFamily(self.family),
+                                                 self.factory)
         os.close(self.fd)  # adoptStreamPort holds its own copy
 
     def stopService(self) -> Any:
@@ -197,7 +201,7 @@ class ReceiverPool(Service):
         for process in list(self.processes.values()):
             process.transport.closeStdin()  # the receiver's signal to stop
             timer = self.reactor.callLater(self.stop_timeout, _kill, process)
-            process.ended.addBoth(lambda _, t=timer: t.cancel() if t.active() else None)
+            process.ended.addBoth(lambda _, t: t.cancel() if t.active() else None, timer)
             waits.append(process.ended)
         return DeferredList(waits)
 
@@ -218,7 +222,7 @@ class ReceiverStack(StackBase):
     (C{mailstack.queue.handoff}).
     """
 
-    def __init__(self, config: Config, reactor: Any, fd: int, family: int) -> None:
+    def __init__(self, config: Config, reactor: IMailReactor, fd: int, family: int) -> None:
         """
         @param config: the main process's settings for a receiver.
         @param reactor: the reactor everything runs on.
@@ -233,7 +237,7 @@ class ReceiverStack(StackBase):
                                      self.spool_dir)
         self.plug_in(self.dispatcher)
         policy = self.filtered(ReceivingPolicy(self.dispatcher, config.relay_networks))
-        factory: WrappingFactory = self.limited(self.smtp_factory(policy, "smtp"), "smtp",
+        factory: WrappingFactory[Any] = self.limited(self.smtp_factory(policy, "smtp"), "smtp",
                                                 "smtp")
         if (config.smtp or "").lower().startswith("haproxy:"):
             factory = ProxyHeaderFactory(factory, reactor, "smtp")
@@ -245,12 +249,15 @@ def main() -> None:
     A receiver process: settings on standard input, the listening socket
     on descriptor 3.
     """
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
+
+    reactor = cast(IMailReactor, global_reactor)  # see mailstack.reactors
 
     settings = json.loads(sys.stdin.readline())
     write = textFileLogObserver(sys.stdout)
     system = f"receiver-{settings['index']}"
 
+    @provider(ILogObserver)
     def observe(event: dict[str, Any]) -> None:
         # "[receiver-1 mailstack.smtp.server#info]": which process said it.
         level = event.get("log_level")

@@ -34,6 +34,7 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 
 from mailstack.config import OPTIONS, Config, ConfigError
+from mailstack.reactors import IMailReactor
 from mailstack.smtp.reply import Reply
 from mailstack.smtp.server import SMTPServerFactory
 from mailstack.tls import TLSMaterial
@@ -115,11 +116,11 @@ def apply(stack: Any, new: Config) -> tuple[list[str], list[str]]:
         if hasattr(policy, "relay_networks"):
             policy.relay_networks = tuple(new.relay_networks)
     for service in stack:
-        factory = getattr(service, "factory", None)
-        while factory is not None and not hasattr(factory, "max_message_size"):
-            factory = getattr(factory, "wrappedFactory", None)  # inside TLS (imaps)
-        if factory is not None:
-            factory.max_message_size = new.max_message_size  # IMAP APPEND
+        listening = getattr(service, "factory", None)
+        while listening is not None and not hasattr(listening, "max_message_size"):
+            listening = getattr(listening, "wrappedFactory", None)  # inside TLS (imaps)
+        if listening is not None:
+            listening.max_message_size = new.max_message_size  # IMAP APPEND
     if material is not None:
         stack.tls.cert_path, stack.tls.key_path = material.cert_path, material.key_path
         stack.tls.load()
@@ -249,7 +250,7 @@ class Drain(Service):
         return done
 
 
-def install(stack: Any, reactor: Any, load: Callable[[], Config]) -> None:
+def install(stack: Any, reactor: IMailReactor, load: Callable[[], Config]) -> None:
     """
     Give a L{MailStack} its SIGHUP reload and its SIGTERM drain.
     """

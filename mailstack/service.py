@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
@@ -29,6 +30,7 @@ from mailstack.queue.courier import Courier
 from mailstack.queue.runner import OutboundQueue
 from mailstack.queue.store import QueueStore
 from mailstack.smtp.client import Timeouts
+from mailstack.reactors import IMailReactor
 from mailstack.receivers import ReceiverPool
 from mailstack.delivery.agents import AgentCourier
 from mailstack.smtp.policy import ReceivingPolicy
@@ -50,12 +52,12 @@ class MailStack(StackBase):
     def __init__(
         self,
         config: Config,
-        reactor: Any,
+        reactor: IMailReactor,
         resolver: Any = None,
         relay_endpoint: Any = None,
         relay_port: int = 25,
         relay_timeouts: Timeouts = Timeouts(),
-        clock: Any = None,
+        clock: IReactorTime | None = None,
     ) -> None:
         """
         @param resolver: DNS for MX/A/AAAA lookups; by default from

@@ -20,6 +20,7 @@ import threading
 from typing import Any, Callable
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 
 
@@ -30,7 +31,7 @@ class SharedDB:
 
     busy_timeout = 5.0
 
-    def __init__(self, path: str, schema: str, reactor: Any) -> None:
+    def __init__(self, path: str, schema: str, reactor: IReactorThreads) -> None:
         self.path = os.path.abspath(path)
         self.schema = schema
         self.reactor = reactor

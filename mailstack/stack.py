@@ -20,6 +20,7 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred, succeed
 from twisted.internet.endpoints import serverFromString
 from twisted.internet.threads import deferToThreadPool
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 from twisted.names.client import Resolver as DNSClient
@@ -38,6 +39,7 @@ from mailstack.logs import quiet_dns
 from mailstack.plugin import build_plugin
 from mailstack.privileges import StartupError, check as check_data_dir, ensure_layout
 from mailstack.proxy import ProxyHeaderFactory
+from mailstack.reactors import IMailReactor
 from mailstack.smtp.filters import FilteredPolicy, checked_injection, load_filters
 from mailstack.smtp.server import ServerSettings, SMTPServerFactory
 from mailstack.tls import TLSMaterial
@@ -48,7 +50,7 @@ log = Logger()
 
 class ThreadPoolService(Service):
     """
-    Runs a L{ThreadPool} for the life of the service.
+    Runs a C{ThreadPool} for the life of the service.
     """
 
     def __init__(self, pool: ThreadPool) -> None:
@@ -83,7 +85,8 @@ class Listener(StreamServerEndpointService):
     def _listening(self, port: IListeningPort) -> IListeningPort:
         self.port = port
         address = port.getHost()
-        where = (f"{address.host}:{address.port}" if hasattr(address, "port")
+        where = (f"{address.host}:{address.port}"
+                 if isinstance(address, (IPv4Address, IPv6Address))
                  else getattr(address, "name", address))
         if isinstance(where, bytes):
             where = where.decode("utf-8", "replace")
@@ -120,7 +123,7 @@ class StackBase(MultiService):
     queue: Any
     dispatcher: Dispatcher
 
-    def __init__(self, config: Config, reactor: Any, resolver: Any = None) -> None:
+    def __init__(self, config: Config, reactor: IMailReactor, resolver: Any = None) -> None:
         """
         @param config: the configuration.
         @param reactor: the reactor everything runs on.

@@ -8,7 +8,7 @@ given on the command line comes from C{--config FILE}, else its default.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from twisted.python import usage
 
@@ -73,13 +73,16 @@ def makeService(options: Options) -> Any:
     """
     The one place that takes the global reactor.
     """
-    from twisted.internet import reactor
+    from twisted.internet import reactor as global_reactor
 
     from mailstack import privileges, reload
     from mailstack.clock import use_monotonic_time
     from mailstack.logs import filter_noise
     from mailstack.metrics import install as install_metrics
+    from mailstack.reactors import IMailReactor
     from mailstack.service import MailStack
+
+    reactor = cast(IMailReactor, global_reactor)  # see mailstack.reactors
 
     use_monotonic_time(reactor)  # timers must not follow wall-clock steps
     parent = getattr(options, "parent", None) or {}

@@ -123,6 +123,8 @@ class TLSMaterial:
         certs = x509.load_pem_x509_certificates(chain_pem)
         key = serialization.load_pem_private_key(key_pem, password=None)
         options = ssl.CertificateOptions(
+            # Typed for the key kinds TLS can use; another (X25519, DH)
+            # makes PKey raise TypeError: refused like any unusable key.
             privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
             certificate=crypto.X509.from_cryptography(certs[0]),
             extraCertChain=[crypto.X509.from_cryptography(c) for c in certs[1:]],

@@ -2,7 +2,7 @@
 """
 The transport a connected mailstack protocol is given, as one type.
 
-Twisted's L{Protocol} declares C{transport} as C{ITransport | None}: None
+Twisted's C{Protocol} declares C{transport} as C{ITransport | None}: None
 before C{makeConnection}, and only C{write}/C{loseConnection}/C{getPeer}
 besides.  The servers and clients here run only once connected, on TCP or
 UNIX stream transports, with or without TLS layered on (C{startTLS}, or

@@ -111,6 +111,7 @@ def instances(testcase):
     from mailstack.queue import handoff, runner
     from mailstack.queue.store import QueueRecord, QueueStore
     from mailstack.smtp.filters import MessageFilter
+    from mailstack.smtp.server import SMTPServer
     from mailstack.tls import ReloadingContextFactory, TLSMaterial, generate_self_signed
     from mailstack.users import AliasMap, UserDatabase
 
@@ -155,6 +156,7 @@ def instances(testcase):
         maildir.StagedCopies: maildir.StagedCopies(agent, Placeholder(), []),
         ReloadingContextFactory: ReloadingContextFactory(TLSMaterial(cert, key)),
         MessageFilter: MessageFilter(),
+        SMTPServer: SMTPServer(),
         realm.MaildirRealm: realm.MaildirRealm(store, "localhost", clock, pool),
         mailbox.MaildirMessage: mailbox.MaildirMessage(Loaded(1, entry, None, 0.0)),
         mailbox.MaildirMailbox: mailbox.MaildirMailbox(

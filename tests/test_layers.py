@@ -28,7 +28,8 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "mailstack.__init__", "mailstack.address", "mailstack.auth", "mailstack.clock",
         "mailstack.errors", "mailstack.interfaces", "mailstack.limits", "mailstack.logs",
         "mailstack.logsafe", "mailstack.message", "mailstack.nofollow", "mailstack.privileges",
-        "mailstack.proxy", "mailstack.safeio", "mailstack.shared", "mailstack.sockets",
+        "mailstack.proxy", "mailstack.reactors", "mailstack.safeio", "mailstack.shared",
+        "mailstack.sockets",
         "mailstack.throttle", "mailstack.tls", "mailstack.transport",
         "mailstack.twisted_privates", "mailstack.users", "mailstack.wire",
         # The reply value every layer answers with, and the plugin package

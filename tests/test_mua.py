@@ -162,3 +162,38 @@ class SendmailArgumentTests(SynchronousTestCase):
         self.assertIn(b"From: Cron Daemon <root@mx.test>\n", content)
         self.assertIn(b"Date: ", content)
         self.assertTrue(content.endswith(b"Subject: s\n\nbody\n"))
+
+
+class SendProfileTests(SynchronousTestCase):
+    """
+    C{mailstack send} takes defaults from a profile in
+    C{~/.config/mailstack/client.toml}; a value of the wrong TOML type is a
+    usage error naming the key, not silently turned into a string.
+    """
+
+    def profile(self, text):
+        import io
+
+        from mailstack import cli
+
+        home = self.mktemp()
+        os.makedirs(os.path.join(home, "mailstack"))
+        with open(os.path.join(home, "mailstack", "client.toml"), "w") as f:
+            f.write(text)
+        before = os.environ.get("XDG_CONFIG_HOME")
+        os.environ["XDG_CONFIG_HOME"] = home
+        self.addCleanup(lambda: os.environ.pop("XDG_CONFIG_HOME") if before is None
+                        else os.environ.__setitem__("XDG_CONFIG_HOME", before))
+        out = io.StringIO()
+        cli.run(["send", "--to", "b@y.test", "--dry-run"], io.StringIO("body\n"), out)
+        return out.getvalue()
+
+    def test_string_value(self):
+        self.assertIn("From: alice@x.test", self.profile('[default]\nfrom = "alice@x.test"\n'))
+
+    def test_wrong_type(self):
+        from mailstack.cli import EX_USAGE, CommandError
+
+        e = self.assertRaises(CommandError, self.profile, "[default]\nfrom = 5\n")
+        self.assertEqual(e.status, EX_USAGE)
+        self.assertIn("profile key from: a string is needed, not 5", str(e))

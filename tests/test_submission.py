@@ -206,12 +206,13 @@ class SubmissionTests(TestCase):
 
 class FakeChecker:
     """
-    Accepts one password; answers synchronously.
+    Accepts one password; answers synchronously.  Credentials are bytes,
+    as Twisted's L{UsernamePassword} says; the avatar id is the address.
     """
 
     def requestAvatarId(self, credentials):
-        if credentials.password == "right":
-            return succeed(credentials.username)
+        if credentials.password == b"right":
+            return succeed(credentials.username.decode("utf-8"))
         return fail(UnauthorizedLogin())
 
 
@@ -289,3 +290,35 @@ class ThrottleTests(SynchronousTestCase):
             self.clock.advance(100)
         other, t = self.connect("192.0.2.2")
         self.assertEqual(self.auth(other, t, b"right", user=b"v@x.test"), b"235")
+
+
+class TwistedCheckerTests(SynchronousTestCase):
+    """
+    SMTP AUTH gives the checker credentials as Twisted's
+    L{UsernamePassword} says (bytes), so a checker written to that contract
+    works: here Twisted's own in-memory one, whose avatar id is bytes too.
+    """
+
+    def test_twisted_checker(self):
+        from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+
+        clock = Clock()
+        checker = InMemoryUsernamePasswordDatabaseDontUse()
+        checker.addUser(b"u@x.test", "pässword".encode())
+        policy = SubmissionPolicy(Dispatcher(None, None, None, clock), checker,
+                                  LoginThrottle(clock), clock, "mx.test")
+        settings = ServerSettings(hostname="mx.test", max_message_size=10000,
+                                  implicit_tls=True, name="submissions")
+        factory = SMTPServerFactory(policy, settings, clock)
+        results = []
+        for password in ("wrong", "pässword"):
+            proto = factory.buildProtocol(None)
+            transport = StringTransport()
+            proto.makeConnection(transport)
+            proto.dataReceived(b"EHLO c.test\r\n")
+            transport.clear()
+            response = base64.b64encode("\0u@x.test\0{}".format(password).encode())
+            proto.dataReceived(b"AUTH PLAIN " + response + b"\r\n")
+            results.append(transport.value()[:3])
+        self.assertEqual(results, [b"535", b"235"])
+        self.assertEqual(str(proto.session.user), "u@x.test")

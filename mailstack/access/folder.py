@@ -28,7 +28,7 @@ import os
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import AbstractSet, Iterator, Sequence
 
 from twisted.logger import Logger
 
@@ -68,7 +68,7 @@ class TooManyKeywords(Exception):
     """
 
 
-def flags_from_info(info: str, keywords: list[str] = ()) -> set[str]:  # type: ignore[assignment]
+def flags_from_info(info: str, keywords: Sequence[str] = ()) -> set[str]:
     """
     The flags of info letters: A-Z system flags, a-z the folder's keywords.
     """
@@ -81,7 +81,7 @@ def flags_from_info(info: str, keywords: list[str] = ()) -> set[str]:  # type: i
     return flags
 
 
-def info_from_flags(flags: set[str], keywords: list[str] = ()) -> str:  # type: ignore[assignment]
+def info_from_flags(flags: set[str], keywords: Sequence[str] = ()) -> str:
     """
     Info letters for C{flags}, sorted as Maildir wants; a keyword not in
     the folder's list has no letter (callers add it to the list first).
@@ -454,9 +454,9 @@ class Folder:
                     return True
         return False
 
-    def change_flags(self, entries: list[Entry], add: set[str] = frozenset(),  # type: ignore[assignment]
-                     remove: set[str] = frozenset(),  # type: ignore[assignment]
-                     replace: set[str] | None = None) -> list[bool]:
+    def change_flags(self, entries: list[Entry], add: AbstractSet[str] = frozenset(),
+                     remove: AbstractSet[str] = frozenset(),
+                     replace: AbstractSet[str] | None = None) -> list[bool]:
         """
         Apply a flag change to each message's current state on disk, under
         the folder's lock, so concurrent sessions (and processes) never
@@ -581,7 +581,7 @@ class Folder:
 
 
 class _AnySize(dict):
-    def get(self, key: object, default: object = None) -> int:  # type: ignore[override]
+    def get(self, key: object, default: object = None) -> int:
         return 0
 
 

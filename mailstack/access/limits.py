@@ -124,7 +124,7 @@ def strict_parser(parser: Callable[[Any, bytes], Any]) -> Callable[[Any, bytes],
     def parse(self: Any, line: bytes) -> Any:
         try:
             result = parser(self, line)
-        except Exception as e:
+        except Exception as e:  # whatever Twisted's parser raises becomes a protocol error
             raise convert(e) from e
         if isinstance(result, Deferred):
             def failed(failure: Any) -> Any:

@@ -34,6 +34,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.mail import imap4
 from twisted.mail.imap4 import MailboxException
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailstack.access.cache import PART_OVERHEAD, PartCache, parsed
@@ -519,8 +520,7 @@ class MaildirMailbox:
         return self._run(lambda: self.folder.add(lf(message.read()), set(flags), None))
 
     def expunge(self) -> Deferred[list[int]]:
-        d = self.remove_deleted()
-        d.addCallback(lambda _: self.refresh())
+        d = self.remove_deleted().addCallback(lambda _: self.refresh())
         return d.addCallback(lambda changes: changes.expunged)
 
     def fetch(self, messages: Any, uid: bool) -> Deferred[list[tuple[int, MaildirMessage]]]:
@@ -566,7 +566,7 @@ class MaildirAccount:
     One logged-in user's folders.
     """
 
-    def __init__(self, root: str, hostname: str, reactor: IReactorFromThreads, pool: Any,
+    def __init__(self, root: str, hostname: str, reactor: IReactorFromThreads, pool: ThreadPool,
                  share: Any = None) -> None:
         self.root = root
         self.hostname = hostname

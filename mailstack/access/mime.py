@@ -156,11 +156,11 @@ class Part:
     A message or a MIME entity: its header block (blank line included) and
     its body, both with CRLF line endings.
 
-    @ivar opaque: past the nesting or part limit: one leaf of type
-        C{application/octet-stream}, whatever its header says.
-
     Every part of a message shares the message's bytes (C{raw} and C{body}
     are sliced on demand), so deep nesting costs no copies.
+
+    @ivar opaque: past the nesting or part limit: one leaf of type
+        C{application/octet-stream}, whatever its header says.
     """
 
     def __init__(self, raw: bytes, default_type: str = "text/plain", depth: int = 0,
@@ -313,6 +313,7 @@ class Part:
                 return None
         return node
 
+    # An immutable () default for a list that is only read.
     def section(self, numbers: tuple[int, ...], kind: str, names: list[bytes] = (),  # type: ignore[assignment]
                 negate: bool = False) -> bytes:
         """

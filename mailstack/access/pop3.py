@@ -26,12 +26,14 @@ from twisted.logger import Logger
 from twisted.mail import pop3
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailstack.access.limits import AccessLimits
 from mailstack.access.scan import MaildirMessage
 from mailstack.logsafe import safe
 from mailstack.nofollow import SymlinkRefused, open_file
+from mailstack.reactors import IMailReactor
 from mailstack.sockets import set_nodelay
 from mailstack.throttle import LoginThrottle, LoginUnavailable
 from mailstack.transport import IConnection
@@ -103,13 +105,23 @@ class POP3Server(pop3.POP3):
 
     AUTH_CMDS = [b"CAPA", b"USER", b"PASS", b"APOP", b"AUTH", b"RPOP", b"QUIT", b"STLS"]
     MAX_LENGTH = 512
-    factory: "POP3Factory"
+    # Twisted's POP3 declares these as class attributes `= None` (and
+    # timeOut `= 300`), which mypy reads as their only type; the session
+    # sets them in connectionMade and login.
+    factory: POP3Factory  # type: ignore[assignment]
+    portal: Portal  # type: ignore[assignment]
+    mbox: pop3.IMailbox | None  # type: ignore[assignment]
+    blocked: list[tuple[bytes, tuple[bytes, ...]]] | None  # type: ignore[assignment]
+    timeOut: float  # type: ignore[assignment]
+    _userIs: bytes | None  # type: ignore[assignment]
+    challengers: dict[bytes, Any]
 
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
         self.portal = self.factory.portal
         self.challengers = {}
         self.tls = self.factory.implicit_tls
+        # TimeoutMixin types callLater as the global reactor's method.
         self.callLater = self.factory.reactor.callLater  # type: ignore[assignment]
         self.limits = self.factory.limits
         self.timeOut = self.factory.timeout
@@ -199,7 +211,7 @@ class POP3Server(pop3.POP3):
     def do_DELE(self, i: bytes) -> None:
         try:
             index = int(i) - 1
-            if index < 0:
+            if index < 0 or self.mbox is None:
                 raise ValueError(i)
             self.mbox.deleteMessage(index)
         except ValueError:
@@ -392,11 +404,12 @@ class POP3Server(pop3.POP3):
         super().connectionLost(reason)
 
 
-class POP3Factory(Factory):
+class POP3Factory(Factory[POP3Server]):
     protocol = POP3Server
     noisy = False
 
-    def __init__(self, portal: Portal, reactor: Any, pool: Any, throttle: LoginThrottle,
+    def __init__(self, portal: Portal, reactor: IMailReactor, pool: ThreadPool,
+                 throttle: LoginThrottle,
                  tls: Any = None, implicit_tls: bool = False, timeout: float | None = None,
                  limits: AccessLimits = AccessLimits()) -> None:
         self.portal = portal

@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred, DeferredSemaphore
 from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.mail import imap4, pop3
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailstack.access.mailbox import MaildirAccount
@@ -36,7 +37,7 @@ class MaildirRealm:
     per_user = 2
 
     def __init__(self, store: MaildirStore, hostname: str, reactor: IReactorFromThreads,
-                 pool: Any) -> None:
+                 pool: ThreadPool) -> None:
         self.store = store
         self.hostname = hostname
         self.reactor = reactor
@@ -68,12 +69,12 @@ class MaildirRealm:
             d = deferToThreadPool(self.reactor, self.pool, prepare)
             return d.addCallback(lambda _: (imap4.IAccount, account, lambda: None))
         if pop3.IMailbox in interfaces:
-            d = deferToThreadPool(self.reactor, self.pool, scan, root, self.store.root)
-            return d.addCallback(lambda messages: (pop3.IMailbox, MaildirMailbox(messages),
+            scanned = deferToThreadPool(self.reactor, self.pool, scan, root, self.store.root)
+            return scanned.addCallback(lambda messages: (pop3.IMailbox, MaildirMailbox(messages),
                                                    lambda: None))
         raise NotImplementedError("IMAP accounts and POP3 mailboxes only")
 
 
 def make_portal(store: MaildirStore, hostname: str, checker: ICredentialsChecker,
-                reactor: Any, pool: Any) -> Portal:
+                reactor: IReactorFromThreads, pool: ThreadPool) -> Portal:
     return Portal(MaildirRealm(store, hostname, reactor, pool), [checker])

@@ -25,6 +25,7 @@ from mailstack.address import Address, parse_address
 from mailstack.interfaces import IDeliveryAgent, IQueuedDeliveryAgent
 from mailstack.message import LocalRecipient
 from mailstack.queue.courier import Outcome
+from mailstack.reactors import IMailReactor
 from mailstack.smtp.reply import Reply
 
 log = Logger()
@@ -82,7 +83,7 @@ class AgentMap:
         return inline, queued
 
 
-def build_agents(config: Any, reactor: Any) -> AgentMap | None:
+def build_agents(config: Any, reactor: IMailReactor) -> AgentMap | None:
     """
     The agents C{--delivery} names, built once each; C{None} if Maildir
     delivers for everyone.

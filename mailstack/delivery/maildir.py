@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred, fail
-from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
@@ -43,6 +42,7 @@ from mailstack.clock import wall_seconds
 from mailstack.interfaces import IDeliveryAgent, IPrepared, ITwoPhaseStore
 from mailstack.message import Envelope, MessageSpool
 from mailstack.nofollow import SymlinkRefused, check_tree
+from mailstack.reactors import IMailReactor
 from mailstack.safeio import discard, fsync_directory, rename, write_file
 
 log = Logger()
@@ -274,7 +274,7 @@ class MaildirDeliveryAgent:
 
     name = "maildir"
 
-    def __init__(self, writer: MaildirWriter, reactor: IReactorFromThreads,
+    def __init__(self, writer: MaildirWriter, reactor: IMailReactor,
                  pool: ThreadPool) -> None:
         self.writer = writer
         self.reactor = reactor

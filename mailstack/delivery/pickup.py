@@ -21,6 +21,7 @@ from twisted.internet.protocol import Factory
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.basic import LineOnlyReceiver
+from twisted.python.threadpool import ThreadPool
 
 from mailstack.address import AddressError, parse_address
 from mailstack.clock import wall_seconds
@@ -28,6 +29,7 @@ from mailstack.logsafe import safe
 from mailstack.message import new_queue_id
 from mailstack.delivery.maildrop import maildrop_dir, read_drop
 from mailstack.privileges import user_name
+from mailstack.reactors import IMailReactor
 from mailstack.smtp.reply import SMTPError
 from mailstack.transport import IConnection
 
@@ -41,7 +43,7 @@ class Pickup(TimerService):
 
     interval = 60.0
 
-    def __init__(self, data_dir: str, dispatcher: Any, reactor: Any, pool: Any,
+    def __init__(self, data_dir: str, dispatcher: Any, reactor: IMailReactor, pool: ThreadPool,
                  hostname: str = "localhost", max_size: int | None = None) -> None:
         super().__init__(self.interval, self.poke)
         self.hostname = hostname

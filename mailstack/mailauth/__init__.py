@@ -3,7 +3,7 @@ Mail authentication building blocks (issue 17): DKIM keys and signing,
 SPF, DKIM and DMARC checks with one C{Authentication-Results} header,
 MTA-STS policies, and the DNS records a domain publishes.
 
-One module per concern, none of them tied to the SMTP server or the queue:
+One module per concern, none of them tied to the SMTP server or the queue::
 
     keys.py        DKIM keys under DATA/dkim/<domain>/, TXT records, rotation
     dkim.py        DKIMSigner (dual rsa-sha256 + ed25519-sha256), verify_dkim

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
+
+if TYPE_CHECKING:  # the command imports Twisted only when it runs
+    from mailstack.reactors import IMailReactor
 
 EX_USAGE, EX_DATAERR, EX_CANTCREAT = 64, 65, 73
 
@@ -46,7 +49,7 @@ def _fail(message: str, status: int) -> None:
     raise CommandError(message, status)
 
 
-def make_resolver(server: tuple[str, int] | None, reactor: Any) -> Any:
+def make_resolver(server: tuple[str, int] | None, reactor: IMailReactor) -> Any:
     """
     A twisted.names resolver: C{server} alone when given, else the system's
     configuration (/etc/resolv.conf and /etc/hosts).
@@ -125,7 +128,7 @@ def dns_command(args: argparse.Namespace, data_dir: str, config_file: str | None
     from twisted.internet.defer import ensureDeferred
     from twisted.internet.task import react
 
-    async def main(reactor: Any) -> None:
+    async def main(reactor: IMailReactor) -> None:
         from mailstack.mailauth.lookup import DNSCache
 
         cache = DNSCache(make_resolver(server, reactor), reactor, timeout=10)

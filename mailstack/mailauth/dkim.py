@@ -23,14 +23,15 @@ from __future__ import annotations
 import base64
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Any
 
 import dkim
 from cryptography.hazmat.primitives import serialization
 from dkim.util import InvalidTagValueList, parse_tag_value
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 
 from mailstack.mailauth.keys import DKIMKey
 from mailstack.mailauth.lookup import DNSCache, DNSTempError
@@ -147,8 +148,8 @@ class DKIMResult:
     reason: str = ""
 
 
-async def verify_dkim(message: bytes, cache: DNSCache, reactor: Any,
-                      threadpool: Any = None, minkey: int = 1024,
+async def verify_dkim(message: bytes, cache: DNSCache, reactor: IReactorThreads,
+                      threadpool: ThreadPool | None = None, minkey: int = 1024,
                       max_signatures: int = MAX_SIGNATURES) -> list[DKIMResult]:
     """
     Verify every C{DKIM-Signature} of C{message}; C{[]} when there is none.
@@ -233,9 +234,13 @@ async def verify_dkim(message: bytes, cache: DNSCache, reactor: Any,
         return DKIMResult("fail", **base, reason="signature did not verify")
 
     def check_all() -> list[DKIMResult]:
-        return [result if result is not None else check(idx, tags)
-                for idx, (result, tags) in enumerate(zip(results, parsed))
-                if result is not None or tags is not None]
+        checked = []
+        for idx, (result, tags) in enumerate(zip(results, parsed)):
+            if result is not None:
+                checked.append(result)
+            elif tags is not None:
+                checked.append(check(idx, tags))
+        return checked
 
     if threadpool is None:
         threadpool = reactor.getThreadPool()

@@ -37,7 +37,7 @@ from dkim.util import InvalidTagValueList, parse_tag_value
 from twisted.names import dns
 
 from mailstack.mailauth.keys import DKIMKey
-from mailstack.mailauth.lookup import DNSCache, DNSTempError
+from mailstack.mailauth.lookup import DNSCache, DNSTempError, payloads
 from mailstack.mailauth.spf import check_spf
 
 SRV_SERVICES = (("_submission._tcp", 587), ("_submissions._tcp", 465), ("_imap._tcp", 143),
@@ -165,12 +165,12 @@ async def check_record(cache: DNSCache, record: Record, hostname: str) -> Findin
             return Finding(record, "missing")
         return Finding(record, "ok")
     if record.rtype == "SRV":
-        answers = [rr for rr in await cache.lookup(record.name, dns.SRV) if rr.type == dns.SRV]
-        if not answers:
+        services = payloads(await cache.lookup(record.name, dns.SRV), dns.SRV, dns.Record_SRV)
+        if not services:
             return Finding(record, "missing")
         _, _, port, target = record.value.split()
-        found = [(rr.payload.port, rr.payload.target.name.decode("ascii", "replace")
-                  .lower().rstrip(".")) for rr in answers]
+        found = [(srv.port, srv.target.name.decode("ascii", "replace")
+                  .lower().rstrip(".")) for srv in services]
         if (int(port), target.rstrip(".")) not in found and not (
                 target == "." and all(t == "" for _, t in found)):
             shown = ", ".join(f"{t or '.'}:{p}" for p, t in found)
@@ -201,8 +201,8 @@ async def check_record(cache: DNSCache, record: Record, hostname: str) -> Findin
         if tags.get(b"p", b"").lower() not in (b"none", b"quarantine", b"reject"):
             return Finding(record, "wrong", "no valid p= policy")
     if prefix == b"v=spf1":
-        addresses = [rr.payload.dottedQuad() for rr in await cache.lookup(host, dns.A)
-                     if rr.type == dns.A]
+        addresses = [a.dottedQuad() for a in
+                     payloads(await cache.lookup(host, dns.A), dns.A, dns.Record_A)]
         addresses += [_v6(rr) for rr in await cache.lookup(host, dns.AAAA)
                       if rr.type == dns.AAAA]
         if not addresses:

@@ -14,7 +14,7 @@ exist (NXDOMAIN) or has no record of the type asked is an empty answer.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Iterable, TypeVar
 
 import idna
 from twisted.internet.defer import Deferred, succeed
@@ -29,6 +29,28 @@ MAX_TTL = 6 * 3600
 NEGATIVE_TTL = 300
 #: Entries kept at most; expired entries are dropped first, then the oldest.
 MAX_ENTRIES = 10000
+
+
+_R = TypeVar("_R")
+
+
+def payload(rr: dns.RRHeader, kind: type[_R]) -> _R | None:
+    """
+    The payload of C{rr} if it is a C{kind} (C{dns.Record_TXT}...), else
+    None.  C{twisted.names} types every payload C{IEncodableRecord | None},
+    so a record's fields are read through this check.
+    """
+    data = rr.payload
+    return data if isinstance(data, kind) else None
+
+
+def payloads(answers: Iterable[dns.RRHeader], rtype: int, kind: type[_R]) -> list[_R]:
+    """
+    The payloads of the records of type C{rtype} in C{answers}, each a
+    C{kind} (see L{payload}).
+    """
+    return [data for rr in answers
+            if rr.type == rtype and (data := payload(rr, kind)) is not None]
 
 
 _LABEL = re.compile(r"^[a-z0-9_](?:[a-z0-9_-]{0,61}[a-z0-9_])?$")
@@ -115,7 +137,7 @@ class DNSCache:
         3.3, RFC 6376 3.6.2.2).
         """
         answers = await self.lookup(name, dns.TXT)
-        return [b"".join(rr.payload.data) for rr in answers if rr.type == dns.TXT]
+        return [b"".join(txt.data) for txt in payloads(answers, dns.TXT, dns.Record_TXT)]
 
     async def _query(self, key: tuple[str, int]) -> None:
         name, rtype = key

@@ -36,7 +36,7 @@ from twisted.internet.endpoints import (
     TCP6ClientEndpoint,
     wrapClientTLS,
 )
-from twisted.internet.interfaces import IPushProducer
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Protocol, connectionDone
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
@@ -46,7 +46,8 @@ from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, ResponseDone
 from twisted.web.http_headers import Headers
 
 from mailstack.clock import wall_seconds
-from mailstack.mailauth.lookup import DNSCache, DNSTempError
+from mailstack.mailauth.lookup import DNSCache, DNSTempError, payload
+from mailstack.reactors import IMailReactor
 
 log = Logger()
 
@@ -177,7 +178,7 @@ class _FixedAddress:
     verified for the URI's host name.
     """
 
-    def __init__(self, reactor: Any, tls: Any, address: str, port: int) -> None:
+    def __init__(self, reactor: IMailReactor, tls: Any, address: str, port: int) -> None:
         self.reactor, self.tls, self.address, self.port = reactor, tls, address, port
 
     def endpointForURI(self, uri: Any) -> Any:
@@ -201,9 +202,9 @@ class MTASTSClient:
     @param clock: the time for C{max_age} (the reactor by default).
     """
 
-    def __init__(self, reactor: Any, cache: DNSCache, directory: str | None = None,
+    def __init__(self, reactor: IMailReactor, cache: DNSCache, directory: str | None = None,
                  tls: Any = None, connect_to: dict[str, tuple[str, int]] | None = None,
-                 clock: Any = None, timeout: float = FETCH_TIMEOUT) -> None:
+                 clock: IReactorTime | None = None, timeout: float = FETCH_TIMEOUT) -> None:
         self.reactor = reactor
         self.cache = cache
         self.directory = directory
@@ -234,8 +235,7 @@ class MTASTSClient:
             return cached
         try:
             fetched = await self.fetch(domain)
-        # Any network, TLS, HTTP or syntax failure (RFC 8461 5.1).
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:  # noqa: BLE001 - any network, TLS, HTTP or syntax failure (8461 5.1)
             log.info("mta-sts {domain}: policy fetch failed: {error}", domain=domain,
                      error=str(e) or type(e).__name__)
             return cached
@@ -273,11 +273,15 @@ class MTASTSClient:
     async def _address(self, host: str) -> str:
         for rtype in (dns.A, dns.AAAA):
             for rr in await self.cache.lookup(host, rtype):
-                if isinstance(rr.payload, dns.Record_A):
-                    return rr.payload.dottedQuad()
-                if isinstance(rr.payload, dns.Record_AAAA):
+                # Through lookup.payload: mypy-zope takes an isinstance
+                # test of an IEncodableRecord for unreachable code.
+                a = payload(rr, dns.Record_A)
+                if a is not None:
+                    return a.dottedQuad()
+                aaaa = payload(rr, dns.Record_AAAA)
+                if aaaa is not None:
                     import socket
-                    return socket.inet_ntop(socket.AF_INET6, rr.payload.address)
+                    return socket.inet_ntop(socket.AF_INET6, aaaa.address)
         raise PolicyError(f"{host} has no address")
 
     def _path(self, domain: str) -> str | None:

@@ -78,19 +78,24 @@ def _convert(name: str, qtype: str, answers: list[dns.RRHeader]) -> list[Any]:
     out: list[Any] = []
     for rr in answers:
         owner = rr.name.name.decode("ascii", "replace").rstrip(".")
+        # rr.type says which record class the payload is.  twisted.names
+        # types every payload IEncodableRecord | None, and the fields read
+        # here as None (class-level defaults of SimpleRecord.name and
+        # Record_A.address), so the payload is read untyped.
+        data: Any = rr.payload
         if rr.type == dns.CNAME:
-            out.append(((owner, "CNAME"), rr.payload.name.name.decode("ascii", "replace")))
+            out.append(((owner, "CNAME"), data.name.name.decode("ascii", "replace")))
         elif rr.type != _TYPES[qtype]:
             continue
         elif qtype in ("A", "AAAA"):
-            out.append(((owner, qtype), str(ipaddress.ip_address(rr.payload.address))))
+            out.append(((owner, qtype), str(ipaddress.ip_address(data.address))))
         elif qtype == "MX":
-            out.append(((owner, qtype), (rr.payload.preference,
-                                         rr.payload.name.name.decode("ascii", "replace"))))
+            out.append(((owner, qtype), (data.preference,
+                                         data.name.name.decode("ascii", "replace"))))
         elif qtype == "PTR":
-            out.append(((owner, qtype), rr.payload.name.name.decode("ascii", "replace")))
+            out.append(((owner, qtype), data.name.name.decode("ascii", "replace")))
         else:
-            out.append(((owner, qtype), tuple(rr.payload.data)))
+            out.append(((owner, qtype), tuple(data.data)))
     return out
 
 

@@ -12,12 +12,15 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import CannotListenError
 from twisted.names import dns
 from twisted.names.common import ResolverBase
 from twisted.names.error import DNSNameError, DNSServerError
 from twisted.names.server import DNSServerFactory
+
+from mailstack.reactors import IMailReactor
 
 _TYPES = {"A": dns.A, "AAAA": dns.AAAA, "MX": dns.MX, "TXT": dns.TXT, "SRV": dns.SRV,
           "PTR": dns.PTR, "CNAME": dns.CNAME}
@@ -95,7 +98,8 @@ class ZoneResolver(ResolverBase):
                 elif type == dns.MX:
                     payload = dns.Record_MX(value[0], value[1], ttl=self.ttl)
                 elif type == dns.SRV:
-                    payload = dns.Record_SRV(*value, ttl=self.ttl)
+                    priority, weight, port, target = value
+                    payload = dns.Record_SRV(priority, weight, port, target, ttl=self.ttl)
                 elif type == dns.A:
                     payload = dns.Record_A(str(ipaddress.IPv4Address(value)), ttl=self.ttl)
                 elif type == dns.AAAA:
@@ -108,7 +112,8 @@ class ZoneResolver(ResolverBase):
         return out
 
 
-def serve_zone(reactor: Any, resolver: Any, attempts: int = 20) -> tuple[int, list[Any]]:
+def serve_zone(reactor: IMailReactor, resolver: Any, attempts: int = 20
+               ) -> tuple[int, list[Any]]:
     """
     Serve C{resolver} as a DNS server on 127.0.0.1, UDP and TCP on one port
     (a long answer is truncated over UDP and asked again over TCP).  Returns
@@ -117,8 +122,10 @@ def serve_zone(reactor: Any, resolver: Any, attempts: int = 20) -> tuple[int, li
     factory = DNSServerFactory(clients=[resolver])
     protocol = dns.DNSDatagramProtocol(factory)
     for _ in range(attempts):
-        udp = reactor.listenUDP(0, protocol, interface="127.0.0.1")
-        number = udp.getHost().port
+        udp = reactor.listenUDP(0, protocol, interface="127.0.0.1", maxPacketSize=8192)
+        host = udp.getHost()
+        assert isinstance(host, IPv4Address)
+        number = host.port
         try:
             tcp = reactor.listenTCP(number, factory, interface="127.0.0.1")
         except CannotListenError:

@@ -18,12 +18,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred, gatherResults
+from twisted.python.threadpool import ThreadPool
 
 from mailstack.mailauth.dkim import DKIMResult, verify_dkim
 from mailstack.mailauth.dmarc import DMARCResult, check_dmarc
 from mailstack.mailauth.lookup import DNSCache
 from mailstack.mailauth.results import authentication_results
 from mailstack.mailauth.spf import SPFResult, check_spf, helo_checkable
+from mailstack.reactors import IMailReactor
 
 
 @dataclass(frozen=True)
@@ -55,7 +57,8 @@ class Authenticator:
     @param sample: C{() -> [0, 1)}, for DMARC's C{pct}.
     """
 
-    def __init__(self, authserv_id: str, resolver: Any, reactor: Any, threadpool: Any = None,
+    def __init__(self, authserv_id: str, resolver: Any, reactor: IMailReactor,
+                 threadpool: ThreadPool | None = None,
                  timeout: float = 10.0, sample: Callable[[], float] = random.random) -> None:
         self.authserv_id = authserv_id
         self.reactor = reactor
@@ -81,9 +84,9 @@ class Authenticator:
                 check_spf(self.cache, client_ip, mail_from, helo, self.authserv_id)))
         done = await gatherResults(checks, consumeErrors=True)
         dkim_results = tuple(done[0])
-        helo_spf = done[1] if helo_ok else None
-        spf = done[-1] if mail_from else helo_spf
-        if mail_from:
+        helo_spf: SPFResult | None = done[1] if helo_ok else None
+        spf: SPFResult | None = done[-1] if mail_from else None
+        if spf is not None:
             spf_domain, spf_result = spf.domain, spf.result
         elif helo_spf is not None:
             spf_domain, spf_result = helo_spf.domain, helo_spf.result
@@ -91,7 +94,7 @@ class Authenticator:
             spf_domain, spf_result = "", "none"
         dmarc = await check_dmarc(self.cache, message, spf_domain, spf_result, dkim_results,
                                   self.sample)
-        return AuthResults(self.authserv_id, spf if mail_from else None, helo_spf,
+        return AuthResults(self.authserv_id, spf, helo_spf,
                            dkim_results, dmarc)
 
 

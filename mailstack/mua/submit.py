@@ -17,8 +17,10 @@ from service_identity import VerificationError
 from twisted.internet import ssl
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.error import ConnectError, ConnectionLost, TimeoutError
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 
+from mailstack.reactors import IMailReactor
 from mailstack.smtp.client import (
     SMTPClientError, SMTPClientProtocol, Timeouts, TLSRequired, Transaction, send_transaction,
 )
@@ -69,7 +71,7 @@ def tls_options(server: Server) -> Any:
     return ssl.optionsForClientTLS(server.host, trustRoot=trust)
 
 
-async def submit(reactor: Any, server: Server, credentials: tuple[str, str] | None,
+async def submit(reactor: IMailReactor, server: Server, credentials: tuple[str, str] | None,
                  sender: str, recipients: Sequence[str], content: bytes,
                  helo: str = "localhost") -> dict[str, Any]:
     """
@@ -77,7 +79,8 @@ async def submit(reactor: Any, server: Server, credentials: tuple[str, str] | No
     L{SubmitError} with the server's reply quoted.
     """
     options = tls_options(server)
-    endpoint = HostnameEndpoint(reactor, server.host, server.port, timeout=30)
+    endpoint: IStreamClientEndpoint = HostnameEndpoint(reactor, server.host, server.port,
+                                                       timeout=30)
     if server.implicit_tls:
         endpoint = wrapClientTLS(options, endpoint)
     proto = SMTPClientProtocol(reactor)

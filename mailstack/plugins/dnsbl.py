@@ -46,6 +46,7 @@ from mailstack.address import Address
 from mailstack.config import ConfigError
 from mailstack.interfaces import IMessageFilterFactory
 from mailstack.plugin import check_options
+from mailstack.reactors import IMailReactor
 from mailstack.smtp.filters import MessageFilter
 from mailstack.smtp.reply import Reply
 
@@ -233,7 +234,7 @@ class DNSBLFactory:
         if self.options["sites"] is None:
             raise ConfigError("[plugins.dnsbl]: sites is required")
 
-    def build(self, config: Any, reactor: Any) -> DNSBL:
+    def build(self, config: Any, reactor: IMailReactor) -> DNSBL:
         if self.options is None:
             raise ConfigError("[plugins.dnsbl]: sites is required")
         if config.dns_server:

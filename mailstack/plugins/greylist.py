@@ -33,6 +33,7 @@ from mailstack.address import Address
 from mailstack.clock import wall_seconds
 from mailstack.config import parse_duration
 from mailstack.plugin import check_options
+from mailstack.reactors import IMailReactor
 from mailstack.shared import SharedDB
 from mailstack.interfaces import IMessageFilterFactory
 from mailstack.smtp.filters import MessageFilter
@@ -163,7 +164,7 @@ class GreylistFactory:
     def configure(self, options: dict[str, Any]) -> None:
         self.options = check_options(self.name, options, {"delay": (parse_duration, 300.0)})
 
-    def build(self, config: Any, reactor: Any) -> Greylist:
+    def build(self, config: Any, reactor: IMailReactor) -> Greylist:
         if config is None:  # no data directory: the in-memory table
             return Greylist(reactor)
         db = SharedDB(os.path.join(os.path.abspath(config.data_dir), "greylist.sqlite"),

@@ -26,6 +26,7 @@ from zope.interface import implementer
 from mailstack.config import ConfigError, parse_hostport
 from mailstack.interfaces import IDeliveryAgentFactory, IQueuedDeliveryAgent
 from mailstack.plugin import check_options
+from mailstack.reactors import IMailReactor
 from mailstack.smtp.reply import Reply
 from mailstack.wire import DotStuffer
 
@@ -138,7 +139,8 @@ def _read_all(open_content: Any) -> bytes:
 class LMTPAgent:
     name = "lmtp"
 
-    def __init__(self, reactor: Any, server: str, hostname: str, timeout: float) -> None:
+    def __init__(self, reactor: IMailReactor, server: str, hostname: str, timeout: float
+                 ) -> None:
         self.reactor = reactor
         self.server = server
         self.hostname = hostname
@@ -231,7 +233,7 @@ class LMTPFactory:
     def configure(self, options: dict[str, Any]) -> None:
         self.options = check_options(self.name, options, self.spec)
 
-    def build(self, config: Any, reactor: Any) -> LMTPAgent:
+    def build(self, config: Any, reactor: IMailReactor) -> LMTPAgent:
         return LMTPAgent(reactor, self.options["server"], config.hostname,
                          self.options["timeout"])
 

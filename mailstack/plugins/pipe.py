@@ -30,6 +30,7 @@ from zope.interface import implementer
 from mailstack.address import parse_address
 from mailstack.interfaces import IDeliveryAgentFactory, IQueuedDeliveryAgent
 from mailstack.plugin import check_options
+from mailstack.reactors import IMailReactor
 from mailstack.smtp.reply import Reply
 
 log = Logger()
@@ -87,7 +88,7 @@ def _read_all(open_content: Any) -> bytes:
 class PipeAgent:
     name = "pipe"
 
-    def __init__(self, reactor: Any, command: Sequence[str], timeout: float) -> None:
+    def __init__(self, reactor: IMailReactor, command: Sequence[str], timeout: float) -> None:
         self.reactor = reactor
         self.command = tuple(command)
         self.timeout = timeout
@@ -163,7 +164,7 @@ class PipeFactory:
         if self.options["command"] is None:
             raise ConfigError("[plugins.pipe]: command is required")
 
-    def build(self, config: Any, reactor: Any) -> PipeAgent:
+    def build(self, config: Any, reactor: IMailReactor) -> PipeAgent:
         return PipeAgent(reactor, self.options["command"], self.options["timeout"])
 
 

@@ -28,6 +28,7 @@ import math
 import os
 from typing import Any
 
+from twisted.internet.interfaces import IReactorTime
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
@@ -36,6 +37,7 @@ from mailstack.clock import wall_seconds
 from mailstack.config import parse_duration, parse_networks
 from mailstack.interfaces import IMessageFilterFactory
 from mailstack.plugin import check_options
+from mailstack.reactors import IMailReactor
 from mailstack.shared import SharedDB
 from mailstack.smtp.filters import MessageFilter
 from mailstack.smtp.reply import Reply
@@ -77,7 +79,7 @@ class RateLimit(MessageFilter):
     name = "rate-limit"
     prune_every = 1000
 
-    def __init__(self, clock: Any, db: SharedDB, options: dict[str, Any]) -> None:
+    def __init__(self, clock: IReactorTime, db: SharedDB, options: dict[str, Any]) -> None:
         self.clock = clock
         self.db = db
         self.options = options
@@ -169,7 +171,7 @@ class RateLimitFactory:
     def configure(self, options: dict[str, Any]) -> None:
         self.options = check_options(self.name, options, SPEC)
 
-    def build(self, config: Any, reactor: Any) -> RateLimit:
+    def build(self, config: Any, reactor: IMailReactor) -> RateLimit:
         path = os.path.join(os.path.abspath(config.data_dir), "ratelimit.sqlite")
         return RateLimit(reactor, SharedDB(path, SCHEMA, reactor), dict(self.options))
 

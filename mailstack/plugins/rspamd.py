@@ -45,6 +45,7 @@ from zope.interface import implementer
 from mailstack.config import ConfigError
 from mailstack.interfaces import IMessageFilterFactory
 from mailstack.plugin import Verdict, check_folder, check_options
+from mailstack.reactors import IMailReactor
 from mailstack.smtp.filters import MessageFilter
 from mailstack.smtp.reply import Reply
 
@@ -125,7 +126,7 @@ def spamd_result(result: dict[str, Any]) -> str:
 class Rspamd(MessageFilter):
     name = "rspamd"
 
-    def __init__(self, reactor: Any, options: dict[str, Any], hostname: str) -> None:
+    def __init__(self, reactor: IMailReactor, options: dict[str, Any], hostname: str) -> None:
         self.reactor = reactor
         self.options = options
         self.hostname = hostname
@@ -219,7 +220,7 @@ class RspamdFactory:
     def configure(self, options: dict[str, Any]) -> None:
         self.options = check_options(self.name, options, SPEC)
 
-    def build(self, config: Any, reactor: Any) -> Rspamd:
+    def build(self, config: Any, reactor: IMailReactor) -> Rspamd:
         if config is None:
             raise ConfigError("rspamd needs a configuration")
         return Rspamd(reactor, dict(self.options), config.hostname)

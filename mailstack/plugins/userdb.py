@@ -28,6 +28,7 @@ import sqlite3
 import threading
 from typing import Any
 
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.plugin import IPlugin
@@ -36,6 +37,7 @@ from zope.interface import implementer
 from mailstack.address import AddressError, parse_address
 from mailstack.interfaces import IAliasMap, IUserDatabase, IUserDatabaseFactory
 from mailstack.plugin import check_options
+from mailstack.reactors import IMailReactor
 
 log = Logger()
 
@@ -51,7 +53,7 @@ class FileFactory:
     name = "file"
     description = "users and aliases in DATA/users and DATA/aliases (the default)"
 
-    def build(self, config: Any, reactor: Any) -> Any:
+    def build(self, config: Any, reactor: IMailReactor) -> Any:
         # It provides IUserDatabase only: the server then uses the file
         # alias map (DATA/aliases) beside it.
         from mailstack.users import UserDatabase
@@ -64,7 +66,7 @@ class SQLiteDatabase:
     Lookups in an SQLite file, each in a worker thread of the reactor's pool.
     """
 
-    def __init__(self, path: str, reactor: Any) -> None:
+    def __init__(self, path: str, reactor: IReactorThreads) -> None:
         self.path = path
         self.reactor = reactor
         self._local = threading.local()
@@ -132,7 +134,7 @@ class SQLiteFactory:
     def configure(self, options: dict[str, Any]) -> None:
         self.options = check_options(self.name, options, self.spec)
 
-    def build(self, config: Any, reactor: Any) -> SQLiteDatabase:
+    def build(self, config: Any, reactor: IMailReactor) -> SQLiteDatabase:
         path = self.options["path"] or os.path.join(config.data_dir, "users.sqlite")
         path = os.path.abspath(path)
         if self.options["create"]:

@@ -34,7 +34,9 @@ from twisted.internet import ssl
 from twisted.internet.defer import Deferred, DeferredList, DeferredSemaphore
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionClosed, TimeoutError
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IOpenSSLClientConnectionCreator, IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.names import dns
@@ -42,6 +44,7 @@ from twisted.names.error import DNSNameError, DomainError
 
 from mailstack.logsafe import safe
 from mailstack.queue.routes import Route
+from mailstack.reactors import IMailReactor
 from mailstack.smtp.client import (
     Session, SMTPClientError, SMTPClientProtocol, STARTTLSInjection, Timeouts, TLSRequired,
     Transaction,
@@ -108,8 +111,8 @@ class Courier:
 
     def __init__(
         self,
-        reactor: Any,
-        resolver: Any,
+        reactor: IMailReactor,
+        resolver: Any,  # an IResolver (Twisted declares its lookups' timeout required)
         hostname: str,
         routes: Sequence[Route] = (),
         port: int = 25,
@@ -177,7 +180,7 @@ class Courier:
                                                   "(null MX)"))
         if not mx:
             return [(domain, self.port)]
-        hosts = []
+        hosts: list[tuple[str, int]] = []
         for preference in sorted({p for p, _ in mx}):
             same = [name for p, name in mx if p == preference and name]
             self.shuffle(same)
@@ -190,7 +193,7 @@ class Courier:
         """
         if is_ip(host):
             return [host]
-        found = []
+        found: list[str] = []
         for lookup, rtype in ((self.resolver.lookupAddress, dns.A),
                               (self.resolver.lookupIPV6Address, dns.AAAA)):
             try:
@@ -302,13 +305,14 @@ class Courier:
         TLS is required and AUTH is done inside it.
         """
         key = (ip, port, use_tls, verify_host, credentials)
+        # No content yet: each try below opens its own (open_content()).
         transaction = Transaction(sender, list(recipients), None, size)  # type: ignore[arg-type]
         cached = self._take_idle(key)
         if cached is not None:
             transaction.content = open_content()
             try:
                 result = await run_transaction(cached, transaction, self.timeouts)
-            except Exception as e:
+            except Exception as e:  # any failure ends the cached session; re-raised past MAIL
                 cached.proto.transport.loseConnection()
                 if cached.stage != "MAIL":
                     raise
@@ -319,6 +323,7 @@ class Courier:
                 return result
             finally:
                 transaction.content.close()
+        context: IOpenSSLClientConnectionCreator | ssl.CertificateOptions | None
         if verify_host is not None:
             context = ssl.optionsForClientTLS(
                 verify_host, trustRoot=self.trust_root or ssl.platformTrust())

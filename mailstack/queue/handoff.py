@@ -13,9 +13,9 @@ from __future__ import annotations
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IReactorFromThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailstack.clock import wall_seconds
@@ -24,14 +24,15 @@ from mailstack.message import Envelope, MessageSpool
 from mailstack.queue.control import send_command
 from mailstack.queue.records import log_queued, new_record
 from mailstack.queue.store import QueueStore
+from mailstack.reactors import IMailReactor
 
 log = Logger()
 
 
 @implementer(IOutboundQueue, ITwoPhaseStore)
 class QueueHandoff:
-    def __init__(self, store: QueueStore, data_dir: str, reactor: IReactorFromThreads,
-                 pool: Any) -> None:
+    def __init__(self, store: QueueStore, data_dir: str, reactor: IMailReactor,
+                 pool: ThreadPool) -> None:
         self.store = store
         self.data_dir = data_dir
         self.reactor = reactor

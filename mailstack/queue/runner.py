@@ -57,7 +57,6 @@ class OutboundQueue(Service):
     Schedules and runs delivery attempts for the messages in a L{QueueStore}.
     """
 
-    name = "queue"
     max_active = 20
     warn_after = 4 * 3600.0
 
@@ -73,6 +72,7 @@ class OutboundQueue(Service):
         hostname: str,
         jitter: Callable[[], float] = random.random,
     ) -> None:
+        self.setName("queue")
         self.store = store
         self.courier = courier
         self.reactor = reactor
@@ -84,7 +84,7 @@ class OutboundQueue(Service):
         self.jitter = jitter
         self.records: dict[str, QueueRecord] = {}
         self.active: dict[str, Deferred[None]] = {}
-        self._heap: list[tuple[float, int, str]] = []
+        self._heap: list[tuple[float, int, str, float]] = []
         self._seq = itertools.count()
         self._timer: Any = None
         self.bounce_to: Callable[[str, bytes], Deferred[Any]] | None = None
@@ -99,13 +99,14 @@ class OutboundQueue(Service):
 
     def startService(self) -> None:
         super().startService()
-        if self.sweep_interval:
+        interval = self.sweep_interval
+        if interval:
             self._sweeper = LoopingCall(
                 lambda: self.sweep().addErrback(lambda f: log.failure("queue sweep failed", f)))
             self._sweeper.clock = self.clock
 
             def start_sweeping(count: int) -> int:
-                self._sweeper.start(self.sweep_interval, now=False)
+                self._sweeper.start(interval, now=False)
                 return count
 
             self.loaded.addCallback(start_sweeping)
@@ -186,9 +187,9 @@ class OutboundQueue(Service):
             if record is None or queue_id in self.active or record.next_attempt != due:
                 continue  # deleted, running, or rescheduled since
             d = ensureDeferred(self._attempt(record))
-            d.addErrback(lambda f, q=queue_id: log.failure("{qid}: attempt failed", f, qid=q))
+            d.addErrback(lambda f, q: log.failure("{qid}: attempt failed", f, qid=q), queue_id)
             self.active[queue_id] = d
-            d.addBoth(lambda _, q=queue_id: self._finished(q))
+            d.addBoth(lambda _, q: self._finished(q), queue_id)
         self._rearm()
 
     def _finished(self, queue_id: str) -> None:

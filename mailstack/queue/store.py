@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_queue -*-
 """
-The queue on disk: one content file and one envelope record per message.
+The queue on disk: one content file and one envelope record per message::
 
     DATA/queue/content/<id>        the message (LF line endings), written once
     DATA/queue/envelope/<id>.json  sender, arrival, attempts, each recipient's state

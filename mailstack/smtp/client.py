@@ -101,6 +101,7 @@ class SMTPClientProtocol(Protocol):
     """
 
     transport: IConnection  # once connected: see mailstack.transport
+    ehlo_name = ""  # the name the server gave in its EHLO reply
 
     def __init__(self, clock: IReactorTime) -> None:
         self.clock = clock
@@ -410,7 +411,7 @@ async def _hello(proto: SMTPClientProtocol, helo: str, timeouts: Timeouts) -> di
         if reply.code != 250:
             raise SMTPClientError(reply, "HELO")
         return {}
-    proto.ehlo_name = (reply.text.split() or [""])[0]  # type: ignore[attr-defined]
+    proto.ehlo_name = (reply.text.split() or [""])[0]
     extensions = {}
     for line in reply.text.split("\n")[1:]:
         keyword, _, params = line.strip().partition(" ")

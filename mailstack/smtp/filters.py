@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence
 
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError, maybeDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.plugin import getPlugins
 from zope.interface import implementer
@@ -27,6 +28,7 @@ from mailstack.interfaces import IMessageFilter, IMessageFilterFactory
 from mailstack.logsafe import safe
 from mailstack.message import Envelope, MessageSpool
 from mailstack.plugin import Verdict, check_folder, header_lines
+from mailstack.reactors import IMailReactor
 from mailstack.smtp.reply import Reply, SMTPError
 
 log = Logger()
@@ -39,7 +41,7 @@ def available_filters() -> dict[str, Any]:
     return {factory.name: factory for factory in getPlugins(IMessageFilterFactory, plugins)}
 
 
-def load_filters(config: Any, reactor: Any) -> list[Any]:
+def load_filters(config: Any, reactor: IMailReactor) -> list[Any]:
     """
     The filters C{--filter} names, built; an unknown name is an error.
 
@@ -56,7 +58,10 @@ def load_filters(config: Any, reactor: Any) -> list[Any]:
 @implementer(IMessageFilter)
 class MessageFilter:
     """
-    A base for filters: no objection anywhere; override what you check.
+    A base for filters (L{mailstack.interfaces.IMessageFilter}): no
+    objection anywhere; override what you check.
+
+    @ivar name: the filter's name, for log lines.
     """
 
     name = "unnamed"
@@ -91,12 +96,14 @@ class FilteredPolicy:
     An SMTP policy with filters; everything else is the policy's own.
     """
 
-    def __init__(self, policy: Any, filters: Sequence[Any], clock: Any = None) -> None:
+    def __init__(self, policy: Any, filters: Sequence[Any], clock: IReactorTime | None = None
+                 ) -> None:
         self.policy = policy
         self.filters = tuple(filters)
         if clock is None:
-            from twisted.internet import reactor as clock
-        self.clock = clock
+            from twisted.internet import reactor
+            clock = reactor
+        self.clock: IReactorTime = clock
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.policy, name)
@@ -252,7 +259,11 @@ def _await_coroutine(result: Any) -> Any:
 @dataclass
 class LocalSession:
     """
-    What filters see for locally injected mail (C{mailstack sendmail}).
+    What filters see for locally injected mail (C{mailstack sendmail}),
+    in place of a L{mailstack.smtp.server.Session}.
+
+    @ivar user: who injected it, C{uid=N user=NAME}.
+    @ivar service: always C{local}.
     """
 
     user: Any

@@ -45,7 +45,8 @@ class ReceivingPolicy:
     def auth(self, protocol: Any, arg: str) -> Reply:
         return Reply(503, "5.5.1", "Error: authentication not enabled")
 
-    def mail(self, session: Any, sender: Address | None) -> Reply | None:
+    def mail(self, session: Any, sender: Address | None
+             ) -> Reply | None | Deferred[Reply | None]:
         return None
 
     def may_relay(self, session: Any) -> bool:

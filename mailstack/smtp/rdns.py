@@ -12,6 +12,7 @@ import ipaddress
 from typing import Any
 
 from twisted.internet.defer import Deferred, ensureDeferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.names import dns
 
@@ -48,7 +49,7 @@ async def _confirmed(resolver: Any, ip: str, timeout: tuple[int, ...]) -> str:
     return UNKNOWN
 
 
-def client_name(resolver: Any, ip: str, clock: Any = None,
+def client_name(resolver: Any, ip: str, clock: IReactorTime | None = None,
                 timeout: tuple[int, ...] = (2, 3)) -> Deferred[str]:
     """
     The forward-confirmed reverse DNS name of C{ip}, or C{unknown} (also

@@ -9,7 +9,16 @@ from typing import NamedTuple
 
 class Reply(NamedTuple):
     """
-    One SMTP reply; text with newlines becomes a multi-line reply.
+    One SMTP reply; text with newlines becomes a multi-line reply.  A
+    plugin refuses with one (a 4xx code defers, 5xx refuses for good), e.g.
+    C{Reply(554, "5.7.1", "message refused as spam")}, and a delivery
+    agent answers each recipient with one.
+
+    @ivar code: the three-digit reply code (RFC 5321 4.2).
+    @ivar enhanced: the enhanced status code (RFC 3463), e.g. C{"5.7.1"},
+        or C{""} for none.
+    @ivar text: the human-readable text; never put an exception's text
+        or a server path in it.
     """
 
     code: int
@@ -17,6 +26,10 @@ class Reply(NamedTuple):
     text: str
 
     def encode(self) -> bytes:
+        """
+        The reply as sent: one CRLF line per line of C{text}, all but the
+        last with C{-} after the code.
+        """
         lines = self.text.split("\n") or [""]
         out = []
         for i, line in enumerate(lines):
@@ -27,6 +40,9 @@ class Reply(NamedTuple):
 
     @property
     def is_error(self) -> bool:
+        """
+        Whether it is a 4xx or 5xx reply.
+        """
         return self.code >= 400
 
     def __str__(self) -> str:
@@ -35,9 +51,16 @@ class Reply(NamedTuple):
 
 class SMTPError(Exception):
     """
-    Raised by a policy or agent to answer with a specific reply.
+    Raised by a policy or filter to answer with a specific reply.
+
+    @ivar reply: the L{Reply} to answer with.
     """
 
     def __init__(self, code: int, enhanced: str, text: str) -> None:
+        """
+        @param code: the reply code.
+        @param enhanced: the enhanced status code, or C{""}.
+        @param text: the reply text.
+        """
         super().__init__(f"{code} {enhanced} {text}")
         self.reply = Reply(code, enhanced, text)

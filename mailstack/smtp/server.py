@@ -30,10 +30,11 @@ from typing import Any, Callable
 from OpenSSL import SSL
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.error import ConnectionDone
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailstack.address import Address, AddressError, parse_path
 from mailstack.clock import wall_seconds
@@ -82,7 +83,26 @@ class ServerSettings:
 @dataclass
 class Session:
     """
-    What is known about the client of one connection.
+    What is known about the client of one connection.  Message filters get
+    it (L{mailstack.interfaces.IMessageFilter}); for locally injected mail
+    they get a L{mailstack.smtp.filters.LocalSession} with the same
+    attributes.
+
+    @ivar peer_host: the client's IP address as text (C{unix} on a UNIX
+        socket).
+    @ivar peer_port: the client's port (0 on a UNIX socket).
+    @ivar service: the listener: C{smtp} (the receiving MTA),
+        C{submission} or C{submissions}.
+    @ivar helo: the name the client gave with HELO or EHLO (its own claim,
+        unchecked), or C{None} before it and again after STARTTLS.
+    @ivar esmtp: whether the client said EHLO.
+    @ivar tls: whether the connection is encrypted (after STARTTLS, or
+        implicit TLS).
+    @ivar tls_info: not filled in by the SMTP server (empty).
+    @ivar user: the authenticated user (a L{mailstack.address.Address})
+        after AUTH on submission; C{None} before and on the receiving MTA.
+    @ivar name: the client's forward-confirmed reverse DNS name, or
+        C{unknown}.
     """
 
     peer_host: str
@@ -149,9 +169,11 @@ def parse_params(text: str) -> dict[str, str | None]:
     return params
 
 
+@implementer(IPushProducer)
 class SMTPServer(Protocol):
     """
-    One SMTP session; see the module docstring.
+    One SMTP session; see the module docstring.  It is the push producer
+    registered with its transport (see L{pauseProducing}).
     """
 
     transport: IConnection  # once connected: see mailstack.transport
@@ -750,7 +772,7 @@ class SMTPServer(Protocol):
         return f"using {version} with cipher {cipher} ({bits}/{bits} bits)"
 
 
-class SMTPServerFactory(Factory):
+class SMTPServerFactory(Factory[SMTPServer]):
     """
     Builds L{SMTPServer} sessions for one listener.
 

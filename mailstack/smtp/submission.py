@@ -120,7 +120,7 @@ class SubmissionPolicy(ReceivingPolicy):
             return Reply(501, "5.5.2", "Error: cannot decode response")
         ip = session.peer_host
         user = safe(username, 100)
-        credentials = UsernamePassword(username, password)
+        credentials = UsernamePassword(username.encode("utf-8"), password.encode("utf-8"))
         try:
             avatar = await self.throttle.attempt(
                 ip, username, lambda: self.checker.requestAvatarId(credentials), password)
@@ -138,6 +138,8 @@ class SubmissionPolicy(ReceivingPolicy):
             if e.disconnect:
                 return Reply(421, "4.7.0", f"{self.hostname} Error: too many failed logins")
             return Reply(454, "4.7.0", "Temporary authentication failure, try again later")
+        if isinstance(avatar, bytes):  # a checker written to Twisted's contract
+            avatar = avatar.decode("utf-8")
         session.user = parse_address(avatar)
         log.info("{client}: sasl_method={mechanism}, sasl_username={user}",
                  client=session.client, mechanism=mechanism, user=avatar)
