@@ -255,6 +255,17 @@ def _bind_address(text: Any) -> str:
         raise ConfigError(f"not an IP address: {text!r}") from None
 
 
+def _on_off(text: Any) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("on", "yes", "true", "1"):
+        return True
+    if value in ("off", "no", "false", "0"):
+        return False
+    raise ConfigError(f"not on or off: {text!r}")
+
+
 def _metrics_endpoint(text: Any) -> str | None:
     from mailstack.metrics import metrics_endpoint
 
@@ -386,6 +397,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("shutdown-grace", 30, _positive,
            "on SIGTERM, seconds SMTP transactions in flight get to finish",
            metavar="SECONDS"),
+    Option("mta-sts", True, _on_off,
+           "apply the MTA-STS policies (RFC 8461) of the domains mail is delivered to "
+           "[default: on]", metavar="on|off"),
+    Option("tls-ca-file", None, _text,
+           "PEM CA certificates that verified outbound TLS (MTA-STS, --require-tls) "
+           "trusts instead of the system's", metavar="FILE"),
+    Option("http", None, _endpoint,
+           "HTTP endpoint serving the MTA-STS policy and client autoconfiguration "
+           "(behind a TLS proxy), or none [default: none]", metavar="ENDPOINT"),
+    Option("https", None, _endpoint,
+           "the same over TLS with --tls-cert (port 443), or none [default: none]",
+           metavar="ENDPOINT"),
 )
 
 OPTIONS_BY_NAME: Mapping[str, Option] = {o.name: o for o in OPTIONS}
@@ -430,6 +453,10 @@ class Config:
     transform: tuple[str, ...] = ()
     user_db: str = "file"
     delivery: tuple[tuple[str | None, str], ...] = ()
+    mta_sts: bool = True
+    tls_ca_file: str | None = None
+    http: str | None = None
+    https: str | None = None
     plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, compare=False)
     source: str = field(default="defaults", compare=False)
 

@@ -43,6 +43,7 @@ from mailstack.queue.courier import Courier
 from mailstack.queue.handoff import QueueHandoff
 from mailstack.queue.runner import OutboundQueue
 from mailstack.queue.store import QueueStore
+from mailstack.queue.tlspolicy import build_tls_policy
 from mailstack.smtp.client import Timeouts
 from mailstack.receivers import AdoptedPort, ReceiverPool
 from mailstack.delivery.agents import AgentCourier, build_agents
@@ -55,6 +56,7 @@ from mailstack.smtp.submission import SubmissionPolicy
 from mailstack.throttle import LoginThrottle
 from mailstack.tls import ReloadingContextFactory, TLSMaterial
 from mailstack.users import AliasMap
+from mailstack.wellknown import listener_ports, make_site
 
 log = Logger()
 
@@ -212,11 +214,15 @@ class MailStack(MultiService):
             AdoptedPort(reactor, *receiver, factory).setServiceParent(self)
             return
 
+        # MTA-STS and TLS reporting for the courier (mailstack.queue.tlspolicy).
+        self.tls_policy = build_tls_policy(config, reactor, resolver, data, self.io_pool, self)
         self.courier = Courier(reactor, resolver, config.hostname, config.route,
                                port=relay_port, timeouts=relay_timeouts,
                                endpoint=relay_endpoint, require_tls=config.require_tls,
                                relay_auth=config.relay_auth,
-                               bind_addresses=config.smtp_bind_address)
+                               bind_addresses=config.smtp_bind_address,
+                               trust_root=self.tls_policy.trust_root,
+                               tls_policy=self.tls_policy)
         courier: Any = self.courier
         if self.agents is not None:  # lmtp, pipe: run from the queue
             courier = AgentCourier(self.courier, self.agents, config.domains)
@@ -285,6 +291,15 @@ class MailStack(MultiService):
                                    "imap", "imaps")
             self.listen("imaps", config.imaps, TLSMemoryBIOFactory(
                 ReloadingContextFactory(self.tls), False, factory))
+        # --http, --https: the MTA-STS policy and client autoconfiguration.
+        if config.http is not None or config.https is not None:
+            site = make_site(config.domain, config.hostname, lambda: listener_ports(self))
+            if config.http is not None:
+                self.listen("http", config.http, self.limited(site, "http", "http"))
+            if config.https is not None:
+                self.listen("https", config.https, TLSMemoryBIOFactory(
+                    ReloadingContextFactory(self.tls), False,
+                    self.limited(site, "http", "https")))
 
     def filtered(self, policy: Any) -> Any:
         return FilteredPolicy(policy, self.filters, self.reactor) if self.filters else policy

@@ -30,6 +30,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from OpenSSL.SSL import Error as SSLError
+from service_identity import VerificationError
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
@@ -151,6 +153,22 @@ def mx_allowed(policy: STSPolicy, mx_host: str) -> bool:
     return False
 
 
+def fetch_error_type(error: BaseException) -> str:
+    """
+    The RFC 8460 result type of a failed policy fetch: C{sts-policy-invalid}
+    for a policy that does not parse (or a wrong answer),
+    C{sts-webpki-invalid} for a certificate that does not verify,
+    C{sts-policy-fetch-error} for anything else.
+    """
+    if isinstance(error, PolicyError):
+        return "sts-policy-invalid"
+    reasons = [error] + [getattr(f, "value", f) for f in getattr(error, "reasons", [])]
+    for reason in reasons:
+        if isinstance(reason, (SSLError, VerificationError)):
+            return "sts-webpki-invalid"
+    return "sts-policy-fetch-error"
+
+
 class _Body(Protocol):
     def __init__(self, done: Deferred[bytes], limit: int) -> None:
         self.done, self.limit, self.data = done, limit, bytearray()
@@ -199,11 +217,17 @@ class MTASTSClient:
     @param connect_to: C{{host: (address, port)}} overrides, for tests;
         otherwise the policy host's A/AAAA records, port 443.
     @param clock: the time for C{max_age} (the reactor by default).
+    @param port: the HTTPS port of policy hosts (443; tests change it).
+    @param on_error: called with C{(domain, result type, text)} when a
+        policy fetch fails, the result type one of RFC 8460's
+        (C{sts-policy-fetch-error}, C{sts-policy-invalid},
+        C{sts-webpki-invalid}), for TLS reporting.
     """
 
     def __init__(self, reactor: Any, cache: DNSCache, directory: str | None = None,
                  tls: Any = None, connect_to: dict[str, tuple[str, int]] | None = None,
-                 clock: Any = None, timeout: float = FETCH_TIMEOUT) -> None:
+                 clock: Any = None, timeout: float = FETCH_TIMEOUT, port: int = 443,
+                 on_error: Any = None) -> None:
         self.reactor = reactor
         self.cache = cache
         self.directory = directory
@@ -211,6 +235,8 @@ class MTASTSClient:
         self.connect_to = connect_to or {}
         self.clock = clock or reactor
         self.timeout = timeout
+        self.port = port
+        self.on_error = on_error
         self._policies: dict[str, STSPolicy | None] = {}
 
     async def policy(self, domain: str) -> STSPolicy | None:
@@ -238,6 +264,8 @@ class MTASTSClient:
         except Exception as e:  # noqa: BLE001
             log.info("mta-sts {domain}: policy fetch failed: {error}", domain=domain,
                      error=str(e) or type(e).__name__)
+            if self.on_error is not None:
+                self.on_error(domain, fetch_error_type(e), str(e) or type(e).__name__)
             return cached
         policy = STSPolicy(fetched.mode, fetched.mx, fetched.max_age, policy_id, now)
         await self._store(domain, policy)
@@ -251,7 +279,7 @@ class MTASTSClient:
         if host in self.connect_to:
             address, port = self.connect_to[host]
         else:
-            address, port = await self._address(host), 443
+            address, port = await self._address(host), self.port
         agent = Agent.usingEndpointFactory(self.reactor,
                                            _FixedAddress(self.reactor, self.tls, address, port))
         url = f"https://{host}/.well-known/mta-sts.txt".encode("ascii")
