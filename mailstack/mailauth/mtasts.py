@@ -65,6 +65,13 @@ class PolicyError(ValueError):
     """
 
 
+class FetchError(PolicyError):
+    """
+    The policy host did not answer with a policy: an HTTP status other than
+    200, another content type, too much.
+    """
+
+
 @dataclass(frozen=True)
 class STSPolicy:
     """
@@ -160,7 +167,7 @@ def fetch_error_type(error: BaseException) -> str:
     C{sts-webpki-invalid} for a certificate that does not verify,
     C{sts-policy-fetch-error} for anything else.
     """
-    if isinstance(error, PolicyError):
+    if isinstance(error, PolicyError) and not isinstance(error, FetchError):
         return "sts-policy-invalid"
     reasons = [error] + [getattr(f, "value", f) for f in getattr(error, "reasons", [])]
     for reason in reasons:
@@ -176,7 +183,7 @@ class _Body(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.data += data
         if len(self.data) > self.limit and not self.done.called:
-            self.done.errback(PolicyError("policy too large"))
+            self.done.errback(FetchError("policy too large"))
             # deliverBody's transport is the response's producer
             IPushProducer(self.transport).stopProducing()
 
@@ -288,11 +295,11 @@ class MTASTSClient:
         response = await request
         if response.code != 200:
             response.deliverBody(Protocol())
-            raise PolicyError(f"HTTP {response.code}")
+            raise FetchError(f"HTTP {response.code}")
         types = response.headers.getRawHeaders(b"content-type") or [b""]
         if types[0].split(b";")[0].strip().lower() != b"text/plain":
             response.deliverBody(Protocol())
-            raise PolicyError(f"content type {types[0].decode('latin-1')!r}")
+            raise FetchError(f"content type {types[0].decode('latin-1')!r}")
         body: Deferred[bytes] = Deferred()
         response.deliverBody(_Body(body, MAX_POLICY_SIZE))
         body.addTimeout(self.timeout, self.reactor)

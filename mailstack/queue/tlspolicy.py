@@ -28,10 +28,12 @@ import os
 from typing import Any, Awaitable, TypeVar
 
 from OpenSSL import SSL
+from zope.interface import implementer
 from service_identity import VerificationError
 from service_identity.hazmat import DNS_ID, verify_service_identity
 from service_identity.pyopenssl import extract_patterns
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.logger import Logger
 
 from mailstack.logsafe import safe
@@ -45,13 +47,15 @@ log = Logger()
 T = TypeVar("T")
 
 # X509_V_ERR_* codes (openssl/x509_vfy.h) that mean "not trusted" and "expired".
-_NOT_TRUSTED = {2, 18, 19, 20, 21, 27}
+_NOT_TRUSTED = {2, 4, 7, 18, 19, 20, 21, 27}
 _EXPIRED = {10}
 _REASONS = {2: "unable to get issuer certificate", 9: "certificate is not yet valid",
             10: "certificate has expired", 18: "self-signed certificate",
             19: "self-signed certificate in certificate chain",
             20: "unable to get local issuer certificate",
-            21: "unable to verify the first certificate", 27: "certificate not trusted"}
+            21: "unable to verify the first certificate", 27: "certificate not trusted",
+            4: "unable to decrypt the certificate's signature",
+            7: "certificate signature failure"}
 
 
 class TLSHandshakeFailed(Exception):
@@ -99,6 +103,7 @@ def classify(error: BaseException) -> str | None:
     return None
 
 
+@implementer(IOpenSSLContextFactory)
 class CheckingTLS:
     """
     A client TLS context factory for C{testing} mode: opportunistic (any
