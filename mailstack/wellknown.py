@@ -81,6 +81,7 @@ class WellKnown(Resource):
     """
 
     isLeaf = True
+    allowedMethods = (b"GET", b"HEAD")  # anything else: 405 with Allow
 
     def __init__(self, domains: tuple[str, ...], hostname: str,
                  ports: Callable[[], dict[str, int]]) -> None:
@@ -159,12 +160,14 @@ class _Request(Request):
 
 
 def make_site(domains: tuple[str, ...], hostname: str,
-              ports: Callable[[], dict[str, int]]) -> Site:
+              ports: Callable[[], dict[str, int]], reactor: Any = None) -> Site:
     """
     The C{--http}/C{--https} site: L{WellKnown} and nothing else.
+
+    @param reactor: the clock of the idle timeout (the global reactor).
     """
     site = Site(WellKnown(domains, hostname, ports), requestFactory=_Request,
-                timeout=IDLE_TIMEOUT)
+                timeout=IDLE_TIMEOUT, reactor=reactor)
     site.noisy = False
     site.displayTracebacks = False
     return site
