@@ -125,11 +125,11 @@ def _append(directory: str, counts: Counter[_Key], prune: str) -> None:
             "policy-string": list(lines), "mx-host": mx, "result": result,
             "receiving-mx-hostname": rmx, "receiving-ip": ip, "count": count},
             sort_keys=True) + "\n")
-    for day, lines in by_day.items():
+    for day, text in by_day.items():
         fd = os.open(os.path.join(directory, day + ".jsonl"),
                      os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         try:
-            os.write(fd, "".join(lines).encode("utf-8"))
+            os.write(fd, "".join(text).encode("utf-8"))
         finally:
             os.close(fd)
     if prune:
