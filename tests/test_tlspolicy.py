@@ -165,13 +165,15 @@ class MTASTSDeliveryTests(TestCase):
         """
         An MX host the policy names, with STARTTLS and a certificate for
         its name from a trusted CA, gets the mail; the session is counted
-        as a success.
+        as a success, once, though a second message went on it.
         """
         self.certify(self.good, "mx1.remote.test")
         server = yield self.server()
         yield self.send(server)
-        [(_, rcpts, data)] = self.good.policy.received
-        self.assertEqual(rcpts, ["bob@remote.test"])
+        yield self.send(server, "carol@remote.test")
+        [(_, rcpts, data), (_, second, _)] = self.good.policy.received
+        self.assertEqual((rcpts, second), (["bob@remote.test"], ["carol@remote.test"]))
+        self.assertEqual(self.good.policy.connections, 1)
         self.assertIn(b"with ESMTPS", data)
         self.assertEqual(server.queue.records, {})
         outcomes = yield self.outcomes(server)

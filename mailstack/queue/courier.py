@@ -339,6 +339,7 @@ class Courier:
                 log.debug("cached session to {ip} was stale: {e}", ip=ip, e=safe(_describe(e)))
             else:
                 self._park(key, cached)
+                result.reused = True
                 return result
             finally:
                 transaction.content.close()

@@ -238,8 +238,10 @@ class DomainTLS:
                     self._would_refuse(host, ip, kind, self.failure[1])
             raise
         tls = getattr(result, "tls", False)
-        if not use_tls:
-            return result  # clear text on purpose, after a failed handshake
+        if not use_tls or getattr(result, "reused", False):
+            # Clear text on purpose (after a failed handshake), or a session
+            # already counted when it was opened.
+            return result
         if not tls:
             self._record("starttls-not-supported", host, ip)
             if self.mode == "testing":
