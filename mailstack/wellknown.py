@@ -19,7 +19,8 @@ web, and nothing else.
 
 Only C{GET} and C{HEAD}; a request with a body is refused (413); headers
 are limited by twisted.web (16 KiB); an idle connection is closed after
-L{IDLE_TIMEOUT} seconds; no directory is listed and no file is read.
+L{IDLE_TIMEOUT} seconds, any connection after L{CONNECTION_TIME}; no
+directory is listed and no file is read.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from typing import Any, Callable
 from urllib.parse import parse_qs, urlsplit
 from xml.sax.saxutils import escape
 
+from twisted.internet.protocol import connectionDone
 from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
@@ -37,6 +41,8 @@ from mailstack.mailauth.dnsrecords import mta_sts_policy
 log = Logger()
 
 IDLE_TIMEOUT = 30
+#: Seconds a connection may stay open at all.
+CONNECTION_TIME = 60
 AUTOCONFIG_PATHS = (b"/mail/config-v1.1.xml", b"/.well-known/autoconfig/mail/config-v1.1.xml")
 
 # (listener label, incoming type or "smtp", socketType)
@@ -159,18 +165,52 @@ class _Request(Request):
             transport.loseConnection()
 
 
-def make_site(domains: tuple[str, ...], hostname: str,
-              ports: Callable[[], dict[str, int]], reactor: Any = None) -> Site:
+class _Deadline(ProtocolWrapper):
     """
-    The C{--http}/C{--https} site: L{WellKnown} and nothing else.
+    Closes the connection L{CONNECTION_TIME} seconds after it opened,
+    whatever it is doing: a client sending its headers a byte at a time
+    resets the idle timeout but not this.
+    """
 
-    @param reactor: the clock of the idle timeout (the global reactor).
+    _timer: Any = None
+
+    def makeConnection(self, transport: Any) -> None:
+        clock = self.factory.clock  # type: ignore[attr-defined]
+        self._timer = clock.callLater(CONNECTION_TIME, self._expire)
+        super().makeConnection(transport)
+
+    def _expire(self) -> None:
+        self._timer = None
+        log.info("http: connection from {client} open too long; closed",
+                 client=getattr(self.getPeer(), "host", "?"))
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        super().connectionLost(reason)
+
+
+def make_site(domains: tuple[str, ...], hostname: str,
+              ports: Callable[[], dict[str, int]], reactor: Any = None) -> WrappingFactory:
     """
+    The C{--http}/C{--https} site: L{WellKnown} and nothing else, with an
+    idle timeout and a deadline per connection.
+
+    @param reactor: the clock of both (the global reactor by default).
+    """
+    if reactor is None:
+        from twisted.internet import reactor as global_reactor
+        reactor = global_reactor
     site = Site(WellKnown(domains, hostname, ports), requestFactory=_Request,
                 timeout=IDLE_TIMEOUT, reactor=reactor)
     site.noisy = False
     site.displayTracebacks = False
-    return site
+    factory = WrappingFactory(site)
+    factory.protocol = _Deadline  # type: ignore[assignment]
+    factory.clock = reactor  # type: ignore[attr-defined]
+    factory.noisy = False
+    return factory
 
 
 def listener_ports(stack: Any) -> dict[str, int]:

@@ -20,7 +20,7 @@ from mailstack.mailauth.dnsrecords import mta_sts_id, mta_sts_policy, zone_text
 from mailstack.mailauth.lookup import DNSCache
 from mailstack.mailauth.mtasts import MTASTSClient
 from mailstack.mailauth.testing import ZoneResolver
-from mailstack.wellknown import IDLE_TIMEOUT, autoconfig_xml, make_site
+from mailstack.wellknown import CONNECTION_TIME, IDLE_TIMEOUT, autoconfig_xml, make_site
 from tests.support import in_thread, short_tempdir, start_server
 from tests.test_mailauth_mtasts import make_ca, make_leaf, pem
 
@@ -178,6 +178,25 @@ class IdleTimeoutTests(SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         clock.advance(2)
         self.assertTrue(transport.disconnecting)
+
+    def test_slow_client_cut(self):
+        """
+        A client that keeps the connection busy with one byte before each
+        idle timeout is cut after CONNECTION_TIME all the same.
+        """
+        clock = Clock()
+        site = make_site(("example.test",), "mx.test", dict, reactor=clock)
+        protocol = site.buildProtocol(None)
+        transport = StringTransport()
+        transport.abortConnection = lambda: setattr(transport, "aborted", True)
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"GET /.well-known/mta-sts.txt HTTP/1.1\r\nX: ")
+        for _ in range(CONNECTION_TIME // 10 - 1):
+            clock.advance(10)
+            protocol.dataReceived(b"a")
+        self.assertFalse(getattr(transport, "aborted", False))
+        clock.advance(10)
+        self.assertTrue(transport.aborted)
 
     def test_xml_escaped(self):
         """
