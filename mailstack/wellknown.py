@@ -183,7 +183,9 @@ class _Deadline(ProtocolWrapper):
         self._timer = None
         log.info("http: connection from {client} open too long; closed",
                  client=getattr(self.getPeer(), "host", "?"))
-        self.transport.abortConnection()
+        transport: Any = self.transport
+        if transport is not None:
+            transport.abortConnection()
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         if self._timer is not None and self._timer.active():
