@@ -151,6 +151,7 @@ class MTASTSDeliveryTests(TestCase):
         rcpt = self.pending(server)
         self.assertEqual(rcpt.dsn, "4.7.0")
         self.assertIn("not allowed by the MTA-STS policy of remote.test", rcpt.last_error)
+        self.assertEqual(rcpt.last_error.count("MTA-STS"), 1)
         self.assertIn("mx1.remote.test", rcpt.last_error)
         self.assertTrue(self.events.matching("status=deferred", "MTA-STS policy of remote.test"))
         self.assertEqual(self.resource.requests,
@@ -380,6 +381,12 @@ class ClassifyTests(SynchronousTestCase):
         self.assertEqual((explained.code, explained.enhanced), (451, "4.7.5"))
         self.assertIn("certificate-not-trusted", explained.text)
         self.assertEqual(enforce.explain(Reply(250, "2.0.0", "ok")).code, 250)
+        # A later host's network failure is not explained as the TLS failure.
+        from twisted.internet.defer import Deferred, fail
+        failed = Deferred.fromCoroutine(enforce.observe(
+            "mx2.d.test", "192.0.2.2", True, fail(ConnectionRefusedError())))
+        self.failureResultOf(failed, ConnectionRefusedError)
+        self.assertEqual(enforce.explain(reply), reply)
 
 
 class ReportTests(TestCase):

@@ -231,6 +231,7 @@ class DomainTLS:
             result = await attempt
         except BaseException as e:
             kind = classify(e)
+            self.failure = None  # the last attempt's failure is the one to explain
             if kind is not None:
                 self.failure = (kind, str(e).strip()[:200] or type(e).__name__)
                 self._record(kind, host, ip)
@@ -261,7 +262,7 @@ class DomainTLS:
         A deferral of an C{enforce} delivery says that the MTA-STS policy
         required what failed, with a 4.7.x status when TLS failed.
         """
-        if not self.enforce or reply.code < 400 or reply.code >= 500:
+        if not self.enforce or reply.code < 400 or reply.code >= 500 or "MTA-STS" in reply.text:
             return reply
         text = f"{reply.text} (required by the MTA-STS policy of {self.domain})"
         if not reply.enhanced.startswith("4.7") and self.failure is not None:
