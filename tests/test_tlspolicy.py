@@ -103,9 +103,10 @@ class MTASTSDeliveryTests(TestCase):
         return TCP4ClientEndpoint(reactor, "127.0.0.1", self.ports[ip], timeout=5)
 
     @inlineCallbacks
-    def server(self, data_dir=None, **options):
+    def server(self, data_dir=None, resolver=None, **options):
         server = yield start_server(
-            self, resolver=self.zone, relay_endpoint=self.endpoint, clock=self.clock,
+            self, resolver=self.zone if resolver is None else resolver,
+            relay_endpoint=self.endpoint, clock=self.clock,
             relay_timeouts=Timeouts(5, 5, 5, 5, 5), data_dir=data_dir,
             tls_ca_file=self.ca_file, **options)
         if server.tls_policy.sts is not None:
@@ -182,6 +183,28 @@ class MTASTSDeliveryTests(TestCase):
         self.assertEqual((line["policy-type"], line["mx-host"], line["count"]),
                          ("sts", "mx1.remote.test", 1))
         self.assertIn("mode: enforce", line["policy-string"])
+
+    @inlineCallbacks
+    def test_through_a_dns_server(self):
+        """
+        With --dns-server, the MX, the _mta-sts TXT record and the policy
+        host's address come from a real DNS server on 127.0.0.1.
+        """
+        from twisted.names import dns
+
+        from mailstack.mailauth.testing import serve_zone
+
+        number, ports = serve_zone(reactor, self.zone)
+        for port in ports:
+            self.addCleanup(port.stopListening)
+        self.zone.zone["remote.test"]["MX"] = [(10, "mx.other.test")]
+        server = yield self.server(resolver=False, dns_server=f"127.0.0.1:{number}")
+        yield self.send(server)
+        self.assertEqual(self.other.policy.connections, 0)
+        self.assertEqual(self.pending(server).dsn, "4.7.0")
+        self.assertIn((dns.TXT, "_mta-sts.remote.test"), self.zone.queries)
+        self.assertIn((dns.A, "mta-sts.remote.test"), self.zone.queries)
+        self.assertEqual(len(self.resource.requests), 1)
 
     @inlineCallbacks
     def test_enforce_without_starttls_defers(self):
