@@ -108,7 +108,7 @@ def instances(testcase):
     from mailstack.logs import NoiseFilter
     from mailstack.metrics import Metrics
     from mailstack.plugins import dnsbl, greylist, lmtp, pipe, ratelimit, rspamd, userdb
-    from mailstack.queue import handoff, runner
+    from mailstack.queue import handoff, runner, tlspolicy
     from mailstack.queue.store import QueueRecord, QueueStore
     from mailstack.smtp.filters import MessageFilter
     from mailstack.tls import ReloadingContextFactory, TLSMaterial, generate_self_signed
@@ -155,6 +155,7 @@ def instances(testcase):
         maildir.StagedCopies: maildir.StagedCopies(agent, Placeholder(), []),
         ReloadingContextFactory: ReloadingContextFactory(TLSMaterial(cert, key)),
         MessageFilter: MessageFilter(),
+        tlspolicy.CheckingTLS: tlspolicy.CheckingTLS("mx.example"),
         realm.MaildirRealm: realm.MaildirRealm(store, "localhost", clock, pool),
         mailbox.MaildirMessage: mailbox.MaildirMessage(Loaded(1, entry, None, 0.0)),
         mailbox.MaildirMailbox: mailbox.MaildirMailbox(
