@@ -36,6 +36,7 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from mailstack.logsafe import safe
 from mailstack.mailauth.dnsrecords import mta_sts_policy
 
 log = Logger()
@@ -165,6 +166,18 @@ class _Request(Request):
             transport.loseConnection()
 
 
+def _access_log(request: Request) -> None:
+    """
+    One line per request, what the client chose escaped (L{safe}).
+    """
+    log.info("http: {client} {method} {host}{path} {code} {size}",
+             client=getattr(request.getClientAddress(), "host", "?"),
+             method=safe(request.method.decode("latin-1")[:20]),
+             host=safe((request.getRequestHostname() or b"").decode("latin-1")[:100]),
+             path=safe(request.uri.decode("latin-1")[:200]), code=request.code,
+             size=request.sentLength)
+
+
 class _Deadline(ProtocolWrapper):
     """
     Closes the connection L{CONNECTION_TIME} seconds after it opened,
@@ -208,6 +221,9 @@ def make_site(domains: tuple[str, ...], hostname: str,
                 timeout=IDLE_TIMEOUT, reactor=reactor)
     site.noisy = False
     site.displayTracebacks = False
+    # Our own access log line: twisted.web's dates its lines with the
+    # reactor's clock, which is monotonic here (mailstack.clock).
+    site.log = _access_log  # type: ignore[assignment]
     factory = WrappingFactory(site)
     factory.protocol = _Deadline  # type: ignore[assignment]
     factory.clock = reactor  # type: ignore[attr-defined]

@@ -12,6 +12,7 @@ import xml.etree.ElementTree as ET
 from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import Clock
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.test.proto_helpers import StringTransport
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from twisted.web.client import BrowserLikePolicyForHTTPS
@@ -49,6 +50,10 @@ class HTTPListenerTests(TestCase):
         self.server = yield start_server(self, http=LISTEN, imap=LISTEN, imaps=LISTEN,
                                          submission=LISTEN, submissions=LISTEN)
         self.port = self.server.ports["http"]
+        self.events = []
+        observer = lambda event: self.events.append(formatEvent(event))  # noqa: E731
+        globalLogPublisher.addObserver(observer)
+        self.addCleanup(globalLogPublisher.removeObserver, observer)
 
     def get(self, path, host="mta-sts.example.test", **kwargs):
         return in_thread(get, self.port, path, host, **kwargs)
@@ -69,6 +74,8 @@ class HTTPListenerTests(TestCase):
         self.assertIn(f'"v=STSv1; id={mta_sts_id(body.decode())}"', printed)
         for line in body.decode().splitlines():
             self.assertIn("; " + line + "\n", printed)
+        logged = f"http: 127.0.0.1 GET mta-sts.localhost/.well-known/mta-sts.txt 200 {len(body)}"
+        self.assertTrue(any(logged in line for line in self.events))
         for host, path in (("mta-sts.other.test", "/.well-known/mta-sts.txt"),
                            ("example.test", "/.well-known/mta-sts.txt"),
                            ("mta-sts.example.test.evil", "/.well-known/mta-sts.txt"),
@@ -130,6 +137,14 @@ class HTTPListenerTests(TestCase):
         self.assertEqual((status, headers.get("Allow")), (405, "GET, HEAD"))
         status, _, _ = yield self.get("/.well-known/mta-sts.txt", method="DELETE")
         self.assertEqual(status, 501)
+        answer = yield in_thread(raw_request, self.port, b"GET /x\x1b[2J HTTP/1.1\r\n"
+                                 b"Host: a\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 400 "), answer)
+        answer = yield in_thread(raw_request, self.port, b"GET /x HTTP/1.1\r\n"
+                                 b"Host: a\xff\x1b[2J\r\nConnection: close\r\n\r\n")
+        self.assertTrue(answer.startswith(b"HTTP/1.1 404 "), answer)
+        self.assertTrue(any("\\x1b[2J/x 404" in line for line in self.events),
+                        self.events)
         status, _, body = yield self.get("/.well-known/mta-sts.txt", method="HEAD")
         self.assertEqual((status, body), (200, b""))
         answer = yield in_thread(get_raw, self.port, b"X-Long: " + b"a" * 20000 + b"\r\n")
@@ -238,6 +253,15 @@ class HTTPSTests(TestCase):
         # Plain HTTP on the TLS port gets nothing.
         answer = yield in_thread(get_raw, server.ports["https"])
         self.assertNotIn(b"STSv1", answer)
+
+
+def raw_request(port, request):
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(request)
+        data = b""
+        while chunk := s.recv(4096):
+            data += chunk
+        return data
 
 
 def get_raw(port, extra=b""):
