@@ -293,8 +293,8 @@ class MailStack(MultiService):
                 ReloadingContextFactory(self.tls), False, factory))
         # --http, --https: the MTA-STS policy and client autoconfiguration.
         if config.http is not None or config.https is not None:
-            site = make_site(config.domain, config.hostname, lambda: listener_ports(self),
-                             reactor)
+            site = make_site(lambda: self.config.domain, config.hostname,
+                             lambda: listener_ports(self), reactor)
             if config.http is not None:
                 self.listen("http", config.http, self.limited(site, "http", "http"))
             if config.https is not None:

@@ -25,7 +25,7 @@ directory is listed and no file is read.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 from urllib.parse import parse_qs, urlsplit
 from xml.sax.saxutils import escape
 
@@ -84,21 +84,28 @@ class WellKnown(Resource):
     """
     The only resource: answers the known paths, 404 for everything else.
 
+    @param domains: the local domains, or a callable returning them (read
+        at each request, so that a reload's new domains are served).
     @param ports: returns the listeners' ports (label: port) when asked.
     """
 
     isLeaf = True
     allowedMethods = (b"GET", b"HEAD")  # anything else: 405 with Allow
 
-    def __init__(self, domains: tuple[str, ...], hostname: str,
+    def __init__(self, domains: Sequence[str] | Callable[[], Sequence[str]], hostname: str,
                  ports: Callable[[], dict[str, int]]) -> None:
         super().__init__()
-        self.domains = tuple(d.lower() for d in domains)
+        self._domains = domains
         self.hostname = hostname
         self.ports = ports
 
     def render_HEAD(self, request: Request) -> bytes:
         return self.render_GET(request)
+
+    @property
+    def domains(self) -> tuple[str, ...]:
+        domains = self._domains() if callable(self._domains) else self._domains
+        return tuple(d.lower() for d in domains)
 
     def render_GET(self, request: Request) -> bytes:
         host = (request.getRequestHostname() or b"").decode("ascii", "replace").lower()
@@ -122,10 +129,11 @@ class WellKnown(Resource):
         address = (args.get("emailaddress") or [""])[0].strip().lower()
         candidates = [address.rpartition("@")[2]] if "@" in address else []
         candidates += [host[len("autoconfig."):] if host.startswith("autoconfig.") else host]
+        domains = self.domains
         for candidate in candidates:
-            if candidate in self.domains:
+            if candidate in domains:
                 return candidate
-        return self.domains[0]
+        return domains[0]
 
     def _not_found(self, request: Request) -> bytes:
         request.setResponseCode(404)
@@ -206,7 +214,7 @@ class _Deadline(ProtocolWrapper):
         super().connectionLost(reason)
 
 
-def make_site(domains: tuple[str, ...], hostname: str,
+def make_site(domains: Sequence[str] | Callable[[], Sequence[str]], hostname: str,
               ports: Callable[[], dict[str, int]], reactor: Any = None) -> WrappingFactory:
     """
     The C{--http}/C{--https} site: L{WellKnown} and nothing else, with an

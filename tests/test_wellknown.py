@@ -88,6 +88,22 @@ class HTTPListenerTests(TestCase):
             self.assertEqual(body, b"Not found\n")
 
     @inlineCallbacks
+    def test_reloaded_domains(self):
+        """
+        A domain added by a reload is served at once.
+        """
+        import dataclasses
+
+        from mailstack.reload import apply
+
+        status, _, _ = yield self.get("/.well-known/mta-sts.txt", "mta-sts.new.test")
+        self.assertEqual(status, 404)
+        apply(self.server, dataclasses.replace(
+            self.server.config, domain=self.server.config.domain + ("new.test",)))
+        status, _, _ = yield self.get("/.well-known/mta-sts.txt", "mta-sts.new.test")
+        self.assertEqual(status, 200)
+
+    @inlineCallbacks
     def test_autoconfig(self):
         """
         Thunderbird's autoconfiguration names our host, the ports we listen
