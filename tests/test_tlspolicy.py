@@ -279,7 +279,8 @@ class MTASTSDeliveryTests(TestCase):
         """
         In testing mode, a session enforce would accept is a success and
         logs no complaint; a certificate for another name is a host
-        mismatch (and still delivered).
+        mismatch, an MX without STARTTLS starttls-not-supported (both
+        still delivered, and logged).
         """
         self.resource.body = POLICY % b"testing"
         self.certify(self.good, "mx1.remote.test")
@@ -292,9 +293,15 @@ class MTASTSDeliveryTests(TestCase):
         self.assertEqual(len(self.good.policy.received), 2)
         self.assertTrue(self.events.matching("certificate-host-mismatch",
                                              "enforce would not deliver"))
+        self.good.port.factory.tls = None  # STARTTLS no longer offered
+        yield self.send(server, "dave@remote.test")
+        self.assertEqual(len(self.good.policy.received), 3)
+        self.assertTrue(self.events.matching("starttls-not-supported",
+                                             "enforce would not deliver"))
         outcomes = yield self.outcomes(server)
         self.assertEqual(outcomes[("success", "mx1.remote.test")]["count"], 1)
         self.assertEqual(outcomes[("certificate-host-mismatch", "mx1.remote.test")]["count"], 1)
+        self.assertEqual(outcomes[("starttls-not-supported", "mx1.remote.test")]["count"], 1)
 
     @inlineCallbacks
     def test_cached_policy_when_fetch_fails(self):
