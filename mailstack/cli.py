@@ -122,6 +122,8 @@ def parser() -> argparse.ArgumentParser:
                         "([-t] [-i] [-f SENDER] [-F NAME] [RCPT...])", add_help=False)
     from mailstack.mailauth.commands import add_parsers as add_mailauth_parsers
     add_mailauth_parsers(commands)  # dkim, dns
+    from mailstack.mailauth.tlsrpt_cli import add_parser as add_tlsrpt_parser
+    add_tlsrpt_parser(commands)
     return p
 
 
@@ -453,6 +455,10 @@ def run(argv: Sequence[str], stdin: TextIO, stdout: TextIO) -> None:
     become_owner(data_dir)
     if args.command == "queue":
         queue_command(args, data_dir, stdout)
+        return
+    if args.command == "tlsrpt":
+        from mailstack.mailauth.tlsrpt_cli import tlsrpt_command
+        tlsrpt_command(args, data_dir, domains, args.config, stdout)
         return
     if args.command in ("dkim", "dns"):
         from mailstack.mailauth.commands import dkim_command, dns_command

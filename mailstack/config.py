@@ -260,6 +260,18 @@ def metrics_endpoint(text: Any) -> str | None:
     return text
 
 
+def _on_off(text: Any) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("on", "yes", "true", "1"):
+        return True
+    if value in ("off", "no", "false", "0"):
+        return False
+    raise ConfigError(f"not on or off: {text!r}")
+
+
+
 def _delivery(text: Any) -> tuple[str | None, str]:
     """
     C{NAME} (every local recipient), C{DOMAIN=NAME} or C{USER@DOMAIN=NAME}.
@@ -385,6 +397,18 @@ OPTIONS: tuple[Option, ...] = (
     Option("shutdown-grace", 30, _positive,
            "on SIGTERM, seconds SMTP transactions in flight get to finish",
            metavar="SECONDS"),
+    Option("mta-sts", True, _on_off,
+           "apply the MTA-STS policies (RFC 8461) of the domains mail is delivered to "
+           "[default: on]", metavar="on|off"),
+    Option("tls-ca-file", None, _text,
+           "PEM CA certificates that verified outbound TLS (MTA-STS, --require-tls) "
+           "trusts instead of the system's", metavar="FILE"),
+    Option("http", None, _endpoint,
+           "HTTP endpoint serving the MTA-STS policy and client autoconfiguration "
+           "(behind a TLS proxy), or none [default: none]", metavar="ENDPOINT"),
+    Option("https", None, _endpoint,
+           "the same over TLS with --tls-cert (port 443), or none [default: none]",
+           metavar="ENDPOINT"),
 )
 
 OPTIONS_BY_NAME: Mapping[str, Option] = {o.name: o for o in OPTIONS}
@@ -429,6 +453,10 @@ class Config:
     transform: tuple[str, ...] = ()
     user_db: str = "file"
     delivery: tuple[tuple[str | None, str], ...] = ()
+    mta_sts: bool = True
+    tls_ca_file: str | None = None
+    http: str | None = None
+    https: str | None = None
     plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict, compare=False)
     source: str = field(default="defaults", compare=False)
 

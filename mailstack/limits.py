@@ -46,6 +46,7 @@ REFUSALS: dict[str, bytes] = {
     "imap": b"* BYE [UNAVAILABLE] Too many connections{detail}; try again later\r\n",
     "pop3": b"-ERR [SYS/TEMP] Too many connections{detail}; try again later\r\n",
     "control": b"error too many connections\n",
+    "http": b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
 }
 
 #: Seconds a refused client gets to read the refusal (and finish a TLS

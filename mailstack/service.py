@@ -29,6 +29,7 @@ from mailstack.queue.control import ControlFactory, control_path
 from mailstack.queue.courier import Courier
 from mailstack.queue.runner import OutboundQueue
 from mailstack.queue.store import QueueStore
+from mailstack.queue.tlspolicy import build_tls_policy
 from mailstack.smtp.client import Timeouts
 from mailstack.reactors import IMailReactor
 from mailstack.receivers import ReceiverPool
@@ -38,6 +39,7 @@ from mailstack.smtp.submission import SubmissionPolicy
 from mailstack.stack import StackBase, ThreadPoolService, UnprivilegedListener
 from mailstack.throttle import LoginThrottle
 from mailstack.tls import ReloadingContextFactory
+from mailstack.wellknown import listener_ports, make_site
 
 log = Logger()
 
@@ -71,11 +73,15 @@ class MailStack(StackBase):
         resolver = self.resolver
         self.receiver_pool: ReceiverPool | None = None
 
+        # MTA-STS and TLS reporting for the courier (mailstack.queue.tlspolicy).
+        self.tls_policy = build_tls_policy(config, reactor, resolver, data, self.io_pool, self)
         self.courier = Courier(reactor, resolver, config.hostname, config.route,
                                port=relay_port, timeouts=relay_timeouts,
                                endpoint=relay_endpoint, require_tls=config.require_tls,
                                relay_auth=config.relay_auth,
-                               bind_addresses=config.smtp_bind_address)
+                               bind_addresses=config.smtp_bind_address,
+                               trust_root=self.tls_policy.trust_root,
+                               tls_policy=self.tls_policy)
         courier: Any = self.courier
         if self.agents is not None:  # lmtp, pipe: run from the queue
             courier = AgentCourier(self.courier, self.agents, config.domains)
@@ -145,6 +151,16 @@ class MailStack(StackBase):
                                    "imap", "imaps")
             self.listen("imaps", config.imaps, TLSMemoryBIOFactory(
                 ReloadingContextFactory(self.tls), False, factory))
+        # --http, --https: the MTA-STS policy and client autoconfiguration.
+        if config.http is not None or config.https is not None:
+            site = make_site(lambda: self.config.domain, config.hostname,
+                             lambda: listener_ports(self), reactor)
+            if config.http is not None:
+                self.listen("http", config.http, self.limited(site, "http", "http"))
+            if config.https is not None:
+                self.listen("https", config.https, TLSMemoryBIOFactory(
+                    ReloadingContextFactory(self.tls), False,
+                    self.limited(site, "http", "https")))
 
     def bounce(self, sender: str, report: bytes) -> Deferred[str]:
         """

@@ -108,7 +108,7 @@ def instances(testcase):
     from mailstack.logs import NoiseFilter
     from mailstack.metrics import Metrics
     from mailstack.plugins import dnsbl, greylist, lmtp, pipe, ratelimit, rspamd, userdb
-    from mailstack.queue import handoff, runner
+    from mailstack.queue import handoff, runner, tlspolicy
     from mailstack.queue.store import QueueRecord, QueueStore
     from mailstack.smtp.filters import MessageFilter
     from mailstack.smtp.server import SMTPServer
@@ -157,6 +157,7 @@ def instances(testcase):
         ReloadingContextFactory: ReloadingContextFactory(TLSMaterial(cert, key)),
         MessageFilter: MessageFilter(),
         SMTPServer: SMTPServer(),
+        tlspolicy.CheckingTLS: tlspolicy.CheckingTLS("mx.example"),
         realm.MaildirRealm: realm.MaildirRealm(store, "localhost", clock, pool),
         mailbox.MaildirMessage: mailbox.MaildirMessage(Loaded(1, entry, None, 0.0)),
         mailbox.MaildirMailbox: mailbox.MaildirMailbox(

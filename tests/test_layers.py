@@ -52,6 +52,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "mailstack.config", "mailstack.stack", "mailstack.reload", "mailstack.metrics",
         "mailstack.receivers", "mailstack.service", "mailstack.tap", "mailstack.cli",
         "mailstack.report", "mailstack.__main__", "mailstack.mailauth.commands",
+        "mailstack.mailauth.tlsrpt_cli", "mailstack.wellknown",
     )),
     ("plugins", ("mailstack.plugins",)),
 )

@@ -30,6 +30,8 @@ import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from OpenSSL.SSL import Error as SSLError
+from service_identity import VerificationError
 from twisted.internet.defer import Deferred
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
@@ -61,6 +63,13 @@ _MX = re.compile(r"^(\*\.)?([a-z0-9]([a-z0-9-]*[a-z0-9])?\.)+[a-z0-9]([a-z0-9-]*
 class PolicyError(ValueError):
     """
     A policy file or TXT record that does not follow RFC 8461.
+    """
+
+
+class FetchError(PolicyError):
+    """
+    The policy host did not answer with a policy: an HTTP status other than
+    200, another content type, too much.
     """
 
 
@@ -152,6 +161,22 @@ def mx_allowed(policy: STSPolicy, mx_host: str) -> bool:
     return False
 
 
+def fetch_error_type(error: BaseException) -> str:
+    """
+    The RFC 8460 result type of a failed policy fetch: C{sts-policy-invalid}
+    for a policy that does not parse (or a wrong answer),
+    C{sts-webpki-invalid} for a certificate that does not verify,
+    C{sts-policy-fetch-error} for anything else.
+    """
+    if isinstance(error, PolicyError) and not isinstance(error, FetchError):
+        return "sts-policy-invalid"
+    reasons = [error] + [getattr(f, "value", f) for f in getattr(error, "reasons", [])]
+    for reason in reasons:
+        if isinstance(reason, (SSLError, VerificationError)):
+            return "sts-webpki-invalid"
+    return "sts-policy-fetch-error"
+
+
 class _Body(Protocol):
     def __init__(self, done: Deferred[bytes], limit: int) -> None:
         self.done, self.limit, self.data = done, limit, bytearray()
@@ -159,7 +184,7 @@ class _Body(Protocol):
     def dataReceived(self, data: bytes) -> None:
         self.data += data
         if len(self.data) > self.limit and not self.done.called:
-            self.done.errback(PolicyError("policy too large"))
+            self.done.errback(FetchError("policy too large"))
             # deliverBody's transport is the response's producer
             IPushProducer(self.transport).stopProducing()
 
@@ -200,11 +225,17 @@ class MTASTSClient:
     @param connect_to: C{{host: (address, port)}} overrides, for tests;
         otherwise the policy host's A/AAAA records, port 443.
     @param clock: the time for C{max_age} (the reactor by default).
+    @param port: the HTTPS port of policy hosts (443; tests change it).
+    @param on_error: called with C{(domain, result type, text)} when a
+        policy fetch fails, the result type one of RFC 8460's
+        (C{sts-policy-fetch-error}, C{sts-policy-invalid},
+        C{sts-webpki-invalid}), for TLS reporting.
     """
 
     def __init__(self, reactor: IMailReactor, cache: DNSCache, directory: str | None = None,
                  tls: Any = None, connect_to: dict[str, tuple[str, int]] | None = None,
-                 clock: IReactorTime | None = None, timeout: float = FETCH_TIMEOUT) -> None:
+                 clock: IReactorTime | None = None, timeout: float = FETCH_TIMEOUT, port: int = 443,
+                 on_error: Any = None) -> None:
         self.reactor = reactor
         self.cache = cache
         self.directory = directory
@@ -212,6 +243,8 @@ class MTASTSClient:
         self.connect_to = connect_to or {}
         self.clock = clock or reactor
         self.timeout = timeout
+        self.port = port
+        self.on_error = on_error
         self._policies: dict[str, STSPolicy | None] = {}
 
     async def policy(self, domain: str) -> STSPolicy | None:
@@ -238,6 +271,8 @@ class MTASTSClient:
         except Exception as e:  # noqa: BLE001 - any network, TLS, HTTP or syntax failure (8461 5.1)
             log.info("mta-sts {domain}: policy fetch failed: {error}", domain=domain,
                      error=str(e) or type(e).__name__)
+            if self.on_error is not None:
+                self.on_error(domain, fetch_error_type(e), str(e) or type(e).__name__)
             return cached
         policy = STSPolicy(fetched.mode, fetched.mx, fetched.max_age, policy_id, now)
         await self._store(domain, policy)
@@ -251,7 +286,7 @@ class MTASTSClient:
         if host in self.connect_to:
             address, port = self.connect_to[host]
         else:
-            address, port = await self._address(host), 443
+            address, port = await self._address(host), self.port
         agent = Agent.usingEndpointFactory(self.reactor,
                                            _FixedAddress(self.reactor, self.tls, address, port))
         url = f"https://{host}/.well-known/mta-sts.txt".encode("ascii")
@@ -260,11 +295,11 @@ class MTASTSClient:
         response = await request
         if response.code != 200:
             response.deliverBody(Protocol())
-            raise PolicyError(f"HTTP {response.code}")
+            raise FetchError(f"HTTP {response.code}")
         types = response.headers.getRawHeaders(b"content-type") or [b""]
         if types[0].split(b";")[0].strip().lower() != b"text/plain":
             response.deliverBody(Protocol())
-            raise PolicyError(f"content type {types[0].decode('latin-1')!r}")
+            raise FetchError(f"content type {types[0].decode('latin-1')!r}")
         body: Deferred[bytes] = Deferred()
         response.deliverBody(_Body(body, MAX_POLICY_SIZE))
         body.addTimeout(self.timeout, self.reactor)

@@ -19,6 +19,10 @@ For a domain in C{--require-tls}, STARTTLS is required and the
 certificate is verified against the host name (service-identity, the
 system's CAs): no TLS means a deferral, never clear text.
 At most L{max_per_domain} sessions run to one domain at once.
+MTA-STS (RFC 8461) and TLS reporting: with a C{tls_policy}
+(L{mailstack.queue.tlspolicy}), a domain reached by MX whose policy is
+C{enforce} gets only its policy's MX hosts and verified TLS, as with
+C{--require-tls}; each session's TLS outcome is recorded.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ from twisted.names.error import DNSNameError, DomainError
 from mailstack.logsafe import safe
 from mailstack.queue.routes import Route
 from mailstack.reactors import IMailReactor
+from mailstack.queue.tlspolicy import TLSHandshakeFailed
 from mailstack.smtp.client import (
     Session, SMTPClientError, SMTPClientProtocol, STARTTLSInjection, Timeouts, TLSRequired,
     Transaction,
@@ -123,6 +128,7 @@ class Courier:
         trust_root: Any = None,
         relay_auth: Sequence[Any] = (),
         bind_addresses: Sequence[str] = (),
+        tls_policy: Any = None,
     ) -> None:
         self.reactor = reactor
         self.resolver = resolver
@@ -143,6 +149,8 @@ class Courier:
         # --smtp-bind-address: the source address per family (smtp_bind_address,
         # smtp_bind_address6 in Postfix).
         self.bind_addresses = tuple(bind_addresses)
+        # MTA-STS and TLS reporting (mailstack.queue.tlspolicy.TLSPolicy), or None.
+        self.tls_policy = tls_policy
 
     def _tcp_endpoint(self, ip: str, port: int) -> IStreamClientEndpoint:
         six = ":" in ip
@@ -228,8 +236,15 @@ class Courier:
             hosts = await self.hosts_for(domain)
         except RouteError as e:
             return {r: Outcome(e.reply) for r in recipients}
+        sts = None
+        if self.tls_policy is not None and not (self.routes.get(domain) or self.routes.get("*")):
+            sts = await self.tls_policy.check(domain)
+            verified = verified or sts.enforce
         last = Reply(451, "4.4.1", f"no host for {domain} could be reached")
         for host, port in hosts:
+            if sts is not None and not sts.allowed(host):
+                last = sts.refusal(host)
+                continue
             ips = await self.addresses(host)
             if not ips:
                 last = Reply(451, "4.4.3", f"Host not found: {host}")
@@ -241,9 +256,13 @@ class Courier:
                 tls_failed = None
                 for use_tls in ((True,) if strict else (True, False)):
                     try:
-                        result = await self._session(ip, port, sender, recipients,
-                                                     open_content, size, use_tls,
-                                                     host if verified else None, credentials)
+                        checking = sts.context(host, use_tls, verified) if sts else None
+                        attempt = self._session(ip, port, sender, recipients,
+                                                open_content, size, use_tls,
+                                                host if verified else None, credentials,
+                                                checking)
+                        result = await (attempt if sts is None else
+                                        sts.observe(host, ip, use_tls, attempt, checking))
                     except TLSRequired as e:
                         # Deferred with a 4.7.x status (RFC 3463: a 4xx reply never
                         # carries 5.x.x), saying who said what.
@@ -292,19 +311,23 @@ class Courier:
                                      error=tls_failed, recipients=", ".join(
                                          f"<{r}>" for r in recipients))
                         return {r: Outcome(result.reply_for(r), relay) for r in recipients}
+        if sts is not None:
+            last = sts.explain(last)
         return {r: Outcome(last) for r in recipients}
 
     async def _session(self, ip: str, port: int, sender: str, recipients: Sequence[str],
                        open_content: Callable[[], Any], size: int, use_tls: bool,
                        verify_host: str | None = None,
-                       credentials: tuple[str, str] | None = None) -> Any:
+                       credentials: tuple[str, str] | None = None,
+                       tls_context: Any = None) -> Any:
         """
         One transaction, on a cached session to the same place if there is
         one, else on a new session; with C{verify_host}, TLS is required and
         the certificate must be valid for that name; with C{credentials},
-        TLS is required and AUTH is done inside it.
+        TLS is required and AUTH is done inside it; C{tls_context}
+        replaces the opportunistic one (MTA-STS testing mode).
         """
-        key = (ip, port, use_tls, verify_host, credentials)
+        key = (ip, port, use_tls, verify_host, credentials, tls_context)
         # No content yet: each try below opens its own (open_content()).
         transaction = Transaction(sender, list(recipients), None, size)  # type: ignore[arg-type]
         cached = self._take_idle(key)
@@ -320,6 +343,7 @@ class Courier:
                 log.debug("cached session to {ip} was stale: {e}", ip=ip, e=safe(_describe(e)))
             else:
                 self._park(key, cached)
+                result.reused = True
                 return result
             finally:
                 transaction.content.close()
@@ -328,7 +352,7 @@ class Courier:
             context = ssl.optionsForClientTLS(
                 verify_host, trustRoot=self.trust_root or ssl.platformTrust())
         else:
-            context = self.tls_context if use_tls else None
+            context = (tls_context or self.tls_context) if use_tls else None
         proto = SMTPClientProtocol(self.reactor)
         factory = Factory.forProtocol(lambda: proto)
         factory.noisy = False
@@ -425,7 +449,7 @@ class Courier:
         return DeferredList(quits)
 
 
-class _TLSFailed(Exception):
+class _TLSFailed(TLSHandshakeFailed):
     """
     The TLS handshake of an opportunistic STARTTLS failed: retry in clear.
     """

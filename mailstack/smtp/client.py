@@ -222,6 +222,7 @@ class TransactionResult:
     recipients: dict[str, Reply] = field(default_factory=dict)
     data: Reply | None = None
     tls: bool = False
+    reused: bool = False  # on a session kept from an earlier transaction
 
     def reply_for(self, recipient: str) -> Reply:
         """
