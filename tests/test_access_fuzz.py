@@ -201,6 +201,18 @@ class MIMEFuzz(SynchronousTestCase):
     def test_structured(self, raw):
         self.exercise(raw)
 
+    def test_damaged_rfc2231_charset(self):
+        """
+        An RFC 2231 parameter whose charset Python cannot use (damaged by a
+        control character, or with a NUL) renders in BODYSTRUCTURE, as found
+        by test_damaged: the decoded value instead of the encoded one.
+        """
+        for charset in (b"utf-8\x01", b"utf-8\x00"):
+            raw = (b"Content-Type: text/plain\r\nContent-Disposition: attachment; "
+                   b"filename*=" + charset + b"''%E2\r\n\r\n")
+            self.exercise(raw)
+            self.assertIn(b'("FILENAME" ', Part(raw).bodystructure(True))
+
     @settings(max_examples=100, deadline=None)
     @given(entities(), st.integers(min_value=0, max_value=400), st.binary(max_size=20))
     def test_damaged(self, raw, cut, noise):

@@ -345,7 +345,10 @@ class Part:
         flat = []
         for key, value in pairs:
             if isinstance(value, tuple):  # RFC 2231: leave it encoded
-                value = email.utils.encode_rfc2231(value[2], value[0], value[1])
+                try:
+                    value = email.utils.encode_rfc2231(value[2], value[0], value[1])
+                except (LookupError, ValueError):  # a charset unknown, or with a NUL
+                    value = value[2]
             flat.append(string(key.upper()) + b" " + string(str(value)))
         return b"(" + b" ".join(flat) + b")"
 
