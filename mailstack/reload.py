@@ -43,13 +43,14 @@ log = Logger()
 RELOADABLE = frozenset({
     "domain", "route", "relay-auth", "require-tls", "retry-schedule", "max-queue-lifetime",
     "max-message-size", "relay-networks", "smtp-timeout", "tls-cert", "tls-key",
-    "smtp-bind-address",
+    "smtp-bind-address", "dmarc-reject", "dmarc-quarantine", "spf-fail-reject",
 })
 # What a receiver process (--receivers) was started with: on a change they
 # are restarted, each finishing its sessions first, while the main process
 # keeps accepting.
 RECEIVER_SETTINGS = frozenset({"domain", "relay-networks", "max-message-size", "smtp-timeout",
-                               "tls-cert", "tls-key"})
+                               "tls-cert", "tls-key", "dmarc-reject", "dmarc-quarantine",
+                               "spf-fail-reject"})
 
 
 def smtp_factories(stack: Any) -> Iterator[SMTPServerFactory]:

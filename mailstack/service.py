@@ -48,6 +48,7 @@ from mailstack.receivers import AdoptedPort, ReceiverPool
 from mailstack.delivery.agents import AgentCourier, build_agents
 from mailstack.interfaces import IAliasMap, IOutboundTransform, IUserDatabase
 from mailstack.plugin import build_plugin
+from mailstack.plugins.mailauth import builtin_filters, builtin_transforms
 from mailstack.smtp.filters import FilteredPolicy, checked_injection, load_filters
 from mailstack.smtp.policy import ReceivingPolicy
 from mailstack.smtp.server import ServerSettings, SMTPServerFactory
@@ -196,6 +197,11 @@ class MailStack(MultiService):
 
         self.transforms = [build_plugin("transform", name, config, reactor, IOutboundTransform)
                            for name in config.transform]
+        # Mail authentication, built in: DKIM signing last among the
+        # transforms; SPF/DKIM/DMARC first among the receiving MTA's filters.
+        self.transforms += builtin_transforms(config, reactor, lambda: self.config)
+        self.smtp_filters = builtin_filters(config, reactor, resolver,
+                                            lambda: self.config) + self.filters
         self.agents = build_agents(config, reactor)
 
         if receiver is not None:
@@ -204,7 +210,8 @@ class MailStack(MultiService):
             self.dispatcher = Dispatcher(self.router, self.maildir, self.queue, reactor,
                                          self.spool_dir)
             self.plug_in(self.dispatcher)
-            policy = self.filtered(ReceivingPolicy(self.dispatcher, config.relay_networks))
+            policy = self.filtered(ReceivingPolicy(self.dispatcher, config.relay_networks),
+                                   self.smtp_filters)
             factory: WrappingFactory = self.limited(self.smtp_factory(policy, "smtp"), "smtp",
                                                     "smtp")
             if (config.smtp or "").lower().startswith("haproxy:"):
@@ -249,7 +256,8 @@ class MailStack(MultiService):
         self.throttle = LoginThrottle(reactor)
 
         if config.smtp is not None:
-            policy = self.filtered(ReceivingPolicy(self.dispatcher, config.relay_networks))
+            policy = self.filtered(ReceivingPolicy(self.dispatcher, config.relay_networks),
+                                   self.smtp_filters)
             self.listen("smtp", config.smtp,
                         self.limited(self.smtp_factory(policy, "smtp"), "smtp", "smtp"))
             if config.receivers > 1:
@@ -286,8 +294,9 @@ class MailStack(MultiService):
             self.listen("imaps", config.imaps, TLSMemoryBIOFactory(
                 ReloadingContextFactory(self.tls), False, factory))
 
-    def filtered(self, policy: Any) -> Any:
-        return FilteredPolicy(policy, self.filters, self.reactor) if self.filters else policy
+    def filtered(self, policy: Any, filters: Any = None) -> Any:
+        filters = self.filters if filters is None else filters
+        return FilteredPolicy(policy, filters, self.reactor) if filters else policy
 
     def plug_in(self, dispatcher: Dispatcher) -> None:
         """

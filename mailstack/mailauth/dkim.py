@@ -21,6 +21,7 @@ fields come back with LF endings, as mailstack stores messages.
 from __future__ import annotations
 
 import base64
+import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -54,15 +55,57 @@ OVERSIGNED_PRESENT = ("sender", "date", "message-id", "mime-version", "content-t
                       "content-transfer-encoding", "in-reply-to", "references")
 
 
+#: Messages whose header section is larger are not DKIM-verified (C{policy}):
+#: dkimpy parses a header in quadratic time, a hostile one of megabytes in
+#: minutes (64 KiB: under a second; Postfix's header_size_limit is 100 KiB).
+MAX_HEADER = 64 * 1024
+
+_FIELD_NAME = re.compile(rb"([\x21-\x7e]+?):")
+
+
+def header_end(message: bytes) -> int:
+    """
+    Where the header section of C{message} (LF or CRLF) ends: the offset
+    of the line end before the empty line, or C{len(message)}.
+    """
+    if message.startswith((b"\n", b"\r\n")):
+        return 0
+    ends = [i for i in (message.find(b"\n\n"), message.find(b"\n\r\n")) if i >= 0]
+    end = min(ends) if ends else len(message)
+    return end - 1 if end and message[end - 1:end] == b"\r" else end
+
+
+def parse_header(message: bytes) -> list[tuple[bytes, bytes]]:
+    """
+    The header fields of C{message} as C{dkim.rfc822_parse} gives them
+    (name, value with CRLF line ends), in linear time and without reading
+    the body.  Raises C{dkim.MessageFormatError} as it does.
+    """
+    head = message[:header_end(message)]
+    fields: list[tuple[bytes, list[bytes]]] = []
+    for line in re.split(rb"\r?\n", head) if head else []:
+        if line[:1] in (b" ", b"\t"):
+            if not fields:
+                raise dkim.MessageFormatError("a header starts with a continuation line")
+            fields[-1][1].append(line + b"\r\n")
+            continue
+        match = _FIELD_NAME.match(line)
+        if match is not None:
+            fields.append((match.group(1), [line[match.end(0):] + b"\r\n"]))
+        elif not line.startswith(b"From "):
+            raise dkim.MessageFormatError(f"Unexpected characters in RFC822 header: {line!r}")
+    return [(name, b"".join(parts)) for name, parts in fields]
+
+
 def signed_fields(message: bytes) -> list[bytes]:
     """
     The C{h=} list for C{message}: each field of L{SIGNED} as often as it
     occurs, plus the over-signing described above.
     """
-    headers, _ = dkim.rfc822_parse(message)
+    headers = parse_header(message)
     counts: dict[str, int] = {}
-    for name, _value in headers:
-        key = name.decode("ascii", "replace").lower()
+    for field_name, _value in headers:
+        key = field_name.decode("ascii", "replace").lower()
         counts[key] = counts.get(key, 0) + 1
     fields = []
     for name in SIGNED:
@@ -149,7 +192,8 @@ class DKIMResult:
 
 async def verify_dkim(message: bytes, cache: DNSCache, reactor: Any,
                       threadpool: Any = None, minkey: int = 1024,
-                      max_signatures: int = MAX_SIGNATURES) -> list[DKIMResult]:
+                      max_signatures: int = MAX_SIGNATURES,
+                      headers: list[tuple[bytes, bytes]] | None = None) -> list[DKIMResult]:
     """
     Verify every C{DKIM-Signature} of C{message}; C{[]} when there is none.
 
@@ -158,12 +202,19 @@ async def verify_dkim(message: bytes, cache: DNSCache, reactor: Any,
     default).  A DNS failure is C{temperror}, a missing or malformed key
     C{permerror}, C{rsa-sha1} and RSA keys under C{minkey} bits C{policy}
     (RFC 8301).  Only the first (topmost) C{max_signatures} are checked.
+    C{headers}: L{parse_header} of C{message}, when the caller has it.
     """
     try:
-        headers, _ = dkim.rfc822_parse(message)
+        if headers is None:
+            headers = parse_header(message)
     except dkim.MessageFormatError:
         return []
     signatures = [value for name, value in headers if name.lower() == b"dkim-signature"]
+    if signatures and header_end(message) > MAX_HEADER:
+        log.info("DKIM: a header section over {limit} bytes is not verified",
+                 limit=MAX_HEADER)
+        return [DKIMResult("policy", **_describe(tags), reason="header section too large")
+                for tags in _tags(signatures[:max_signatures])]
     if len(signatures) > max_signatures:
         # Each one costs a DNS lookup and a hash of the body: hostile mail
         # could carry thousands (RFC 6376 6.1 lets verifiers limit them).
@@ -207,7 +258,7 @@ async def verify_dkim(message: bytes, cache: DNSCache, reactor: Any,
 
     await gatherResults([Deferred.fromCoroutine(fetch(name)) for name in list(keys)])
 
-    def check(idx: int, tags: dict[bytes, bytes]) -> DKIMResult:
+    def check(idx: int, tags: dict[bytes, bytes], verifier: Any) -> DKIMResult:
         base = _describe(tags)
         name = tags[b"s"] + b"._domainkey." + tags[b"d"] + b"."
         if name in failed:
@@ -219,7 +270,6 @@ async def verify_dkim(message: bytes, cache: DNSCache, reactor: Any,
             dkim.evaluate_pk(name, record)
         except (dkim.DKIMException, ValueError) as e:
             return DKIMResult("permerror", **base, reason=f"bad key: {e}")
-        verifier = dkim.DKIM(message, minkey=minkey)
         try:
             good = verifier.verify(idx, dnsfunc=lambda _n, timeout=5: record)
         except dkim.KeyFormatError as e:
@@ -233,13 +283,26 @@ async def verify_dkim(message: bytes, cache: DNSCache, reactor: Any,
         return DKIMResult("fail", **base, reason="signature did not verify")
 
     def check_all() -> list[DKIMResult]:
-        return [result if result is not None else check(idx, tags)
+        verifier = dkim.DKIM(message, minkey=minkey)  # parses the header once
+        return [result if result is not None else check(idx, tags, verifier)
                 for idx, (result, tags) in enumerate(zip(results, parsed))
                 if result is not None or tags is not None]
 
+    if all(tags is None for tags in parsed):
+        return [result for result in results if result is not None]
     if threadpool is None:
         threadpool = reactor.getThreadPool()
     return await deferToThreadPool(reactor, threadpool, check_all)
+
+
+def _tags(signatures: list[bytes]) -> list[dict[bytes, bytes]]:
+    out = []
+    for value in signatures:
+        try:
+            out.append(parse_tag_value(value))
+        except InvalidTagValueList:
+            out.append({})
+    return out
 
 
 def _describe(tags: dict[bytes, bytes]) -> dict[str, str]:

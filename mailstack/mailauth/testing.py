@@ -108,13 +108,29 @@ class ZoneResolver(ResolverBase):
         return out
 
 
+class _ZoneServerFactory(DNSServerFactory):
+    """
+    Answers a L{ZoneResolver}'s C{servfail} names with SERVFAIL (Twisted's
+    server answers NXDOMAIN for every L{DomainError}, C{DNSServerError}
+    included).
+    """
+
+    def gotResolverError(self, failure: Any, protocol: Any, message: Any,
+                         address: Any) -> None:
+        if failure.check(DNSServerError):
+            response = self._responseFromMessage(message=message, rCode=dns.ESERVER)
+            self.sendReply(protocol, response, address)
+            return
+        super().gotResolverError(failure, protocol, message, address)
+
+
 def serve_zone(reactor: Any, resolver: Any, attempts: int = 20) -> tuple[int, list[Any]]:
     """
     Serve C{resolver} as a DNS server on 127.0.0.1, UDP and TCP on one port
     (a long answer is truncated over UDP and asked again over TCP).  Returns
     the port number and the listening ports, to stop with C{stopListening}.
     """
-    factory = DNSServerFactory(clients=[resolver])
+    factory = _ZoneServerFactory(clients=[resolver])
     protocol = dns.DNSDatagramProtocol(factory)
     for _ in range(attempts):
         udp = reactor.listenUDP(0, protocol, interface="127.0.0.1")
