@@ -330,7 +330,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("tls-key", None, _text,
            "PEM private key [default: DATA/tls/key.pem, generated]", metavar="FILE"),
     Option("dns-server", None, lambda v: parse_hostport(v, 53),
-           "resolver for MX/A/AAAA lookups [default: the system resolver]",
+           "resolver for MX/A/AAAA lookups and the SPF/DKIM/DMARC checks "
+           "[default: the system resolver]",
            metavar="HOST:PORT"),
     Option("route", (), parse_route,
            "static next hop for a domain; * is a smarthost (repeatable)",

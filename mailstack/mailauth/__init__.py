@@ -3,7 +3,8 @@ Mail authentication building blocks (issue 17): DKIM keys and signing,
 SPF, DKIM and DMARC checks with one C{Authentication-Results} header,
 MTA-STS policies, and the DNS records a domain publishes.
 
-One module per concern, none of them tied to the SMTP server or the queue:
+One module per concern; all but the last two are tied to neither the SMTP
+server nor the queue, and those two wire them in:
 
     keys.py        DKIM keys under DATA/dkim/<domain>/, TXT records, rotation
     dkim.py        DKIMSigner (dual rsa-sha256 + ed25519-sha256), verify_dkim
@@ -16,22 +17,24 @@ One module per concern, none of them tied to the SMTP server or the queue:
     dnsrecords.py  the records of `mailstack dns DOMAIN` and their --check
     commands.py    `mailstack dkim ...` and `mailstack dns ...`
     testing.py     ZoneResolver and a loopback DNS server for tests
+    checks.py      AuthChecksFilter: the built-in auth-checks message filter
+    signing.py     DKIMSigningTransform: the built-in dkim-sign outbound transform
 
-How they will be wired, once the plugin API of issue 16 exists (not done
-here, on purpose):
+How they are wired (L{mailstack.plugins.mailauth}, on by default):
 
- - Inbound checks become a built-in message filter at end of DATA on the
-   receiving MTA: it removes C{Authentication-Results} fields carrying our
-   authserv-id (L{results.remove_ours}), runs L{verify.Authenticator} on the
-   message with the client's address, HELO name and MAIL FROM, prepends the
-   header it returns, and turns L{verify.policy_verdict} into the filter's
-   verdict (550 5.7.1 reject, delivery into Junk, or accept).  Mail from
-   authenticated users (submission) and from C{--relay-networks} is not
-   checked.
- - Signing becomes a built-in outbound transform: for a message whose From
-   domain is local and has an active key set, L{dkim.DKIMSigner} makes the
-   two C{DKIM-Signature} fields (in a worker thread: it is CPU work) and they
-   are prepended once, before the message is queued.
+ - Inbound checks are the built-in message filter C{auth-checks} at end of
+   DATA on the receiving MTA (L{checks.AuthChecksFilter}): it removes
+   C{Authentication-Results} fields carrying our authserv-id, runs
+   L{verify.Authenticator} with the client's address, HELO name and MAIL
+   FROM, prepends the header it returns, and turns L{verify.policy_verdict}
+   into the filter's verdict (550 5.7.1 reject, delivery into Junk, or
+   accept).  Mail from authenticated users (submission) and from
+   C{--relay-networks} is not checked.  C{--auth-checks no} turns it off.
+ - Signing is the built-in outbound transform C{dkim-sign}
+   (L{signing.DKIMSigningTransform}): for mail of our own senders whose
+   From domain is local and has an active key set, L{dkim.DKIMSigner} makes
+   the two C{DKIM-Signature} fields in a worker thread, prepended once,
+   before the message is queued.  C{--dkim-sign no} turns it off.
  - MTA-STS becomes part of the courier's MX selection: L{mtasts.mx_allowed}
    filters the MX list in C{enforce} mode and verified TLS is required.
 """

@@ -111,7 +111,7 @@ class ZoneResolver(ResolverBase):
 class _ZoneServerFactory(DNSServerFactory):
     """
     Answers a L{ZoneResolver}'s C{servfail} names with SERVFAIL (Twisted's
-    server answers NXDOMAIN for every L{DomainError}, C{DNSServerError}
+    server answers NXDOMAIN for every C{DomainError}, C{DNSServerError}
     included).
     """
 
