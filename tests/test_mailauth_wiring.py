@@ -43,6 +43,7 @@ from tests.support import (
 )
 from tests.test_mailauth_dkim import key_set, zone_for
 from tests.test_relay import Sink
+from tests.test_sendmail import sendmail
 
 LISTEN = "tcp:0:interface=127.0.0.1"
 
@@ -601,21 +602,24 @@ class SigningTests(TestCase):
         verify_both(self, content, self.dnsfunc)
 
     @inlineCallbacks
-    def test_local_injection_and_bounce_signed(self):
+    def test_sendmail_and_bounce_signed(self):
         """
-        Mail a local user injects (origin local, what the maildrop pickup
-        of `mailstack sendmail` does) is signed; so is a bounce whose From
+        Mail injected with the real `mailstack sendmail` command (the
+        maildrop pickup, origin local) is signed; so is a bounce whose From
         is in a domain with a key.
         """
         server = yield self.server()
         arrived = self.sink.next_message()
-        yield server.dispatcher.inject(parse_address("alice@example.test"),
-                                       [parse_address("bob@remote.test")],
-                                       message("alice@example.test").replace(b"\r\n", b"\n"),
-                                       user="alice@example.test")
+        result = yield in_thread(sendmail, ["-i", "-f", "alice@example.test", "bob@remote.test"],
+                                 message("alice@example.test").replace(b"\r\n", b"\n"),
+                                 server.data_dir)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        yield server.pickup.poke()
         yield self.run_queue(server)
         yield arrived
-        verify_both(self, self.sink.policy.received[-1][2], self.dnsfunc)
+        content = self.sink.policy.received[-1][2]
+        self.assertIn(b"(mailstack, from userid", content)
+        verify_both(self, content, self.dnsfunc)
 
         arrived = self.sink.next_message()
         report = (b"From: MAILER-DAEMON@example.test\nTo: bob@remote.test\n"
