@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailstack.interfaces import IMessageFilter
+from mailstack.logsafe import safe
 from mailstack.mailauth.dkim import DKIMResult
 from mailstack.mailauth.dmarc import DMARCResult, organizational_domain
 from mailstack.mailauth.results import authentication_results, authserv_id, remove_ours
@@ -151,7 +152,7 @@ class AuthChecksFilter:
                  "policy={policy} action={action}", qid=envelope.queue_id,
                  spf=results.spf.result if results.spf else "none",
                  dkim=",".join(r.result for r in results.dkim) or "none",
-                 dmarc=results.dmarc.result, domain=results.dmarc.from_domain or "-",
+                 dmarc=results.dmarc.result, domain=safe(results.dmarc.from_domain or "-"),
                  policy=results.dmarc.policy, action=verdict.action)
         header = results.header().rstrip(b"\n")
         if verdict.action == "reject":
