@@ -767,6 +767,29 @@ class OptionsTests(SynchronousTestCase):
         self.assertTrue(any(line.split()[:3] == ["filter", "auth-checks", "disabled"]
                             for line in lines), lines)
 
+    def test_receivers_get_them(self):
+        """
+        --receivers processes rebuild their configuration from what the main
+        process sends: the mail authentication options and --dns-server (the
+        checks' resolver) are in it, an IPv6 server too.
+        """
+        import json
+
+        from mailstack.receivers import receiver_settings
+
+        for server, expected in (("127.0.0.1:5353", ("127.0.0.1", 5353)),
+                                 ("[::1]:53", ("::1", 53))):
+            config = build_config({"dns-server": server, "dmarc-reject": "no",
+                                   "spf-fail-reject": "yes", "dkim-sign": "no"})
+            sent = json.loads(json.dumps(receiver_settings(config, 2, 1)))
+            again = build_config(sent["options"])
+            self.assertEqual(again.dns_server, expected)
+            for name in ("auth_checks", "dmarc_reject", "dmarc_quarantine", "spf_fail_reject",
+                         "dkim_sign"):
+                self.assertEqual(getattr(again, name), getattr(config, name), name)
+        self.assertIsNone(build_config(receiver_settings(build_config({}), 2, 1)["options"])
+                          .dns_server)
+
     def test_client_ip(self):
         self.assertEqual(signing.client_ip("mx.example[192.0.2.1]:2525"), "192.0.2.1")
         self.assertEqual(signing.client_ip("unknown[::1]:25"), "::1")
