@@ -333,6 +333,24 @@ class ReceivingChecksTests(TestCase):
         self.assertEqual(len(self.delivered(server=server)), 1)
 
     @inlineCallbacks
+    def test_policy_reloaded(self):
+        """
+        The policy options apply on SIGHUP (reload) to the next message:
+        after --dmarc-reject becomes no, a p=reject failure goes to Junk.
+        """
+        import dataclasses
+
+        from mailstack.reload import apply
+
+        applied, restart = apply(self.server, dataclasses.replace(self.server.config,
+                                                                  dmarc_reject=False))
+        self.assertEqual((applied, restart), (["dmarc-reject"], []))
+        code, _ = yield self.send("bob@fail.test", message("bob@reject.test"))
+        self.assertEqual(code, 250)
+        [stored] = self.delivered("Junk")
+        self.assertEqual(self.results(stored)["dmarc"][0][0], "fail")
+
+    @inlineCallbacks
     def test_dns_failure_never_rejects(self):
         """
         DNS that fails (SERVFAIL) for SPF and DMARC gives temperror and the
