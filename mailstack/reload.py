@@ -8,8 +8,8 @@ over it) and applies what can change under running sessions: local
 domains, routes, relay credentials, C{--require-tls}, relay networks, the
 retry schedule and queue lifetime, the message size limit, the SMTP
 timeout, the TLS certificate files, and the DMARC and SPF policy options
-(C{--dmarc-reject}, C{--dmarc-quarantine}, C{--spf-fail-reject}).  New sessions see the new values;
-running ones keep what they started with.  A change that needs new
+(C{--dmarc-reject}, C{--dmarc-quarantine}, C{--spf-fail-reject}).  New
+sessions see the new values; running ones keep what they started with.  A change that needs new
 sockets, processes or threads (listeners, the data directory, the host
 name, DNS server, filters, receivers) is logged as needing a restart and
 not applied.  A file that does not parse, or TLS files that do not load,
