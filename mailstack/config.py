@@ -233,6 +233,17 @@ def _filter_name(text: Any) -> str:
     return name
 
 
+def _yes_no(text: Any) -> bool:
+    if isinstance(text, bool):
+        return text
+    value = str(text).strip().lower()
+    if value in ("yes", "true", "on", "1"):
+        return True
+    if value in ("no", "false", "off", "0"):
+        return False
+    raise ConfigError(f"not yes or no: {text!r}")
+
+
 def _bind_address(text: Any) -> str:
     try:
         return str(ipaddress.ip_address(str(text).strip().strip("[]")))
@@ -330,7 +341,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("tls-key", None, _text,
            "PEM private key [default: DATA/tls/key.pem, generated]", metavar="FILE"),
     Option("dns-server", None, lambda v: parse_hostport(v, 53),
-           "resolver for MX/A/AAAA lookups [default: the system resolver]",
+           "resolver for MX/A/AAAA lookups and the SPF/DKIM/DMARC checks "
+           "[default: the system resolver]",
            metavar="HOST:PORT"),
     Option("route", (), parse_route,
            "static next hop for a domain; * is a smarthost (repeatable)",
@@ -359,6 +371,22 @@ OPTIONS: tuple[Option, ...] = (
     Option("filter", (), _filter_name,
            "enable a message filter plugin from mailstack.plugins, e.g. greylist "
            "(repeatable; they run in this order)", repeatable=True, metavar="NAME"),
+    # Mail authentication (mailstack.mailauth; README "Mail authentication").
+    Option("auth-checks", "yes", _yes_no,
+           "check SPF, DKIM and DMARC of mail the receiving MTA gets from the internet "
+           "and add an Authentication-Results field", metavar="yes|no"),
+    Option("dmarc-reject", "yes", _yes_no,
+           "refuse (550 5.7.1) mail failing DMARC whose domain asks p=reject",
+           metavar="yes|no"),
+    Option("dmarc-quarantine", "yes", _yes_no,
+           "deliver mail failing DMARC whose domain asks p=quarantine into Junk",
+           metavar="yes|no"),
+    Option("spf-fail-reject", "no", _yes_no,
+           "refuse (550 5.7.23) mail whose MAIL FROM domain's SPF says fail",
+           metavar="yes|no"),
+    Option("dkim-sign", "yes", _yes_no,
+           "DKIM-sign mail from local domains that have an active key set "
+           "(mailstack dkim keygen)", metavar="yes|no"),
     Option("max-connections", "auto", _limit_or_auto,
            "concurrent connections on all listeners together; auto derives it from the "
            "open files limit (raised to the hard limit at start); 0 for no limit",
@@ -451,6 +479,11 @@ class Config:
     metrics: str | None = None
     smtp_bind_address: tuple[str, ...] = ()
     transform: tuple[str, ...] = ()
+    auth_checks: bool = True
+    dmarc_reject: bool = True
+    dmarc_quarantine: bool = True
+    spf_fail_reject: bool = False
+    dkim_sign: bool = True
     user_db: str = "file"
     delivery: tuple[tuple[str | None, str], ...] = ()
     mta_sts: bool = True

@@ -152,8 +152,9 @@ def enabled_names(config: Any) -> dict[str, set[str]]:
     The plugin names the configuration enables, by kind.
     """
     return {
-        "filter": set(config.filter),
-        "transform": set(config.transform),
+        # auth-checks and dkim-sign are built in, on unless turned off.
+        "filter": set(config.filter) | ({"auth-checks"} if config.auth_checks else set()),
+        "transform": set(config.transform) | ({"dkim-sign"} if config.dkim_sign else set()),
         "delivery": {name for _, name in config.delivery},
         "user-db": {config.user_db},
     }

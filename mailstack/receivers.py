@@ -100,8 +100,14 @@ def receiver_settings(config: Any, family: int, index: int) -> dict[str, Any]:
         "transform": list(config.transform),
         "delivery": [f"{where}={name}" if where else name for where, name in config.delivery],
         "user-db": config.user_db,
+        # Mail authentication (the receiving MTA's checks, DKIM signing).
+        "auth-checks": config.auth_checks, "dmarc-reject": config.dmarc_reject,
+        "dmarc-quarantine": config.dmarc_quarantine, "spf-fail-reject": config.spf_fail_reject,
+        "dkim-sign": config.dkim_sign,
         "plugins": {name: dict(table) for name, table in config.plugins.items()},
     })
+    if config.dns_server is not None:
+        options["dns-server"] = "[{}]:{}".format(*config.dns_server)
     for name in ("tls-cert", "tls-key", "postmaster"):
         value = getattr(config, name.replace("-", "_"))
         if value is not None:
@@ -236,7 +242,8 @@ class ReceiverStack(StackBase):
         self.dispatcher = Dispatcher(self.router, self.maildir, self.queue, reactor,
                                      self.spool_dir)
         self.plug_in(self.dispatcher)
-        policy = self.filtered(ReceivingPolicy(self.dispatcher, config.relay_networks))
+        policy = self.filtered(ReceivingPolicy(self.dispatcher, config.relay_networks),
+                               self.smtp_filters)
         factory: WrappingFactory[Any] = self.limited(self.smtp_factory(policy, "smtp"), "smtp",
                                                 "smtp")
         if (config.smtp or "").lower().startswith("haproxy:"):

@@ -7,8 +7,9 @@ SIGHUP reads the configuration file again (the command line still wins
 over it) and applies what can change under running sessions: local
 domains, routes, relay credentials, C{--require-tls}, relay networks, the
 retry schedule and queue lifetime, the message size limit, the SMTP
-timeout, and the TLS certificate files.  New sessions see the new values;
-running ones keep what they started with.  A change that needs new
+timeout, the TLS certificate files, and the DMARC and SPF policy options
+(C{--dmarc-reject}, C{--dmarc-quarantine}, C{--spf-fail-reject}).  New
+sessions see the new values; running ones keep what they started with.  A change that needs new
 sockets, processes or threads (listeners, the data directory, the host
 name, DNS server, filters, receivers) is logged as needing a restart and
 not applied.  A file that does not parse, or TLS files that do not load,
@@ -44,13 +45,14 @@ log = Logger()
 RELOADABLE = frozenset({
     "domain", "route", "relay-auth", "require-tls", "retry-schedule", "max-queue-lifetime",
     "max-message-size", "relay-networks", "smtp-timeout", "tls-cert", "tls-key",
-    "smtp-bind-address",
+    "smtp-bind-address", "dmarc-reject", "dmarc-quarantine", "spf-fail-reject",
 })
 # What a receiver process (--receivers) was started with: on a change they
 # are restarted, each finishing its sessions first, while the main process
 # keeps accepting.
 RECEIVER_SETTINGS = frozenset({"domain", "relay-networks", "max-message-size", "smtp-timeout",
-                               "tls-cert", "tls-key"})
+                               "tls-cert", "tls-key", "dmarc-reject", "dmarc-quarantine",
+                               "spf-fail-reject"})
 
 
 def smtp_factories(stack: Any) -> Iterator[SMTPServerFactory]:

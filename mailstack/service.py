@@ -114,7 +114,8 @@ class MailStack(StackBase):
         self.throttle = LoginThrottle(reactor)
 
         if config.smtp is not None:
-            policy = self.filtered(ReceivingPolicy(self.dispatcher, config.relay_networks))
+            policy = self.filtered(ReceivingPolicy(self.dispatcher, config.relay_networks),
+                                   self.smtp_filters)
             self.listen("smtp", config.smtp,
                         self.limited(self.smtp_factory(policy, "smtp"), "smtp", "smtp"))
             if config.receivers > 1:

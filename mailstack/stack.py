@@ -36,6 +36,7 @@ from mailstack.delivery.router import Router
 from mailstack.interfaces import IAliasMap, IOutboundTransform, IUserDatabase
 from mailstack.limits import ConnectionLimits, LimitedFactory, default_total, raise_nofile_limit
 from mailstack.logs import quiet_dns
+from mailstack.mailauth.builtin import builtin_filters, builtin_transforms
 from mailstack.plugin import build_plugin
 from mailstack.privileges import StartupError, check as check_data_dir, ensure_layout
 from mailstack.proxy import ProxyHeaderFactory
@@ -178,10 +179,16 @@ class StackBase(MultiService):
 
         self.transforms = [build_plugin("transform", name, config, reactor, IOutboundTransform)
                            for name in config.transform]
+        # Mail authentication, built in: DKIM signing last among the
+        # transforms; SPF/DKIM/DMARC first among the receiving MTA's filters.
+        self.transforms += builtin_transforms(config, reactor, lambda: self.config)
+        self.smtp_filters = builtin_filters(config, reactor, resolver,
+                                            lambda: self.config) + self.filters
         self.agents = build_agents(config, reactor)
 
-    def filtered(self, policy: Any) -> Any:
-        return FilteredPolicy(policy, self.filters, self.reactor) if self.filters else policy
+    def filtered(self, policy: Any, filters: Any = None) -> Any:
+        filters = self.filters if filters is None else filters
+        return FilteredPolicy(policy, filters, self.reactor) if filters else policy
 
     def plug_in(self, dispatcher: Dispatcher) -> None:
         """

@@ -107,7 +107,9 @@ def instances(testcase):
     from mailstack.delivery import dispatch, maildir
     from mailstack.logs import NoiseFilter
     from mailstack.metrics import Metrics
-    from mailstack.plugins import dnsbl, greylist, lmtp, pipe, ratelimit, rspamd, userdb
+    from mailstack.mailauth.checks import AuthChecksFilter
+    from mailstack.mailauth.signing import DKIMSigningTransform
+    from mailstack.plugins import dnsbl, greylist, lmtp, mailauth, pipe, ratelimit, rspamd, userdb
     from mailstack.queue import handoff, runner, tlspolicy
     from mailstack.queue.store import QueueRecord, QueueStore
     from mailstack.smtp.filters import MessageFilter
@@ -177,6 +179,10 @@ def instances(testcase):
         userdb.SQLiteFactory: sqlite_factory,
         userdb.SQLiteDatabase: sqlite_factory.build(config, clock),
         dnsbl.DNSBLFactory: dnsbl.dnsbl,
+        mailauth.AuthChecksFactory: mailauth.auth_checks,
+        mailauth.DKIMSignFactory: mailauth.dkim_sign,
+        AuthChecksFilter: mailauth.auth_checks.build(config, clock, Placeholder()),
+        DKIMSigningTransform: mailauth.dkim_sign.build(config, clock),
         greylist.GreylistFactory: greylist.greylist,
         lmtp.LMTPAgent: lmtp.lmtp.build(config, clock),
         lmtp.LMTPFactory: lmtp.lmtp,

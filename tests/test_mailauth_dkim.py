@@ -275,6 +275,58 @@ class VerifyTests(TestCase):
         results = await self.verify(broken, zone_for(made))
         self.assertEqual([r.result for r in results], ["permerror"])
 
+    async def test_huge_header(self):
+        """
+        The header is never parsed with dkimpy's parser (quadratic: minutes
+        for a hostile header of megabytes) on the reactor thread; a
+        signed message whose header section is over MAX_HEADER is not
+        verified (policy), the signatures still named.
+        """
+        import threading
+
+        from mailstack.mailauth import dkim as ours
+
+        made = key_set()
+        signed = DKIMSigner(made).sign(MESSAGE) + MESSAGE
+        padded = (DKIMSigner(made).sign(MESSAGE) + b"X-Padding: a\n" +
+                  b" b\n" * (ours.MAX_HEADER // 3) + MESSAGE)
+        threads = []
+        real = dkim.rfc822_parse
+
+        def recording(message):
+            threads.append(threading.current_thread())
+            return real(message)
+
+        self.patch(dkim, "rfc822_parse", recording)
+        results = await self.verify(signed, zone_for(made))
+        self.assertEqual([r.result for r in results], ["pass", "pass"])
+        self.assertTrue(threads)
+        self.assertNotIn(threading.main_thread(), threads)
+        threads.clear()
+        self.assertEqual(await self.verify(MESSAGE, zone_for(made)), [])
+        self.assertEqual(threads, [])  # nothing to verify: dkimpy's parser not called
+        results = await self.verify(padded, zone_for(made))
+        self.assertEqual([(r.result, r.domain) for r in results], [("policy", "example.org")] * 2)
+        self.assertEqual(threads, [])
+
+    def test_parse_header(self):
+        """
+        parse_header gives what dkimpy's rfc822_parse gives, LF or CRLF,
+        folded fields, an mbox From_ line, an empty header, without the
+        body; and raises MessageFormatError for a header line without a
+        name.
+        """
+        from mailstack.mailauth.dkim import parse_header
+
+        for message in (MESSAGE, MESSAGE.replace(b"\n", b"\r\n"), b"\nbody",
+                        b"A: b\n\tc\n  d\nE:f", b"From x\nA: b\n\n", b"",
+                        b"A: b\r\n c\r\n\r\nD: not a field\r\n", b"A:\n\n\n"):
+            self.assertEqual(parse_header(message),
+                             [tuple(field) for field in dkim.rfc822_parse(message)[0]],
+                             message)
+        self.assertRaises(dkim.MessageFormatError, parse_header, b"bad line\n\n")
+        self.assertRaises(dkim.MessageFormatError, parse_header, b" x\nA: b\n\n")
+
     async def test_signature_limit(self):
         """
         Only the first five signatures are checked (each costs a lookup and

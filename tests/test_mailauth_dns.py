@@ -154,6 +154,32 @@ class RecordsTests(SynchronousTestCase):
         self.assertIn("mailstack dkim keygen example.org", other)
 
 
+class ServeZoneTests(TestCase):
+    async def test_servfail_over_the_wire(self):
+        """
+        A name the zone SERVFAILs is SERVFAIL over the wire too (Twisted's
+        server alone answers NXDOMAIN), so a client sees a temporary
+        failure, not a missing name.
+        """
+        from twisted.names.client import Resolver
+        from twisted.names.error import DNSNameError, DNSServerError
+
+        zone = ZoneResolver({"a.example": {"TXT": ["x"]}}, servfail={"bad.example"})
+        port, listening = serve_zone(reactor, zone)
+        for p in listening:
+            self.addCleanup(p.stopListening)
+        client = Resolver(servers=[("127.0.0.1", port)], reactor=reactor)
+        with self.assertRaises(DNSServerError):
+            await client.lookupText("bad.example")
+        with self.assertRaises(DNSNameError):
+            await client.lookupText("missing.example")
+        answers, _, _ = await client.lookupText("a.example")
+        self.assertEqual(answers[0].payload.data, [b"x"])
+        cache = DNSCache(client, reactor, timeout=5)
+        with self.assertRaises(DNSTempError):
+            await cache.lookup("bad.example", dns.TXT)
+
+
 class CheckCommandTests(TestCase):
     def setUp(self):
         self.data = os.path.abspath(self.mktemp())

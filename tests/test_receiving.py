@@ -68,7 +68,8 @@ class ReceivingTests(TestCase):
         self.assertEqual(sep + stored, body.replace(b"\r\n", b"\n"))
         self.assertTrue(head.startswith(b"Return-Path: <x@remote.test>\n"
                                         b"Delivered-To: alice@localhost\n"
-                                        b"Received: from client.test ([127.0.0.1])\n"))
+                                        b"Authentication-Results: mx.test;\n"))
+        self.assertIn(b"\nReceived: from client.test ([127.0.0.1])\n", head)
         self.assertIn(b"by mx.test (mailstack) with ESMTP id ", head)
         name = os.path.basename(maildir_files(self.server, "alice@localhost")[0])
         crlf_size = len(message) + message.count(b"\n")

@@ -33,6 +33,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 
+from mailstack.mailauth.header import header_end, parse_header
 from mailstack.mailauth.keys import DKIMKey
 from mailstack.mailauth.lookup import DNSCache, DNSTempError
 
@@ -55,15 +56,22 @@ OVERSIGNED_PRESENT = ("sender", "date", "message-id", "mime-version", "content-t
                       "content-transfer-encoding", "in-reply-to", "references")
 
 
+#: Messages whose header section is larger are not DKIM-verified (C{policy}):
+#: dkimpy parses a header in quadratic time, a hostile one of megabytes in
+#: minutes (64 KiB: under a second; Postfix's header_size_limit is 100 KiB).
+MAX_HEADER = 64 * 1024
+
+
+
 def signed_fields(message: bytes) -> list[bytes]:
     """
     The C{h=} list for C{message}: each field of L{SIGNED} as often as it
     occurs, plus the over-signing described above.
     """
-    headers, _ = dkim.rfc822_parse(message)
+    headers = parse_header(message)
     counts: dict[str, int] = {}
-    for name, _value in headers:
-        key = name.decode("ascii", "replace").lower()
+    for field_name, _value in headers:
+        key = field_name.decode("ascii", "replace").lower()
         counts[key] = counts.get(key, 0) + 1
     fields = []
     for name in SIGNED:
@@ -150,7 +158,8 @@ class DKIMResult:
 
 async def verify_dkim(message: bytes, cache: DNSCache, reactor: IReactorThreads,
                       threadpool: ThreadPool | None = None, minkey: int = 1024,
-                      max_signatures: int = MAX_SIGNATURES) -> list[DKIMResult]:
+                      max_signatures: int = MAX_SIGNATURES,
+                      headers: list[tuple[bytes, bytes]] | None = None) -> list[DKIMResult]:
     """
     Verify every C{DKIM-Signature} of C{message}; C{[]} when there is none.
 
@@ -159,12 +168,19 @@ async def verify_dkim(message: bytes, cache: DNSCache, reactor: IReactorThreads,
     default).  A DNS failure is C{temperror}, a missing or malformed key
     C{permerror}, C{rsa-sha1} and RSA keys under C{minkey} bits C{policy}
     (RFC 8301).  Only the first (topmost) C{max_signatures} are checked.
+    C{headers}: L{parse_header} of C{message}, when the caller has it.
     """
     try:
-        headers, _ = dkim.rfc822_parse(message)
+        if headers is None:
+            headers = parse_header(message)
     except dkim.MessageFormatError:
         return []
     signatures = [value for name, value in headers if name.lower() == b"dkim-signature"]
+    if signatures and header_end(message) > MAX_HEADER:
+        log.info("DKIM: a header section over {limit} bytes is not verified",
+                 limit=MAX_HEADER)
+        return [DKIMResult("policy", **_describe(tags), reason="header section too large")
+                for tags in _tags(signatures[:max_signatures])]
     if len(signatures) > max_signatures:
         # Each one costs a DNS lookup and a hash of the body: hostile mail
         # could carry thousands (RFC 6376 6.1 lets verifiers limit them).
@@ -208,7 +224,7 @@ async def verify_dkim(message: bytes, cache: DNSCache, reactor: IReactorThreads,
 
     await gatherResults([Deferred.fromCoroutine(fetch(name)) for name in list(keys)])
 
-    def check(idx: int, tags: dict[bytes, bytes]) -> DKIMResult:
+    def check(idx: int, tags: dict[bytes, bytes], verifier: dkim.DKIM) -> DKIMResult:
         base = _describe(tags)
         name = tags[b"s"] + b"._domainkey." + tags[b"d"] + b"."
         if name in failed:
@@ -220,7 +236,6 @@ async def verify_dkim(message: bytes, cache: DNSCache, reactor: IReactorThreads,
             dkim.evaluate_pk(name, record)
         except (dkim.DKIMException, ValueError) as e:
             return DKIMResult("permerror", **base, reason=f"bad key: {e}")
-        verifier = dkim.DKIM(message, minkey=minkey)
         try:
             good = verifier.verify(idx, dnsfunc=lambda _n, timeout=5: record)
         except dkim.KeyFormatError as e:
@@ -234,17 +249,30 @@ async def verify_dkim(message: bytes, cache: DNSCache, reactor: IReactorThreads,
         return DKIMResult("fail", **base, reason="signature did not verify")
 
     def check_all() -> list[DKIMResult]:
+        verifier = dkim.DKIM(message, minkey=minkey)  # parses the header once
         checked = []
         for idx, (result, tags) in enumerate(zip(results, parsed)):
             if result is not None:
                 checked.append(result)
             elif tags is not None:
-                checked.append(check(idx, tags))
+                checked.append(check(idx, tags, verifier))
         return checked
 
+    if all(tags is None for tags in parsed):
+        return [result for result in results if result is not None]
     if threadpool is None:
         threadpool = reactor.getThreadPool()
     return await deferToThreadPool(reactor, threadpool, check_all)
+
+
+def _tags(signatures: list[bytes]) -> list[dict[bytes, bytes]]:
+    out = []
+    for value in signatures:
+        try:
+            out.append(parse_tag_value(value))
+        except InvalidTagValueList:
+            out.append({})
+    return out
 
 
 def _describe(tags: dict[bytes, bytes]) -> dict[str, str]:

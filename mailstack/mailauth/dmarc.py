@@ -122,12 +122,17 @@ class DMARCResult:
     reason: str = ""
 
 
-def from_domains(message: bytes) -> list[str]:
+def from_domains(message: bytes, headers: list[tuple[bytes, bytes]] | None = None) -> list[str]:
     """
     The domains of the addresses in the message's From fields (RFC 5322);
-    DMARC needs exactly one (RFC 7489 6.6.1).
+    DMARC needs exactly one (RFC 7489 6.6.1).  C{headers}: the parsed
+    header of C{message} (L{mailstack.mailauth.header.parse_header}), when the
+    caller has it.
     """
-    headers, _ = dkim.rfc822_parse(message)
+    from mailstack.mailauth.header import parse_header
+
+    if headers is None:
+        headers = parse_header(message)
     values = [value.decode("utf-8", "replace").replace("\r\n", "").replace("\n", "")
               for name, value in headers if name.lower() == b"from"]
     domains = []
@@ -163,14 +168,15 @@ async def lookup_record(cache: DNSCache, domain: str
 
 async def check_dmarc(cache: DNSCache, message: bytes, spf_domain: str, spf_result: str,
                       dkim_results: Iterable[object],
-                      sample: Callable[[], float] = random.random) -> DMARCResult:
+                      sample: Callable[[], float] = random.random,
+                      headers: list[tuple[bytes, bytes]] | None = None) -> DMARCResult:
     """
     The DMARC result of C{message}: its From domain, the SPF result of the
     MAIL FROM domain (or HELO domain for a null sender) and the DKIM results.
     C{sample()} returns a number in [0, 1) for C{pct}.
     """
     try:
-        domains = from_domains(message)
+        domains = from_domains(message, headers)
     except dkim.MessageFormatError:
         return DMARCResult("permerror", reason="unparsable header")
     if not domains:

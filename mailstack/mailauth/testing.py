@@ -112,6 +112,22 @@ class ZoneResolver(ResolverBase):
         return out
 
 
+class _ZoneServerFactory(DNSServerFactory):
+    """
+    Answers a L{ZoneResolver}'s C{servfail} names with SERVFAIL (Twisted's
+    server answers NXDOMAIN for every C{DomainError}, C{DNSServerError}
+    included).
+    """
+
+    def gotResolverError(self, failure: Any, protocol: Any, message: Any,
+                         address: Any) -> None:
+        if failure.check(DNSServerError):
+            response = self._responseFromMessage(message=message, rCode=dns.ESERVER)
+            self.sendReply(protocol, response, address)
+            return
+        super().gotResolverError(failure, protocol, message, address)
+
+
 def serve_zone(reactor: IMailReactor, resolver: Any, attempts: int = 20
                ) -> tuple[int, list[Any]]:
     """
@@ -119,7 +135,7 @@ def serve_zone(reactor: IMailReactor, resolver: Any, attempts: int = 20
     (a long answer is truncated over UDP and asked again over TCP).  Returns
     the port number and the listening ports, to stop with C{stopListening}.
     """
-    factory = DNSServerFactory(clients=[resolver])
+    factory = _ZoneServerFactory(clients=[resolver])
     protocol = dns.DNSDatagramProtocol(factory)
     for _ in range(attempts):
         udp = reactor.listenUDP(0, protocol, interface="127.0.0.1", maxPacketSize=8192)

@@ -17,10 +17,12 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import dkim
 from twisted.internet.defer import Deferred, gatherResults
 from twisted.python.threadpool import ThreadPool
+from twisted.internet.threads import deferToThreadPool
 
-from mailstack.mailauth.dkim import DKIMResult, verify_dkim
+from mailstack.mailauth.dkim import DKIMResult, parse_header, verify_dkim
 from mailstack.mailauth.dmarc import DMARCResult, check_dmarc
 from mailstack.mailauth.lookup import DNSCache
 from mailstack.mailauth.results import authentication_results
@@ -72,9 +74,16 @@ class Authenticator:
         Check C{message}, received from C{client_ip} after C{HELO helo} and
         C{MAIL FROM:<mail_from>} (empty for a null sender).
         """
+        # The header is parsed once, in a worker thread (a hostile one may
+        # be megabytes long); a malformed one is for each check to judge.
+        threadpool = self.threadpool or self.reactor.getThreadPool()
+        try:
+            headers = await deferToThreadPool(self.reactor, threadpool, parse_header, message)
+        except dkim.MessageFormatError:
+            headers = None
         checks: list[Deferred[Any]] = [
             Deferred.fromCoroutine(verify_dkim(message, self.cache, self.reactor,
-                                               self.threadpool))]
+                                               self.threadpool, headers=headers))]
         helo_ok = helo_checkable(helo)
         if helo_ok:
             checks.append(Deferred.fromCoroutine(
@@ -93,8 +102,8 @@ class Authenticator:
         else:
             spf_domain, spf_result = "", "none"
         dmarc = await check_dmarc(self.cache, message, spf_domain, spf_result, dkim_results,
-                                  self.sample)
-        return AuthResults(self.authserv_id, spf, helo_spf,
+                                  self.sample, headers)
+        return AuthResults(self.authserv_id, spf if mail_from else None, helo_spf,
                            dkim_results, dmarc)
 
 
