@@ -136,8 +136,10 @@ def serve_zone(reactor: IMailReactor, resolver: Any, attempts: int = 20
     the port number and the listening ports, to stop with C{stopListening}.
     """
     factory = _ZoneServerFactory(clients=[resolver])
-    protocol = dns.DNSDatagramProtocol(factory)
     for _ in range(attempts):
+        # A new protocol each try: a stopped port lets go of its protocol
+        # only on a later reactor turn.
+        protocol = dns.DNSDatagramProtocol(factory)
         udp = reactor.listenUDP(0, protocol, interface="127.0.0.1", maxPacketSize=8192)
         host = udp.getHost()
         assert isinstance(host, IPv4Address)
