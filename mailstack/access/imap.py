@@ -15,7 +15,8 @@ replaced (see the audit in shared/notes):
     thread, in batches, pausing while the client is slow to read;
     BODY[...] sets \\Seen; byte-exact sections; UIDPLUS, MOVE, IDLE,
     SPECIAL-USE, CHILDREN, UNSELECT, NAMESPACE.
-  - IDLE notices deliveries by polling two directory mtimes every second.
+  - NOOP, CHECK and IDLE rescan the folder only when its watch saw a
+    change (inotify, else two C{stat} calls; L{mailstack.access.watch}).
 """
 
 from __future__ import annotations
@@ -29,7 +30,6 @@ from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.mail import imap4
 from twisted.mail.imap4 import (
@@ -48,6 +48,7 @@ from mailstack.access.mailbox import (
 )
 from mailstack.access.mime import lf, literal, string
 from mailstack.access.search import SearchError, imap_date, parse_set
+from mailstack.access.watch import FolderWatch
 from mailstack.logsafe import safe
 from mailstack.nofollow import SymlinkRefused
 from mailstack.safeio import is_disk_full
@@ -269,7 +270,8 @@ class IMAPServer(imap4.IMAP4Server):
         self._waiting: list[bytes] = []
         self._drain_pending = False
         self._paused: Deferred[None] | None = None
-        self._idle: LoopingCall | None = None
+        self._idle_watch: FolderWatch | None = None
+        self._idle_again = False
         self._idle_refresh: Deferred[Any] | None = None
         self._lost = False
         self._logout_timer: Any = None
@@ -304,6 +306,8 @@ class IMAPServer(imap4.IMAP4Server):
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
         self._stop_idle()
+        if self.mbox is not None:
+            self.mbox.close()  # its folder watch, if no other session holds it
         self._waiting = []
         if self._paused is not None:
             paused, self._paused = self._paused, None
@@ -867,8 +871,10 @@ class IMAPServer(imap4.IMAP4Server):
     # -- SELECT, CLOSE ---------------------------------------------------------------
 
     def _deselect(self) -> None:
+        self._stop_idle()
         if self.mbox is not None:
             self.mbox.removeListener(self)
+            self.mbox.close()
         self.mbox = None
         self.state = "auth"
 
@@ -953,9 +959,16 @@ class IMAPServer(imap4.IMAP4Server):
         if self.mbox is not None:
             self._report(await self.mbox.refresh())
 
+    async def _refresh_if_changed(self) -> None:
+        """
+        Rescan only if the folder's watch saw a change (O(1) otherwise).
+        """
+        if self.mbox is not None and self.mbox.changed_on_disk():
+            await self._refresh()
+
     def do_NOOP(self, tag: bytes) -> None:
         async def work() -> None:
-            await self._refresh()
+            await self._refresh_if_changed()
             self.sendPositiveResponse(tag, b"NOOP completed")
 
         self._run(tag, work())
@@ -964,7 +977,7 @@ class IMAPServer(imap4.IMAP4Server):
 
     def do_CHECK(self, tag: bytes) -> None:
         async def work() -> None:
-            await self._refresh()
+            await self._refresh_if_changed()
             self.sendPositiveResponse(tag, b"CHECK completed")
 
         self._run(tag, work())
@@ -976,17 +989,26 @@ class IMAPServer(imap4.IMAP4Server):
         self.parseTag = tag
         self.lastState = self.parseState
         self.parseState = "idle"
-        self._idle = LoopingCall(self._idle_poll)
-        self._idle.clock = self.factory.reactor
-        self._idle.start(1.0, now=True).addErrback(
-            lambda f: log.failure("imap: IDLE poll failed", f))
+        mbox = self.mbox
+        if mbox is not None and mbox.watch is not None:
+            # Told by the folder's watch (inotify, or one timer for the
+            # process): nothing runs for this session while nothing changes.
+            self._idle_watch = mbox.watch
+            mbox.watch.add_listener(self._idle_poll)
+        self._idle_poll()  # what changed since the last command
 
     auth_IDLE = select_IDLE = (do_IDLE,)
 
-    def _idle_poll(self) -> Deferred[Any] | None:
+    def _idle_poll(self) -> None:
         mbox = self.mbox
-        if mbox is None or not mbox.changed_on_disk() or self._idle_refresh is not None:
-            return None
+        if self.parseState != "idle" or mbox is None or self._lost:
+            return
+        if self._idle_refresh is not None:
+            self._idle_again = True  # looked again once this refresh is done
+            return
+        if not mbox.changed_on_disk():
+            return
+        self._idle_again = False
         d = Deferred.fromCoroutine(self._refresh())
 
         def done(result: Any) -> None:
@@ -994,15 +1016,16 @@ class IMAPServer(imap4.IMAP4Server):
             if isinstance(result, Failure):
                 log.failure("imap: IDLE refresh failed for {client}", result,
                             client=self.client)
+            elif self._idle_again:
+                self._idle_poll()
 
         self._idle_refresh = d
         d.addBoth(done)
-        return None
 
     def _stop_idle(self) -> None:
-        if self._idle is not None and self._idle.running:
-            self._idle.stop()
-        self._idle = None
+        watch, self._idle_watch = self._idle_watch, None
+        if watch is not None:
+            watch.remove_listener(self._idle_poll)
 
     def parse_idle(self, *args: Any) -> None:
         self._stop_idle()

@@ -43,6 +43,7 @@ from mailstack.access.folder import (
 )
 from mailstack.access.mime import Part, crlf, lf
 from mailstack.access.search import Candidate, Ranges, matches, needs
+from mailstack.access.watch import FolderWatch, Watches
 from mailstack.nofollow import SymlinkRefused, open_file
 from mailstack.safeio import atomic_write, temporary_name
 
@@ -291,7 +292,8 @@ class MaildirMailbox:
     """
 
     def __init__(self, account: "MaildirAccount", name: str, folder: Folder,
-                 snapshot: Snapshot, rw: bool) -> None:
+                 snapshot: Snapshot, rw: bool, watch: FolderWatch | None = None,
+                 generation: int = 0) -> None:
         self.account = account
         self.name = name
         self.folder = folder
@@ -301,7 +303,11 @@ class MaildirMailbox:
         self.uid_next = snapshot.uid_next
         self.listeners: list[Any] = []
         self.keywords_sent: list[str] = []  # the keywords this session was told of
-        self._mtimes = self._directory_mtimes()
+        if watch is None:  # made by hand: a watch of its own, seen now
+            watch = account.watches.acquire(folder.path)
+            generation = watch.poll()
+        self.watch: FolderWatch | None = watch
+        self._generation = generation  # the watch's, read before the last scan began
 
     def _run(self, f: Any, *args: Any) -> Deferred[Any]:
         return self.account.run(f, *args)
@@ -330,29 +336,33 @@ class MaildirMailbox:
                 chosen.update(range(max(1, min(a, b)) - 1, min(count, max(a, b))))
         return [(i + 1, self.view[i]) for i in sorted(chosen)]
 
-    def _directory_mtimes(self) -> tuple[int, int]:
-        try:
-            return (os.stat(os.path.join(self.folder.path, "new")).st_mtime_ns,
-                    os.stat(os.path.join(self.folder.path, "cur")).st_mtime_ns)
-        except OSError:
-            return (0, 0)
-
     def changed_on_disk(self) -> bool:
         """
-        Whether a delivery, a flag change or an expunge by anyone touched
-        the folder since the last refresh (two stat calls, for IDLE).
+        Whether a delivery, a flag change or an expunge by anyone may have
+        touched the folder since the last refresh began (O(1): see
+        L{mailstack.access.watch}); NOOP, CHECK and IDLE rescan only then.
         """
-        return self._directory_mtimes() != self._mtimes
+        if self.watch is None:
+            return True
+        return self.watch.changed_since(self._generation)
+
+    def close(self) -> None:
+        """
+        The session leaves the folder: give its watch back.
+        """
+        watch, self.watch = self.watch, None
+        if watch is not None:
+            self.account.watches.release(watch)
 
     def refresh(self) -> Deferred[Changes]:
         sizes = {e.base: e.size for e in self.view}
-        mtimes = self._directory_mtimes()
+        generation = self.watch.poll() if self.watch is not None else 0
 
         def scan() -> Snapshot:
             return self.folder.scan(claim_new=self.rw, sizes=sizes)
 
         def apply(snapshot: Snapshot) -> Changes:
-            self._mtimes = mtimes
+            self._generation = generation
             changes = Changes()
             current = {e.uid: e for e in snapshot.entries}
             kept = []
@@ -567,12 +577,14 @@ class MaildirAccount:
     """
 
     def __init__(self, root: str, hostname: str, reactor: IReactorFromThreads, pool: Any,
-                 share: Any = None) -> None:
+                 share: Any = None, watches: Watches | None = None) -> None:
         self.root = root
         self.hostname = hostname
         self.reactor = reactor
         self.pool = pool
         self.share = share  # a DeferredSemaphore shared by the user's sessions
+        # Folder change detection, shared by the process's sessions.
+        self.watches = watches if watches is not None else Watches(reactor)
 
     def run(self, f: Any, *args: Any) -> Deferred[Any]:
         if self.share is not None:
@@ -736,6 +748,9 @@ class MaildirAccount:
     # -- IAccount --------------------------------------------------------------------
 
     def select(self, name: str, rw: bool = True) -> Deferred[MaildirMailbox | None]:
+        watch = self.watches.acquire(self.folder(name).path)
+        generation = watch.poll()  # before the scan: a change during it is seen next
+
         def work() -> MaildirMailbox | None:
             try:
                 folder = self.existing(name)
@@ -743,8 +758,18 @@ class MaildirAccount:
                 return None
             snapshot = folder.scan(claim_new=rw)
             return MaildirMailbox(self, "INBOX" if name.upper() == "INBOX" else name,
-                                  folder, snapshot, rw)
-        return self.run(work)
+                                  folder, snapshot, rw, watch, generation)
+
+        def done(mbox: MaildirMailbox | None) -> MaildirMailbox | None:
+            if mbox is None:
+                self.watches.release(watch)
+            return mbox
+
+        def failed(failure: Any) -> Any:
+            self.watches.release(watch)
+            return failure
+
+        return self.run(work).addCallbacks(done, failed)
 
     def addMailbox(self, name: str, mbox: Any = None) -> Deferred[None]:
         return self.run(self.create_folder, name)
