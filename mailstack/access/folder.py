@@ -120,6 +120,7 @@ class Entry:
     size: int  # as served, with CRLF
     recent: bool = False
     flags: set[str] = field(default_factory=set)
+    inode: int = 0  # of the file, from the directory listing (0: unknown)
 
     def path(self, folder: str) -> str:
         return os.path.join(folder, self.sub, self.name)
@@ -363,7 +364,7 @@ class Folder:
 
     # -- listing -------------------------------------------------------------
 
-    def _files(self) -> dict[str, tuple[str, str]]:
+    def _files(self, inodes: dict[str, int] | None = None) -> dict[str, tuple[str, str]]:
         found: dict[str, tuple[str, str]] = {}
         for sub in ("new", "cur"):  # a name in cur/ wins over the same in new/
             try:
@@ -376,7 +377,10 @@ class Folder:
                 if entry.is_symlink():
                     log.warn("maildir: refusing the symbolic link {path}", path=entry.path)
                     continue
-                found[split_name(entry.name)[0]] = (sub, entry.name)
+                base = split_name(entry.name)[0]
+                found[base] = (sub, entry.name)
+                if inodes is not None:
+                    inodes[base] = entry.inode()  # from the listing: no stat
         return found
 
     def scan(self, claim_new: bool = False, sizes: dict[str, int] | None = None) -> Snapshot:
@@ -393,7 +397,8 @@ class Folder:
         with self.locked():
             uidlist = self._load()
             keywords = self._read_keywords()
-            files = self._files()
+            inodes: dict[str, int] = {}
+            files = self._files(inodes)
             fresh = sorted((b for b in files if b not in uidlist.uids), key=arrival_key)
             self._assign(uidlist, fresh)
             gone = len(uidlist.uids) - len(files)
@@ -423,7 +428,7 @@ class Folder:
                     continue
             info = split_name(name)[1] or ""
             entries.append(Entry(uids[base], base, sub, name, size, uids[base] >= first_recent,
-                                 flags_from_info(info, keywords)))
+                                 flags_from_info(info, keywords), inodes.get(base, 0)))
         entries.sort(key=lambda e: e.uid)
         return Snapshot(uidlist.validity, uidlist.next, entries)
 

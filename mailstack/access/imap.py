@@ -39,6 +39,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailstack.access.folder import MAX_KEYWORDS, Entry, TooManyKeywords
+from mailstack.access.index import fetch_cacheable
 from mailstack.access.limits import (
     COMMAND, TAG, AccessLimits, FolderLimit, clean_text, literal_size, strict_parser,
 )
@@ -1055,6 +1056,7 @@ class IMAPServer(imap4.IMAP4Server):
         items = mbox.resolve(ranges, uid)
         level = _fetch_level(query)
         mark_seen = _sets_seen(query)
+        cached = level == HEADER and fetch_cacheable(query)
         vanished = 0
         self.transport.registerProducer(self, True)
         try:
@@ -1065,7 +1067,7 @@ class IMAPServer(imap4.IMAP4Server):
                         level < WHOLE or size < BATCH_BYTES or end == start):
                     size += items[end][1].size
                     end += 1
-                loaded = await mbox.load(items[start:end], level, mark_seen)
+                loaded = await mbox.load(items[start:end], level, mark_seen, cached)
                 start = end
                 if level == NOTHING:
                     out = render_all(loaded, query, uid)
@@ -1076,6 +1078,8 @@ class IMAPServer(imap4.IMAP4Server):
                 await self._writable()
         finally:
             self.transport.unregisterProducer()
+        if level <= HEADER and items:
+            await mbox.save_index()
         if vanished:
             self.sendNegativeResponse(tag, b"[EXPUNGEISSUED] Some messages were expunged")
         else:

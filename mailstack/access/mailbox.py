@@ -38,6 +38,9 @@ from zope.interface import implementer
 
 from mailstack.access.cache import PART_OVERHEAD, PartCache, parsed
 from mailstack.access.limits import MAX_FOLDER_NAME, MAX_FOLDERS, FolderLimit
+from mailstack.access.index import (
+    CachedPart, FolderIndex, indexes, make_record, search_cacheable,
+)
 from mailstack.access.folder import (
     PERMANENT_FLAGS, Entry, Folder, Snapshot, ensure_folder,
 )
@@ -179,14 +182,25 @@ def _read_header(f: Any) -> bytes:
 
 
 def load(folder: Folder, items: list[tuple[int, Entry]], level: int,
-         mark_seen: bool = False) -> list[Loaded | None]:
+         mark_seen: bool = False, cached: bool = False) -> list[Loaded | None]:
     """
     Read what a FETCH or SEARCH needs of each message; None for a message
     that is gone.  Blocking.
+
+    @param cached: the request needs only what the folder's index keeps
+        (L{mailstack.access.index}): a message it knows is not opened.
     """
     out: list[Loaded | None] = []
+    index = indexes.get(folder.path) if level <= HEADER else None
     for seq, entry in items:
-        found = _read(folder, entry, level)
+        record = index.get(entry.base, entry.size, entry.inode) if index else None
+        found: tuple[float, Part | None] | None
+        if record is not None and level == NOTHING:
+            found = record.mtime, None
+        elif record is not None and cached:
+            found = record.mtime, CachedPart(record)
+        else:
+            found = _read(folder, entry, level, index)
         if found is None:
             out.append(None)
             continue
@@ -194,19 +208,28 @@ def load(folder: Folder, items: list[tuple[int, Entry]], level: int,
         if mark_seen and "\\Seen" not in entry.flags:
             changed = folder.change_flags([entry], add={"\\Seen"})[0]
         out.append(Loaded(seq, entry, found[1], found[0], changed))
+    if index is not None:
+        index.save()  # if it changed and was not written for a while
     return out
 
 
-def _read(folder: Folder, entry: Entry, level: int) -> tuple[float, Part | None] | None:
+def _read(folder: Folder, entry: Entry, level: int, index: FolderIndex | None = None
+          ) -> tuple[float, Part | None] | None:
     for _ in range(2):
         try:
             path = entry.path(folder.path)
             if level == NOTHING:
                 return os.lstat(path).st_mtime, None
             with open_file(path) as f:
-                mtime = os.fstat(f.fileno()).st_mtime
+                stat = os.fstat(f.fileno())
+                mtime = stat.st_mtime
                 if level == HEADER:
-                    return mtime, Part(crlf(_read_header(f)))
+                    header = crlf(_read_header(f))
+                    if index is not None and entry.inode == stat.st_ino:
+                        record = make_record(header, stat, entry.size)
+                        if record is not None:
+                            index.put(entry.base, record)
+                    return mtime, Part(header)
                 return mtime, _parsed(f)
         except FileNotFoundError:
             if not folder.locate(entry):
@@ -377,6 +400,7 @@ class MaildirMailbox:
                 known.add(entry.uid)
                 flags_before = set(entry.flags)
                 entry.sub, entry.name, entry.flags = fresh.sub, fresh.name, fresh.flags
+                entry.inode = fresh.inode
                 kept.append(entry)
                 if entry.flags != flags_before:
                     changes.flags.append((len(kept), entry))
@@ -394,8 +418,16 @@ class MaildirMailbox:
     # -- operations for the server ----------------------------------------------
 
     def load(self, items: list[tuple[int, Entry]], level: int,
-             mark_seen: bool = False) -> Deferred[list[Loaded | None]]:
-        return self._run(load, self.folder, items, level, mark_seen and self.rw)
+             mark_seen: bool = False, cached: bool = False) -> Deferred[list[Loaded | None]]:
+        return self._run(load, self.folder, items, level, mark_seen and self.rw, cached)
+
+    def save_index(self) -> Deferred[None]:
+        """
+        Write the folder's index if it changed (after a FETCH), keeping
+        the records of the messages this session sees.
+        """
+        live = [e.base for e in self.view]
+        return self._run(lambda: indexes.get(self.folder.path).save(live, force=True))
 
     def store_flags(self, items: list[tuple[int, Entry]], flags: Iterable[str],
                     mode: int) -> Deferred[list[tuple[int, Entry]]]:
@@ -458,6 +490,7 @@ class MaildirMailbox:
 
     def search_ids(self, query: list[Any], uid: bool) -> Deferred[list[int]]:
         level = needs(query)
+        cached = search_cacheable(query)
         view = list(enumerate(self.view, 1))
         last_seq = len(view)
         last_uid = view[-1][1].uid if view else 0
@@ -466,7 +499,7 @@ class MaildirMailbox:
             found = []
             for start in range(0, len(view), 200):
                 batch = view[start:start + 200]
-                for loaded in load(self.folder, batch, level):
+                for loaded in load(self.folder, batch, level, cached=cached):
                     if loaded is None:
                         continue
                     entry = loaded.entry
@@ -475,6 +508,8 @@ class MaildirMailbox:
                                           loaded.internal_date, loaded.part)
                     if matches(query, candidate, last_seq, last_uid):
                         found.append(entry.uid if uid else loaded.seq)
+            if level <= HEADER:
+                indexes.get(self.folder.path).save([e.base for _, e in view], force=True)
             return found
 
         return self._run(work)
