@@ -84,9 +84,8 @@ class SameAnswersTests(SynchronousTestCase):
     """
 
     def check(self, message):
-        header = Part(message).header
         stat = os.stat(__file__)
-        record = make_record(header, stat, len(message))
+        record = make_record(Part(message), stat, len(message))
         self.assertIsNotNone(record)
         full, cached = Part(message), CachedPart(record)
         entry = mailbox.Entry(7, "base", "cur", "base:2,", len(message), flags={"\\Seen"})
@@ -118,7 +117,7 @@ class SameAnswersTests(SynchronousTestCase):
         the limit must stay invisible, as without the cache).
         """
         message = b"X-Pad: " + b"x" * 300000 + b"\r\nSubject: late\r\n\r\nbody\r\n"
-        self.assertIsNone(make_record(Part(message).header, os.stat(__file__), len(message)))
+        self.assertIsNone(make_record(Part(message), os.stat(__file__), len(message)))
 
 
 def _folder(test, messages=MESSAGES):
@@ -146,7 +145,7 @@ class IndexFileTests(SynchronousTestCase):
 
     def envelopes(self, cached=True):
         items = list(enumerate(self.folder.scan().entries, 1))
-        loaded = mailbox.load(self.folder, items, HEADER, cached=cached)
+        loaded = mailbox.load(self.folder, items, HEADER, cached=cached, envelope=True)
         return [m.part.envelope() for m in loaded]
 
     def save(self):
@@ -199,7 +198,7 @@ class IndexFileTests(SynchronousTestCase):
         with open(path) as f:
             data = json.load(f)
         for value in data["messages"].values():
-            value[4] = '("forged")'
+            value[5] = '("forged")'
         bases = sorted(data["messages"])
         data["messages"][bases[0]][1] += 1  # another inode
         data["messages"][bases[1]][0] += 1  # another size

@@ -1057,6 +1057,7 @@ class IMAPServer(imap4.IMAP4Server):
         level = _fetch_level(query)
         mark_seen = _sets_seen(query)
         cached = level == HEADER and fetch_cacheable(query)
+        envelope = any(item.type == "envelope" for item in query)
         vanished = 0
         self.transport.registerProducer(self, True)
         try:
@@ -1067,7 +1068,7 @@ class IMAPServer(imap4.IMAP4Server):
                         level < WHOLE or size < BATCH_BYTES or end == start):
                     size += items[end][1].size
                     end += 1
-                loaded = await mbox.load(items[start:end], level, mark_seen, cached)
+                loaded = await mbox.load(items[start:end], level, mark_seen, cached, envelope)
                 start = end
                 if level == NOTHING:
                     out = render_all(loaded, query, uid)

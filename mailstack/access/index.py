@@ -40,13 +40,13 @@ from typing import Any, Iterable
 from twisted.logger import Logger
 
 from mailstack.access.limits import MAX_HEADER_PARSE
-from mailstack.access.mime import Part, header_fields
+from mailstack.access.mime import Part, header_fields, select_fields
 from mailstack.safeio import discard, temporary_name
 
 log = Logger()
 
 INDEX = "mailstack-index"
-VERSION = 1
+VERSION = 2
 SAVE_INTERVAL = 5.0  # seconds between writes while records are being added
 MAX_FOLDERS = 64  # parsed indexes kept in memory, least recently used out
 CACHED_FIELDS = frozenset({
@@ -55,6 +55,7 @@ CACHED_FIELDS = frozenset({
     b"list-id", b"content-transfer-encoding", b"mime-version", b"priority",
     b"x-mailer", b"user-agent", b"delivered-to", b"return-path",
 })
+_CACHED_NAMES = frozenset(name.decode("ascii") for name in CACHED_FIELDS)
 ENVELOPE_FIELDS = (b"date", b"subject", b"from", b"sender", b"reply-to", b"to", b"cc",
                    b"bcc", b"in-reply-to", b"message-id")
 
@@ -64,45 +65,68 @@ class Record:
     What the cache knows of one message.
     """
 
-    __slots__ = ("size", "inode", "mtime", "header", "envelope")
+    __slots__ = ("size", "inode", "mtime", "header", "values", "envelope")
 
     def __init__(self, size: int, inode: int, mtime: float, header: bytes,
-                 envelope: bytes | None) -> None:
+                 values: dict[str, list[bytes]], envelope: bytes | None) -> None:
         self.size = size
         self.inode = inode
         self.mtime = mtime
         self.header = header  # the cached fields' lines, then CRLF
-        self.envelope = envelope
+        self.values = values  # field name -> its values as the parser gives them
+        self.envelope = envelope  # made when first asked for
 
     def to_json(self) -> list[Any]:
         return [self.size, self.inode, self.mtime, self.header.decode("latin-1"),
+                {k: [v.decode("latin-1") for v in vs] for k, vs in self.values.items()},
                 None if self.envelope is None else self.envelope.decode("latin-1")]
 
     @classmethod
     def from_json(cls, value: Any) -> Record:
-        size, inode, mtime, header, envelope = value
+        size, inode, mtime, header, values, envelope = value
         if not (isinstance(size, int) and isinstance(inode, int)
                 and isinstance(mtime, (int, float)) and isinstance(header, str)
+                and isinstance(values, dict)
                 and (envelope is None or isinstance(envelope, str))):
             raise ValueError("bad record")
-        return cls(size, inode, float(mtime), header.encode("latin-1"),
+        parsed = {}
+        for name, found in values.items():
+            if not isinstance(found, list) or not all(isinstance(v, str) for v in found):
+                raise ValueError("bad record")
+            parsed[str(name)] = [v.encode("latin-1") for v in found]
+        return cls(size, inode, float(mtime), header.encode("latin-1"), parsed,
                    None if envelope is None else envelope.encode("latin-1"))
 
 
-class CachedPart(Part):
+class CachedPart:
     """
-    A message as the cache knows it: the cached header fields only, and
-    its ENVELOPE as rendered when the record was made.
+    A message as its record knows it, for what L{fetch_cacheable} and
+    L{search_cacheable} let through: header fields of L{CACHED_FIELDS} and
+    the ENVELOPE, without parsing anything again.
     """
 
     def __init__(self, record: Record) -> None:
-        super().__init__(record.header)
-        self._envelope = record.envelope
+        self.record = record
+        self.header = record.header
 
     def envelope(self) -> bytes:
-        if self._envelope is not None:
-            return self._envelope
-        return super().envelope()
+        if self.record.envelope is None:
+            # Every ENVELOPE field is cached: the same as from the whole header.
+            self.record.envelope = Part(self.record.header).envelope()
+        return self.record.envelope
+
+    def header_values(self, name: str) -> list[bytes]:
+        return list(self.record.values.get(name.lower(), ()))
+
+    def header_value(self, name: str) -> bytes | None:
+        found = self.record.values.get(name.lower())
+        return found[0] if found else None
+
+    def section(self, numbers: tuple[int, ...], kind: str, names: list[bytes] = (),  # type: ignore[assignment]
+                negate: bool = False) -> bytes:
+        if numbers or kind != "HEADER.FIELDS" or negate:
+            raise ValueError("not answered by the index")  # fetch_cacheable keeps these out
+        return select_fields(self.record.header, names, negate)
 
 
 def reduced_header(header: bytes) -> bytes:
@@ -112,17 +136,24 @@ def reduced_header(header: bytes) -> bytes:
     return b"".join(raw for name, raw in header_fields(header) if name in CACHED_FIELDS) + b"\r\n"
 
 
-def make_record(header: bytes, stat: os.stat_result, size: int) -> Record | None:
+def make_record(part: Part, stat: os.stat_result, size: int, envelope: bool = False
+                ) -> Record | None:
     """
-    The record of a message whose header block (CRLF) is C{header}, read
-    from the file of C{stat}, of C{size} octets as served; None for a
-    header block longer than the parser reads (L{MAX_HEADER_PARSE}: its
-    fields past the limit must stay invisible, as without the cache).
+    The record of a message whose header was parsed as C{part}, read from
+    the file of C{stat}, of C{size} octets as served; its ENVELOPE now if
+    C{envelope}.  None for a header block longer than the parser reads
+    (L{MAX_HEADER_PARSE}: its fields past the limit must stay invisible,
+    as without the cache).
     """
-    if len(header) > MAX_HEADER_PARSE:
+    if len(part.header) > MAX_HEADER_PARSE:
         return None
-    part = Part(header)
-    return Record(size, stat.st_ino, stat.st_mtime, reduced_header(header), part.envelope())
+    values: dict[str, list[bytes]] = {}
+    for name, value in part.fields.items():  # one pass: header_values of each name
+        if name.lower() in _CACHED_NAMES:
+            values.setdefault(name.lower(), []).append(
+                str(value).encode("utf-8", "surrogateescape").strip())
+    return Record(size, stat.st_ino, stat.st_mtime, reduced_header(part.header), values,
+                  part.envelope() if envelope else None)
 
 
 class FolderIndex:

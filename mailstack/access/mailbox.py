@@ -92,7 +92,7 @@ class Loaded:
 
     seq: int
     entry: Entry
-    part: Part | None
+    part: Part | CachedPart | None
     internal_date: float
     flags_changed: bool = False
 
@@ -126,7 +126,8 @@ class MaildirMessage:
         self.loaded = loaded
 
     def _part(self) -> Part:
-        return self.loaded.part or Part(b"")
+        part = self.loaded.part  # always a whole Part here: fetch() loads WHOLE
+        return part if isinstance(part, Part) else Part(b"")
 
     def getHeaders(self, negate: bool, *names: Any) -> dict[str, str]:
         wanted = {n.decode() if isinstance(n, bytes) else n for n in names}
@@ -182,25 +183,30 @@ def _read_header(f: Any) -> bytes:
 
 
 def load(folder: Folder, items: list[tuple[int, Entry]], level: int,
-         mark_seen: bool = False, cached: bool = False) -> list[Loaded | None]:
+         mark_seen: bool = False, cached: bool = False, envelope: bool = False
+         ) -> list[Loaded | None]:
     """
     Read what a FETCH or SEARCH needs of each message; None for a message
     that is gone.  Blocking.
 
     @param cached: the request needs only what the folder's index keeps
         (L{mailstack.access.index}): a message it knows is not opened.
+    @param envelope: the request shows ENVELOPE (kept in the index too).
     """
     out: list[Loaded | None] = []
     index = indexes.get(folder.path) if level <= HEADER else None
     for seq, entry in items:
         record = index.get(entry.base, entry.size, entry.inode) if index else None
-        found: tuple[float, Part | None] | None
+        found: tuple[float, Part | CachedPart | None] | None
         if record is not None and level == NOTHING:
             found = record.mtime, None
-        elif record is not None and cached:
+        elif record is not None and cached and index is not None:
+            if envelope and record.envelope is None:
+                CachedPart(record).envelope()
+                index.put(entry.base, record)
             found = record.mtime, CachedPart(record)
         else:
-            found = _read(folder, entry, level, index)
+            found = _read(folder, entry, level, index, cached, envelope)
         if found is None:
             out.append(None)
             continue
@@ -213,8 +219,9 @@ def load(folder: Folder, items: list[tuple[int, Entry]], level: int,
     return out
 
 
-def _read(folder: Folder, entry: Entry, level: int, index: FolderIndex | None = None
-          ) -> tuple[float, Part | None] | None:
+def _read(folder: Folder, entry: Entry, level: int, index: FolderIndex | None = None,
+          cached: bool = False, envelope: bool = False
+          ) -> tuple[float, Part | CachedPart | None] | None:
     for _ in range(2):
         try:
             path = entry.path(folder.path)
@@ -224,12 +231,14 @@ def _read(folder: Folder, entry: Entry, level: int, index: FolderIndex | None = 
                 stat = os.fstat(f.fileno())
                 mtime = stat.st_mtime
                 if level == HEADER:
-                    header = crlf(_read_header(f))
+                    part = Part(crlf(_read_header(f)))
                     if index is not None and entry.inode == stat.st_ino:
-                        record = make_record(header, stat, entry.size)
+                        record = make_record(part, stat, entry.size, envelope)
                         if record is not None:
                             index.put(entry.base, record)
-                    return mtime, Part(header)
+                            if cached:  # the ENVELOPE made once
+                                return mtime, CachedPart(record)
+                    return mtime, part
                 return mtime, _parsed(f)
         except FileNotFoundError:
             if not folder.locate(entry):
@@ -418,8 +427,10 @@ class MaildirMailbox:
     # -- operations for the server ----------------------------------------------
 
     def load(self, items: list[tuple[int, Entry]], level: int,
-             mark_seen: bool = False, cached: bool = False) -> Deferred[list[Loaded | None]]:
-        return self._run(load, self.folder, items, level, mark_seen and self.rw, cached)
+             mark_seen: bool = False, cached: bool = False, envelope: bool = False
+             ) -> Deferred[list[Loaded | None]]:
+        return self._run(load, self.folder, items, level, mark_seen and self.rw, cached,
+                         envelope)
 
     def save_index(self) -> Deferred[None]:
         """
