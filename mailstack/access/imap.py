@@ -1079,12 +1079,12 @@ class IMAPServer(imap4.IMAP4Server):
                 await self._writable()
         finally:
             self.transport.unregisterProducer()
-        if level <= HEADER and items:
-            await mbox.save_index()
         if vanished:
             self.sendNegativeResponse(tag, b"[EXPUNGEISSUED] Some messages were expunged")
         else:
             self.sendPositiveResponse(tag, b"FETCH completed")
+        if level <= HEADER and items:
+            mbox.save_index()  # after the answer
 
     select_FETCH = (do_FETCH, arg_seqset, imap4.IMAP4Server.arg_fetchatt)
 

@@ -21,9 +21,8 @@ their order) and the rendered ENVELOPE.  It is never a source of truth:
     rebuilt as messages are read; records of messages gone are dropped
     when it is written.
 
-It is written atomically (a temporary file renamed over it), from the
-worker threads that read the messages, at most every L{SAVE_INTERVAL}
-seconds during a long FETCH and once at its end.  The parsed indexes are
+It is written atomically (a temporary file renamed over it) in a worker
+thread once a FETCH or SEARCH that added records was answered.  The parsed indexes are
 shared by every session of the process (L{indexes}), bounded by
 L{MAX_FOLDERS} folders.
 """
@@ -33,7 +32,6 @@ from __future__ import annotations
 import json
 import os
 import threading
-import time
 from collections import OrderedDict
 from typing import Any, Iterable
 
@@ -47,7 +45,6 @@ log = Logger()
 
 INDEX = "mailstack-index"
 VERSION = 2
-SAVE_INTERVAL = 5.0  # seconds between writes while records are being added
 MAX_FOLDERS = 64  # parsed indexes kept in memory, least recently used out
 CACHED_FIELDS = frozenset({
     b"from", b"to", b"cc", b"bcc", b"subject", b"date", b"message-id", b"references",
@@ -65,7 +62,7 @@ class Record:
     What the cache knows of one message.
     """
 
-    __slots__ = ("size", "inode", "mtime", "header", "values", "envelope")
+    __slots__ = ("size", "inode", "mtime", "header", "values", "envelope", "texts")
 
     def __init__(self, size: int, inode: int, mtime: float, header: bytes,
                  values: dict[str, list[bytes]], envelope: bytes | None) -> None:
@@ -75,6 +72,7 @@ class Record:
         self.header = header  # the cached fields' lines, then CRLF
         self.values = values  # field name -> its values as the parser gives them
         self.envelope = envelope  # made when first asked for
+        self.texts: dict[str, list[str]] = {}  # SEARCH's decoded values, in memory only
 
     def to_json(self) -> list[Any]:
         return [self.size, self.inode, self.mtime, self.header.decode("latin-1"),
@@ -108,6 +106,7 @@ class CachedPart:
     def __init__(self, record: Record) -> None:
         self.record = record
         self.header = record.header
+        self.texts = record.texts  # see mailstack.access.search
 
     def envelope(self) -> bytes:
         if self.record.envelope is None:
@@ -166,7 +165,6 @@ class FolderIndex:
         self.records: dict[str, Record] = {}
         self._lock = threading.Lock()
         self._dirty = False
-        self._saved = time.monotonic()
         self.load()
 
     def load(self) -> None:
@@ -206,14 +204,17 @@ class FolderIndex:
             self.records[base] = record
             self._dirty = True
 
-    def save(self, live: Iterable[str] | None = None, force: bool = False) -> None:
+    @property
+    def dirty(self) -> bool:
+        return self._dirty
+
+    def save(self, live: Iterable[str] | None = None) -> None:
         """
-        Write the cache if it changed (and, unless C{force}, if the last
-        write is old enough); records of messages not in C{live} are
-        dropped.  Blocking.
+        Write the cache if it changed; records of messages not in C{live}
+        are dropped.  Blocking.
         """
         with self._lock:
-            if not self._dirty or (not force and time.monotonic() - self._saved < SAVE_INTERVAL):
+            if not self._dirty:
                 return
             if live is not None:
                 keep = set(live)
@@ -221,7 +222,6 @@ class FolderIndex:
             data = {"version": VERSION,
                     "messages": {b: r.to_json() for b, r in self.records.items()}}
             self._dirty = False
-            self._saved = time.monotonic()
         target = os.path.join(self.path, INDEX)
         tmp = temporary_name(target)
         try:

@@ -214,8 +214,6 @@ def load(folder: Folder, items: list[tuple[int, Entry]], level: int,
         if mark_seen and "\\Seen" not in entry.flags:
             changed = folder.change_flags([entry], add={"\\Seen"})[0]
         out.append(Loaded(seq, entry, found[1], found[0], changed))
-    if index is not None:
-        index.save()  # if it changed and was not written for a while
     return out
 
 
@@ -432,13 +430,17 @@ class MaildirMailbox:
         return self._run(load, self.folder, items, level, mark_seen and self.rw, cached,
                          envelope)
 
-    def save_index(self) -> Deferred[None]:
+    def save_index(self) -> None:
         """
-        Write the folder's index if it changed (after a FETCH), keeping
-        the records of the messages this session sees.
+        Write the folder's index in a worker thread if it changed (after a
+        FETCH was answered), keeping the records of the messages this
+        session sees.
         """
         live = [e.base for e in self.view]
-        return self._run(lambda: indexes.get(self.folder.path).save(live, force=True))
+        index = indexes.get(self.folder.path)  # read already by the FETCH
+        if index.dirty:
+            self._run(index.save, live).addErrback(
+                lambda f: log.failure("imap: writing the index failed", f))
 
     def store_flags(self, items: list[tuple[int, Entry]], flags: Iterable[str],
                     mode: int) -> Deferred[list[tuple[int, Entry]]]:
@@ -519,11 +521,14 @@ class MaildirMailbox:
                                           loaded.internal_date, loaded.part)
                     if matches(query, candidate, last_seq, last_uid):
                         found.append(entry.uid if uid else loaded.seq)
-            if level <= HEADER:
-                indexes.get(self.folder.path).save([e.base for _, e in view], force=True)
             return found
 
-        return self._run(work)
+        def saved(found: list[int]) -> list[int]:
+            if level <= HEADER:
+                self.save_index()
+            return found
+
+        return self._run(work).addCallback(saved)
 
     # -- IMailbox ------------------------------------------------------------------
 

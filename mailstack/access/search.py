@@ -152,6 +152,16 @@ def _field_texts(c: Candidate, name: str) -> list[str]:
     """
     if c.part is None:
         return []
+    if isinstance(c.part, CachedPart):  # decoded once per message, then kept
+        found = c.part.texts.get(name.lower())
+        if found is None:
+            found = c.part.texts[name.lower()] = _decoded_texts(c, name)
+        return found
+    return _decoded_texts(c, name)
+
+
+def _decoded_texts(c: Candidate, name: str) -> list[str]:
+    assert c.part is not None
     values = [v.replace(b"\r\n", b"").replace(b"\n", b"") for v in c.part.header_values(name)]
     if name.upper().encode() in ADDRESS_KEYS:
         return [_text(search_text(v.decode("utf-8", "replace")).encode("utf-8"))
