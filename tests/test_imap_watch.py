@@ -304,3 +304,4 @@ class PolledSessionTests(SessionTests, TestCase):
     def setUp(self):
         self.patch(watchmodule, "_inotify", None)
         return super().setUp()
+

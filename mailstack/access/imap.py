@@ -22,6 +22,7 @@ replaced (see the audit in shared/notes):
 from __future__ import annotations
 
 import email.utils
+import math
 import re
 from typing import Any
 
@@ -65,6 +66,15 @@ _ATOM_SPECIALS = re.compile(r'[(){ %*"\\\]\x00-\x1f\x7f-\uffff]')
 LOGOUT_TLS_DEADLINE = 2.0  # seconds for the client's TLS close_notify after LOGOUT
 BATCH_MESSAGES = 200
 BATCH_BYTES = 4 << 20
+
+
+def _command(*table: Any) -> Any:
+    """
+    A command table entry (handler, argument parsers...), as Twisted's
+    C{IMAP4Server} looks them up by state and name; typed C{Any}, since
+    Twisted types its own tables with its own handlers.
+    """
+    return table
 
 
 def _flags(entry: Entry) -> bytes:
@@ -260,8 +270,10 @@ class IMAPServer(imap4.IMAP4Server):
     IDENT = b"mailstack IMAP4rev1 ready"
     MAX_LENGTH = 65536
     factory: "IMAPFactory"
-    mbox: MaildirMailbox | None
-    account: MaildirAccount | None
+    # Twisted's IMAP4Server declares these (and portal, challengers) as
+    # "= None" without a type: mypy takes None for their type.
+    mbox: MaildirMailbox | None  # type: ignore[assignment]
+    account: MaildirAccount | None  # type: ignore[assignment]
 
     def __init__(self, factory: "IMAPFactory", implicit_tls: bool) -> None:
         super().__init__(contextFactory=None if implicit_tls else factory.tls)
@@ -287,13 +299,13 @@ class IMAPServer(imap4.IMAP4Server):
 
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
-        self.callLater = self.factory.reactor.callLater  # TimeoutMixin's clock
-        self.timeOut = self.limits.imap_preauth_timeout
-        self.POSTAUTH_TIMEOUT = self.limits.imap_timeout
+        self.timeOut = math.ceil(self.limits.imap_preauth_timeout)  # whole seconds
+        self.POSTAUTH_TIMEOUT = math.ceil(self.limits.imap_timeout)
         peer = self.transport.getPeer()
         self.ip = getattr(peer, "host", "?")
         self.client = f"[{self.ip}]:{getattr(peer, 'port', 0)}"
-        self.portal = _ThrottledPortal(self.factory.portal, self.factory.throttle, self)
+        self.portal = _ThrottledPortal(  # type: ignore[assignment]  # declared None by Twisted
+            self.factory.portal, self.factory.throttle, self)
         if self.implicit_tls:
             self._tls_started()
         log.info("imap: connect from {client}", client=self.client)
@@ -316,9 +328,16 @@ class IMAPServer(imap4.IMAP4Server):
         log.info("imap: disconnect from {client}", client=self.client)
         super().connectionLost(reason)
 
+    def callLater(self, period: float, func: Any) -> Any:
+        """
+        TimeoutMixin's clock: the factory's reactor (a Clock in tests).
+        """
+        return self.factory.reactor.callLater(period, func)
+
     def _tls_started(self) -> None:
         self.startedTLS = True
-        self.challengers = {b"PLAIN": imap4.PLAINCredentials, b"LOGIN": imap4.LOGINCredentials}
+        self.challengers = {  # type: ignore[assignment]  # declared None by Twisted
+            b"PLAIN": imap4.PLAINCredentials, b"LOGIN": imap4.LOGINCredentials}
 
     def capabilities(self) -> dict[bytes, Any]:
         caps: dict[bytes, Any] = {}
@@ -410,7 +429,11 @@ class IMAPServer(imap4.IMAP4Server):
     def rawDataReceived(self, data: bytes) -> None:
         # Literal bytes do not reset the idle timer: a command with its
         # literals must arrive within the timeout (no trickling forever).
-        passon = self._pendingLiteral.write(data)
+        pending = self._pendingLiteral
+        if pending is None:  # not reading a literal: raw mode is for literals only
+            self.setLineMode(data)
+            return
+        passon = pending.write(data)
         if passon is not None:
             self.setLineMode(passon)
 
@@ -453,18 +476,6 @@ class IMAPServer(imap4.IMAP4Server):
 
     def _IMAP4Server__ebDispatch(self, failure: Failure, tag: bytes) -> None:
         self._command_failed(tag, failure)
-
-    def _IMAP4Server__ebLogin(self, failure: Failure, tag: bytes) -> None:
-        if failure.check(UnauthorizedLogin):
-            self.sendNegativeResponse(tag, b"[AUTHENTICATIONFAILED] LOGIN failed")
-        else:
-            self._command_failed(tag, failure)
-
-    def _IMAP4Server__ebAuthResp(self, failure: Failure, tag: bytes) -> None:
-        if failure.check(UnauthorizedLogin):
-            self.sendNegativeResponse(tag, b"[AUTHENTICATIONFAILED] Authentication failed")
-        else:
-            self._command_failed(tag, failure)
 
     def _IMAP4Server__ebAuthChunk(self, failure: Failure, tag: bytes) -> None:
         if failure.check(IllegalClientResponse, ValueError, TypeError):
@@ -555,20 +566,26 @@ class IMAPServer(imap4.IMAP4Server):
         return b"[SERVERBUG] Internal storage error, try again later"
 
     def _IMAP4Server__ebLogin(self, failure: Failure, tag: bytes) -> None:
+        # One definition (there were two, and the second, which handed
+        # other failures to Twisted's, put the exception's text in a BAD).
         if self._login_unavailable(failure, tag):
             return
-        if failure.check(OSError):  # the first login creates the Maildir
+        if failure.check(UnauthorizedLogin):
+            self.sendNegativeResponse(tag, b"[AUTHENTICATIONFAILED] LOGIN failed")
+        elif failure.check(OSError):  # the first login creates the Maildir
             self.sendNegativeResponse(tag, self._storage_failed(failure.value))
         else:
-            imap4.IMAP4Server._IMAP4Server__ebLogin(self, failure, tag)  # type: ignore[attr-defined]
+            self._command_failed(tag, failure)
 
     def _IMAP4Server__ebAuthResp(self, failure: Failure, tag: bytes) -> None:
         if self._login_unavailable(failure, tag):
             return
-        if failure.check(OSError):
+        if failure.check(UnauthorizedLogin):
+            self.sendNegativeResponse(tag, b"[AUTHENTICATIONFAILED] Authentication failed")
+        elif failure.check(OSError):
             self.sendNegativeResponse(tag, self._storage_failed(failure.value))
         else:
-            imap4.IMAP4Server._IMAP4Server__ebAuthResp(self, failure, tag)  # type: ignore[attr-defined]
+            self._command_failed(tag, failure)
 
     # -- flow control for big FETCH responses ------------------------------------
 
@@ -602,7 +619,7 @@ class IMAPServer(imap4.IMAP4Server):
         self._tls_started()
         log.info("imap: STARTTLS from {client}", client=self.client)
 
-    unauth_STARTTLS = (do_STARTTLS,)
+    unauth_STARTTLS = _command(do_STARTTLS,)
 
     def _may_login(self, tag: bytes) -> bool:
         """
@@ -621,13 +638,14 @@ class IMAPServer(imap4.IMAP4Server):
         if self._may_login(tag):
             super().do_LOGIN(tag, user, passwd)
 
-    unauth_LOGIN = (do_LOGIN, imap4.IMAP4Server.arg_astring, imap4.IMAP4Server.arg_finalastring)
+    unauth_LOGIN = _command(do_LOGIN, imap4.IMAP4Server.arg_astring,
+                            imap4.IMAP4Server.arg_finalastring)
 
     def do_AUTHENTICATE(self, tag: bytes, args: bytes) -> None:
         if self._may_login(tag):
             super().do_AUTHENTICATE(tag, args)
 
-    unauth_AUTHENTICATE = (do_AUTHENTICATE, imap4.IMAP4Server.arg_atom)
+    unauth_AUTHENTICATE = _command(do_AUTHENTICATE, imap4.IMAP4Server.arg_atom)
 
     def do_LOGOUT(self, tag: bytes) -> None:
         """
@@ -645,7 +663,7 @@ class IMAPServer(imap4.IMAP4Server):
             self._logout_timer = self.factory.reactor.callLater(
                 self.factory.logout_deadline, self.transport.abortConnection)
 
-    unauth_LOGOUT = auth_LOGOUT = select_LOGOUT = logout_LOGOUT = (do_LOGOUT,)
+    unauth_LOGOUT = auth_LOGOUT = select_LOGOUT = logout_LOGOUT = _command(do_LOGOUT,)
 
     def _login_unavailable(self, failure: Failure, tag: bytes) -> bool:
         """
@@ -668,7 +686,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.sendUntaggedResponse(b'ID ("name" "mailstack")')
         self.sendPositiveResponse(tag, b"ID completed")
 
-    unauth_ID = auth_ID = select_ID = (do_ID, imap4.IMAP4Server.arg_line)
+    unauth_ID = auth_ID = select_ID = _command(do_ID, imap4.IMAP4Server.arg_line)
 
     # -- arguments -----------------------------------------------------------------
 
@@ -747,7 +765,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.sendUntaggedResponse(b'NAMESPACE (("" ".")) NIL NIL')
         self.sendPositiveResponse(tag, b"NAMESPACE completed")
 
-    auth_NAMESPACE = select_NAMESPACE = (do_NAMESPACE,)
+    auth_NAMESPACE = select_NAMESPACE = _command(do_NAMESPACE,)
 
     def do_LIST(self, tag: bytes, ref: bytes, pattern: bytes, subscribed: int,
                 command: bytes) -> None:
@@ -761,6 +779,7 @@ class IMAPServer(imap4.IMAP4Server):
                 self.sendUntaggedResponse(b'LIST (\\Noselect) "." ""')
                 self.sendPositiveResponse(tag, b"LIST completed")
                 return
+            assert account is not None  # LIST exists in the auth and select states only
             infos = await account.run(account.folders)
             names = await account.run(account.subscriptions) if subscribed else None
             if names is not None:
@@ -802,9 +821,9 @@ class IMAPServer(imap4.IMAP4Server):
             self.sendUntaggedResponse(b"LSUB (" + " ".join(attributes).encode() + b') "." '
                                       + string(name.encode("imap4-utf-7")))
 
-    auth_LIST = select_LIST = (do_LIST, imap4.IMAP4Server.arg_astring,
+    auth_LIST = select_LIST = _command(do_LIST, imap4.IMAP4Server.arg_astring,
                                imap4.IMAP4Server.arg_astring, 0, b"LIST")
-    auth_LSUB = select_LSUB = (do_LIST, imap4.IMAP4Server.arg_astring,
+    auth_LSUB = select_LSUB = _command(do_LIST, imap4.IMAP4Server.arg_astring,
                                imap4.IMAP4Server.arg_astring, 1, b"LSUB")
 
     def do_STATUS(self, tag: bytes, name: bytes, names: list[bytes]) -> None:
@@ -830,7 +849,7 @@ class IMAPServer(imap4.IMAP4Server):
 
         self._run(tag, work())
 
-    auth_STATUS = select_STATUS = (do_STATUS, imap4.IMAP4Server.arg_astring,
+    auth_STATUS = select_STATUS = _command(do_STATUS, imap4.IMAP4Server.arg_astring,
                                    imap4.IMAP4Server.arg_plist)
 
     # -- folders ---------------------------------------------------------------------
@@ -861,12 +880,12 @@ class IMAPServer(imap4.IMAP4Server):
     def do_UNSUBSCRIBE(self, tag: bytes, name: bytes) -> None:
         self._folder_command(tag, "unsubscribe", name)
 
-    auth_CREATE = select_CREATE = (do_CREATE, imap4.IMAP4Server.arg_finalastring)
-    auth_DELETE = select_DELETE = (do_DELETE, imap4.IMAP4Server.arg_finalastring)
-    auth_RENAME = select_RENAME = (do_RENAME, imap4.IMAP4Server.arg_astring,
+    auth_CREATE = select_CREATE = _command(do_CREATE, imap4.IMAP4Server.arg_finalastring)
+    auth_DELETE = select_DELETE = _command(do_DELETE, imap4.IMAP4Server.arg_finalastring)
+    auth_RENAME = select_RENAME = _command(do_RENAME, imap4.IMAP4Server.arg_astring,
                                    imap4.IMAP4Server.arg_finalastring)
-    auth_SUBSCRIBE = select_SUBSCRIBE = (do_SUBSCRIBE, imap4.IMAP4Server.arg_finalastring)
-    auth_UNSUBSCRIBE = select_UNSUBSCRIBE = (do_UNSUBSCRIBE,
+    auth_SUBSCRIBE = select_SUBSCRIBE = _command(do_SUBSCRIBE, imap4.IMAP4Server.arg_finalastring)
+    auth_UNSUBSCRIBE = select_UNSUBSCRIBE = _command(do_UNSUBSCRIBE,
                                              imap4.IMAP4Server.arg_finalastring)
 
     # -- SELECT, CLOSE ---------------------------------------------------------------
@@ -903,8 +922,9 @@ class IMAPServer(imap4.IMAP4Server):
 
         self._run(tag, work())
 
-    auth_SELECT = select_SELECT = (do_SELECT, imap4.IMAP4Server.arg_astring, 1, b"SELECT")
-    auth_EXAMINE = select_EXAMINE = (do_SELECT, imap4.IMAP4Server.arg_astring, 0, b"EXAMINE")
+    auth_SELECT = select_SELECT = _command(do_SELECT, imap4.IMAP4Server.arg_astring, 1, b"SELECT")
+    auth_EXAMINE = select_EXAMINE = _command(do_SELECT, imap4.IMAP4Server.arg_astring, 0,
+                                             b"EXAMINE")
 
     def _send_flags(self, mbox: MaildirMailbox, rw: bool = True) -> None:
         """
@@ -935,13 +955,13 @@ class IMAPServer(imap4.IMAP4Server):
 
         self._run(tag, work())
 
-    select_CLOSE = (do_CLOSE,)
+    select_CLOSE = _command(do_CLOSE,)
 
     def do_UNSELECT(self, tag: bytes) -> None:
         self._deselect()
         self.sendPositiveResponse(tag, b"UNSELECT completed")
 
-    select_UNSELECT = (do_UNSELECT,)
+    select_UNSELECT = _command(do_UNSELECT,)
 
     # -- reporting changes -------------------------------------------------------------
 
@@ -974,7 +994,7 @@ class IMAPServer(imap4.IMAP4Server):
 
         self._run(tag, work())
 
-    auth_NOOP = select_NOOP = unauth_NOOP = (do_NOOP,)
+    auth_NOOP = select_NOOP = unauth_NOOP = _command(do_NOOP,)
 
     def do_CHECK(self, tag: bytes) -> None:
         async def work() -> None:
@@ -983,7 +1003,7 @@ class IMAPServer(imap4.IMAP4Server):
 
         self._run(tag, work())
 
-    select_CHECK = (do_CHECK,)
+    select_CHECK = _command(do_CHECK,)
 
     def do_IDLE(self, tag: bytes) -> None:
         self.sendContinuationRequest(b"idling")
@@ -998,7 +1018,7 @@ class IMAPServer(imap4.IMAP4Server):
             mbox.watch.add_listener(self._idle_poll)
         self._idle_poll()  # what changed since the last command
 
-    auth_IDLE = select_IDLE = (do_IDLE,)
+    auth_IDLE = select_IDLE = _command(do_IDLE,)
 
     def _idle_poll(self) -> None:
         mbox = self.mbox
@@ -1086,7 +1106,7 @@ class IMAPServer(imap4.IMAP4Server):
         if level <= HEADER and items:
             mbox.save_index()  # after the answer
 
-    select_FETCH = (do_FETCH, arg_seqset, imap4.IMAP4Server.arg_fetchatt)
+    select_FETCH = _command(do_FETCH, arg_seqset, imap4.IMAP4Server.arg_fetchatt)
 
     def do_STORE(self, tag: bytes, ranges: Any, mode: bytes, flags: list[bytes],
                  uid: int = 0) -> None:
@@ -1113,7 +1133,7 @@ class IMAPServer(imap4.IMAP4Server):
 
         self._run(tag, work())
 
-    select_STORE = (do_STORE, arg_seqset, imap4.IMAP4Server.arg_atom,
+    select_STORE = _command(do_STORE, arg_seqset, imap4.IMAP4Server.arg_atom,
                     imap4.IMAP4Server.arg_flaglist)
 
     def do_SEARCH(self, tag: bytes, charset: Any, query: list[Any], uid: int = 0) -> None:
@@ -1129,7 +1149,7 @@ class IMAPServer(imap4.IMAP4Server):
 
         self._run(tag, work())
 
-    select_SEARCH = (do_SEARCH, imap4.IMAP4Server.opt_charset,
+    select_SEARCH = _command(do_SEARCH, imap4.IMAP4Server.opt_charset,
                      imap4.IMAP4Server.arg_searchkeys)
 
     # -- COPY, MOVE, APPEND, EXPUNGE -------------------------------------------------
@@ -1165,8 +1185,8 @@ class IMAPServer(imap4.IMAP4Server):
     def do_MOVE(self, tag: bytes, ranges: Any, name: bytes, uid: int = 0) -> None:
         self._transfer(tag, ranges, name, uid, move=True)
 
-    select_COPY = (do_COPY, arg_seqset, imap4.IMAP4Server.arg_finalastring)
-    select_MOVE = (do_MOVE, arg_seqset, imap4.IMAP4Server.arg_finalastring)
+    select_COPY = _command(do_COPY, arg_seqset, imap4.IMAP4Server.arg_finalastring)
+    select_MOVE = _command(do_MOVE, arg_seqset, imap4.IMAP4Server.arg_finalastring)
 
     def do_APPEND(self, tag: bytes, name: bytes, flags: Any, date: bytes | None,
                   message: Any) -> None:
@@ -1192,7 +1212,7 @@ class IMAPServer(imap4.IMAP4Server):
 
         self._run(tag, work())
 
-    auth_APPEND = select_APPEND = (do_APPEND, imap4.IMAP4Server.arg_astring,
+    auth_APPEND = select_APPEND = _command(do_APPEND, imap4.IMAP4Server.arg_astring,
                                    imap4.IMAP4Server.opt_plist,
                                    imap4.IMAP4Server.opt_datetime, arg_literal)
 
@@ -1210,7 +1230,7 @@ class IMAPServer(imap4.IMAP4Server):
 
         self._run(tag, work())
 
-    select_EXPUNGE = (do_EXPUNGE,)
+    select_EXPUNGE = _command(do_EXPUNGE,)
 
     def do_UID(self, tag: bytes, command: bytes, line: bytes) -> None:
         command = command.upper()
@@ -1224,7 +1244,7 @@ class IMAPServer(imap4.IMAP4Server):
             raise IllegalClientResponse(command)
         self.dispatchCommand(tag, command, line, uid=1)
 
-    select_UID = (do_UID, imap4.IMAP4Server.arg_atom, imap4.IMAP4Server.arg_line)
+    select_UID = _command(do_UID, imap4.IMAP4Server.arg_atom, imap4.IMAP4Server.arg_line)
 
 
 class _ThrottledPortal:
@@ -1264,7 +1284,7 @@ class _ThrottledPortal:
         return result
 
 
-class IMAPFactory(Factory):
+class IMAPFactory(Factory[IMAPServer]):
     noisy = False
 
     def __init__(self, portal: Portal, reactor: Any, throttle: LoginThrottle, tls: Any,
