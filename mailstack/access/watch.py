@@ -161,8 +161,8 @@ class Watches:
     """
     The process's folder watches, by path; one inotify descriptor for all.
 
-    @param reactor: the reactor (L{IReactorTime}; inotify needs
-        L{IReactorFDSet} too, else every folder is polled).
+    @param reactor: the reactor (C{IReactorTime}; inotify needs
+        C{IReactorFDSet} too, else every folder is polled).
     @param use_inotify: False to poll every folder with C{stat}.
     """
 
