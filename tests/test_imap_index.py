@@ -293,3 +293,9 @@ class SessionIndexTests(IMAPTestMixin, TestCase):
                 break
             yield deferLater(reactor, 0.05, lambda: None)
         self.assertTrue(os.path.exists(os.path.join(root, INDEX)))
+        for _ in range(100):  # the session's end, as the server sees it
+            if not any(path.startswith(root) for path in indexes._items):
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        # Nobody has the folder selected any more: its index left memory.
+        self.assertEqual([p for p in indexes._items if p.startswith(root)], [])

@@ -383,6 +383,10 @@ class MaildirMailbox:
         watch, self.watch = self.watch, None
         if watch is not None:
             self.account.watches.release(watch)
+            if not self.account.watches.watched(self.folder.path):
+                # Nobody here has it selected: its index leaves memory (it
+                # is read again from its file at the next FETCH).
+                indexes.forget(self.folder.path)
 
     def refresh(self) -> Deferred[Changes]:
         sizes = {e.base: e.size for e in self.view}

@@ -199,6 +199,12 @@ class Watches:
         watch.users += 1
         return watch
 
+    def watched(self, path: str) -> bool:
+        """
+        Whether a session of the process has the folder at C{path} selected.
+        """
+        return path in self._watches
+
     def release(self, watch: FolderWatch) -> None:
         watch.users -= 1
         if watch.users > 0:
