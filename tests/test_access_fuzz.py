@@ -8,7 +8,7 @@ step (it answers the next NOOP), and the work stays bounded.
 import os
 import re
 
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from twisted.internet.defer import maybeDeferred
 from twisted.internet.task import Clock
@@ -215,6 +215,10 @@ class MIMEFuzz(SynchronousTestCase):
 
     @settings(max_examples=100, deadline=None)
     @given(entities(), st.integers(min_value=0, max_value=400), st.binary(max_size=20))
+    @example(b"Content-Type: message/rfc822\r\nContent-Disposition: attachment; "
+             b"filename*=utf-8''%E2\r\n\r\nContent-Type: text/plain\r\n\r\n", 73, b".")
+    @example(b"Content-Type: message/rfc822\r\nContent-Disposition: attachment; "
+             b"filename*=utf-8''%E2\r\n\r\nContent-Type: text/plain\r\n\r\n", 73, b"\x00")
     def test_damaged(self, raw, cut, noise):
         self.exercise(raw[:cut] + noise + raw[cut:])
 

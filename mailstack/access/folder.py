@@ -25,6 +25,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -68,6 +69,25 @@ class TooManyKeywords(Exception):
     """
 
 
+_FLAG_SETS: dict[tuple[str, tuple[str, ...]], set[str]] = {}
+
+
+def shared_flags(info: str, keywords: Sequence[str]) -> set[str]:
+    """
+    L{flags_from_info}, one set object for all the messages (of every
+    session) with the same letters: a folder's view holds one set per
+    distinct flag combination, not one per message.  Never change the set
+    in place (every holder would see it): assign a new one.
+    """
+    key = (info, tuple(keywords))
+    found = _FLAG_SETS.get(key)
+    if found is None:
+        if len(_FLAG_SETS) > 4096:
+            _FLAG_SETS.clear()
+        found = _FLAG_SETS[key] = flags_from_info(info, keywords)
+    return found
+
+
 def flags_from_info(info: str, keywords: Sequence[str] = ()) -> set[str]:
     """
     The flags of info letters: A-Z system flags, a-z the folder's keywords.
@@ -107,10 +127,12 @@ def split_name(name: str) -> tuple[str, str | None]:
     return base, info[2:] if info.startswith("2,") else ""
 
 
-@dataclass
+@dataclass(slots=True)
 class Entry:
     """
-    One message of a folder as a session knows it.
+    One message of a folder as a session knows it.  Every idle session
+    keeps one per message of its selected folder, so it is small: slots,
+    names interned, flag sets shared (L{shared_flags}).
     """
 
     uid: int
@@ -120,6 +142,7 @@ class Entry:
     size: int  # as served, with CRLF
     recent: bool = False
     flags: set[str] = field(default_factory=set)
+    inode: int = 0  # of the file, from the directory listing (0: unknown)
 
     def path(self, folder: str) -> str:
         return os.path.join(folder, self.sub, self.name)
@@ -363,7 +386,7 @@ class Folder:
 
     # -- listing -------------------------------------------------------------
 
-    def _files(self) -> dict[str, tuple[str, str]]:
+    def _files(self, inodes: dict[str, int] | None = None) -> dict[str, tuple[str, str]]:
         found: dict[str, tuple[str, str]] = {}
         for sub in ("new", "cur"):  # a name in cur/ wins over the same in new/
             try:
@@ -376,7 +399,11 @@ class Folder:
                 if entry.is_symlink():
                     log.warn("maildir: refusing the symbolic link {path}", path=entry.path)
                     continue
-                found[split_name(entry.name)[0]] = (sub, entry.name)
+                name = sys.intern(entry.name)  # one copy for every session's view
+                base = sys.intern(split_name(name)[0])
+                found[base] = (sub, name)
+                if inodes is not None:
+                    inodes[base] = entry.inode()  # from the listing: no stat
         return found
 
     def scan(self, claim_new: bool = False, sizes: dict[str, int] | None = None) -> Snapshot:
@@ -393,7 +420,8 @@ class Folder:
         with self.locked():
             uidlist = self._load()
             keywords = self._read_keywords()
-            files = self._files()
+            inodes: dict[str, int] = {}
+            files = self._files(inodes)
             fresh = sorted((b for b in files if b not in uidlist.uids), key=arrival_key)
             self._assign(uidlist, fresh)
             gone = len(uidlist.uids) - len(files)
@@ -414,7 +442,7 @@ class Folder:
                               os.path.join(self.path, "cur", target))
                 except FileNotFoundError:
                     continue  # another session claimed or removed it meanwhile
-                sub, name = "cur", target
+                sub, name = "cur", sys.intern(target)
             size = sizes.get(base)
             if size is None:
                 try:
@@ -423,7 +451,7 @@ class Folder:
                     continue
             info = split_name(name)[1] or ""
             entries.append(Entry(uids[base], base, sub, name, size, uids[base] >= first_recent,
-                                 flags_from_info(info, keywords)))
+                                 shared_flags(info, keywords), inodes.get(base, 0)))
         entries.sort(key=lambda e: e.uid)
         return Snapshot(uidlist.validity, uidlist.next, entries)
 

@@ -15,12 +15,14 @@ replaced (see the audit in shared/notes):
     thread, in batches, pausing while the client is slow to read;
     BODY[...] sets \\Seen; byte-exact sections; UIDPLUS, MOVE, IDLE,
     SPECIAL-USE, CHILDREN, UNSELECT, NAMESPACE.
-  - IDLE notices deliveries by polling two directory mtimes every second.
+  - NOOP, CHECK and IDLE rescan the folder only when its watch saw a
+    change (inotify, else two C{stat} calls; L{mailstack.access.watch}).
 """
 
 from __future__ import annotations
 
 import email.utils
+import math
 import re
 from typing import Any
 
@@ -29,7 +31,6 @@ from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory
-from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.mail import imap4
 from twisted.mail.imap4 import (
@@ -39,6 +40,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailstack.access.folder import MAX_KEYWORDS, Entry, TooManyKeywords
+from mailstack.access.index import fetch_cacheable
 from mailstack.access.limits import (
     COMMAND, TAG, AccessLimits, FolderLimit, clean_text, literal_size, strict_parser,
 )
@@ -48,6 +50,7 @@ from mailstack.access.mailbox import (
 )
 from mailstack.access.mime import lf, literal, string
 from mailstack.access.search import SearchError, imap_date, parse_set
+from mailstack.access.watch import FolderWatch
 from mailstack.logsafe import safe
 from mailstack.nofollow import SymlinkRefused
 from mailstack.safeio import is_disk_full
@@ -64,6 +67,15 @@ _ATOM_SPECIALS = re.compile(r'[(){ %*"\\\]\x00-\x1f\x7f-\uffff]')
 LOGOUT_TLS_DEADLINE = 2.0  # seconds for the client's TLS close_notify after LOGOUT
 BATCH_MESSAGES = 200
 BATCH_BYTES = 4 << 20
+
+
+def _command(*table: Any) -> Any:
+    """
+    A command table entry (handler, argument parsers...), as Twisted's
+    C{IMAP4Server} looks them up by state and name; typed C{Any}, since
+    Twisted types its own tables with its own handlers.
+    """
+    return table
 
 
 def _flags(entry: Entry) -> bytes:
@@ -259,8 +271,10 @@ class IMAPServer(imap4.IMAP4Server):
     IDENT = b"mailstack IMAP4rev1 ready"
     MAX_LENGTH = 65536
     factory: "IMAPFactory"
-    mbox: MaildirMailbox | None
-    account: MaildirAccount | None
+    # Twisted's IMAP4Server declares these (and portal, challengers) as
+    # "= None" without a type: mypy takes None for their type.
+    mbox: MaildirMailbox | None  # type: ignore[assignment]
+    account: MaildirAccount | None  # type: ignore[assignment]
 
     def __init__(self, factory: "IMAPFactory", implicit_tls: bool) -> None:
         super().__init__(contextFactory=None if implicit_tls else factory.tls)
@@ -270,7 +284,8 @@ class IMAPServer(imap4.IMAP4Server):
         self._waiting: list[bytes] = []
         self._drain_pending = False
         self._paused: Deferred[None] | None = None
-        self._idle: LoopingCall | None = None
+        self._idle_watch: FolderWatch | None = None
+        self._idle_again = False
         self._idle_refresh: Deferred[Any] | None = None
         self._lost = False
         self._logout_timer: Any = None
@@ -285,13 +300,13 @@ class IMAPServer(imap4.IMAP4Server):
 
     def connectionMade(self) -> None:
         set_nodelay(self.transport)
-        self.callLater = self.factory.reactor.callLater  # TimeoutMixin's clock
-        self.timeOut = self.limits.imap_preauth_timeout
-        self.POSTAUTH_TIMEOUT = self.limits.imap_timeout
+        self.timeOut = math.ceil(self.limits.imap_preauth_timeout)  # whole seconds
+        self.POSTAUTH_TIMEOUT = math.ceil(self.limits.imap_timeout)
         peer = self.transport.getPeer()
         self.ip = getattr(peer, "host", "?")
         self.client = f"[{self.ip}]:{getattr(peer, 'port', 0)}"
-        self.portal = _ThrottledPortal(self.factory.portal, self.factory.throttle, self)
+        self.portal = _ThrottledPortal(  # type: ignore[assignment]  # declared None by Twisted
+            self.factory.portal, self.factory.throttle, self)
         if self.implicit_tls:
             self._tls_started()
         log.info("imap: connect from {client}", client=self.client)
@@ -305,6 +320,8 @@ class IMAPServer(imap4.IMAP4Server):
         if self._abort_call is not None and self._abort_call.active():
             self._abort_call.cancel()
         self._stop_idle()
+        if self.mbox is not None:
+            self.mbox.close()  # its folder watch, if no other session holds it
         self._waiting = []
         if self._paused is not None:
             paused, self._paused = self._paused, None
@@ -312,9 +329,16 @@ class IMAPServer(imap4.IMAP4Server):
         log.info("imap: disconnect from {client}", client=self.client)
         super().connectionLost(reason)
 
+    def callLater(self, period: float, func: Any) -> Any:
+        """
+        TimeoutMixin's clock: the factory's reactor (a Clock in tests).
+        """
+        return self.factory.reactor.callLater(period, func)
+
     def _tls_started(self) -> None:
         self.startedTLS = True
-        self.challengers = {b"PLAIN": imap4.PLAINCredentials, b"LOGIN": imap4.LOGINCredentials}
+        self.challengers = {  # type: ignore[assignment]  # declared None by Twisted
+            b"PLAIN": imap4.PLAINCredentials, b"LOGIN": imap4.LOGINCredentials}
 
     def capabilities(self) -> dict[bytes, Any]:
         caps: dict[bytes, Any] = {}
@@ -406,7 +430,11 @@ class IMAPServer(imap4.IMAP4Server):
     def rawDataReceived(self, data: bytes) -> None:
         # Literal bytes do not reset the idle timer: a command with its
         # literals must arrive within the timeout (no trickling forever).
-        passon = self._pendingLiteral.write(data)
+        pending = self._pendingLiteral
+        if pending is None:  # not reading a literal: raw mode is for literals only
+            self.setLineMode(data)
+            return
+        passon = pending.write(data)
         if passon is not None:
             self.setLineMode(passon)
 
@@ -539,23 +567,25 @@ class IMAPServer(imap4.IMAP4Server):
         return b"[SERVERBUG] Internal storage error, try again later"
 
     def _IMAP4Server__ebLogin(self, failure: Failure, tag: bytes) -> None:
+        # One definition (there were two, and the second, which handed
+        # other failures to Twisted's, put the exception's text in a BAD).
         if self._login_unavailable(failure, tag):
             return
-        if failure.check(OSError):  # the first login creates the Maildir
-            self.sendNegativeResponse(tag, self._storage_failed(failure.value))
-        elif failure.check(UnauthorizedLogin):
+        if failure.check(UnauthorizedLogin):
             self.sendNegativeResponse(tag, b"[AUTHENTICATIONFAILED] LOGIN failed")
+        elif failure.check(OSError):  # the first login creates the Maildir
+            self.sendNegativeResponse(tag, self._storage_failed(failure.value))
         else:  # not Twisted's answer, which carries the exception's text
             self._command_failed(tag, failure)
 
     def _IMAP4Server__ebAuthResp(self, failure: Failure, tag: bytes) -> None:
         if self._login_unavailable(failure, tag):
             return
-        if failure.check(OSError):
-            self.sendNegativeResponse(tag, self._storage_failed(failure.value))
-        elif failure.check(UnauthorizedLogin):
+        if failure.check(UnauthorizedLogin):
             self.sendNegativeResponse(tag, b"[AUTHENTICATIONFAILED] Authentication failed")
-        else:
+        elif failure.check(OSError):
+            self.sendNegativeResponse(tag, self._storage_failed(failure.value))
+        else:  # not Twisted's answer, which carries the exception's text
             self._command_failed(tag, failure)
 
     # -- flow control for big FETCH responses ------------------------------------
@@ -590,7 +620,7 @@ class IMAPServer(imap4.IMAP4Server):
         self._tls_started()
         log.info("imap: STARTTLS from {client}", client=self.client)
 
-    unauth_STARTTLS = (do_STARTTLS,)
+    unauth_STARTTLS = _command(do_STARTTLS,)
 
     def _may_login(self, tag: bytes) -> bool:
         """
@@ -609,13 +639,14 @@ class IMAPServer(imap4.IMAP4Server):
         if self._may_login(tag):
             super().do_LOGIN(tag, user, passwd)
 
-    unauth_LOGIN = (do_LOGIN, imap4.IMAP4Server.arg_astring, imap4.IMAP4Server.arg_finalastring)
+    unauth_LOGIN = _command(do_LOGIN, imap4.IMAP4Server.arg_astring,
+                            imap4.IMAP4Server.arg_finalastring)
 
     def do_AUTHENTICATE(self, tag: bytes, args: bytes) -> None:
         if self._may_login(tag):
             super().do_AUTHENTICATE(tag, args)
 
-    unauth_AUTHENTICATE = (do_AUTHENTICATE, imap4.IMAP4Server.arg_atom)
+    unauth_AUTHENTICATE = _command(do_AUTHENTICATE, imap4.IMAP4Server.arg_atom)
 
     def do_LOGOUT(self, tag: bytes) -> None:
         """
@@ -633,7 +664,7 @@ class IMAPServer(imap4.IMAP4Server):
             self._logout_timer = self.factory.reactor.callLater(
                 self.factory.logout_deadline, self.transport.abortConnection)
 
-    unauth_LOGOUT = auth_LOGOUT = select_LOGOUT = logout_LOGOUT = (do_LOGOUT,)
+    unauth_LOGOUT = auth_LOGOUT = select_LOGOUT = logout_LOGOUT = _command(do_LOGOUT,)
 
     def _login_unavailable(self, failure: Failure, tag: bytes) -> bool:
         """
@@ -656,7 +687,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.sendUntaggedResponse(b'ID ("name" "mailstack")')
         self.sendPositiveResponse(tag, b"ID completed")
 
-    unauth_ID = auth_ID = select_ID = (do_ID, imap4.IMAP4Server.arg_line)
+    unauth_ID = auth_ID = select_ID = _command(do_ID, imap4.IMAP4Server.arg_line)
 
     # -- arguments -----------------------------------------------------------------
 
@@ -735,7 +766,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.sendUntaggedResponse(b'NAMESPACE (("" ".")) NIL NIL')
         self.sendPositiveResponse(tag, b"NAMESPACE completed")
 
-    auth_NAMESPACE = select_NAMESPACE = (do_NAMESPACE,)
+    auth_NAMESPACE = select_NAMESPACE = _command(do_NAMESPACE,)
 
     def do_LIST(self, tag: bytes, ref: bytes, pattern: bytes, subscribed: int,
                 command: bytes) -> None:
@@ -749,6 +780,7 @@ class IMAPServer(imap4.IMAP4Server):
                 self.sendUntaggedResponse(b'LIST (\\Noselect) "." ""')
                 self.sendPositiveResponse(tag, b"LIST completed")
                 return
+            assert account is not None  # LIST exists in the auth and select states only
             infos = await account.run(account.folders)
             names = await account.run(account.subscriptions) if subscribed else None
             if names is not None:
@@ -790,9 +822,9 @@ class IMAPServer(imap4.IMAP4Server):
             self.sendUntaggedResponse(b"LSUB (" + " ".join(attributes).encode() + b') "." '
                                       + string(name.encode("imap4-utf-7")))
 
-    auth_LIST = select_LIST = (do_LIST, imap4.IMAP4Server.arg_astring,
+    auth_LIST = select_LIST = _command(do_LIST, imap4.IMAP4Server.arg_astring,
                                imap4.IMAP4Server.arg_astring, 0, b"LIST")
-    auth_LSUB = select_LSUB = (do_LIST, imap4.IMAP4Server.arg_astring,
+    auth_LSUB = select_LSUB = _command(do_LIST, imap4.IMAP4Server.arg_astring,
                                imap4.IMAP4Server.arg_astring, 1, b"LSUB")
 
     def do_STATUS(self, tag: bytes, name: bytes, names: list[bytes]) -> None:
@@ -818,7 +850,7 @@ class IMAPServer(imap4.IMAP4Server):
 
         self._run(tag, work())
 
-    auth_STATUS = select_STATUS = (do_STATUS, imap4.IMAP4Server.arg_astring,
+    auth_STATUS = select_STATUS = _command(do_STATUS, imap4.IMAP4Server.arg_astring,
                                    imap4.IMAP4Server.arg_plist)
 
     # -- folders ---------------------------------------------------------------------
@@ -849,19 +881,21 @@ class IMAPServer(imap4.IMAP4Server):
     def do_UNSUBSCRIBE(self, tag: bytes, name: bytes) -> None:
         self._folder_command(tag, "unsubscribe", name)
 
-    auth_CREATE = select_CREATE = (do_CREATE, imap4.IMAP4Server.arg_finalastring)
-    auth_DELETE = select_DELETE = (do_DELETE, imap4.IMAP4Server.arg_finalastring)
-    auth_RENAME = select_RENAME = (do_RENAME, imap4.IMAP4Server.arg_astring,
+    auth_CREATE = select_CREATE = _command(do_CREATE, imap4.IMAP4Server.arg_finalastring)
+    auth_DELETE = select_DELETE = _command(do_DELETE, imap4.IMAP4Server.arg_finalastring)
+    auth_RENAME = select_RENAME = _command(do_RENAME, imap4.IMAP4Server.arg_astring,
                                    imap4.IMAP4Server.arg_finalastring)
-    auth_SUBSCRIBE = select_SUBSCRIBE = (do_SUBSCRIBE, imap4.IMAP4Server.arg_finalastring)
-    auth_UNSUBSCRIBE = select_UNSUBSCRIBE = (do_UNSUBSCRIBE,
+    auth_SUBSCRIBE = select_SUBSCRIBE = _command(do_SUBSCRIBE, imap4.IMAP4Server.arg_finalastring)
+    auth_UNSUBSCRIBE = select_UNSUBSCRIBE = _command(do_UNSUBSCRIBE,
                                              imap4.IMAP4Server.arg_finalastring)
 
     # -- SELECT, CLOSE ---------------------------------------------------------------
 
     def _deselect(self) -> None:
+        self._stop_idle()
         if self.mbox is not None:
             self.mbox.removeListener(self)
+            self.mbox.close()
         self.mbox = None
         self.state = "auth"
 
@@ -889,8 +923,9 @@ class IMAPServer(imap4.IMAP4Server):
 
         self._run(tag, work())
 
-    auth_SELECT = select_SELECT = (do_SELECT, imap4.IMAP4Server.arg_astring, 1, b"SELECT")
-    auth_EXAMINE = select_EXAMINE = (do_SELECT, imap4.IMAP4Server.arg_astring, 0, b"EXAMINE")
+    auth_SELECT = select_SELECT = _command(do_SELECT, imap4.IMAP4Server.arg_astring, 1, b"SELECT")
+    auth_EXAMINE = select_EXAMINE = _command(do_SELECT, imap4.IMAP4Server.arg_astring, 0,
+                                             b"EXAMINE")
 
     def _send_flags(self, mbox: MaildirMailbox, rw: bool = True) -> None:
         """
@@ -921,13 +956,13 @@ class IMAPServer(imap4.IMAP4Server):
 
         self._run(tag, work())
 
-    select_CLOSE = (do_CLOSE,)
+    select_CLOSE = _command(do_CLOSE,)
 
     def do_UNSELECT(self, tag: bytes) -> None:
         self._deselect()
         self.sendPositiveResponse(tag, b"UNSELECT completed")
 
-    select_UNSELECT = (do_UNSELECT,)
+    select_UNSELECT = _command(do_UNSELECT,)
 
     # -- reporting changes -------------------------------------------------------------
 
@@ -946,40 +981,56 @@ class IMAPServer(imap4.IMAP4Server):
         if self.mbox is not None:
             self._report(await self.mbox.refresh())
 
+    async def _refresh_if_changed(self) -> None:
+        """
+        Rescan only if the folder's watch saw a change (O(1) otherwise).
+        """
+        if self.mbox is not None and self.mbox.changed_on_disk():
+            await self._refresh()
+
     def do_NOOP(self, tag: bytes) -> None:
         async def work() -> None:
-            await self._refresh()
+            await self._refresh_if_changed()
             self.sendPositiveResponse(tag, b"NOOP completed")
 
         self._run(tag, work())
 
-    auth_NOOP = select_NOOP = unauth_NOOP = (do_NOOP,)
+    auth_NOOP = select_NOOP = unauth_NOOP = _command(do_NOOP,)
 
     def do_CHECK(self, tag: bytes) -> None:
         async def work() -> None:
-            await self._refresh()
+            await self._refresh_if_changed()
             self.sendPositiveResponse(tag, b"CHECK completed")
 
         self._run(tag, work())
 
-    select_CHECK = (do_CHECK,)
+    select_CHECK = _command(do_CHECK,)
 
     def do_IDLE(self, tag: bytes) -> None:
         self.sendContinuationRequest(b"idling")
         self.parseTag = tag
         self.lastState = self.parseState
         self.parseState = "idle"
-        self._idle = LoopingCall(self._idle_poll)
-        self._idle.clock = self.factory.reactor
-        self._idle.start(1.0, now=True).addErrback(
-            lambda f: log.failure("imap: IDLE poll failed", f))
-
-    auth_IDLE = select_IDLE = (do_IDLE,)
-
-    def _idle_poll(self) -> Deferred[Any] | None:
         mbox = self.mbox
-        if mbox is None or not mbox.changed_on_disk() or self._idle_refresh is not None:
-            return None
+        if mbox is not None and mbox.watch is not None:
+            # Told by the folder's watch (inotify, or one timer for the
+            # process): nothing runs for this session while nothing changes.
+            self._idle_watch = mbox.watch
+            mbox.watch.add_listener(self._idle_poll)
+        self._idle_poll()  # what changed since the last command
+
+    auth_IDLE = select_IDLE = _command(do_IDLE,)
+
+    def _idle_poll(self) -> None:
+        mbox = self.mbox
+        if self.parseState != "idle" or mbox is None or self._lost:
+            return
+        if self._idle_refresh is not None:
+            self._idle_again = True  # looked again once this refresh is done
+            return
+        if not mbox.changed_on_disk():
+            return
+        self._idle_again = False
         d = Deferred.fromCoroutine(self._refresh())
 
         def done(result: Any) -> None:
@@ -987,15 +1038,16 @@ class IMAPServer(imap4.IMAP4Server):
             if isinstance(result, Failure):
                 log.failure("imap: IDLE refresh failed for {client}", result,
                             client=self.client)
+            elif self._idle_again:
+                self._idle_poll()
 
         self._idle_refresh = d
         d.addBoth(done)
-        return None
 
     def _stop_idle(self) -> None:
-        if self._idle is not None and self._idle.running:
-            self._idle.stop()
-        self._idle = None
+        watch, self._idle_watch = self._idle_watch, None
+        if watch is not None:
+            watch.remove_listener(self._idle_poll)
 
     def parse_idle(self, *args: Any) -> None:
         self._stop_idle()
@@ -1025,6 +1077,8 @@ class IMAPServer(imap4.IMAP4Server):
         items = mbox.resolve(ranges, uid)
         level = _fetch_level(query)
         mark_seen = _sets_seen(query)
+        cached = level == HEADER and fetch_cacheable(query)
+        envelope = any(item.type == "envelope" for item in query)
         vanished = 0
         self.transport.registerProducer(self, True)
         try:
@@ -1035,7 +1089,7 @@ class IMAPServer(imap4.IMAP4Server):
                         level < WHOLE or size < BATCH_BYTES or end == start):
                     size += items[end][1].size
                     end += 1
-                loaded = await mbox.load(items[start:end], level, mark_seen)
+                loaded = await mbox.load(items[start:end], level, mark_seen, cached, envelope)
                 start = end
                 if level == NOTHING:
                     out = render_all(loaded, query, uid)
@@ -1050,8 +1104,10 @@ class IMAPServer(imap4.IMAP4Server):
             self.sendNegativeResponse(tag, b"[EXPUNGEISSUED] Some messages were expunged")
         else:
             self.sendPositiveResponse(tag, b"FETCH completed")
+        if level <= HEADER and items:
+            mbox.save_index()  # after the answer
 
-    select_FETCH = (do_FETCH, arg_seqset, imap4.IMAP4Server.arg_fetchatt)
+    select_FETCH = _command(do_FETCH, arg_seqset, imap4.IMAP4Server.arg_fetchatt)
 
     def do_STORE(self, tag: bytes, ranges: Any, mode: bytes, flags: list[bytes],
                  uid: int = 0) -> None:
@@ -1078,7 +1134,7 @@ class IMAPServer(imap4.IMAP4Server):
 
         self._run(tag, work())
 
-    select_STORE = (do_STORE, arg_seqset, imap4.IMAP4Server.arg_atom,
+    select_STORE = _command(do_STORE, arg_seqset, imap4.IMAP4Server.arg_atom,
                     imap4.IMAP4Server.arg_flaglist)
 
     def do_SEARCH(self, tag: bytes, charset: Any, query: list[Any], uid: int = 0) -> None:
@@ -1094,7 +1150,7 @@ class IMAPServer(imap4.IMAP4Server):
 
         self._run(tag, work())
 
-    select_SEARCH = (do_SEARCH, imap4.IMAP4Server.opt_charset,
+    select_SEARCH = _command(do_SEARCH, imap4.IMAP4Server.opt_charset,
                      imap4.IMAP4Server.arg_searchkeys)
 
     # -- COPY, MOVE, APPEND, EXPUNGE -------------------------------------------------
@@ -1130,8 +1186,8 @@ class IMAPServer(imap4.IMAP4Server):
     def do_MOVE(self, tag: bytes, ranges: Any, name: bytes, uid: int = 0) -> None:
         self._transfer(tag, ranges, name, uid, move=True)
 
-    select_COPY = (do_COPY, arg_seqset, imap4.IMAP4Server.arg_finalastring)
-    select_MOVE = (do_MOVE, arg_seqset, imap4.IMAP4Server.arg_finalastring)
+    select_COPY = _command(do_COPY, arg_seqset, imap4.IMAP4Server.arg_finalastring)
+    select_MOVE = _command(do_MOVE, arg_seqset, imap4.IMAP4Server.arg_finalastring)
 
     def do_APPEND(self, tag: bytes, name: bytes, flags: Any, date: bytes | None,
                   message: Any) -> None:
@@ -1157,7 +1213,7 @@ class IMAPServer(imap4.IMAP4Server):
 
         self._run(tag, work())
 
-    auth_APPEND = select_APPEND = (do_APPEND, imap4.IMAP4Server.arg_astring,
+    auth_APPEND = select_APPEND = _command(do_APPEND, imap4.IMAP4Server.arg_astring,
                                    imap4.IMAP4Server.opt_plist,
                                    imap4.IMAP4Server.opt_datetime, arg_literal)
 
@@ -1175,7 +1231,7 @@ class IMAPServer(imap4.IMAP4Server):
 
         self._run(tag, work())
 
-    select_EXPUNGE = (do_EXPUNGE,)
+    select_EXPUNGE = _command(do_EXPUNGE,)
 
     def do_UID(self, tag: bytes, command: bytes, line: bytes) -> None:
         command = command.upper()
@@ -1189,7 +1245,7 @@ class IMAPServer(imap4.IMAP4Server):
             raise IllegalClientResponse(command)
         self.dispatchCommand(tag, command, line, uid=1)
 
-    select_UID = (do_UID, imap4.IMAP4Server.arg_atom, imap4.IMAP4Server.arg_line)
+    select_UID = _command(do_UID, imap4.IMAP4Server.arg_atom, imap4.IMAP4Server.arg_line)
 
 
 class _ThrottledPortal:
@@ -1229,7 +1285,7 @@ class _ThrottledPortal:
         return result
 
 
-class IMAPFactory(Factory):
+class IMAPFactory(Factory[IMAPServer]):
     noisy = False
 
     def __init__(self, portal: Portal, reactor: Any, throttle: LoginThrottle, tls: Any,

@@ -39,11 +39,15 @@ from zope.interface import implementer
 
 from mailstack.access.cache import PART_OVERHEAD, PartCache, parsed
 from mailstack.access.limits import MAX_FOLDER_NAME, MAX_FOLDERS, FolderLimit
+from mailstack.access.index import (
+    CachedPart, FolderIndex, indexes, make_record, search_cacheable,
+)
 from mailstack.access.folder import (
     PERMANENT_FLAGS, Entry, Folder, Snapshot, ensure_folder,
 )
 from mailstack.access.mime import Part, crlf, lf
 from mailstack.access.search import Candidate, Ranges, matches, needs
+from mailstack.access.watch import FolderWatch, Watches
 from mailstack.nofollow import SymlinkRefused, open_file
 from mailstack.safeio import atomic_write, temporary_name
 
@@ -89,7 +93,7 @@ class Loaded:
 
     seq: int
     entry: Entry
-    part: Part | None
+    part: Part | CachedPart | None
     internal_date: float
     flags_changed: bool = False
 
@@ -123,7 +127,8 @@ class MaildirMessage:
         self.loaded = loaded
 
     def _part(self) -> Part:
-        return self.loaded.part or Part(b"")
+        part = self.loaded.part  # always a whole Part here: fetch() loads WHOLE
+        return part if isinstance(part, Part) else Part(b"")
 
     def getHeaders(self, negate: bool, *names: Any) -> dict[str, str]:
         wanted = {n.decode() if isinstance(n, bytes) else n for n in names}
@@ -179,14 +184,30 @@ def _read_header(f: Any) -> bytes:
 
 
 def load(folder: Folder, items: list[tuple[int, Entry]], level: int,
-         mark_seen: bool = False) -> list[Loaded | None]:
+         mark_seen: bool = False, cached: bool = False, envelope: bool = False
+         ) -> list[Loaded | None]:
     """
     Read what a FETCH or SEARCH needs of each message; None for a message
     that is gone.  Blocking.
+
+    @param cached: the request needs only what the folder's index keeps
+        (L{mailstack.access.index}): a message it knows is not opened.
+    @param envelope: the request shows ENVELOPE (kept in the index too).
     """
     out: list[Loaded | None] = []
+    index = indexes.get(folder.path) if level <= HEADER else None
     for seq, entry in items:
-        found = _read(folder, entry, level)
+        record = index.get(entry.base, entry.size, entry.inode) if index else None
+        found: tuple[float, Part | CachedPart | None] | None
+        if record is not None and level == NOTHING:
+            found = record.mtime, None
+        elif record is not None and cached and index is not None:
+            if envelope and record.envelope is None:
+                CachedPart(record).envelope()
+                index.put(entry.base, record)
+            found = record.mtime, CachedPart(record)
+        else:
+            found = _read(folder, entry, level, index, cached, envelope)
         if found is None:
             out.append(None)
             continue
@@ -197,16 +218,26 @@ def load(folder: Folder, items: list[tuple[int, Entry]], level: int,
     return out
 
 
-def _read(folder: Folder, entry: Entry, level: int) -> tuple[float, Part | None] | None:
+def _read(folder: Folder, entry: Entry, level: int, index: FolderIndex | None = None,
+          cached: bool = False, envelope: bool = False
+          ) -> tuple[float, Part | CachedPart | None] | None:
     for _ in range(2):
         try:
             path = entry.path(folder.path)
             if level == NOTHING:
                 return os.lstat(path).st_mtime, None
             with open_file(path) as f:
-                mtime = os.fstat(f.fileno()).st_mtime
+                stat = os.fstat(f.fileno())
+                mtime = stat.st_mtime
                 if level == HEADER:
-                    return mtime, Part(crlf(_read_header(f)))
+                    part = Part(crlf(_read_header(f)))
+                    if index is not None and entry.inode == stat.st_ino:
+                        record = make_record(part, stat, entry.size, envelope)
+                        if record is not None:
+                            index.put(entry.base, record)
+                            if cached:  # the ENVELOPE made once
+                                return mtime, CachedPart(record)
+                    return mtime, part
                 return mtime, _parsed(f)
         except FileNotFoundError:
             if not folder.locate(entry):
@@ -292,7 +323,8 @@ class MaildirMailbox:
     """
 
     def __init__(self, account: "MaildirAccount", name: str, folder: Folder,
-                 snapshot: Snapshot, rw: bool) -> None:
+                 snapshot: Snapshot, rw: bool, watch: FolderWatch | None = None,
+                 generation: int = 0) -> None:
         self.account = account
         self.name = name
         self.folder = folder
@@ -302,7 +334,11 @@ class MaildirMailbox:
         self.uid_next = snapshot.uid_next
         self.listeners: list[Any] = []
         self.keywords_sent: list[str] = []  # the keywords this session was told of
-        self._mtimes = self._directory_mtimes()
+        if watch is None:  # made by hand: a watch of its own, seen now
+            watch = account.watches.acquire(folder.path)
+            generation = watch.poll()
+        self.watch: FolderWatch | None = watch
+        self._generation = generation  # the watch's, read before the last scan began
 
     def _run(self, f: Any, *args: Any) -> Deferred[Any]:
         return self.account.run(f, *args)
@@ -331,29 +367,37 @@ class MaildirMailbox:
                 chosen.update(range(max(1, min(a, b)) - 1, min(count, max(a, b))))
         return [(i + 1, self.view[i]) for i in sorted(chosen)]
 
-    def _directory_mtimes(self) -> tuple[int, int]:
-        try:
-            return (os.stat(os.path.join(self.folder.path, "new")).st_mtime_ns,
-                    os.stat(os.path.join(self.folder.path, "cur")).st_mtime_ns)
-        except OSError:
-            return (0, 0)
-
     def changed_on_disk(self) -> bool:
         """
-        Whether a delivery, a flag change or an expunge by anyone touched
-        the folder since the last refresh (two stat calls, for IDLE).
+        Whether a delivery, a flag change or an expunge by anyone may have
+        touched the folder since the last refresh began (O(1): see
+        L{mailstack.access.watch}); NOOP, CHECK and IDLE rescan only then.
         """
-        return self._directory_mtimes() != self._mtimes
+        if self.watch is None:
+            return True
+        return self.watch.changed_since(self._generation)
+
+    def close(self) -> None:
+        """
+        The session leaves the folder: give its watch back.
+        """
+        watch, self.watch = self.watch, None
+        if watch is not None:
+            self.account.watches.release(watch)
+            if not self.account.watches.watched(self.folder.path):
+                # Nobody here has it selected: its index leaves memory (it
+                # is read again from its file at the next FETCH).
+                indexes.forget(self.folder.path)
 
     def refresh(self) -> Deferred[Changes]:
         sizes = {e.base: e.size for e in self.view}
-        mtimes = self._directory_mtimes()
+        generation = self.watch.poll() if self.watch is not None else 0
 
         def scan() -> Snapshot:
             return self.folder.scan(claim_new=self.rw, sizes=sizes)
 
         def apply(snapshot: Snapshot) -> Changes:
-            self._mtimes = mtimes
+            self._generation = generation
             changes = Changes()
             current = {e.uid: e for e in snapshot.entries}
             kept = []
@@ -368,6 +412,7 @@ class MaildirMailbox:
                 known.add(entry.uid)
                 flags_before = set(entry.flags)
                 entry.sub, entry.name, entry.flags = fresh.sub, fresh.name, fresh.flags
+                entry.inode = fresh.inode
                 kept.append(entry)
                 if entry.flags != flags_before:
                     changes.flags.append((len(kept), entry))
@@ -385,8 +430,22 @@ class MaildirMailbox:
     # -- operations for the server ----------------------------------------------
 
     def load(self, items: list[tuple[int, Entry]], level: int,
-             mark_seen: bool = False) -> Deferred[list[Loaded | None]]:
-        return self._run(load, self.folder, items, level, mark_seen and self.rw)
+             mark_seen: bool = False, cached: bool = False, envelope: bool = False
+             ) -> Deferred[list[Loaded | None]]:
+        return self._run(load, self.folder, items, level, mark_seen and self.rw, cached,
+                         envelope)
+
+    def save_index(self) -> None:
+        """
+        Write the folder's index in a worker thread if it changed (after a
+        FETCH was answered), keeping the records of the messages this
+        session sees.
+        """
+        live = [e.base for e in self.view]
+        index = indexes.get(self.folder.path)  # read already by the FETCH
+        if index.dirty:
+            self._run(index.save, live).addErrback(
+                lambda f: log.failure("imap: writing the index failed", f))
 
     def store_flags(self, items: list[tuple[int, Entry]], flags: Iterable[str],
                     mode: int) -> Deferred[list[tuple[int, Entry]]]:
@@ -449,6 +508,7 @@ class MaildirMailbox:
 
     def search_ids(self, query: list[Any], uid: bool) -> Deferred[list[int]]:
         level = needs(query)
+        cached = search_cacheable(query)
         view = list(enumerate(self.view, 1))
         last_seq = len(view)
         last_uid = view[-1][1].uid if view else 0
@@ -457,7 +517,7 @@ class MaildirMailbox:
             found = []
             for start in range(0, len(view), 200):
                 batch = view[start:start + 200]
-                for loaded in load(self.folder, batch, level):
+                for loaded in load(self.folder, batch, level, cached=cached):
                     if loaded is None:
                         continue
                     entry = loaded.entry
@@ -468,7 +528,12 @@ class MaildirMailbox:
                         found.append(entry.uid if uid else loaded.seq)
             return found
 
-        return self._run(work)
+        def saved(found: list[int]) -> list[int]:
+            if level <= HEADER:
+                self.save_index()
+            return found
+
+        return self._run(work).addCallback(saved)
 
     # -- IMailbox ------------------------------------------------------------------
 
@@ -567,12 +632,14 @@ class MaildirAccount:
     """
 
     def __init__(self, root: str, hostname: str, reactor: IReactorFromThreads, pool: ThreadPool,
-                 share: Any = None) -> None:
+                 share: Any = None, watches: Watches | None = None) -> None:
         self.root = root
         self.hostname = hostname
         self.reactor = reactor
         self.pool = pool
         self.share = share  # a DeferredSemaphore shared by the user's sessions
+        # Folder change detection, shared by the process's sessions.
+        self.watches = watches if watches is not None else Watches(reactor)
 
     def run(self, f: Any, *args: Any) -> Deferred[Any]:
         if self.share is not None:
@@ -736,6 +803,9 @@ class MaildirAccount:
     # -- IAccount --------------------------------------------------------------------
 
     def select(self, name: str, rw: bool = True) -> Deferred[MaildirMailbox | None]:
+        watch = self.watches.acquire(self.folder(name).path)
+        generation = watch.poll()  # before the scan: a change during it is seen next
+
         def work() -> MaildirMailbox | None:
             try:
                 folder = self.existing(name)
@@ -743,8 +813,18 @@ class MaildirAccount:
                 return None
             snapshot = folder.scan(claim_new=rw)
             return MaildirMailbox(self, "INBOX" if name.upper() == "INBOX" else name,
-                                  folder, snapshot, rw)
-        return self.run(work)
+                                  folder, snapshot, rw, watch, generation)
+
+        def done(mbox: MaildirMailbox | None) -> MaildirMailbox | None:
+            if mbox is None:
+                self.watches.release(watch)
+            return mbox
+
+        def failed(failure: Any) -> Any:
+            self.watches.release(watch)
+            return failure
+
+        return self.run(work).addCallbacks(done, failed)
 
     def addMailbox(self, name: str, mbox: Any = None) -> Deferred[None]:
         return self.run(self.create_folder, name)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import email.utils
 import re
+import urllib.parse
 from email.message import Message
 from typing import Iterator
 from email.parser import BytesHeaderParser
@@ -347,8 +348,9 @@ class Part:
             if isinstance(value, tuple):  # RFC 2231: leave it encoded
                 try:
                     value = email.utils.encode_rfc2231(value[2], value[0], value[1])
-                except (LookupError, ValueError):  # a charset unknown, or with a NUL
-                    value = value[2]
+                except (LookupError, ValueError):  # a charset name Python cannot look up
+                    value = "%s'%s'%s" % (value[0] or "", value[1] or "", urllib.parse.quote(
+                        value[2], safe="", encoding="utf-8", errors="surrogateescape"))
             flat.append(string(key.upper()) + b" " + string(str(value)))
         return b"(" + b" ".join(flat) + b")"
 

@@ -20,6 +20,7 @@ from zope.interface import implementer
 from mailstack.access.mailbox import MaildirAccount
 from mailstack.access.scan import scan
 from mailstack.access.pop3 import MaildirMailbox
+from mailstack.access.watch import Watches
 from mailstack.address import parse_address
 from mailstack.delivery.maildir import MaildirStore
 
@@ -44,6 +45,7 @@ class MaildirRealm:
         self.pool = pool
         self._shares: weakref.WeakValueDictionary[str, DeferredSemaphore] = (
             weakref.WeakValueDictionary())
+        self.watches = Watches(reactor)  # folder change detection for every session
 
     def share(self, root: str) -> DeferredSemaphore:
         """
@@ -60,7 +62,7 @@ class MaildirRealm:
         root = self.store.path_for(user)
         if imap4.IAccount in interfaces:
             account = MaildirAccount(root, self.hostname, self.reactor, self.pool,
-                                     share=self.share(root))
+                                     share=self.share(root), watches=self.watches)
 
             def prepare() -> None:
                 self.store.ensure(root)

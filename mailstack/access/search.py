@@ -18,6 +18,7 @@ from email.header import decode_header, make_header
 from typing import Any
 
 from mailstack.access.addresses import search_text
+from mailstack.access.index import CachedPart
 from mailstack.access.mime import Part
 
 Ranges = list[tuple[int | None, int | None]]
@@ -78,7 +79,7 @@ class Candidate:
     flags: set[str]
     size: int
     internal_date: float
-    part: Part | None  # the header only, or all of it, as needed
+    part: Part | CachedPart | None  # the header only (maybe from the index), or all of it
 
 
 HEADER_KEYS = {b"BCC", b"CC", b"FROM", b"HEADER", b"SUBJECT", b"TO", b"SENTBEFORE",
@@ -151,6 +152,16 @@ def _field_texts(c: Candidate, name: str) -> list[str]:
     """
     if c.part is None:
         return []
+    if isinstance(c.part, CachedPart):  # decoded once per message, then kept
+        found = c.part.texts.get(name.lower())
+        if found is None:
+            found = c.part.texts[name.lower()] = _decoded_texts(c, name)
+        return found
+    return _decoded_texts(c, name)
+
+
+def _decoded_texts(c: Candidate, name: str) -> list[str]:
+    assert c.part is not None
     values = [v.replace(b"\r\n", b"").replace(b"\n", b"") for v in c.part.header_values(name)]
     if name.upper().encode() in ADDRESS_KEYS:
         return [_text(search_text(v.decode("utf-8", "replace")).encode("utf-8"))
@@ -236,7 +247,7 @@ def _one(words: list[Any], c: Candidate, last_seq: int, last_uid: int) -> bool:
         return any(needle in text for text in _field_texts(c, name.decode("ascii", "replace")))
     if key in BODY_KEYS:
         octets = _needle(_take(words)).encode("utf-8")
-        if c.part is None:
+        if not isinstance(c.part, Part):  # BODY and TEXT always load the whole message
             return False
         haystack = (c.part.raw if key == b"TEXT" else c.part.body).lower()
         return octets in haystack

@@ -1,0 +1,301 @@
+"""
+The per-folder index of L{mailstack.access.index} (issue 18): used, never
+trusted beyond what it was made from, rebuilt when lost, and giving the
+same answers as reading the messages.
+"""
+
+import json
+import os
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from twisted.internet import reactor
+from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.mail import imap4
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from mailstack.access import mailbox
+from mailstack.access.folder import Folder, ensure_folder
+from mailstack.access.imap import render
+from mailstack.access.index import (
+    INDEX, VERSION, CachedPart, FolderIndex, fetch_cacheable, indexes, make_record,
+    search_cacheable,
+)
+from mailstack.access.mailbox import HEADER, Loaded
+from mailstack.access.mime import Part
+from mailstack.access.search import Candidate, matches
+from tests.test_imap import IMAPTestMixin, deliver, ok
+
+MESSAGES = [
+    b"From: Bob <bob@remote.test>\r\nTo: alice@localhost\r\nSubject: invoice 1\r\n"
+    b"Date: Mon, 2 Nov 2026 10:00:00 +0000\r\nMessage-ID: <1@remote.test>\r\n\r\nbody one\r\n",
+    b"From: =?utf-8?q?J=C3=BCrgen?= <j@remote.test>\r\nTo: Friends: a@x.test, b@y.test;\r\n"
+    b"Cc: carol@remote.test (Carol)\r\nSubject: =?utf-8?b?w6l0w6k=?=\r\n"
+    b"References: <a@x>\r\n <b@y>\r\nIn-Reply-To: <b@y>\r\n\r\nbody two\r\n",
+    b"From: dave@remote.test\r\nSubject: folded\r\n  subject line\r\nX-Other: not cached\r\n"
+    b"Content-Type: text/plain; charset=utf-8\r\n\r\nbody three\r\n",
+]
+
+
+def parse_fetch(text):
+    return imap4.IMAP4Server().arg_fetchatt(text)[0]
+
+
+QUERIES = [
+    b"ENVELOPE",
+    b"(FLAGS UID ENVELOPE)",
+    b"(BODY.PEEK[HEADER.FIELDS (FROM SUBJECT DATE)])",
+    b"(BODY.PEEK[HEADER.FIELDS (To Cc Message-ID References In-Reply-To Content-Type)])",
+    b"(UID RFC822.SIZE BODY.PEEK[HEADER.FIELDS (X-PRIORITY LIST-ID)] ENVELOPE)",
+]
+
+
+class CacheableTests(SynchronousTestCase):
+    def test_fetch(self):
+        for query in QUERIES:
+            self.assertTrue(fetch_cacheable(parse_fetch(query)), query)
+        for query in [b"BODY.PEEK[HEADER]", b"BODY.PEEK[HEADER.FIELDS (X-OTHER)]",
+                      b"BODY.PEEK[HEADER.FIELDS.NOT (FROM)]", b"BODYSTRUCTURE",
+                      b"RFC822.HEADER", b"BODY.PEEK[1]", b"BODY.PEEK[TEXT]"]:
+            self.assertFalse(fetch_cacheable(parse_fetch(query)), query)
+
+    def test_search(self):
+        self.assertTrue(search_cacheable([b"SUBJECT", b"invoice", b"FROM", b"bob"]))
+        self.assertTrue(search_cacheable([b"OR", b"TO", b"x", [b"HEADER", b"message-id", b"1"]]))
+        self.assertFalse(search_cacheable([b"HEADER", b"X-Other", b"x"]))
+        self.assertFalse(search_cacheable([b"NOT", [b"BODY", b"x"]]))
+        self.assertFalse(search_cacheable([b"TEXT", b"x"]))
+
+
+header_lines = st.lists(st.sampled_from([
+    b"From: Bob <bob@remote.test>", b"From: =?utf-8?q?J=C3=BCrgen?= <j@x.test>",
+    b"From: group: a@b.test, c@d.test;", b"To: alice@localhost", b"To:", b"Cc: x@y.test (X)",
+    b"Bcc: secret@y.test", b"Subject: hello", b"Subject: =?utf-8?b?w6l0w6k=?=",
+    b"Subject: folded\r\n  twice", b"Subject: \xc3\xa9t\xc3\xa9 8-bit",
+    b"Date: Mon, 2 Nov 2026 10:00:00 +0000", b"Date: garbage", b"Message-ID: <a@b>",
+    b"In-Reply-To: <x@y>", b"References: <a@x>\r\n <b@y>", b"Sender: s@x.test",
+    b"Reply-To: r@x.test", b"X-Other: uncached", b"Received: from x by y",
+    b"Content-Type: text/plain; charset=utf-8", b"X-Priority: 1", b"List-ID: <l.x.test>",
+]), max_size=12)
+
+
+class SameAnswersTests(SynchronousTestCase):
+    """
+    A message served from its record answers as when read from its file.
+    """
+
+    def check(self, message):
+        stat = os.stat(__file__)
+        record = make_record(Part(message), stat, len(message))
+        self.assertIsNotNone(record)
+        full, cached = Part(message), CachedPart(record)
+        entry = mailbox.Entry(7, "base", "cur", "base:2,", len(message), flags={"\\Seen"})
+        for query in QUERIES:
+            items = parse_fetch(query)
+            self.assertEqual(render(Loaded(1, entry, cached, 0.0), items, False),
+                             render(Loaded(1, entry, full, 0.0), items, False), query)
+        for query in ([b"SUBJECT", b"invoice"], [b"SUBJECT", b"\xc3\xa9t\xc3\xa9"],
+                      [b"FROM", b"bob"], [b"FROM", b"j\xc3\xbcrgen"], [b"TO", b"alice"],
+                      [b"CC", b"x@y"], [b"BCC", b"secret"], [b"SENTSINCE", b"1-Nov-2026"],
+                      [b"SENTBEFORE", b"1-Nov-2026"], [b"HEADER", b"message-id", b"a@b"],
+                      [b"HEADER", b"references", b"b@y"], [b"SUBJECT", b"twice"]):
+            expected = matches(query, Candidate(1, 7, set(), 10, 0.0, full), 1, 7)
+            for _ in range(2):  # decoding, then the decoded texts kept
+                self.assertEqual(
+                    matches(query, Candidate(1, 7, set(), 10, 0.0, cached), 1, 7), expected,
+                    query)
+
+    def test_table(self):
+        for message in MESSAGES:
+            self.check(message)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(header_lines)
+    def test_varied(self, lines):
+        self.check(b"".join(line + b"\r\n" for line in lines) + b"\r\nbody\r\n")
+
+    def test_huge_header_not_cached(self):
+        """
+        A header longer than the parser reads is not cached (fields past
+        the limit must stay invisible, as without the cache).
+        """
+        message = b"X-Pad: " + b"x" * 300000 + b"\r\nSubject: late\r\n\r\nbody\r\n"
+        self.assertIsNone(make_record(Part(message), os.stat(__file__), len(message)))
+
+
+def _folder(test, messages=MESSAGES):
+    root = test.mktemp()
+    os.makedirs(root)
+    ensure_folder(root, subfolder=False)
+    folder = Folder(root)
+    for message in messages:
+        folder.add(message.replace(b"\r\n", b"\n"), set())
+    test.addCleanup(indexes.forget, root)
+    return folder
+
+
+class IndexFileTests(SynchronousTestCase):
+    def setUp(self):
+        self.folder = _folder(self)
+        self.opened = []
+        real = mailbox.open_file
+
+        def recording(path, *args, **kwargs):
+            self.opened.append(path)
+            return real(path, *args, **kwargs)
+
+        self.patch(mailbox, "open_file", recording)
+
+    def envelopes(self, cached=True):
+        items = list(enumerate(self.folder.scan().entries, 1))
+        loaded = mailbox.load(self.folder, items, HEADER, cached=cached, envelope=True)
+        return [m.part.envelope() for m in loaded]
+
+    def save(self):
+        entries = self.folder.scan().entries
+        indexes.get(self.folder.path).save([e.base for e in entries])
+
+    def test_warm_opens_nothing(self):
+        cold = self.envelopes()
+        self.assertEqual(len(self.opened), len(MESSAGES))
+        self.save()
+        indexes.forget(self.folder.path)  # as in a new process: read from the file
+        del self.opened[:]
+        self.assertEqual(self.envelopes(), cold)
+        self.assertEqual(self.opened, [])
+        self.assertIn(b'"invoice 1"', cold[0])
+
+    def test_not_used_unless_asked(self):
+        self.envelopes()
+        del self.opened[:]
+        self.envelopes(cached=False)
+        self.assertEqual(len(self.opened), len(MESSAGES))
+
+    def test_replaced_file(self):
+        """
+        A message file replaced under the same name (another inode) is
+        read again, and its record made anew.
+        """
+        self.envelopes()
+        entry = self.folder.scan().entries[0]
+        path = entry.path(self.folder.path)
+        with open(path + ".new", "wb") as f:
+            f.write(b"Subject: replaced\n\nbody\n")
+        os.rename(path + ".new", path)
+        del self.opened[:]
+        envelopes = self.envelopes()
+        self.assertEqual(self.opened, [path])
+        self.assertIn(b'"replaced"', envelopes[0])
+        del self.opened[:]
+        self.assertIn(b'"replaced"', self.envelopes()[0])
+        self.assertEqual(self.opened, [])
+
+    def test_unknown_or_forged_record(self):
+        """
+        A record for another inode or size (a forged or stale file) is
+        never used.
+        """
+        self.envelopes()
+        self.save()
+        path = os.path.join(self.folder.path, INDEX)
+        with open(path) as f:
+            data = json.load(f)
+        for value in data["messages"].values():
+            value[5] = '("forged")'
+        bases = sorted(data["messages"])
+        data["messages"][bases[0]][1] += 1  # another inode
+        data["messages"][bases[1]][0] += 1  # another size
+        with open(path, "w") as f:
+            json.dump(data, f)
+        indexes.forget(self.folder.path)
+        del self.opened[:]
+        envelopes = self.envelopes()
+        entries = self.folder.scan().entries
+        by_base = {e.base: env for e, env in zip(entries, envelopes)}
+        self.assertNotEqual(by_base[bases[0]], b'("forged")')
+        self.assertNotEqual(by_base[bases[1]], b'("forged")')
+        self.assertEqual(len(self.opened), 2)
+
+    def test_rebuilt(self):
+        """
+        A corrupt, truncated, foreign or old-version index is an empty one:
+        answers are read from the files and the index is written anew.
+        """
+        cold = self.envelopes()
+        self.save()
+        path = os.path.join(self.folder.path, INDEX)
+        with open(path, "rb") as f:
+            good = f.read()
+        old = json.loads(good)
+        old["version"] = VERSION - 1
+        for broken in [good[:len(good) // 2], b"\x00garbage", b"[]", json.dumps(old).encode(),
+                       b'{"version": %d, "messages": {"x": [1]}}' % VERSION, b""]:
+            with open(path, "wb") as f:
+                f.write(broken)
+            indexes.forget(self.folder.path)
+            del self.opened[:]
+            self.assertEqual(self.envelopes(), cold)
+            self.assertEqual(len(self.opened), len(MESSAGES), broken[:20])
+            self.save()
+            with open(path, "rb") as f:
+                self.assertEqual(json.loads(f.read())["version"], VERSION)
+
+    def test_gone_dropped(self):
+        self.envelopes()
+        entries = self.folder.scan().entries
+        self.folder.remove(entries[0])
+        self.save()
+        index = FolderIndex(self.folder.path)
+        self.assertEqual(set(index.records), {e.base for e in entries[1:]})
+
+
+class SessionIndexTests(IMAPTestMixin, TestCase):
+    """
+    Real sessions: the index answers a second session without opening
+    files, with the same answers.
+    """
+
+    @inlineCallbacks
+    def setUp(self):
+        yield self.start()
+        yield deliver(self.server, *MESSAGES)
+
+    @inlineCallbacks
+    def test_second_listing(self):
+        opened = []
+        real = mailbox.open_file
+
+        def recording(path, *args, **kwargs):
+            opened.append(path)
+            return real(path, *args, **kwargs)
+
+        self.patch(mailbox, "open_file", recording)
+
+        def work(client):
+            ok(client.select("INBOX"))
+            first = ok(client.fetch("1:*", "(ENVELOPE BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)])"))
+            found = ok(client.search(None, "SUBJECT", "invoice"))
+            cold = len(opened)
+            second = ok(client.fetch("1:*", "(ENVELOPE BODY.PEEK[HEADER.FIELDS (FROM SUBJECT)])"))
+            again = ok(client.search(None, "SUBJECT", "invoice"))
+            return first, second, found, again, cold, len(opened) - cold
+
+        first, second, found, again, cold, warm = yield self.imap(work, implicit=True)
+        self.assertEqual(first, second)
+        self.assertEqual(found, again)
+        self.assertEqual(found, [b"1"])
+        self.assertEqual(cold, len(MESSAGES))
+        self.assertEqual(warm, 0)
+        root = os.path.join(self.server.data_dir, "mail", "localhost", "alice")
+        for _ in range(100):  # written in a worker thread once the FETCH was answered
+            if os.path.exists(os.path.join(root, INDEX)):
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertTrue(os.path.exists(os.path.join(root, INDEX)))
+        for _ in range(100):  # the session's end, as the server sees it
+            if not any(path.startswith(root) for path in indexes._items):
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        # Nobody has the folder selected any more: its index left memory.
+        self.assertEqual([p for p in indexes._items if p.startswith(root)], [])
