@@ -186,6 +186,18 @@ PRIVATES: tuple[Private, ...] = (
         ("mailstack.testing: FakeResolver", "mailstack.mailauth.testing: ZoneResolver"),
         "The one method a ResolverBase subclass implements (Twisted's own "
         "resolvers do); the test resolvers answer there."),
+    Private(
+        "twisted.internet.inotify.INotify", "_fd", "attribute", None,
+        ("mailstack.access.watch: _Notifier.connectionLost",),
+        "The inotify descriptor, marked closed (-1) when Twisted closes it "
+        "after a watched folder is deleted, so that the watches are made "
+        "again on a new one instead of on a dead descriptor."),
+    Private(
+        "twisted.names.server.DNSServerFactory", "_responseFromMessage", "method",
+        ("self", "message", "rCode", "answers", "authority", "additional"),
+        ("mailstack.mailauth.testing: _ZoneServerFactory.gotResolverError",),
+        "The test DNS server answers SERVFAIL where Twisted answers NXDOMAIN; "
+        "a change breaks only the tests' DNS server."),
 )
 
 
