@@ -3,6 +3,8 @@ Unit tests for the queue scheduler (L{mailstack.queue.runner}) on a fake
 clock, with a courier that answers when the test says so.
 """
 
+import io
+
 from twisted.internet.defer import succeed, Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
@@ -18,8 +20,10 @@ class HeldCourier:
 
     def __init__(self):
         self.pending = []
+        self.contents = []
 
     def deliver(self, domain, sender, recipients, open_content, size):
+        self.contents.append(open_content)
         d = Deferred()
         self.pending.append(d)
         return d
@@ -43,12 +47,62 @@ class SchedulerTests(SynchronousTestCase):
         self.courier = HeldCourier()
         self.queue = OutboundQueue(PathOnlyStore(), self.courier, None, self.clock, None, (300,),
                                    86400, "mx.test")
+        self.queue._blocking = self.blocking
+        self.blocked = []
         self.queue.running = True
         for n in range(3):
             queue_id = f"{n:012X}"
             self.queue.records[queue_id] = QueueRecord(
                 queue_id, "s@x.test", 0.0, [RecipientState(f"r{n}@y.test")])
             self.queue._push(queue_id, 0.0)
+
+    def blocking(self, f, *args):
+        self.blocked.append(f)
+        return succeed(f(*args))
+
+    def test_content_read_by_a_worker(self):
+        """
+        An attempt reads a small message's content through the blocking
+        call (a worker thread), and the courier gets it from memory, as
+        often as it asks; nothing is opened on the reactor thread.
+        """
+        self.queue.max_active = 1
+        self.queue._run_due()
+        self.assertEqual(self.blocked, [self.queue._read_content])
+        [open_content] = self.courier.contents
+        with open(__file__, "rb") as f:
+            expected = f.read()
+        for _ in range(2):
+            content = open_content()
+            self.assertIsInstance(content, io.BytesIO)
+            self.assertEqual(content.read(), expected)
+
+    def test_large_content_streamed(self):
+        """
+        Content over L{OutboundQueue.read_whole_below} is streamed from its
+        file, not held in memory.
+        """
+        self.queue.read_whole_below = 100
+        self.queue.max_active = 1
+        self.queue._run_due()
+        [open_content] = self.courier.contents
+        content = open_content()
+        self.addCleanup(content.close)
+        self.assertNotIsInstance(content, io.BytesIO)
+        self.assertEqual(content.name, __file__)
+
+    def test_missing_content_quarantined(self):
+        """
+        Content gone missing is found by the worker; the message is moved
+        aside and never handed to the courier.
+        """
+        moved = []
+        self.queue.store.content_path = lambda queue_id: "/nonexistent/" + queue_id
+        self.queue.store.quarantine = lambda queue_id, reason: moved.append((queue_id, reason))
+        self.queue.max_active = 1
+        self.queue._run_due()
+        self.assertEqual(self.courier.contents, [])
+        self.assertEqual(moved, [(f"{n:012X}", "the content file is missing") for n in range(3)])
 
     def test_no_spinning_at_capacity(self):
         """

@@ -22,8 +22,8 @@ repeats the bounce rather than losing it.  A message from the null sender
 from __future__ import annotations
 
 import heapq
+import io
 import itertools
-import os
 import random
 from typing import Any, Callable, Sequence
 
@@ -314,11 +314,35 @@ class OutboundQueue(Service):
 
     # One attempt
 
+    # Content up to this size is read into memory by a worker thread for
+    # an attempt; larger content is streamed from its file.
+    read_whole_below = 256 * 1024
+
+    def _read_content(self, path: str) -> bytes | None:
+        """
+        In a worker thread: the content of a small message, C{None} for a
+        large one; C{FileNotFoundError} if it is missing.
+        """
+        with open(path, "rb") as f:
+            data = f.read(self.read_whole_below + 1)
+        return data if len(data) <= self.read_whole_below else None
+
     async def _attempt(self, record: QueueRecord) -> None:
         path = self.store.content_path(record.queue_id)
-        if not os.path.exists(path):
+        try:
+            # No stat, open or read on the reactor thread for small mail.
+            data = await self._blocking(self._read_content, path)
+        except FileNotFoundError:
             await self._quarantine(record.queue_id, "the content file is missing")
             return
+        except OSError as e:
+            data = None  # streamed from the file; its attempt says what is wrong
+            log.warn("{qid}: cannot read the content ahead: {error}", qid=record.queue_id,
+                     error=e)
+
+        def open_content() -> Any:
+            return io.BytesIO(data) if data is not None else open(path, "rb")
+
         pending = record.pending()
         by_domain: dict[str, list[RecipientState]] = {}
         for rcpt in pending:
@@ -327,7 +351,7 @@ class OutboundQueue(Service):
         async def one(domain: str, rcpts: list[RecipientState]) -> dict[str, Outcome]:
             return await self.courier.deliver(
                 domain, record.sender, [r.address for r in rcpts],
-                lambda: open(path, "rb"), record.size)
+                open_content, record.size)
 
         results = await DeferredList(
             [ensureDeferred(one(d, rs)) for d, rs in by_domain.items()], consumeErrors=True)
