@@ -30,7 +30,13 @@ from twisted.names import dns
 from twisted.names import server as dns_server
 from twisted.trial.unittest import TestCase
 
-from mailstack.logs import FastClassicText, fast_text, filter_noise
+from mailstack.logs import (
+    FastClassicText,
+    TurnBufferedFile,
+    buffer_log_writes,
+    fast_text,
+    filter_noise,
+)
 from mailstack.queue.courier import Courier
 from mailstack.smtp.client import Timeouts
 from mailstack.smtp.rdns import client_name
@@ -329,3 +335,116 @@ class FastTextTests(TestCase):
             before = observer.formatEvent
             self.assertFalse(fast_text(observer))
             self.assertIs(observer.formatEvent, before)
+
+
+class RecordingFile:
+    """
+    A text file that records each write and flush.
+    """
+
+    def __init__(self):
+        self.writes = []
+        self.flushes = 0
+
+    def write(self, text):
+        self.writes.append(text)
+
+    def flush(self):
+        self.flushes += 1
+
+
+class TurnReactor(Clock):
+    running = True
+
+    def __init__(self):
+        super().__init__()
+        self.triggers = []
+
+    def addSystemEventTrigger(self, phase, event, f, *args):
+        self.triggers.append((phase, event, f))
+
+
+class TurnBufferedFileTests(TestCase):
+    """
+    L{TurnBufferedFile}: the log lines of one reactor turn are written
+    together at its end, in whole lines; other threads' at once.
+    """
+
+    def setUp(self):
+        self.reactor = TurnReactor()
+        self.file = RecordingFile()
+        self.buffered = TurnBufferedFile(self.file, self.reactor)
+
+    def log(self, *lines):
+        for line in lines:
+            self.buffered.write(line)
+            self.buffered.flush()
+
+    def test_one_write_per_turn(self):
+        self.log("one\n", "two\n", "three\n")
+        self.assertEqual(self.file.writes, [])
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1)
+        self.reactor.advance(0)
+        self.assertEqual(self.file.writes, ["one\ntwo\nthree\n"])
+        self.assertEqual(self.file.flushes, 1)
+        self.log("four\n")
+        self.reactor.advance(0)
+        self.assertEqual(self.file.writes, ["one\ntwo\nthree\n", "four\n"])
+
+    def test_whole_lines_up_to_a_chunk(self):
+        """
+        Each write is whole lines of at most L{TurnBufferedFile.chunk}
+        characters (a longer line alone), so processes sharing a pipe
+        never interleave inside a line.
+        """
+        lines = [f"line {n} {'x' * (n % 50)}\n" for n in range(200)] + ["y" * 3000 + "\n"]
+        self.log(*lines)
+        self.reactor.advance(0)
+        self.assertEqual("".join(self.file.writes), "".join(lines))
+        self.assertGreater(len(self.file.writes), 5)
+        self.assertEqual(self.file.flushes, len(self.file.writes))
+        for text in self.file.writes:
+            self.assertTrue(text.endswith("\n"))
+            self.assertTrue(len(text) <= TurnBufferedFile.chunk or text.count("\n") == 1)
+
+    def test_bytes(self):
+        self.log(b"one\n", b"two\n")
+        self.reactor.advance(0)
+        self.assertEqual(self.file.writes, [b"one\ntwo\n"])
+
+    @inlineCallbacks
+    def test_other_threads_at_once(self):
+        """
+        A line from a worker thread is written at once, after the lines
+        that wait.
+        """
+        self.log("reactor\n")
+        yield in_thread(self.log, "thread\n")
+        self.assertEqual(self.file.writes, ["reactor\nthread\n"])
+        self.reactor.advance(0)
+        self.assertEqual(self.file.writes, ["reactor\nthread\n"])
+
+    def test_not_running_at_once(self):
+        self.reactor.running = False
+        self.log("before the reactor\n")
+        self.assertEqual(self.file.writes, ["before the reactor\n"])
+
+    def test_installed_with_a_shutdown_trigger(self):
+        """
+        L{buffer_log_writes} gives twist's observer (a file observer behind
+        a level filter and the noise filter) the buffer, and what waits is
+        written when the reactor has shut down.
+        """
+        stream = io.StringIO()
+        file_observer = textFileLogObserver(stream)
+        publisher = LogPublisher(FilteringLogObserver(file_observer,
+                                                      [LogLevelFilterPredicate()]))
+        filter_noise(publisher)
+        self.assertEqual(buffer_log_writes(self.reactor, publisher), 1)
+        self.assertEqual(buffer_log_writes(self.reactor, publisher), 0)
+        Logger(observer=publisher).info("waiting {n}", n=1)
+        self.assertEqual(stream.getvalue(), "")
+        [(phase, event, write_out)] = self.reactor.triggers
+        self.assertEqual((phase, event), ("after", "shutdown"))
+        write_out()
+        self.assertTrue(stream.getvalue().endswith(" waiting 1\n"))
