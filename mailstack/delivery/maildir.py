@@ -38,6 +38,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from mailstack import tally
 from mailstack.address import Address, AddressError, mailbox_name
 from mailstack.clock import wall_seconds
 from mailstack.interfaces import IDeliveryAgent, IPrepared, ITwoPhaseStore
@@ -352,6 +353,7 @@ class StagedCopies:
                     "status=sent (delivered to maildir)",
                     qid=envelope.queue_id, to=rcpt.delivered_to, delay=delay,
                 )
+                tally.delivery("sent", "local", delay)
             return paths
 
         return d.addCallback(logged)

@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from mailstack import tally
 from mailstack.clock import wall_seconds
 from mailstack.interfaces import IOutboundQueue, IPrepared, ITwoPhaseStore
 from mailstack.logsafe import safe
@@ -375,6 +376,7 @@ class OutboundQueue(Service):
                 rcpt.last_error = f"delivery time expired; last error: {rcpt.last_error}"
                 log.info("{qid}: to=<{to}> status=expired ({error})", qid=record.queue_id,
                          to=safe(rcpt.address), error=safe(rcpt.last_error))
+                tally.delivery("expired", "remote")
             still = []
         # A failed recipient stays failed; until its bounce is stored the
         # message stays queued and the bounce is tried again on the retry
@@ -432,6 +434,9 @@ class OutboundQueue(Service):
                  qid=record.queue_id, to=safe(rcpt.address), relay=safe(outcome.relay or "none"),
                  delay=now - record.arrival, dsn=safe(rcpt.dsn), status=outcome.status,
                  reply=safe(f"{reply.code} {text}"))
+        tally.delivery("bounced" if outcome.status == "failed" else outcome.status,
+                       "local" if outcome.relay == "local" else "remote",
+                       now - record.arrival if outcome.status == "sent" else None)
 
     async def _bounce(self, record: QueueRecord, rcpts: list[RecipientState],
                       delayed: bool = False) -> bool:
