@@ -4,13 +4,16 @@ clock, with a courier that answers when the test says so.
 """
 
 import io
+import threading
+import time
 
 from twisted.internet.defer import succeed, Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.queue.runner import OutboundQueue
-from mailstack.queue.store import QueueRecord, RecipientState
+from mailstack.delivery.maildir import DirectorySyncer
+from mailstack.queue.store import QueueRecord, QueueStore, RecipientState
 
 
 class HeldCourier:
@@ -129,3 +132,41 @@ class SchedulerTests(SynchronousTestCase):
         self.assertEqual(self.courier.pending, [])
         self.clock.advance(1)
         self.assertEqual(len(self.courier.pending), 1)
+
+
+class GroupCommitTests(SynchronousTestCase):
+    def test_concurrent_commits_share_directory_fsyncs(self):
+        """
+        Messages committed at the same time share the fsync of
+        C{envelope/}; each commit returns only after an fsync that began
+        after its rename.
+        """
+        store = QueueStore(self.mktemp())
+        store.ensure()
+        for n in range(10):
+            with open(store.staged_envelope_path(f"{n:012X}"), "wb") as f:
+                f.write(b"{}")
+        gate, started, calls = threading.Event(), threading.Event(), []
+
+        def slow_fsync(path):
+            calls.append(path)
+            started.set()
+            gate.wait(5)
+
+        store.syncer = DirectorySyncer(slow_fsync)
+        first = threading.Thread(target=store.commit, args=("000000000000",))
+        first.start()
+        started.wait(5)
+        others = [threading.Thread(target=store.commit, args=(f"{n:012X}",))
+                  for n in range(1, 10)]
+        for t in others:
+            t.start()
+        deadline = time.monotonic() + 10
+        while store.syncer._state[store.envelope_dir][0] < 10 and time.monotonic() < deadline:
+            time.sleep(0.001)  # until every commit has renamed and holds a ticket
+        self.assertEqual(len(calls), 1)
+        gate.set()
+        for t in [first] + others:
+            t.join(5)
+        self.assertEqual(calls, [store.envelope_dir] * 2)
+        self.assertEqual(sorted(store.committed_ids()), [f"{n:012X}" for n in range(10)])
