@@ -164,8 +164,7 @@ class TurnBufferedFile:
     """
     The file of a text log observer, written once per reactor turn: lines
     logged on the reactor thread while it runs are kept until the end of
-    the turn (a C{callLater(0)}, which runs before the next poll, so before
-    the replies of that turn leave), then written in writes of whole lines
+    the turn (a C{callLater(0)}), then written in writes of whole lines
     of at most L{chunk} characters (so that processes sharing one pipe,
     C{--receivers}, never interleave inside a line).  Lines from other
     threads, or while the reactor is not running, are written at once,
