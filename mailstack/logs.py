@@ -14,16 +14,11 @@ L{fast_text} makes the text log cheap: Twisted formats every line with
 C{string.Formatter} (a parser written in Python) and a C{strftime}, about
 0.1 ms a line, several lines per message; L{FastClassicText} gives the
 same text with C{str.format_map} and one time stamp per second.
-L{buffer_log_writes} writes the lines of one reactor turn together (a
-write and a flush per line was the largest item of the reactor thread's
-profile after formatting).
 """
 
 from __future__ import annotations
 
-import atexit
 import re
-import threading
 from typing import Any, Callable
 
 from twisted.logger import (
@@ -36,7 +31,6 @@ from twisted.logger import (
     globalLogPublisher,
 )
 from twisted.names import client, dns
-from twisted.python.threadable import isInIOThread
 from zope.interface import implementer
 
 # The UDP port lines of DNS queries (legacy log.msg events).
@@ -160,90 +154,6 @@ def fast_text(observer: Any) -> bool:
     return True
 
 
-class TurnBufferedFile:
-    """
-    The file of a text log observer, written once per reactor turn: lines
-    logged on the reactor thread while it runs are kept until the end of
-    the turn (a C{callLater(0)}), then written in writes of whole lines
-    of at most L{chunk} characters (so that processes sharing one pipe,
-    C{--receivers}, never interleave inside a line).  Lines from other
-    threads, or while the reactor is not running, are written at once,
-    after what waits.
-    """
-
-    chunk = 1024  # characters; in UTF-8 at most PIPE_BUF (4096) octets
-
-    def __init__(self, file: Any, reactor: Any) -> None:
-        self.file = file
-        self.reactor = reactor
-        self._pending: list[Any] = []
-        self._call: Any = None
-        self._lock = threading.Lock()
-
-    def write(self, text: Any) -> None:
-        with self._lock:
-            self._pending.append(text)
-
-    def flush(self) -> None:
-        if self.reactor.running and isInIOThread():
-            if self._call is None:
-                self._call = self.reactor.callLater(0, self._end_of_turn)
-            return
-        self.write_out()
-
-    def _end_of_turn(self) -> None:
-        self._call = None
-        self.write_out()
-
-    def write_out(self) -> None:
-        """
-        Write what waits, now.
-        """
-        with self._lock:
-            pending, self._pending = self._pending, []
-            if not pending:
-                return
-            batch: list[Any] = []
-            size = 0
-            for text in pending:
-                if batch and size + len(text) > self.chunk:
-                    self._write(batch)
-                    batch, size = [], 0
-                batch.append(text)
-                size += len(text)
-            self._write(batch)
-
-    def _write(self, batch: list[Any]) -> None:
-        self.file.write(batch[0][:0].join(batch))
-        self.file.flush()
-
-
-def buffer_writes(observer: Any, reactor: Any) -> TurnBufferedFile | None:
-    """
-    Give a file log observer (perhaps behind a level filter or
-    L{NoiseFilter}) a L{TurnBufferedFile}, written out when the reactor has
-    shut down and at exit; C{None} if it is no file observer or has one.
-    """
-    target = _file_observer(observer)
-    out = getattr(target, "_outFile", None)
-    if target is None or out is None or isinstance(out, TurnBufferedFile):
-        return None
-    buffered = TurnBufferedFile(out, reactor)
-    setattr(target, "_outFile", buffered)  # noqa: B010 - Twisted keeps it private
-    reactor.addSystemEventTrigger("after", "shutdown", buffered.write_out)
-    atexit.register(buffered.write_out)
-    return buffered
-
-
-def buffer_log_writes(reactor: Any, publisher: LogPublisher = globalLogPublisher) -> int:
-    """
-    L{buffer_writes} for every observer of C{publisher} (twistd's or
-    twist's); how many got a buffer.
-    """
-    observers = list(getattr(publisher, "_observers", ()))
-    return sum(1 for observer in observers if buffer_writes(observer, reactor) is not None)
-
-
 def filter_noise(publisher: LogPublisher = globalLogPublisher) -> None:
     """
     Put L{NoiseFilter} in front of the observers the log has now (twistd's
@@ -260,5 +170,4 @@ def filter_noise(publisher: LogPublisher = globalLogPublisher) -> None:
             publisher.addObserver(NoiseFilter(observer))
 
 
-__all__ = ["FastClassicText", "NoiseFilter", "TurnBufferedFile", "buffer_log_writes",
-           "buffer_writes", "fast_text", "filter_noise", "is_noise", "quiet_dns"]
+__all__ = ["FastClassicText", "NoiseFilter", "fast_text", "filter_noise", "is_noise", "quiet_dns"]

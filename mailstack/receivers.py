@@ -209,13 +209,10 @@ def main() -> None:
 
     from mailstack.clock import use_monotonic_time
     from mailstack.config import build_config
-    from mailstack.logs import buffer_writes, fast_text
     from mailstack.service import MailStack
 
     settings = json.loads(sys.stdin.readline())
     write = textFileLogObserver(sys.stdout)
-    fast_text(write)
-    buffer_writes(write, reactor)  # one write per reactor turn, of whole lines
     system = f"receiver-{settings['index']}"
 
     def observe(event: dict[str, Any]) -> None:

@@ -77,7 +77,7 @@ def makeService(options: Options) -> Any:
 
     from mailstack import privileges, reload
     from mailstack.clock import use_monotonic_time
-    from mailstack.logs import buffer_log_writes, filter_noise
+    from mailstack.logs import filter_noise
     from mailstack.metrics import install as install_metrics
     from mailstack.service import MailStack
 
@@ -86,7 +86,6 @@ def makeService(options: Options) -> Any:
     owner = privileges.target_ids(parent.get("uid"), parent.get("gid"))
     service = MailStack(options.config, reactor)
     reactor.callWhenRunning(filter_noise)  # twistd's log observers exist by then
-    reactor.callWhenRunning(buffer_log_writes, reactor)  # one log write per reactor turn
     install_metrics(service, reactor)
     # SIGHUP re-reads the file given with --config; the command line still wins.
     reload.install(service, reactor, lambda: build_config(options, options["config"]))
