@@ -5,10 +5,11 @@ text format of C{prometheus-client}.  Off by default; an endpoint without
 an interface listens on loopback only (C{--metrics 9125} is
 C{tcp:9125:interface=127.0.0.1}).
 
-The counters are fed by a log observer: every event mailstack logs (a
-message received, a delivery's outcome, a refusal, a login failure, a
-session) already carries its facts as fields, so the metrics count exactly
-what the log says, and no protocol code knows about them.  Gauges (queue
+The counters of the events on every message's path (a message received,
+a delivery's outcome, an SMTP session) are told directly by the code where
+they happen (L{mailstack.tally}); the rarer ones (a refusal, a login
+failure, TLS, IMAP and POP3 sessions) are counted by a log observer from
+the fields of the events mailstack logs.  Gauges (queue
 size and age, open SMTP sessions) are read when scraped.
 
 The metrics and their labels::
@@ -55,12 +56,12 @@ from twisted.web.resource import Resource
 from twisted.web.server import Site
 from zope.interface import implementer
 
+from mailstack import tally
 from mailstack.clock import wall_seconds
 from mailstack.reactors import IMailReactor
 
 DELAY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600,
                  86400, float("inf"))
-_STATUS = re.compile(r"status=(\w+)")
 _CODE = re.compile(r"^(\d{3})(?: (\d\.\d{1,3}\.\d{1,3}))?")
 
 
@@ -118,7 +119,22 @@ class Metrics:
         self._smtp_open()
         return generate_latest(self.registry)
 
-    # The log observer
+    # The direct counters (L{mailstack.tally})
+
+    def count_received(self, service: str, tls: bool) -> None:
+        self.received.labels(service, "yes" if tls else "no").inc()
+
+    def count_delivery(self, status: str, relay: str, delay: float | None) -> None:
+        self.deliveries.labels(status, relay).inc()
+        if status == "sent" and delay is not None:
+            self.delay.labels(relay).observe(delay)
+
+    def count_session(self, listener: str) -> None:
+        self.sessions.labels(listener).inc()
+        if listener in self.implicit_tls:
+            self.tls_sessions.labels(listener).inc()
+
+    # The log observer, for the rarer events
 
     def __call__(self, event: dict[str, Any]) -> None:
         try:
@@ -130,24 +146,7 @@ class Metrics:
         fmt = event.get("log_format")
         if not isinstance(fmt, str):
             return
-        in_text = _STATUS.search(fmt)
-        if fmt.startswith("{qid}: to=<{to}>") and ("status" in event or in_text is not None):
-            status = str(event["status"] if "status" in event or in_text is None
-                         else in_text.group(1))
-            if status == "failed":
-                status = "bounced"
-            relay = ("local" if event.get("relay") == "local" or "relay=local" in fmt
-                     else "remote")
-            self.deliveries.labels(status, relay).inc()
-            if status == "sent" and "delay" in event:
-                self.delay.labels(relay).observe(float(event["delay"]))
-        elif fmt.startswith("{qid}: from=<{sender}> size={size}"):
-            service = event.get("service")
-            if service is None:
-                client = str(event.get("client", ""))
-                service = "bounce" if client == "bounce" else "local"
-            self.received.labels(service, "yes" if event.get("tls") else "no").inc()
-        elif "reject: " in fmt or "refused at {stage}" in fmt:
+        if "reject: " in fmt or "refused at {stage}" in fmt:
             stage = str(event.get("stage") or fmt.split("reject: ", 1)[-1].split(" ", 1)[0])
             reply = event.get("reply")
             if reply is not None and hasattr(reply, "code"):
@@ -173,11 +172,6 @@ class Metrics:
                      "pop3: failed login for {user} from {client}",
                      "pop3: failed login from {client}"):
             self.auth_failures.labels(fmt[:4]).inc()
-        elif fmt == "connect from {client} ({service})":
-            service = str(event["service"])
-            self.sessions.labels(service).inc()
-            if service in self.implicit_tls:
-                self.tls_sessions.labels(service).inc()
         elif fmt in ("imap: connect from {client}", "pop3: connect from {client}"):
             self.sessions.labels(fmt[:4]).inc()
             self.open.labels(fmt[:4]).inc()
@@ -214,10 +208,12 @@ class MetricsObserver(Service):
     def startService(self) -> None:
         super().startService()
         globalLogPublisher.addObserver(self.metrics)
+        tally.add(self.metrics)
 
     def stopService(self) -> None:
         super().stopService()
         globalLogPublisher.removeObserver(self.metrics)
+        tally.remove(self.metrics)
 
 
 class _QuietSite(Site):

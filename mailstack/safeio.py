@@ -287,3 +287,47 @@ def is_disk_full(error: BaseException) -> bool:
     Whether C{error} means no space (or quota) is left.
     """
     return isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+class DirectorySyncer:
+    """
+    Group commit for C{fsync(directory)}.
+
+    A caller gets a ticket; a sync that I{starts} after the ticket was taken
+    covers it.  While one thread syncs a directory, later callers wait and
+    the first of them runs one more sync for all of them.
+    """
+
+    def __init__(self, fsync: Any = fsync_directory) -> None:
+        self._fsync = fsync
+        self._lock = threading.Lock()
+        self._state: dict[str, list[Any]] = {}
+        self.syncs = 0
+
+    def sync(self, directory: str) -> None:
+        with self._lock:
+            # [requested, synced, syncing, condition]
+            state = self._state.get(directory)
+            if state is None:
+                state = [0, 0, False, threading.Condition(self._lock)]
+                self._state[directory] = state
+            state[0] += 1
+            ticket = state[0]
+            while state[1] < ticket:
+                if state[2]:
+                    state[3].wait()
+                    continue
+                state[2] = True
+                target = state[0]
+                self._lock.release()
+                try:
+                    self._fsync(directory)
+                    self.syncs += 1
+                finally:
+                    self._lock.acquire()
+                    state[2] = False
+                    state[3].notify_all()
+                state[1] = max(state[1], target)
+            if not state[2] and state[0] == state[1]:
+                # Nobody waits: forget the directory, so the table stays small.
+                self._state.pop(directory, None)

@@ -29,6 +29,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "mailstack.errors", "mailstack.interfaces", "mailstack.limits", "mailstack.logs",
         "mailstack.logsafe", "mailstack.message", "mailstack.nofollow", "mailstack.privileges",
         "mailstack.proxy", "mailstack.reactors", "mailstack.safeio", "mailstack.shared",
+        "mailstack.tally",
         "mailstack.sockets",
         "mailstack.throttle", "mailstack.tls", "mailstack.transport",
         "mailstack.twisted_privates", "mailstack.users", "mailstack.wire",

@@ -12,13 +12,25 @@ from twisted.internet import reactor, ssl
 from twisted.internet.defer import Deferred, ensureDeferred, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.task import Clock
-from twisted.logger import formatEvent, globalLogPublisher
+from twisted.logger import (
+    FilteringLogObserver,
+    Logger,
+    LogLevel,
+    LogLevelFilterPredicate,
+    LogPublisher,
+    formatEvent,
+    formatTime,
+    globalLogPublisher,
+    jsonFileLogObserver,
+    textFileLogObserver,
+)
+from twisted.python.failure import Failure
 from twisted.names import client as dns_client
 from twisted.names import dns
 from twisted.names import server as dns_server
 from twisted.trial.unittest import TestCase
 
-from mailstack.logs import filter_noise
+from mailstack.logs import FastClassicText, fast_text, filter_noise
 from mailstack.queue.courier import Courier
 from mailstack.smtp.client import Timeouts
 from mailstack.smtp.rdns import client_name
@@ -246,3 +258,91 @@ class ForwardConfirmedTests(TestCase):
         self.assertNoResult(d)
         clock.advance(0.2)
         self.assertEqual(self.successResultOf(d), "unknown")
+
+
+class FastTextTests(TestCase):
+    """
+    L{fast_text}: the text log written with L{FastClassicText} is the text
+    Twisted's own formatter writes, for every kind of event.
+    """
+
+    events = [
+        {"log_format": "{qid}: from=<{sender}> size={size} nrcpt={n}", "qid": "4F2A9C",
+         "sender": "a@b.test", "size": 1024, "n": 1},
+        {"log_format": "delay={delay:.1f} {reply!r} {who.real}", "delay": 0.25,
+         "reply": "250 ok", "who": 3},
+        {"log_format": "two\nlines, ünïcode {x}", "x": "é\u2028", "log_system": "SMTP,1"},
+        {"log_format": "a missing {field}"},
+        {"log_format": "a call {f()}", "f": lambda: "called"},
+        {"log_format": "", "x": 1},
+        {"log_format": "bad spec {n:q}", "n": 1},
+        {"log_format": "with a failure", "log_failure": Failure(ValueError("boom"))},
+        {"log_format": "{x}", "x": "system is no text", "log_system": 42},
+        {"message": ("legacy",), "log_format": None},
+        {"log_format": "no time {x}", "x": 1, "log_time": None},
+    ]
+
+    def formatters(self):
+        stream = io.StringIO()
+        original = textFileLogObserver(stream)
+        return original.formatEvent, FastClassicText(original.formatEvent)
+
+    def test_same_text_as_twisted(self):
+        original, fast = self.formatters()
+        for i, base in enumerate(self.events):
+            for when in (1700000000.0, 1700000000.999, 1700000001.5):
+                event = dict(base, log_level=LogLevel.info, log_namespace="mailstack.x")
+                event.setdefault("log_time", when)
+                self.assertEqual(fast(dict(event)), original(dict(event)), (i, when))
+
+    def test_plain_events_not_through_twisted(self):
+        """
+        A plain event is formatted without the original formatter; the
+        others go to it.
+        """
+        fast = FastClassicText(lambda event: "original\n")
+        plain = {"log_format": "{qid}: removed", "qid": "4F2A9C", "log_time": 1700000000.5}
+        self.assertTrue(fast(plain).endswith(" [-#-] 4F2A9C: removed\n"))
+        for other in ({"log_format": "{f()}", "f": str, "log_time": 1.0},
+                      {"log_format": "{missing}", "log_time": 1.0},
+                      {"log_format": "x", "log_time": 1.0, "log_failure": Failure(ValueError())}):
+            self.assertEqual(fast(other), "original\n")
+
+    def test_time_stamp_per_second(self):
+        """
+        The time stamp is cached for one second only.
+        """
+        original, fast = self.formatters()
+        for when in (1700000000.2, 1700000000.9, 1700000001.0, 1700000059.99, 1700000060.0):
+            event = {"log_format": "x", "log_time": when, "log_system": "-"}
+            self.assertEqual(fast(event), original(event))
+            self.assertIn(formatTime(when), fast(event))
+
+    def test_installed_on_text_observers(self):
+        """
+        twistd's text observer, and twist's behind a level filter, get the
+        fast formatter and write what they wrote before.
+        """
+        for wrap in (lambda o: o,
+                     lambda o: FilteringLogObserver(o, [LogLevelFilterPredicate()])):
+            stream = io.StringIO()
+            file_observer = textFileLogObserver(stream)
+            publisher = LogPublisher(wrap(file_observer))
+            filter_noise(publisher)
+            self.assertIsInstance(file_observer.formatEvent, FastClassicText)
+            Logger(observer=publisher, namespace="mailstack.test").info(
+                "{qid}: removed", qid="4F2A9C")
+            line = stream.getvalue()
+            self.assertRegex(line, r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[+-]\d{4} "
+                                   r"\[mailstack\.test#info\] 4F2A9C: removed\n$")
+
+    def test_other_formats_left_alone(self):
+        """
+        A JSON observer, or a text observer with another time format, keeps
+        its own formatter.
+        """
+        for observer in (jsonFileLogObserver(io.StringIO()),
+                         textFileLogObserver(io.StringIO(), timeFormat="%H:%M:%S.%f")):
+            before = observer.formatEvent
+            self.assertFalse(fast_text(observer))
+            self.assertIs(observer.formatEvent, before)

@@ -11,6 +11,7 @@ import urllib.request
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailstack import tally
 from mailstack.config import ConfigError, build_config
 from mailstack.config import metrics_endpoint
 from tests.processes import Twistd
@@ -89,7 +90,8 @@ class ObserverTests(SynchronousTestCase):
     def test_outbound_tls_and_local_delivery(self):
         """
         The observer counts what mailstack's own log calls say: an outbound
-        TLS session, a local delivery with its delay, a refused filter.
+        TLS session, a refused filter; a delivery's log line is not counted
+        (the delivery is, by L{tally}: never twice).
         """
         from twisted.logger import Logger
 
@@ -107,11 +109,46 @@ class ObserverTests(SynchronousTestCase):
                  text="later")
         text = metrics.render().decode()
         self.assertIn('mailstack_tls_sessions_total{listener="outbound"} 1.0', text)
-        self.assertIn('mailstack_deliveries_total{relay="local",status="sent"} 1.0', text)
-        self.assertIn('mailstack_delivery_delay_seconds_bucket{le="0.5",relay="local"} 1.0',
-                      text)
+        self.assertNotIn('mailstack_deliveries_total{', text)
         self.assertIn('mailstack_rejections_total{code="451 4.7.1",stage="RCPT"} 1.0', text)
         self.assertIn("mailstack_queue_messages 0.0", text)
+
+
+class TallyTests(SynchronousTestCase):
+    def test_direct_counters(self):
+        """
+        The events on every message's path are counted by direct calls
+        while the metrics service runs, whatever the log says; not before
+        or after.
+        """
+        from mailstack.metrics import Metrics, MetricsObserver
+
+        stack = type("Stack", (), {"queue": None, "__iter__": lambda self: iter(())})()
+        metrics = Metrics(stack, None)
+        service = MetricsObserver(metrics)
+        tally.received("smtp", False)
+        service.startService()
+        try:
+            tally.received("smtp", False)
+            tally.received("submissions", True)
+            tally.delivery("sent", "local", 0.3)
+            tally.delivery("deferred", "remote")
+            tally.session("smtp")
+            tally.session("submissions")
+        finally:
+            service.stopService()
+        tally.delivery("sent", "local", 0.3)
+        text = metrics.render().decode()
+        for line in ('mailstack_messages_received_total{service="smtp",tls="no"} 1.0',
+                     'mailstack_messages_received_total{service="submissions",tls="yes"} 1.0',
+                     'mailstack_deliveries_total{relay="local",status="sent"} 1.0',
+                     'mailstack_deliveries_total{relay="remote",status="deferred"} 1.0',
+                     'mailstack_delivery_delay_seconds_bucket{le="0.5",relay="local"} 1.0',
+                     'mailstack_sessions_total{listener="smtp"} 1.0',
+                     'mailstack_tls_sessions_total{listener="submissions"} 1.0'):
+            self.assertIn(line, text)
+        self.assertNotIn('mailstack_tls_sessions_total{listener="smtp"}', text)
+        self.assertNotIn('mailstack_delivery_delay_seconds_count{relay="remote"}', text)
 
 
 class EndpointTests(SynchronousTestCase):

@@ -12,12 +12,19 @@ import socket
 import threading
 import time
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, gatherResults, inlineCallbacks
+from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
+from twisted.protocols.basic import LineReceiver
+from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from benchmarks.run import children_by_parent
 from mailstack.address import local_address, parse_address
 from mailstack.delivery.dispatch import Dispatcher
+from mailstack.queue.announce import Announcer
+from mailstack.queue.control import control_path
 from mailstack.queue.handoff import QueueHandoff
 from mailstack.queue.records import new_record
 from mailstack.queue.store import QueueStore
@@ -55,6 +62,12 @@ class ThreadSink:
             threading.Thread(target=self._session, args=(conn,), daemon=True).start()
 
     def _session(self, conn):
+        try:
+            self._converse(conn)
+        except OSError:
+            pass  # the server was killed mid-session (tests.test_crash)
+
+    def _converse(self, conn):
         with conn, conn.makefile("rb") as lines:
             conn.sendall(b"220 sink\r\n")
             data = None
@@ -190,6 +203,7 @@ class HandoffTests(TestCase):
         """
         handoff = QueueHandoff(QueueStore(os.path.join(self.server.data_dir, "queue")),
                                self.server.data_dir, self.server.reactor, self.server.io_pool)
+        self.addCleanup(handoff.announcer.close)
         dispatcher = Dispatcher(self.server.router, self.server.maildir, handoff,
                                 self.server.reactor, self.server.spool_dir)
         arrived = self.sink.next_message()
@@ -219,6 +233,142 @@ class HandoffTests(TestCase):
         yield arrived
         self.assertEqual((found, again), (1, 0))
         self.assertEqual([r for _, r, _ in self.sink.policy.received], [["carol@remote.test"]])
+
+
+class HeldControl(LineReceiver):
+    """
+    A control socket that records the lines and answers when told.
+    """
+
+    delimiter = b"\n"
+
+    def connectionMade(self):
+        self.factory.connections.append(self)
+        self.lines = []
+
+    def lineReceived(self, line):
+        self.lines.append(line.decode())
+        self.factory.arrived.append(line.decode())
+        waiter, self.factory.waiter = self.factory.waiter, None
+        if waiter is not None:
+            waiter.callback(line)
+
+
+class AnnouncerTests(TestCase):
+    """
+    L{Announcer}: the announcements of a receiver on one connection, a
+    bounded number in flight, the 250 never waiting for them.
+    """
+
+    def setUp(self):
+        self.data_dir = short_tempdir(self)
+        self.factory = Factory.forProtocol(HeldControl)
+        self.factory.connections, self.factory.arrived, self.factory.waiter = [], [], None
+        self.port = reactor.listenUNIX(control_path(self.data_dir), self.factory)
+        self.addCleanup(self.port.stopListening)
+        self.announcer = Announcer(reactor, self.data_dir)
+        self.addCleanup(self.announcer.close)
+
+    def line_arrives(self):
+        self.factory.waiter = Deferred()
+        return self.factory.waiter
+
+    @inlineCallbacks
+    def wait_for_lines(self, n):
+        while len(self.factory.arrived) < n:
+            yield self.line_arrives()
+
+    @inlineCallbacks
+    def test_one_connection_in_order(self):
+        """
+        Many announcements share one connection and get their own
+        answers, in order.
+        """
+        ids = [f"{n:012X}" for n in range(10)]
+        answers = [self.announcer.announce(i) for i in ids]
+        yield self.wait_for_lines(10)
+        [control] = self.factory.connections
+        self.assertEqual(control.lines, [f"adopt {i}" for i in ids])
+        for n in range(10):
+            control.sendLine(b"ok" if n % 2 else b"error no such message")
+        results = yield gatherResults(answers)
+        self.assertEqual(results, ["error no such message", "ok"] * 5)
+        later = self.announcer.announce("ABCDEF012345")
+        yield self.wait_for_lines(11)
+        control.sendLine(b"ok")
+        self.assertEqual((yield later), "ok")
+        self.assertEqual(len(self.factory.connections), 1)
+
+    @inlineCallbacks
+    def test_window(self):
+        """
+        At most L{Announcer.window} are unanswered; the rest are sent as
+        answers come.
+        """
+        self.announcer.window = 2
+        answers = [self.announcer.announce(f"{n:012X}") for n in range(5)]
+        yield self.wait_for_lines(2)
+        [control] = self.factory.connections
+        for _ in range(3):  # a few reactor turns: nothing more comes
+            yield deferLater(reactor, 0, lambda: None)
+        self.assertEqual(len(control.lines), 2)
+        for n in range(5):
+            control.sendLine(b"ok")
+            yield self.wait_for_lines(min(5, n + 3))
+        self.assertEqual((yield gatherResults(answers)), ["ok"] * 5)
+
+    @inlineCallbacks
+    def test_lost_connection(self):
+        """
+        Announcements in flight when the connection is lost answer an
+        error (the sweep takes those messages up); the next one gets a new
+        connection.
+        """
+        first = self.announcer.announce("AAAAAAAAAAAA")
+        yield self.wait_for_lines(1)
+        self.factory.connections[0].transport.loseConnection()
+        answer = yield first
+        self.assertTrue(answer.startswith("error "), answer)
+        second = self.announcer.announce("BBBBBBBBBBBB")
+        yield self.wait_for_lines(2)
+        self.assertEqual(len(self.factory.connections), 2)
+        self.factory.connections[1].sendLine(b"ok")
+        self.assertEqual((yield second), "ok")
+
+    @inlineCallbacks
+    def test_no_queue_manager(self):
+        """
+        With nobody listening, an announcement answers an error; it never
+        fails.
+        """
+        yield self.port.stopListening()
+        answer = yield Announcer(reactor, self.data_dir).announce("AAAAAAAAAAAA")
+        self.assertTrue(answer.startswith("error "), answer)
+
+    @inlineCallbacks
+    def test_commit_does_not_wait_for_the_answer(self):
+        """
+        A receiver's staged message is committed (and the 250 can go)
+        before the queue manager has answered its announcement.
+        """
+        store = QueueStore(os.path.join(self.data_dir, "queue"))
+        pool = ThreadPool(1, 1)
+        pool.start()
+        self.addCleanup(pool.stop)
+        handoff = QueueHandoff(store, self.data_dir, reactor, pool)
+        handoff.announcer = self.announcer
+        envelope = Envelope("AB12CD34EF56", parse_address("alice@localhost"),
+                            received_at=0, client="receiver")
+        envelope.remote = [parse_address("carol@remote.test")]
+        spool = MessageSpool(short_tempdir(self))
+        spool.write(b"Subject: x\n\nx\n")
+        staged = yield handoff.prepare(envelope, spool)
+        yield staged.commit()
+        self.assertEqual(store.committed_ids(), ["AB12CD34EF56"])
+        yield self.wait_for_lines(1)
+        self.assertFalse(staged.announced.called)
+        self.factory.connections[0].sendLine(b"ok")
+        yield staged.announced
 
 
 class ControlSocketPathTests(TestCase):

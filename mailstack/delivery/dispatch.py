@@ -17,6 +17,7 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailstack import tally
 from mailstack.address import Address
 from mailstack.clock import wall_seconds
 from mailstack.delivery.cleanup import normalize
@@ -199,11 +200,13 @@ class Dispatcher:
                 except (UnknownRecipient, AliasLoop, EmptyResolution) as e:
                     log.warn("{qid}: to=<{to}> status=bounced (unknown local recipient: {e})",
                              qid=envelope.queue_id, to=safe(rcpt), e=safe(e))
+                    tally.delivery("bounced", "local")
                     continue
                 envelope.add(rcpt, resolution)
             log.info("{qid}: from=<{sender}> size={size} nrcpt={n} ({client})",
                      qid=envelope.queue_id, sender=safe(sender or ""), size=spool.size,
                      n=len(envelope.rcpts), client=safe(client))
+            tally.received("bounce" if client == "bounce" else "local", False)
             if user is not None and self.inject_check is not None:
                 if not await self.inject_check(envelope, spool, user):
                     return  # discarded, logged

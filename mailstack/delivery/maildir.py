@@ -26,7 +26,6 @@ import itertools
 import os
 import re
 import secrets
-import threading
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -37,61 +36,18 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from mailstack import tally
 from mailstack.address import Address, AddressError, mailbox_name
 from mailstack.clock import wall_seconds
 from mailstack.interfaces import IDeliveryAgent, IPrepared, ITwoPhaseStore
 from mailstack.message import Envelope, MessageSpool
 from mailstack.nofollow import SymlinkRefused, check_tree
 from mailstack.reactors import IMailReactor
-from mailstack.safeio import discard, fsync_directory, rename, write_file
+from mailstack.safeio import DirectorySyncer, discard, fsync_directory, rename, write_file
 
 log = Logger()
 
 SUBDIRS = ("tmp", "new", "cur")
-
-
-class DirectorySyncer:
-    """
-    Group commit for C{fsync(directory)}.
-
-    A caller gets a ticket; a sync that I{starts} after the ticket was taken
-    covers it.  While one thread syncs a directory, later callers wait and
-    the first of them runs one more sync for all of them.
-    """
-
-    def __init__(self, fsync: Any = fsync_directory) -> None:
-        self._fsync = fsync
-        self._lock = threading.Lock()
-        self._state: dict[str, list[Any]] = {}
-        self.syncs = 0
-
-    def sync(self, directory: str) -> None:
-        with self._lock:
-            # [requested, synced, syncing, condition]
-            state = self._state.get(directory)
-            if state is None:
-                state = [0, 0, False, threading.Condition(self._lock)]
-                self._state[directory] = state
-            state[0] += 1
-            ticket = state[0]
-            while state[1] < ticket:
-                if state[2]:
-                    state[3].wait()
-                    continue
-                state[2] = True
-                target = state[0]
-                self._lock.release()
-                try:
-                    self._fsync(directory)
-                    self.syncs += 1
-                finally:
-                    self._lock.acquire()
-                    state[2] = False
-                    state[3].notify_all()
-                state[1] = max(state[1], target)
-            if not state[2] and state[0] == state[1]:
-                # Nobody waits: forget the directory, so the table stays small.
-                self._state.pop(directory, None)
 
 
 @dataclass(frozen=True)
@@ -352,6 +308,7 @@ class StagedCopies:
                     "status=sent (delivered to maildir)",
                     qid=envelope.queue_id, to=rcpt.delivered_to, delay=delay,
                 )
+                tally.delivery("sent", "local", delay)
             return paths
 
         return d.addCallback(logged)

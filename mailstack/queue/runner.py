@@ -22,8 +22,8 @@ repeats the bounce rather than losing it.  A message from the null sender
 from __future__ import annotations
 
 import heapq
+import io
 import itertools
-import os
 import random
 from typing import Any, Callable, Sequence
 
@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from mailstack import tally
 from mailstack.clock import wall_seconds
 from mailstack.interfaces import IOutboundQueue, IPrepared, ITwoPhaseStore
 from mailstack.logsafe import safe
@@ -296,11 +297,35 @@ class OutboundQueue(Service):
 
     # One attempt
 
+    # Content up to this size is read into memory by a worker thread for
+    # an attempt; larger content is streamed from its file.
+    read_whole_below = 256 * 1024
+
+    def _read_content(self, path: str) -> bytes | None:
+        """
+        In a worker thread: the content of a small message, C{None} for a
+        large one; C{FileNotFoundError} if it is missing.
+        """
+        with open(path, "rb") as f:
+            data = f.read(self.read_whole_below + 1)
+        return data if len(data) <= self.read_whole_below else None
+
     async def _attempt(self, record: QueueRecord) -> None:
         path = self.store.content_path(record.queue_id)
-        if not os.path.exists(path):
+        try:
+            # No stat, open or read on the reactor thread for small mail.
+            data = await self._blocking(self._read_content, path)
+        except FileNotFoundError:
             await self._quarantine(record.queue_id, "the content file is missing")
             return
+        except OSError as e:
+            data = None  # streamed from the file; its attempt says what is wrong
+            log.warn("{qid}: cannot read the content ahead: {error}", qid=record.queue_id,
+                     error=e)
+
+        def open_content() -> Any:
+            return io.BytesIO(data) if data is not None else open(path, "rb")
+
         pending = record.pending()
         by_domain: dict[str, list[RecipientState]] = {}
         for rcpt in pending:
@@ -309,7 +334,7 @@ class OutboundQueue(Service):
         async def one(domain: str, rcpts: list[RecipientState]) -> dict[str, Outcome]:
             return await self.courier.deliver(
                 domain, record.sender, [r.address for r in rcpts],
-                lambda: open(path, "rb"), record.size)
+                open_content, record.size)
 
         results = await DeferredList(
             [ensureDeferred(one(d, rs)) for d, rs in by_domain.items()], consumeErrors=True)
@@ -333,6 +358,7 @@ class OutboundQueue(Service):
                 rcpt.last_error = f"delivery time expired; last error: {rcpt.last_error}"
                 log.info("{qid}: to=<{to}> status=expired ({error})", qid=record.queue_id,
                          to=safe(rcpt.address), error=safe(rcpt.last_error))
+                tally.delivery("expired", "remote")
             still = []
         # A failed recipient stays failed; until its bounce is stored the
         # message stays queued and the bounce is tried again on the retry
@@ -390,6 +416,9 @@ class OutboundQueue(Service):
                  qid=record.queue_id, to=safe(rcpt.address), relay=safe(outcome.relay or "none"),
                  delay=now - record.arrival, dsn=safe(rcpt.dsn), status=outcome.status,
                  reply=safe(f"{reply.code} {text}"))
+        tally.delivery("bounced" if outcome.status == "failed" else outcome.status,
+                       "local" if outcome.relay == "local" else "remote",
+                       now - record.arrival if outcome.status == "sent" else None)
 
     async def _bounce(self, record: QueueRecord, rcpts: list[RecipientState],
                       delayed: bool = False) -> bool:

@@ -9,7 +9,10 @@ The queue on disk: one content file and one envelope record per message::
 Writing a message: content to tmp/, fsync, rename into content/; envelope
 to tmp/, fsync, rename into envelope/; fsync both directories.  The
 envelope's rename is the commit: on load, content without an envelope is
-an interrupted write and is removed.  Every later change to the envelope
+an interrupted write and is removed.  The directory fsyncs are
+group-committed (L{DirectorySyncer}): messages committed or removed at
+the same time share them, and each caller still returns only after an
+fsync that began after its own rename or unlink.  Every later change to the envelope
 (a recipient delivered, an attempt counted) is a new file renamed over the
 old one, so a crash leaves each recipient either pending or done: at worst
 delivered twice, never lost.  All methods block; call them in a thread.
@@ -25,7 +28,9 @@ from dataclasses import asdict, dataclass
 from typing import Iterator
 
 from mailstack.message import MessageSpool
-from mailstack.safeio import atomic_write, discard, fsync_directory, rename, unlink, write_file
+from mailstack.safeio import (
+    DirectorySyncer, atomic_write, discard, fsync_directory, rename, unlink, write_file,
+)
 
 PENDING, SENT, FAILED = "pending", "sent", "failed"
 
@@ -102,6 +107,8 @@ class QueueStore:
         self.content_dir = os.path.join(self.directory, "content")
         self.envelope_dir = os.path.join(self.directory, "envelope")
         self.corrupt_dir = os.path.join(self.directory, "corrupt")
+        # Directory fsyncs of concurrent writes and removals are shared.
+        self.syncer = DirectorySyncer()
 
     def ensure(self) -> None:
         for d in (self.directory, self.tmp, self.content_dir, self.envelope_dir):
@@ -135,7 +142,7 @@ class QueueStore:
         try:
             write_file(tmp, spool.chunks())
             rename(tmp, self.content_path(record.queue_id))
-            fsync_directory(self.content_dir)
+            self.syncer.sync(self.content_dir)
             record.size = spool.size
             write_file(staged, [record.to_json()])
         except BaseException:
@@ -150,7 +157,7 @@ class QueueStore:
         """
         try:
             rename(self.staged_envelope_path(queue_id), self.envelope_path(queue_id))
-            fsync_directory(self.envelope_dir)
+            self.syncer.sync(self.envelope_dir)
         except BaseException:
             self.abort(queue_id)
             raise
@@ -182,7 +189,7 @@ class QueueStore:
             unlink(self.envelope_path(queue_id))
         except FileNotFoundError:
             return False
-        fsync_directory(self.envelope_dir)
+        self.syncer.sync(self.envelope_dir)
         try:
             unlink(self.content_path(queue_id))
         except FileNotFoundError:

@@ -36,6 +36,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailstack import tally
 from mailstack.address import Address, AddressError, parse_path
 from mailstack.clock import wall_seconds
 from mailstack.limits import CommandDeadline
@@ -226,6 +227,7 @@ class SMTPServer(Protocol):
         def connected(_: Any = None) -> Any:
             log.info("connect from {client} ({service})", client=self.session.client,
                      service=self.settings.name)
+            tally.session(self.settings.name)
             return maybeDeferred(self.policy.connect, self.session)
 
         if self.factory.resolver is None:
@@ -703,6 +705,7 @@ class SMTPServer(Protocol):
         log.info("{qid}: from=<{sender}> size={size} nrcpt={nrcpt}",
                  qid=envelope.queue_id, sender=safe(envelope.sender or ""), size=spool.size,
                  nrcpt=len(envelope.rcpts), service=self.settings.name, tls=self.session.tls)
+        tally.received(self.settings.name, bool(self.session.tls))
 
         def delivered(reply: Reply | None) -> Reply:
             reply = reply or Reply(250, "2.0.0", f"Ok: queued as {envelope.queue_id}")
