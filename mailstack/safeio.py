@@ -331,3 +331,11 @@ class DirectorySyncer:
             if not state[2] and state[0] == state[1]:
                 # Nobody waits: forget the directory, so the table stays small.
                 self._state.pop(directory, None)
+
+
+def private_file(path: str, flags: int) -> int:
+    """
+    An C{opener} for C{open()}: a file it creates is the owner's alone
+    (0600), and it is never opened through a symbolic link.
+    """
+    return os.open(path, flags | os.O_NOFOLLOW, 0o600)

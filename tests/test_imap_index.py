@@ -166,6 +166,18 @@ class IndexFileTests(SynchronousTestCase):
         self.assertEqual(self.opened, [])
         self.assertIn(b'"invoice 1"', cold[0])
 
+    def test_owner_only(self):
+        """
+        The index holds header fields: it is the owner's alone (0600), as
+        every other file of a mailbox, whatever the umask.
+        """
+        old = os.umask(0o022)
+        self.addCleanup(os.umask, old)
+        self.envelopes()
+        self.save()
+        mode = os.stat(os.path.join(self.folder.path, INDEX)).st_mode
+        self.assertEqual(mode & 0o777, 0o600)
+
     def test_not_used_unless_asked(self):
         self.envelopes()
         del self.opened[:]

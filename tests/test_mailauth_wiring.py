@@ -31,6 +31,7 @@ from twisted.trial.unittest import SynchronousTestCase, TestCase
 from mailstack.address import parse_address
 from mailstack.config import ConfigError, build_config
 from mailstack.mailauth import keys, signing
+from mailstack.mailauth.checks import AuthChecksFilter
 from mailstack.mailauth.dkim import DKIMSigner
 from mailstack.mailauth.testing import ZoneResolver, serve_zone
 from mailstack.message import Envelope, MessageSpool
@@ -117,6 +118,8 @@ class ReceivingChecksTests(TestCase):
 
     @inlineCallbacks
     def setUp(self):
+        # The test clients stand in for the internet from 127.0.0.1.
+        self.patch(AuthChecksFilter, "check_loopback", True)
         self.made = key_set(domain="signed.test", selector="s1")
         zone = dict(ZONE)
         zone.update(zone_for(self.made))
@@ -379,6 +382,22 @@ class ReceivingChecksTests(TestCase):
         self.assertEqual(len(fields), 2)
         self.assertTrue(fields[0].startswith(b"Authentication-Results: mx.test;"))
         self.assertEqual(fields[1], b"Authentication-Results: other.test; spf=pass")
+
+    @inlineCallbacks
+    def test_loopback_not_checked(self):
+        """
+        Mail from a loopback client (this host's own programs) is not
+        checked: no DNS lookup to wait for, no field added; a forged field
+        with our id is still removed.
+        """
+        self.patch(AuthChecksFilter, "check_loopback", False)
+        server = yield self.start()
+        content = b"Authentication-Results: mx.test; dmarc=pass\r\n" + message("bob@reject.test")
+        code, _ = yield self.send("bob@fail.test", content, server=server)
+        self.assertEqual(code, 250)
+        [stored] = self.delivered(server=server)
+        self.assertEqual(header_fields(stored, "Authentication-Results"), [])
+        self.assertEqual(self.zone.queries, [])
 
     @inlineCallbacks
     def test_relay_networks_not_checked(self):

@@ -33,7 +33,8 @@ from tests.test_privileges import public_tempdir, service_user
 LISTEN = "tcp:0:interface=127.0.0.1"
 # Modules a command run under os.setuid needs: after the switch the test
 # user may not be able to read the interpreter's library (here under /root).
-PRELOAD = ("mailstack.cli, mailstack.mailauth.commands, mailstack.mua.sendmail, "
+PRELOAD = ("mailstack.cli, mailstack.mailauth.commands, mailstack.mailauth.tlsrpt_cli, "
+           "mailstack.mua.sendmail, "
            "mailstack.mua.stdin_smtp, "
            "mailstack.config, email.parser, email.policy, email.utils, email.feedparser, "
            "email.message, email._parseaddr, json, secrets, socket, stat, getpass, argparse, "

@@ -37,7 +37,8 @@ from mailstack.access.scan import served_size
 from mailstack.delivery.maildir import SUBDIRS, arrival_key, unique_name
 from mailstack.nofollow import check_tree, open_file
 from mailstack.safeio import (
-    append_file, atomic_write, discard, fsync_directory, rename, temporary_name, write_file,
+    append_file, atomic_write, discard, fsync_directory, private_file, rename, temporary_name,
+    write_file,
 )
 
 UIDLIST = "mailstack-uidlist"
@@ -370,7 +371,7 @@ class Folder:
         after a crash a message may be \\Recent once more, nothing worse.
         """
         tmp = temporary_name(os.path.join(self.path, RECENT))
-        with open(tmp, "wb") as f:
+        with open(tmp, "wb", opener=private_file) as f:
             f.write(b"V%d %d\n" % (uidlist.validity, uidlist.next))
         os.replace(tmp, os.path.join(self.path, RECENT))
 

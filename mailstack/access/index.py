@@ -39,7 +39,7 @@ from twisted.logger import Logger
 
 from mailstack.access.limits import MAX_HEADER_PARSE
 from mailstack.access.mime import Part, header_fields, select_fields
-from mailstack.safeio import discard, temporary_name
+from mailstack.safeio import discard, private_file, temporary_name
 
 log = Logger()
 
@@ -227,7 +227,8 @@ class FolderIndex:
         try:
             # Renamed into place, not fsynced: after a crash the file is
             # whole, missing or unreadable, and then rebuilt.
-            with open(tmp, "wb") as f:
+            # Owner-only, as every file of a mailbox: it holds header fields.
+            with open(tmp, "wb", opener=private_file) as f:
                 f.write(json.dumps(data, separators=(",", ":")).encode("ascii"))
             os.replace(tmp, target)
         except OSError as e:

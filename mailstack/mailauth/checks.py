@@ -84,6 +84,10 @@ class AuthChecksFilter:
     """
 
     name = "auth-checks"
+    #: Whether clients on a loopback address are checked: no, they are this
+    #: host's own programs (the tests that stand in for the internet from
+    #: 127.0.0.1 turn it on).
+    check_loopback = False
     timeout = DEADLINE + 30.0  # beyond our own deadline: reading the message
 
     def __init__(self, config: Callable[[], Any], resolver: Any, reactor: Any,
@@ -109,7 +113,10 @@ class AuthChecksFilter:
     def checked(self, session: Any) -> bool:
         """
         Whether mail of this session is checked: from the internet, that is
-        the receiving MTA, no AUTH, a client outside the relay networks.
+        the receiving MTA, no AUTH, a client outside the relay networks and
+        not on a loopback address (this host's own programs: nothing to
+        authenticate, and with no DNS each message would wait for its
+        lookups to time out).
         """
         if session.service != "smtp" or session.user is not None:
             return False
@@ -117,6 +124,10 @@ class AuthChecksFilter:
             ip = ipaddress.ip_address(session.peer_host)
         except ValueError:
             return True
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        if ip.is_loopback and not self.check_loopback:
+            return False
         return not any(ip in network for network in self.config().relay_networks)
 
     async def data(self, session: Any, envelope: Envelope, spool: MessageSpool) -> Any:
