@@ -168,7 +168,29 @@ def _endpoint(text: str) -> str | None:
         return None
     if not text:
         raise ConfigError("an empty endpoint; use 'none' to disable a listener")
+    check_endpoint_syntax(text)
     return text
+
+
+def check_endpoint_syntax(text: str) -> None:
+    """
+    Refuse a server endpoint string Twisted cannot parse (C{tcp:notaport},
+    a malformed option), so that it is a one-line usage error at start rather
+    than a traceback.  Only C{tcp}, C{tcp6} and C{unix} are parsed here
+    (their parsers bind nothing and read nothing); other types (C{ssl}
+    loads its certificate files, C{systemd} looks up inherited sockets) are
+    left to the start.
+    """
+    from twisted.internet.endpoints import serverFromString
+
+    description = text[len("haproxy:"):] if text.lower().startswith("haproxy:") else text
+    if description.split(":", 1)[0].lower() not in ("tcp", "tcp6", "unix"):
+        return
+    try:
+        # Parsing builds the endpoint object, which only keeps the reactor.
+        serverFromString(object(), description)
+    except (ValueError, TypeError, KeyError) as e:
+        raise ConfigError(f"not a server endpoint: {text!r} ({e})") from None
 
 
 def _positive(text: Any) -> float:

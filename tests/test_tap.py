@@ -111,6 +111,25 @@ class OptionsTests(SynchronousTestCase):
             e = self.assertRaises(usage.UsageError, self.parse, *argv)
             self.assertIn("--", str(e))
 
+    def test_bad_endpoints(self):
+        """
+        A listener endpoint Twisted cannot parse is a usage error naming the
+        option, not a traceback when the server starts; the other kinds
+        (ssl, systemd) are parsed only at start, where their files or
+        sockets are.
+        """
+        for option in ("--smtp", "--imap", "--http", "--submission"):
+            for value in ("tcp:notaport", "tcp:25:bogus=1", "haproxy:tcp:x",
+                          "unix:/tmp/s:mode=zz"):
+                e = self.assertRaises(usage.UsageError, self.parse, option, value)
+                self.assertIn(option, str(e))
+                self.assertIn("not a server endpoint", str(e))
+        config = self.parse("--smtp", "haproxy:tcp:25:interface=127.0.0.1",
+                            "--imap", "unix:/tmp/imap.sock:mode=600",
+                            "--http", "systemd:domain=INET:index=0")
+        self.assertEqual(config.smtp, "haproxy:tcp:25:interface=127.0.0.1")
+        self.assertEqual(config.http, "systemd:domain=INET:index=0")
+
     def test_durations(self):
         self.assertEqual(parse_duration("90"), 90)
         self.assertEqual(parse_duration("4h"), 14400)
