@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_receiving,tests.test_receivers,tests.test_reload -*-
+# -*- test-case-name: tests.test_stack,tests.test_receivers,tests.test_reload -*-
 """
 What the main process's L{mailstack.service.MailStack} and a receiver
 process's L{mailstack.receivers.ReceiverStack} share: the user database and
@@ -13,6 +13,7 @@ other's branches and neither module imports the other.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 from twisted.application.internet import StreamServerEndpointService
@@ -78,12 +79,21 @@ class Listener(StreamServerEndpointService):
         self.setName(label)
         self.port: IListeningPort | None = None
         self.listening: Deferred[IListeningPort] = Deferred()
+        #: Called with this listener when its port cannot be bound (Twisted
+        #: has logged why); L{StackBase} stops the server then.
+        self.on_failure: Callable[[Listener], None] | None = None
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
         self._waitingForPort.addCallback(self._listening)
 
-    def _listening(self, port: IListeningPort) -> IListeningPort:
+    def _listening(self, port: IListeningPort | None) -> IListeningPort | None:
+        if port is None:
+            # Twisted's own errback logged the failure (CannotListenError)
+            # and handed on None: this listener will never listen.
+            if self.on_failure is not None:
+                self.on_failure(self)
+            return None
         self.port = port
         address = port.getHost()
         where = (f"{address.host}:{address.port}"
@@ -246,8 +256,18 @@ class StackBase(MultiService):
             description += f":backlog={self.backlog}"
         endpoint = serverFromString(self.reactor, description)
         listener = kind_of_listener(label, endpoint, factory)
+        listener.on_failure = lambda _: self.cannot_listen(label, description)
         listener.setServiceParent(self)
         return listener
+
+    def cannot_listen(self, label: str, description: str) -> None:
+        """
+        A listener could not bind its port (in use, not permitted): stop
+        the server, as Postfix's master does, rather than run without it.
+        """
+        log.critical("{label}: cannot listen on {description} (the error is logged above); "
+                     "stopping", label=label, description=description)
+        self.reactor.callWhenRunning(self.reactor.stop)
 
     def stopService(self) -> Deferred[None]:
         """
