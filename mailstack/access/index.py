@@ -180,7 +180,7 @@ class FolderIndex:
             for base, value in data["messages"].items():
                 records[str(base)] = Record.from_json(value)
         except FileNotFoundError:
-            pass
+            pass  # no index written yet: an empty cache, filled by the next FETCH
         except (OSError, ValueError, KeyError, TypeError, AttributeError,
                 UnicodeError) as e:
             log.info("imap: rebuilding the index of {path} ({error})", path=self.path,
