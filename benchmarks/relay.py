@@ -34,7 +34,7 @@ def run(sessions, messages, size=1024):
         process, port = start_server_process(data_dir, extra=[
             "--relay-networks", "127.0.0.0/8", "--route", "*=127.0.0.2:25"])
         try:
-            envelopes = os.path.join(data_dir, "queue", "envelope")
+            envelopes = os.path.join(data_dir, "queue", "msg")
             cpu0, t0 = process_cpu(process.pid), time.monotonic()
             subprocess.run([source, "-s", str(sessions), "-m", str(messages), "-l", str(size),
                             "-f", "load@bench.test", "-t", "someone@remote.test",

@@ -242,7 +242,7 @@ class Mailstack:
                             for u in recipients_for(self.case)])
 
     def queue_empty(self) -> bool:
-        return count_files([os.path.join(self.data, "queue", "envelope")]) == 0
+        return count_files([os.path.join(self.data, "queue", d) for d in ("msg", "envelope")]) == 0
 
     def stop(self) -> None:
         self.process.send_signal(signal.SIGTERM)

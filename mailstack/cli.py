@@ -360,13 +360,13 @@ def queue_command(args: argparse.Namespace, data_dir: str, stdout: TextIO) -> No
     if args.action == "list":
         records = []
         unreadable: list[tuple[str, str]] = []
-        if os.path.isdir(store.envelope_dir):
-            for name in os.listdir(store.envelope_dir):
-                if name.endswith(".json"):
-                    try:
-                        records.append(store.load(name[:-5]))
-                    except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
-                        unreadable.append((name[:-5], f"unreadable envelope: {e}"))
+        for queue_id in store.committed_ids():
+            try:
+                records.append(store.load(queue_id))
+            except FileNotFoundError:
+                continue  # delivered since it was listed
+            except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+                unreadable.append((queue_id, f"unreadable queue file: {e}"))
         unreadable += store.corrupt()
         for queue_id, reason in unreadable:
             print(f"{queue_id}  CORRUPT  ({reason}; see queue/corrupt/)", file=stdout)

@@ -34,8 +34,7 @@ from collections.abc import Iterable
 
 DATA_MODE = 0o711
 MAILDROP_MODE = 0o1733
-PRIVATE_DIRS = ("mail", "queue", "queue/tmp", "queue/content", "queue/envelope", "tmp",
-                "tls")
+PRIVATE_DIRS = ("mail", "queue", "queue/tmp", "queue/msg", "tmp", "tls")
 MAILDROP = "maildrop"
 
 

@@ -137,7 +137,7 @@ class RelayCrashTests(SynchronousTestCase):
 
         again, _ = start_server_process(data_dir, extra, pythonpath=ROOT)
         self.addCleanup(lambda: again.poll() is None and again.kill())
-        envelopes = os.path.join(data_dir, "queue", "envelope")
+        envelopes = os.path.join(data_dir, "queue", "msg")
         wanted = {f"Subject: {s}".encode() for s in acknowledged}
         self.assertTrue(wait_for(lambda: wanted <= set(sink.subjects) and
                                  not os.listdir(envelopes), timeout=120),

@@ -44,7 +44,7 @@ def in_order(testcase, events, expected):
 
 def queue_files(server):
     found = []
-    for sub in ("content", "envelope", "tmp"):
+    for sub in ("msg", "content", "envelope", "tmp"):
         d = os.path.join(server.data_dir, "queue", sub)
         found += [f"{sub}/{n}" for n in os.listdir(d)] if os.path.isdir(d) else []
     return found
@@ -104,19 +104,23 @@ class DurableTests(TestCase):
     @inlineCallbacks
     def test_queue_order(self):
         """
-        A queued message: the content written in tmp/, fsynced, renamed
-        into content/, content/ fsynced; the envelope the same into
-        envelope/ (its rename is the commit); then the 250.
+        A queued message: one queue file (envelope and content) written in
+        tmp/ and fsynced, renamed into msg/ (the commit), msg/ fsynced;
+        then the 250.  Nothing else is fsynced for it before the 250.
         """
         self.disk.events.clear()
         code, _ = yield self.send(["bob@remote.test"])
         self.assertEqual(code, 250)
         in_order(self, self.disk.events, [
             ("create", "/queue/tmp/"), ("write", "/queue/tmp/"), ("fsync", "/queue/tmp/"),
-            ("rename", "/queue/content/"), ("fsync_directory", "/queue/content"),
-            ("create", "/queue/tmp/"), ("write", "/queue/tmp/"), ("fsync", "/queue/tmp/"),
-            ("rename", "/queue/envelope/"), ("fsync_directory", "/queue/envelope"),
+            ("rename", "/queue/msg/"), ("fsync_directory", "/queue/msg"),
             ("reply", "250")])
+        reply = len(self.disk.events) - self.disk.events[::-1].index(("reply", "250"))
+        fsyncs = [e for e in self.disk.events[:reply] if e[0].startswith("fsync")]
+        self.assertEqual(len(fsyncs), 2, fsyncs)
+        self.assertEqual(fsyncs[0][0], "fsync")
+        self.assertIn("/queue/tmp/", fsyncs[0][1])
+        self.assertEqual(fsyncs[1], ("fsync_directory", self.server.queue.store.msg_dir))
 
     @inlineCallbacks
     def test_commit_failure_leaves_no_copy(self):
@@ -140,10 +144,11 @@ class DurableTests(TestCase):
     def test_queue_commit_fails_after_maildir(self):
         """
         Local and remote recipients; the queue's commit (the envelope's
-        rename) fails after the Maildir copy was committed: 451, the copy
-        is removed again, the queue is empty; the retry makes one of each.
+        rename into msg/) fails after the Maildir copy was committed: 451,
+        the copy is removed again, the queue is empty; the retry makes one
+        of each.
         """
-        self.disk.fail("rename", "/queue/envelope/")
+        self.disk.fail("rename", "/queue/msg/")
         code, _ = yield self.send(["alice@localhost", "bob@remote.test"])
         self.assertEqual(code, 451)
         self.assertEqual(maildir_files(self.server, "alice@localhost", "new"), [])
@@ -225,8 +230,10 @@ class DurableTests(TestCase):
         with open(path, "rb") as f:
             self.assertTrue(f.read().endswith(b"x" * 900 + b"\n" + b"x" * 900 + b"\n"))
         [record] = self.server.queue.records.values()
-        content = os.path.getsize(self.server.queue.store.content_path(record.queue_id))
-        self.assertGreater(content, 1500 * 901)
+        with self.server.queue.store.open_content(record.queue_id) as f:
+            content = f.read()
+        self.assertGreater(len(content), 1500 * 901)
+        self.assertTrue(content.endswith(b"x" * 900 + b"\n" + b"x" * 900 + b"\n"))
 
     @inlineCallbacks
     def test_spill_on_full_disk(self):

@@ -167,14 +167,14 @@ class QueueFaultTests(TestCase):
         self.sink.policy.rcpt_replies = {"bob@remote.test": (451, "4.3.0", "later")}
         queue_id = yield self.inject(server, ["bob@remote.test"])
         yield self.run_queue(server)
-        os.unlink(server.queue.store.content_path(queue_id))
+        os.unlink(server.queue.store.path(queue_id))
         server.queue.flush()
         yield self.run_queue(server)
         yield server.queue._blocking(lambda: None)
         self.assertEqual(server.queue.records, {})
         self.assertEqual(self.sink.policy.attempts, 1)
         self.assertTrue(os.path.exists(os.path.join(server.queue.store.corrupt_dir,
-                                                    queue_id + ".json")))
+                                                    queue_id + ".reason")))
 
     @inlineCallbacks
     def test_loop_back_to_myself(self):

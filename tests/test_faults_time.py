@@ -98,8 +98,8 @@ class MemoryStore:
     def __init__(self):
         self.saved = []
 
-    def content_path(self, queue_id):
-        return __file__
+    def read_content(self, queue_id, limit):
+        return b"Subject: test\n\n"
 
     def save(self, record):
         self.saved.append(record.next_attempt)

@@ -157,12 +157,12 @@ class LayoutTests(SynchronousTestCase):
         uid, gid = service_user(self)
         data = os.path.join(public_tempdir(self), "data")
         privileges.ensure_layout(data)
-        for name in ("users", "queue/envelope/X.json", "tls/key.pem", "maildrop/1ABC"):
+        for name in ("users", "queue/msg/XXXXXXXXXXXX", "tls/key.pem", "maildrop/1ABC"):
             with open(os.path.join(data, name), "w") as f:
                 f.write("x")
         changed = privileges.prepare(data, uid, gid)
-        self.assertIn(os.path.join(data, "queue/envelope/X.json"), changed)
-        for name in ("", "users", "queue/envelope/X.json", "tls/key.pem", "maildrop"):
+        self.assertIn(os.path.join(data, "queue/msg/XXXXXXXXXXXX"), changed)
+        for name in ("", "users", "queue/msg/XXXXXXXXXXXX", "tls/key.pem", "maildrop"):
             self.assertEqual(os.stat(os.path.join(data, name)).st_uid, uid, name)
         self.assertEqual(os.stat(os.path.join(data, "maildrop/1ABC")).st_uid, 0)
         self.assertEqual(privileges.prepare(data, uid, gid), [])

@@ -4,6 +4,7 @@ clock, with a courier that answers when the test says so.
 """
 
 import io
+import os
 import threading
 import time
 
@@ -13,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailstack.queue.runner import OutboundQueue
 from mailstack.delivery.maildir import DirectorySyncer
+from mailstack.message import MessageSpool
 from mailstack.queue.store import QueueRecord, QueueStore, RecipientState
 
 
@@ -35,28 +37,36 @@ class HeldCourier:
         return succeed(None)
 
 
-class PathOnlyStore:
-    """
-    Attempts only ask the store where the content is before delivering.
-    """
+CONTENT = b"Subject: test\n\n" + b"a line of the body\n" * 20
 
-    def content_path(self, queue_id):
-        return __file__  # a file that exists: the content is there
+
+def queue_store(directory):
+    """
+    A real store holding three messages, each with L{CONTENT}.
+    """
+    store = QueueStore(directory)
+    for n in range(3):
+        spool = MessageSpool()
+        spool.write(CONTENT)
+        store.add(QueueRecord(f"{n:012X}", "s@x.test", 0.0, [RecipientState(f"r{n}@y.test")]),
+                  spool)
+        spool.close()
+    return store
 
 
 class SchedulerTests(SynchronousTestCase):
     def setUp(self):
         self.clock = Clock()
         self.courier = HeldCourier()
-        self.queue = OutboundQueue(PathOnlyStore(), self.courier, None, self.clock, None, (300,),
+        store = queue_store(self.mktemp())
+        self.queue = OutboundQueue(store, self.courier, None, self.clock, None, (300,),
                                    86400, "mx.test")
         self.queue._blocking = self.blocking
         self.blocked = []
         self.queue.running = True
         for n in range(3):
             queue_id = f"{n:012X}"
-            self.queue.records[queue_id] = QueueRecord(
-                queue_id, "s@x.test", 0.0, [RecipientState(f"r{n}@y.test")])
+            self.queue.records[queue_id] = store.load(queue_id)
             self.queue._push(queue_id, 0.0)
 
     def blocking(self, f, *args):
@@ -73,17 +83,15 @@ class SchedulerTests(SynchronousTestCase):
         self.queue._run_due()
         self.assertEqual(self.blocked, [self.queue._read_content])
         [open_content] = self.courier.contents
-        with open(__file__, "rb") as f:
-            expected = f.read()
         for _ in range(2):
             content = open_content()
             self.assertIsInstance(content, io.BytesIO)
-            self.assertEqual(content.read(), expected)
+            self.assertEqual(content.read(), CONTENT)
 
     def test_large_content_streamed(self):
         """
         Content over L{OutboundQueue.read_whole_below} is streamed from its
-        file, not held in memory.
+        queue file (only its content, to its end), not held in memory.
         """
         self.queue.read_whole_below = 100
         self.queue.max_active = 1
@@ -92,15 +100,16 @@ class SchedulerTests(SynchronousTestCase):
         content = open_content()
         self.addCleanup(content.close)
         self.assertNotIsInstance(content, io.BytesIO)
-        self.assertEqual(content.name, __file__)
+        self.assertEqual(b"".join(iter(lambda: content.read(7), b"")), CONTENT)
 
     def test_missing_content_quarantined(self):
         """
-        Content gone missing is found by the worker; the message is moved
-        aside and never handed to the courier.
+        A queue file gone missing is found by the worker; the message is
+        moved aside and never handed to the courier.
         """
         moved = []
-        self.queue.store.content_path = lambda queue_id: "/nonexistent/" + queue_id
+        for n in range(3):
+            os.unlink(self.queue.store.path(f"{n:012X}"))
         self.queue.store.quarantine = lambda queue_id, reason: moved.append((queue_id, reason))
         self.queue.max_active = 1
         self.queue._run_due()
@@ -137,14 +146,14 @@ class SchedulerTests(SynchronousTestCase):
 class GroupCommitTests(SynchronousTestCase):
     def test_concurrent_commits_share_directory_fsyncs(self):
         """
-        Messages committed at the same time share the fsync of
-        C{envelope/}; each commit returns only after an fsync that began
-        after its rename.
+        Messages committed at the same time share the fsync of C{msg/};
+        each commit returns only after an fsync that began after its
+        rename.
         """
         store = QueueStore(self.mktemp())
         store.ensure()
         for n in range(10):
-            with open(store.staged_envelope_path(f"{n:012X}"), "wb") as f:
+            with open(store.staged_path(f"{n:012X}"), "wb") as f:
                 f.write(b"{}")
         gate, started, calls = threading.Event(), threading.Event(), []
 
@@ -162,11 +171,11 @@ class GroupCommitTests(SynchronousTestCase):
         for t in others:
             t.start()
         deadline = time.monotonic() + 10
-        while store.syncer._state[store.envelope_dir][0] < 10 and time.monotonic() < deadline:
+        while store.syncer._state[store.msg_dir][0] < 10 and time.monotonic() < deadline:
             time.sleep(0.001)  # until every commit has renamed and holds a ticket
         self.assertEqual(len(calls), 1)
         gate.set()
         for t in [first] + others:
             t.join(5)
-        self.assertEqual(calls, [store.envelope_dir] * 2)
+        self.assertEqual(calls, [store.msg_dir] * 2)
         self.assertEqual(sorted(store.committed_ids()), [f"{n:012X}" for n in range(10)])

@@ -152,7 +152,7 @@ class ReceiverProcessTests(SynchronousTestCase):
         for t in threads:
             t.join(60)
         new = os.path.join(self.data_dir, "mail", "localhost", "alice", "new")
-        envelopes = os.path.join(self.data_dir, "queue", "envelope")
+        envelopes = os.path.join(self.data_dir, "queue", "msg")
         self.assertTrue(wait_for(lambda: len(self.sink.subjects) >= 40 and not os.listdir(
             envelopes)))
         local = []

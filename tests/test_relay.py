@@ -153,7 +153,7 @@ class RelayTests(TestCase):
         self.assertIn(b"with ESMTPSA", content)
         self.assertEqual(self.backup.policy.received, [])
         self.assertEqual(server.queue.records, {})
-        self.assertEqual(os.listdir(server.queue.store.envelope_dir), [])
+        self.assertEqual(os.listdir(server.queue.store.msg_dir), [])
 
     @inlineCallbacks
     def test_session_reused_for_next_message(self):
@@ -174,7 +174,7 @@ class RelayTests(TestCase):
         yield self.inject(server, ["r2@remote.test"])
         yield self.run_queue(server)
         self.assertEqual(len(self.sink.policy.received), 3)
-        self.assertEqual(os.listdir(server.queue.store.envelope_dir), [])
+        self.assertEqual(os.listdir(server.queue.store.msg_dir), [])
 
     @inlineCallbacks
     def test_failover_and_a_fallback(self):
@@ -285,7 +285,7 @@ class RelayTests(TestCase):
         self.assertEqual(server.queue.records, {})
         self.assertEqual(self.sink.policy.received, [])
         self.assertEqual(read_messages(server, "alice@localhost"), [])
-        self.assertEqual(os.listdir(server.queue.store.content_dir), [])
+        self.assertEqual(os.listdir(server.queue.store.msg_dir), [])
 
     @inlineCallbacks
     def test_state_survives_restart(self):

@@ -43,6 +43,7 @@ from mailstack.logsafe import safe
 from mailstack.message import Envelope, MessageSpool
 from mailstack.queue.courier import Courier, Outcome
 from mailstack.queue.dsn import build_report
+from mailstack.queue.qfile import CorruptFile
 from mailstack.queue.records import log_queued, new_record
 from mailstack.smtp.reply import Reply
 from mailstack.queue.store import (
@@ -301,22 +302,23 @@ class OutboundQueue(Service):
     # an attempt; larger content is streamed from its file.
     read_whole_below = 256 * 1024
 
-    def _read_content(self, path: str) -> bytes | None:
+    def _read_content(self, queue_id: str) -> bytes | None:
         """
         In a worker thread: the content of a small message, C{None} for a
         large one; C{FileNotFoundError} if it is missing.
         """
-        with open(path, "rb") as f:
-            data = f.read(self.read_whole_below + 1)
-        return data if len(data) <= self.read_whole_below else None
+        return self.store.read_content(queue_id, self.read_whole_below)
 
     async def _attempt(self, record: QueueRecord) -> None:
-        path = self.store.content_path(record.queue_id)
+        queue_id = record.queue_id
         try:
             # No stat, open or read on the reactor thread for small mail.
-            data = await self._blocking(self._read_content, path)
+            data = await self._blocking(self._read_content, queue_id)
         except FileNotFoundError:
             await self._quarantine(record.queue_id, "the content file is missing")
+            return
+        except CorruptFile as e:
+            await self._quarantine(record.queue_id, f"unusable: {e}")
             return
         except OSError as e:
             data = None  # streamed from the file; its attempt says what is wrong
@@ -324,7 +326,7 @@ class OutboundQueue(Service):
                      error=e)
 
         def open_content() -> Any:
-            return io.BytesIO(data) if data is not None else open(path, "rb")
+            return io.BytesIO(data) if data is not None else self.store.open_content(queue_id)
 
         pending = record.pending()
         by_domain: dict[str, list[RecipientState]] = {}
@@ -389,10 +391,10 @@ class OutboundQueue(Service):
         try:
             await self._blocking(self.store.save, record)
         except OSError as e:
-            # The schedule in memory goes on (retry, expiry); the envelope on
-            # disk is rewritten at the next attempt.  At worst a restart
+            # The schedule in memory goes on (retry, expiry); the state on
+            # disk is recorded at the next attempt.  At worst a restart
             # repeats an attempt already made.
-            log.error("{qid}: cannot rewrite the envelope: {error}; next attempt as planned",
+            log.error("{qid}: cannot record its state: {error}; next attempt as planned",
                       qid=record.queue_id, error=e)
         self._push(record.queue_id, record.next_attempt)
 
