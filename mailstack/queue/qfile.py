@@ -27,7 +27,7 @@ from typing import NamedTuple
 
 MAGIC = b"mailstack-queue 1\n"
 ENVELOPE, CONTENT, STATE = b"E", b"C", b"S"
-_FRAME = 18  # kind, 8 hex digits of length, 8 of CRC, LF
+FRAME = 18  # kind, 8 hex digits of length, 8 of CRC, LF
 # Most queue files are read whole by one read of this size.
 FIRST_READ = 65536
 
@@ -57,8 +57,8 @@ def _frame_at(data: bytes, at: int) -> tuple[bytes, int, int] | None:
     The kind, length and CRC of the frame at C{at}, or C{None} if it is cut
     short or malformed.
     """
-    raw = data[at:at + _FRAME]
-    if len(raw) < _FRAME or raw[17:18] != b"\n":
+    raw = data[at:at + FRAME]
+    if len(raw) < FRAME or raw[17:18] != b"\n":
         return None
     try:
         length, crc = int(raw[1:9], 16), int(raw[9:17], 16)
@@ -97,17 +97,17 @@ def parse_head(data: bytes, envelope: bool = True) -> Head:
     if first is None or first[0] != ENVELOPE:
         raise CorruptFile("the envelope's frame is unreadable")
     _, length, crc = first
-    start = at + _FRAME
+    start = at + FRAME
     end = start + length
-    if end + _FRAME > len(data):
-        return Head(b"", 0, 0, end + _FRAME)
+    if end + FRAME > len(data):
+        return Head(b"", 0, 0, end + FRAME)
     payload = data[start:end]
     if envelope and zlib.crc32(payload) != crc:
         raise CorruptFile("the envelope's checksum does not match")
     second = _frame_at(data, end)
     if second is None or second[0] != CONTENT:
         raise CorruptFile("the content's frame is unreadable")
-    return Head(payload, end + _FRAME, second[1], end + _FRAME)
+    return Head(payload, end + FRAME, second[1], end + FRAME)
 
 
 def parse_tail(data: bytes) -> tuple[list[bytes], bool]:
@@ -123,7 +123,7 @@ def parse_tail(data: bytes) -> tuple[list[bytes], bool]:
         if found is None or found[0] != STATE:
             return states, True
         _, length, crc = found
-        start = at + _FRAME
+        start = at + FRAME
         payload = data[start:start + length]
         if len(payload) < length or zlib.crc32(payload) != crc:
             return states, True

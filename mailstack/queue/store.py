@@ -302,8 +302,11 @@ class QueueStore:
         state = record.state_json()
         path = self.path(queue_id)
         if queue_id not in self.torn:
-            grown = os.stat(path).st_size - record.size
-            if grown <= max(self.compact_above, 8 * len(state)) + 65536:
+            # What the state records take, about (the envelope as first
+            # written was no larger than it is now).
+            appended = (os.stat(path).st_size - record.size - len(qfile.MAGIC)
+                        - len(record.to_json_compact()) - 2 * qfile.FRAME)
+            if appended <= max(self.compact_above, 8 * len(state)):
                 append_file(path, qfile.frame(qfile.STATE, state))
                 return
         self._rewrite(record)
