@@ -7,6 +7,7 @@ retry after the 4xx duplicates nothing; no copy is ever cut short.
 Faults come from L{RecordingDisk}, never from a full disk.
 """
 
+import errno
 import os
 
 from twisted.internet.defer import Deferred, inlineCallbacks, succeed
@@ -182,6 +183,29 @@ class DurableTests(TestCase):
         code, _ = yield self.send(["bob@remote.test"])
         self.assertEqual(code, 451)
         self.assertEqual(queue_files(self.server), [])
+
+    @inlineCallbacks
+    def test_queue_directory_fsync_eio(self):
+        """
+        EIO at the fsync of C{msg/} after the queue file's rename (the
+        commit): 451, logged, and the file is removed again, so nothing is
+        delivered that the client was told to send again; the retry is
+        queued once.
+        """
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.disk.fail("fsync_directory", "/queue/msg", error=errno.EIO)
+        code, _ = yield self.send(["bob@remote.test"])
+        self.assertEqual(code, 451)
+        self.assertEqual(queue_files(self.server), [])
+        self.assertEqual(self.server.queue.records, {})
+        texts = [formatEvent(e) for e in events]
+        self.assertTrue(any("Input/output error" in t for t in texts), texts)
+        code, _ = yield self.send(["bob@remote.test"])
+        self.assertEqual(code, 250)
+        self.assertEqual(len(queue_files(self.server)), 1)
+        self.assertEqual(len(self.server.queue.records), 1)
 
     @inlineCallbacks
     def test_queue_stage_fails_with_maildir_staged(self):

@@ -5,6 +5,7 @@ answering SERVFAIL, damaged files put in the queue directory), never from a
 full disk.
 """
 
+import errno
 import json
 import os
 import time
@@ -17,6 +18,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from mailstack.cli import run
+from mailstack.safeio import RecordingDisk, use_disk
 from mailstack.smtp.server import ServerSettings, SMTPServerFactory
 from mailstack.testing import FakeResolver
 from tests.support import in_thread, read_messages, short_tempdir
@@ -156,6 +158,87 @@ class QueueFaultTests(TestCase):
         self.assertIn("AAAAAAAAAAAA  CORRUPT", listing)
         self.assertIn("BBBBBBBBBBBB  CORRUPT  (unusable at start: the content file is missing",
                       listing)
+
+    @inlineCallbacks
+    def test_legacy_layout_delivered_after_upgrade(self):
+        """
+        A queue directory written by the layout before one file per message
+        (C{content/<id>} and C{envelope/<id>.json}: one message due, one
+        deferred with a recipient already delivered) loads after the
+        upgrade; the due one is delivered and both of its files removed;
+        the deferred one's state is kept in its envelope file until it is
+        delivered too, to its pending recipient only.  New mail meanwhile
+        goes to C{msg/}.
+        """
+        data_dir = short_tempdir(self)
+        queue = os.path.join(data_dir, "queue")
+        for sub in ("envelope", "content", "tmp"):
+            os.makedirs(os.path.join(queue, sub))
+        content = b"Subject: from before the upgrade\n\nold body\n"
+        now = self.clock.seconds()
+        records = {
+            "OLDDUE000001": {"recipients": [{"address": "bob@remote.test"}],
+                             "next_attempt": now},
+            "OLDLATER0002": {"recipients": [
+                {"address": "carol@remote.test", "state": "sent", "relay": "mx1.remote.test"},
+                {"address": "dave@remote.test", "last_error": "451 4.3.0 later"}],
+                "attempts": 1, "next_attempt": now + 600},
+        }
+        for queue_id, fields in records.items():
+            record = {"queue_id": queue_id, "sender": "alice@localhost", "arrival": now - 60,
+                      "size": len(content), **fields}
+            with open(os.path.join(queue, "envelope", queue_id + ".json"), "w") as f:
+                json.dump(record, f)
+            with open(os.path.join(queue, "content", queue_id), "wb") as f:
+                f.write(content)
+        server = yield self.server(data_dir=data_dir)
+        self.assertEqual(sorted(server.queue.records), ["OLDDUE000001", "OLDLATER0002"])
+        yield self.run_queue(server)
+        [(_, rcpts, received)] = self.sink.policy.received
+        self.assertEqual(rcpts, ["bob@remote.test"])
+        self.assertTrue(received.endswith(b"\n" + content), received)
+        self.assertEqual(sorted(os.listdir(os.path.join(queue, "envelope"))),
+                         ["OLDLATER0002.json"])
+        self.assertEqual(os.listdir(os.path.join(queue, "content")), ["OLDLATER0002"])
+        yield self.inject(server, ["erin@remote.test"])
+        yield self.run_queue(server)
+        self.assertEqual(os.listdir(os.path.join(queue, "msg")), [])
+        self.sink.policy.rcpt_replies = {"dave@remote.test": (451, "4.3.0", "still later")}
+        yield self.run_queue(server, 600)
+        with open(os.path.join(queue, "envelope", "OLDLATER0002.json")) as f:
+            self.assertEqual(json.load(f)["attempts"], 2)
+        self.sink.policy.rcpt_replies = {}
+        yield self.run_queue(server, 3600)
+        self.assertEqual([r for _, r, _ in self.sink.policy.received][-1], ["dave@remote.test"])
+        self.assertEqual(server.queue.records, {})
+        for sub in ("envelope", "content", "msg"):
+            self.assertEqual(os.listdir(os.path.join(queue, sub)), [])
+
+    @inlineCallbacks
+    def test_state_append_eio(self):
+        """
+        EIO at the fsync of a deferral's state record: logged, the retry
+        still happens on the schedule, and the next state recorded is the
+        one a restart finds.
+        """
+        data_dir = short_tempdir(self)
+        server = yield self.server(data_dir=data_dir, retry_schedule="10m")
+        server.queue.jitter = lambda: 0
+        self.sink.policy.rcpt_replies = {"bob@remote.test": (451, "4.3.0", "later")}
+        queue_id = yield self.inject(server, ["bob@remote.test"])
+        disk = RecordingDisk()
+        self.addCleanup(use_disk, use_disk(disk))
+        disk.fail("fsync", "/queue/msg/", error=errno.EIO)
+        events = self.logged()
+        yield self.run_queue(server)
+        texts = [formatEvent(e) for e in events]
+        self.assertTrue(any(queue_id in t and "cannot record its state" in t
+                            and "Input/output error" in t for t in texts), texts)
+        yield self.run_queue(server, 600)
+        self.assertEqual(self.sink.policy.attempts, 2)
+        yield server.stopService()
+        again = yield self.server(data_dir=data_dir)
+        self.assertEqual(again.queue.records[queue_id].attempts, 2)
 
     @inlineCallbacks
     def test_content_lost_while_queued(self):
