@@ -90,6 +90,10 @@ class OutboundQueue(Service):
         self._timer: Any = None
         self.bounce_to: Callable[[str, bytes], Deferred[Any]] | None = None
         self.loaded: Deferred[int] = Deferred()
+        # The content of small messages just queued, kept for their first
+        # attempt (see _keep_ahead).
+        self._ahead: dict[str, bytes] = {}
+        self._ahead_bytes = 0
 
     def _blocking(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self.pool, f, *args)
@@ -137,6 +141,7 @@ class OutboundQueue(Service):
         """
         log.warn("queue: {qid}: {reason}; moved to queue/corrupt/", qid=queue_id, reason=reason)
         self.records.pop(queue_id, None)
+        self._take_ahead(queue_id)
         d = self._blocking(self.store.quarantine, queue_id, reason)
         return d.addErrback(lambda f: log.error("queue: {qid}: cannot move it aside: {error}",
                                                 qid=queue_id, error=f.value))
@@ -166,14 +171,21 @@ class OutboundQueue(Service):
     def _rearm(self) -> None:
         if not self.running:
             return
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        timer = self._timer
         # At capacity, the next attempt to finish runs _run_due itself; a
         # timer now would only spin (found by benchmarks/relay.py).
         if self._heap and len(self.active) < self.max_active:
-            delay = max(0.0, self._heap[0][0] - self.clock.seconds())
-            self._timer = self.clock.callLater(delay, self._run_due)
+            at = self._heap[0][0]
+            if timer is not None and timer.active() and timer.getTime() <= at:
+                return  # already armed in time (many messages queued in one turn)
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._timer = self.clock.callLater(max(0.0, at - self.clock.seconds()),
+                                               self._run_due)
+            return
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._timer = None
 
     def _run_due(self) -> None:
         # Also called when an attempt finishes: a timer still armed is
@@ -217,9 +229,11 @@ class OutboundQueue(Service):
         """
         record = new_record(envelope, wall_seconds(self.clock))
         d = self._blocking(self.store.stage, record, spool)
-        return d.addCallback(lambda _: StagedMessage(self, record))
+        return d.addCallback(lambda _: StagedMessage(self, record, self._copy_small(spool)))
 
-    def _schedule(self, record: QueueRecord) -> None:
+    def _schedule(self, record: QueueRecord, content: bytes | None = None) -> None:
+        if content is not None:
+            self._keep_ahead(record.queue_id, content)
         self.records[record.queue_id] = record
         self._push(record.queue_id, record.next_attempt)
         self._rearm()
@@ -286,6 +300,7 @@ class OutboundQueue(Service):
         Drop a message without bouncing it.
         """
         record = self.records.pop(queue_id, None)
+        self._take_ahead(queue_id)
         d = self._blocking(self.store.remove, queue_id)
 
         def removed(found: bool) -> bool:
@@ -310,11 +325,42 @@ class OutboundQueue(Service):
             data = f.read(self.read_whole_below + 1)
         return data if len(data) <= self.read_whole_below else None
 
+    # Small content of messages just queued is kept in memory for their
+    # first attempt, up to this many bytes in all: a message relayed at
+    # once costs no thread hand-off and no read of its file.
+    ahead_limit = 8 * 1024 * 1024
+
+    def _copy_small(self, spool: MessageSpool) -> bytes | None:
+        """
+        The content of a small message from its spool (in memory, so no
+        I/O on the reactor thread), the bytes the store just wrote; None
+        for a larger one.
+        """
+        if spool.size > min(self.read_whole_below, spool.memory_limit):
+            return None
+        try:
+            return spool.read()
+        except ValueError:  # closed meanwhile: the attempt reads the file
+            return None
+
+    def _keep_ahead(self, queue_id: str, content: bytes) -> None:
+        if self._ahead_bytes + len(content) <= self.ahead_limit and queue_id not in self._ahead:
+            self._ahead[queue_id] = content
+            self._ahead_bytes += len(content)
+
+    def _take_ahead(self, queue_id: str) -> bytes | None:
+        content = self._ahead.pop(queue_id, None)
+        if content is not None:
+            self._ahead_bytes -= len(content)
+        return content
+
     async def _attempt(self, record: QueueRecord) -> None:
         path = self.store.content_path(record.queue_id)
+        data = self._take_ahead(record.queue_id)
         try:
             # No stat, open or read on the reactor thread for small mail.
-            data = await self._blocking(self._read_content, path)
+            if data is None:
+                data = await self._blocking(self._read_content, path)
         except FileNotFoundError:
             await self._quarantine(record.queue_id, "the content file is missing")
             return
@@ -456,10 +502,12 @@ class StagedMessage:
     A message staged in the queue, waiting for the dispatcher's word.
     """
 
-    def __init__(self, queue: OutboundQueue, record: QueueRecord) -> None:
+    def __init__(self, queue: OutboundQueue, record: QueueRecord,
+                 content: bytes | None = None) -> None:
         self.queue = queue
         self.record = record
         self.committed = False
+        self.content = content  # kept for the first attempt of a small message
 
     def commit(self) -> Deferred[None]:
         record = self.record
@@ -469,7 +517,8 @@ class StagedMessage:
             self.committed = True
             log_queued(record)
             if record.queue_id not in self.queue.records:  # a sweep may have been first
-                self.queue._schedule(record)
+                self.queue._schedule(record, self.content)
+            self.content = None
 
         return d.addCallback(stored)
 
@@ -478,6 +527,8 @@ class StagedMessage:
             log.warn("{qid}: removed from the queue again: another store failed",
                      qid=self.record.queue_id)
             self.queue.records.pop(self.record.queue_id, None)
+            self.queue._take_ahead(self.record.queue_id)
+        self.content = None
         return self.queue._blocking(self.queue.store.abort, self.record.queue_id)
 
 
