@@ -252,6 +252,24 @@ class ReadAheadTests(SynchronousTestCase):
         self.successResultOf(self.queue.delete("AAAAAAAAAAAA"))
         self.assertEqual((self.queue._ahead, self.queue._ahead_bytes), ({}, 0))
 
+    def test_courier_crash_defers(self):
+        """
+        A courier that raises (a bug) defers each recipient of that domain
+        with a 4.3.0 and a logged traceback, with one domain or several.
+        """
+        for n, rcpts in enumerate([["r@y.test"], ["r@y.test", "q@z.test"]]):
+            queue_id = f"{n:012X}"
+            self.queue.records[queue_id] = record = QueueRecord(
+                queue_id, "s@x.test", 0.0, [RecipientState(r) for r in rcpts])
+            self.queue._push(queue_id, 0.0)
+            self.queue._run_due()
+            for d in self.courier.pending:
+                d.errback(RuntimeError("bug"))
+            self.courier.pending = []
+            self.assertEqual([r.dsn for r in record.recipients], ["4.3.0"] * len(rcpts))
+            self.assertTrue(all("internal error" in r.last_error for r in record.recipients))
+            self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), len(rcpts))
+
     def test_one_timer_for_a_burst(self):
         """
         Many messages queued in one reactor turn arm one timer, not one

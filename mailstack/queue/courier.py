@@ -30,6 +30,7 @@ C{--require-tls}; each session's TLS outcome is recorded.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
 from dataclasses import dataclass
@@ -99,6 +100,7 @@ class Outcome:
         return "bounced" if self.reply.code >= 500 else "deferred"
 
 
+@functools.lru_cache(maxsize=4096)  # asked at every attempt for the same few hosts
 def is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)

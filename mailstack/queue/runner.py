@@ -33,6 +33,7 @@ from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
@@ -382,8 +383,17 @@ class OutboundQueue(Service):
                 domain, record.sender, [r.address for r in rcpts],
                 open_content, record.size)
 
-        results = await DeferredList(
-            [ensureDeferred(one(d, rs)) for d, rs in by_domain.items()], consumeErrors=True)
+        results: list[tuple[bool, Any]]
+        if len(by_domain) == 1:
+            # The common case, one domain: no Deferred per domain to gather.
+            [(domain, rcpts)] = by_domain.items()
+            try:
+                results = [(True, await one(domain, rcpts))]
+            except Exception:  # noqa: BLE001 - as DeferredList would: a 451 for each recipient
+                results = [(False, Failure())]
+        else:
+            results = await DeferredList(
+                [ensureDeferred(one(d, rs)) for d, rs in by_domain.items()], consumeErrors=True)
         now = wall_seconds(self.clock)
         for (ok, outcomes), rcpts in zip(results, by_domain.values()):
             for rcpt in rcpts:
