@@ -130,3 +130,14 @@ class AnswerCacheTests(SynchronousTestCase):
         self.assertEqual(self.addresses(courier), ["127.0.0.3"])
         self.addresses(courier)
         self.assertEqual(len(self.queries(dns.A)), 2)
+
+    def test_new_resolver_starts_afresh(self):
+        """
+        Answers kept are the resolver's: a courier given another resolver
+        asks it at once.
+        """
+        courier = self.courier(ttl=60)
+        self.hosts(courier)
+        other = FakeResolver(mx={"remote.test": [(10, "new.remote.test")]}, ttl=60)
+        courier.resolver = other
+        self.assertEqual(self.hosts(courier), [("new.remote.test", 25)])

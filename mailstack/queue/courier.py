@@ -151,7 +151,6 @@ class Courier:
         self.credentials = {a.host: (a.user, a.password()) for a in relay_auth}
         self.trust_root = trust_root
         self._limits: dict[str, DeferredSemaphore] = {}
-        self._answers: dict[tuple[str, str], tuple[float, Any]] = {}
         self._idle: dict[tuple[Any, ...], list[tuple[Session, Any]]] = {}
         self._closing = False
         # --smtp-bind-address: the source address per family (smtp_bind_address,
@@ -159,6 +158,19 @@ class Courier:
         self.bind_addresses = tuple(bind_addresses)
         # MTA-STS and TLS reporting (mailstack.queue.tlspolicy.TLSPolicy), or None.
         self.tls_policy = tls_policy
+
+    @property
+    def resolver(self) -> Any:
+        """
+        The resolver of MX and address lookups; the answers kept are its
+        own: a new resolver starts with none.
+        """
+        return self._resolver
+
+    @resolver.setter
+    def resolver(self, resolver: Any) -> None:
+        self._resolver = resolver
+        self._answers: dict[tuple[str, str], tuple[float, Any]] = {}
 
     def _tcp_endpoint(self, ip: str, port: int) -> IStreamClientEndpoint:
         six = ":" in ip
