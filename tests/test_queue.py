@@ -270,6 +270,45 @@ class ReadAheadTests(SynchronousTestCase):
             self.assertTrue(all("internal error" in r.last_error for r in record.recipients))
             self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), len(rcpts))
 
+    def test_slot_freed_while_the_outcome_is_stored(self):
+        """
+        An attempt that has delivered gives its slot to the next due
+        message while its removal (an unlink and an fsync) is still
+        running; the message itself is not attempted again meanwhile, and
+        the queue stops only once the removal is done.
+        """
+        removals = []
+        blocking = self.queue._blocking
+
+        def held(f, *args):
+            if getattr(f, "__name__", "") == "remove":
+                removals.append(Deferred())
+                return removals[-1].addCallback(lambda _: f(*args))
+            return blocking(f, *args)
+
+        self.queue._blocking = held
+        self.queue.max_active = 1
+        sent = {"r@y.test": Outcome(Reply(250, "2.0.0", "ok"), "relay")}
+        self.enqueue("AAAAAAAAAAAA", b"Subject: one\n\nx\n")
+        self.enqueue("BBBBBBBBBBBB", b"Subject: two\n\nx\n")
+        self.clock.advance(0)
+        self.assertEqual(len(self.courier.pending), 1)
+        self.courier.pending.pop().callback(sent)
+        self.assertEqual(len(removals), 1)
+        self.assertEqual(len(self.courier.pending), 1)  # the next one started
+        self.assertEqual(sorted(self.queue.active), ["AAAAAAAAAAAA", "BBBBBBBBBBBB"])
+        self.queue.flush()
+        self.clock.advance(0)
+        self.assertEqual(len(self.courier.contents), 2)  # A is not attempted again
+        stopped = self.queue.stopService()
+        self.courier.pending.pop().callback(sent)
+        self.assertNoResult(stopped)
+        for d in removals:
+            d.callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(self.store.removed, ["AAAAAAAAAAAA", "BBBBBBBBBBBB"])
+        self.assertEqual((self.queue.active, self.queue._settling), ({}, set()))
+
     def test_one_timer_for_a_burst(self):
         """
         Many messages queued in one reactor turn arm one timer, not one

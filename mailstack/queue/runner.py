@@ -86,6 +86,7 @@ class OutboundQueue(Service):
         self.jitter = jitter
         self.records: dict[str, QueueRecord] = {}
         self.active: dict[str, Deferred[None]] = {}
+        self._settling: set[str] = set()  # in active, only storing their outcome
         self._heap: list[tuple[float, int, str, float]] = []
         self._seq = itertools.count()
         self._timer: Any = None
@@ -175,7 +176,7 @@ class OutboundQueue(Service):
         timer = self._timer
         # At capacity, the next attempt to finish runs _run_due itself; a
         # timer now would only spin (found by benchmarks/relay.py).
-        if self._heap and len(self.active) < self.max_active:
+        if self._heap and self._busy() < self.max_active:
             at = self._heap[0][0]
             if timer is not None and timer.active() and timer.getTime() <= at:
                 return  # already armed in time (many messages queued in one turn)
@@ -195,7 +196,7 @@ class OutboundQueue(Service):
             self._timer.cancel()
         self._timer = None
         now = self.clock.seconds()
-        while self._heap and self._heap[0][0] <= now and len(self.active) < self.max_active:
+        while self._heap and self._heap[0][0] <= now and self._busy() < self.max_active:
             _, _, queue_id, due = heapq.heappop(self._heap)
             record = self.records.get(queue_id)
             if record is None or queue_id in self.active or record.next_attempt != due:
@@ -208,8 +209,29 @@ class OutboundQueue(Service):
 
     def _finished(self, queue_id: str) -> None:
         self.active.pop(queue_id, None)
+        self._settling.discard(queue_id)
         if self.running:
             self._run_due()
+
+    def _busy(self) -> int:
+        """
+        The attempts that count against L{max_active}: those still
+        delivering, not those only writing down their outcome (up to
+        L{max_active} of them: at most twice that many at once in all).
+        """
+        return len(self.active) - min(len(self._settling), self.max_active)
+
+    def _settle(self, queue_id: str) -> None:
+        """
+        The attempt for C{queue_id} is done delivering and only writes its
+        outcome down (an unlink or a rewrite, each with an fsync): its
+        slot goes to the next due message now, while the message itself
+        stays in L{active} (never attempted twice at once).
+        """
+        if queue_id in self.active and queue_id not in self._settling:
+            self._settling.add(queue_id)
+            if self.running:
+                self._run_due()
 
     def delay_after(self, attempts: int) -> float:
         """
@@ -428,6 +450,7 @@ class OutboundQueue(Service):
             record.warned = await self._bounce(record, still, delayed=True)
         if record.queue_id not in self.records:
             return  # deleted meanwhile
+        self._settle(record.queue_id)
         if not still and not unnotified:
             try:
                 await self._blocking(self.store.remove, record.queue_id)
