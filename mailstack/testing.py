@@ -37,13 +37,15 @@ class FakeResolver(ResolverBase):
     @param servfail: names whose MX lookup fails with SERVFAIL (their A
         and AAAA lookups still answer).
     @param ptr: C{{ip: [name, ...]}}, reverse DNS.
+    @param ttl: the TTL of every record (0: not to be cached).
     """
 
     def __init__(self, mx: dict[str, list[tuple[int, str]]] | None = None,
                  a: dict[str, list[str]] | None = None, missing: set[str] | None = None,
                  servfail: set[str] | None = None,
-                 ptr: dict[str, list[str]] | None = None):
+                 ptr: dict[str, list[str]] | None = None, ttl: int = 0):
         super().__init__()
+        self.ttl = ttl
         self.mx = mx or {}
         self.a = a or {}
         self.missing = missing or set()
@@ -62,7 +64,8 @@ class FakeResolver(ResolverBase):
             return fail(DNSServerError(name))
         answers = []
         if type == dns.MX:
-            answers = [dns.RRHeader(name, dns.MX, payload=dns.Record_MX(preference, host))
+            answers = [dns.RRHeader(name, dns.MX, payload=dns.Record_MX(preference, host),
+                                    ttl=self.ttl)
                        for preference, host in self.mx.get(name, [])]
         elif type == dns.PTR:
             answers = [dns.RRHeader(name, dns.PTR, payload=dns.Record_PTR(target))
@@ -71,9 +74,11 @@ class FakeResolver(ResolverBase):
             for text in self.a.get(name, []):
                 ip = ipaddress.ip_address(text)
                 if ip.version == 4 and type == dns.A:
-                    answers.append(dns.RRHeader(name, dns.A, payload=dns.Record_A(text)))
+                    answers.append(dns.RRHeader(name, dns.A, payload=dns.Record_A(text),
+                                                ttl=self.ttl))
                 elif ip.version == 6 and type == dns.AAAA:
-                    answers.append(dns.RRHeader(name, dns.AAAA, payload=dns.Record_AAAA(text)))
+                    answers.append(dns.RRHeader(name, dns.AAAA, payload=dns.Record_AAAA(text),
+                                                ttl=self.ttl))
         return succeed((answers, [], []))
 
 

@@ -12,7 +12,11 @@ from twisted.internet.defer import succeed, Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
+from mailstack.address import parse_address
+from mailstack.message import Envelope, MessageSpool
+from mailstack.queue.courier import Outcome
 from mailstack.queue.runner import OutboundQueue
+from mailstack.smtp.reply import Reply
 from mailstack.delivery.maildir import DirectorySyncer
 from mailstack.message import MessageSpool
 from mailstack.queue.store import QueueRecord, QueueStore, RecipientState
@@ -141,6 +145,193 @@ class SchedulerTests(SynchronousTestCase):
         self.assertEqual(self.courier.pending, [])
         self.clock.advance(1)
         self.assertEqual(len(self.courier.pending), 1)
+
+
+class StagingStore:
+    """
+    Stages and commits in memory; the content "on disk" is a file of its
+    own, so a test can tell which copy an attempt delivered.
+    """
+
+    def __init__(self, path):
+        self.path = path
+        self.staged = []
+        self.removed = []
+
+    def content_path(self, queue_id):
+        return self.path
+
+    def stage(self, record, spool):
+        record.size = spool.size
+        self.staged.append(record.queue_id)
+
+    def commit(self, queue_id):
+        pass
+
+    def abort(self, queue_id):
+        pass
+
+    def remove(self, queue_id):
+        self.removed.append(queue_id)
+        return True
+
+    def save(self, record):
+        pass
+
+
+class ReadAheadTests(SynchronousTestCase):
+    """
+    A small message just queued is delivered from the content kept at its
+    enqueue: no thread hand-off and no read of its file at its first
+    attempt; later attempts read the file.
+    """
+
+    def setUp(self):
+        self.clock = Clock()
+        self.courier = HeldCourier()
+        disk = self.mktemp()
+        with open(disk, "wb") as f:
+            f.write(b"Subject: from the file\n\nx\n")
+        self.store = StagingStore(disk)
+        self.queue = OutboundQueue(self.store, self.courier, None, self.clock, None, (300,),
+                                   86400, "mx.test")
+        self.blocked = []
+        self.queue._blocking = self.blocking
+        self.queue.running = True
+
+    def blocking(self, f, *args):
+        self.blocked.append(getattr(f, "__name__", f))
+        return succeed(f(*args))
+
+    def enqueue(self, queue_id, body):
+        envelope = Envelope(queue_id, parse_address("s@x.test"))
+        envelope.remote = [parse_address("r@y.test")]
+        spool = MessageSpool()
+        spool.write(body)
+        self.successResultOf(self.queue.enqueue(envelope, spool))
+        spool.close()  # the SMTP session is over: the queue holds its own copy
+
+    def test_first_attempt_from_memory(self):
+        """
+        The first attempt gets the enqueued content without a read; after a
+        deferral, the next attempt reads the file.
+        """
+        self.enqueue("AAAAAAAAAAAA", b"Subject: from memory\n\nx\n")
+        self.clock.advance(0)
+        [open_content] = self.courier.contents
+        self.assertEqual(open_content().read(), b"Subject: from memory\n\nx\n")
+        self.assertEqual(self.blocked, ["stage", "commit"])
+        self.assertEqual(self.queue._ahead, {})
+        self.assertEqual(self.queue._ahead_bytes, 0)
+        self.courier.pending.pop().callback(
+            {"r@y.test": Outcome(Reply(451, "4.3.0", "later"), "relay")})
+        self.clock.advance(400)
+        self.assertEqual(len(self.courier.contents), 2)
+        self.assertIn("_read_content", self.blocked)
+        self.assertEqual(self.courier.contents[1]().read(), b"Subject: from the file\n\nx\n")
+
+    def test_limit_in_all(self):
+        """
+        Past L{OutboundQueue.ahead_limit} bytes kept in all, a message's
+        first attempt reads its file like any other.
+        """
+        self.queue.max_active = 0  # nothing starts: both stay queued
+        body = b"Subject: big\n\n" + b"x" * 80 + b"\n"
+        self.queue.ahead_limit = len(body) + 10
+        self.enqueue("AAAAAAAAAAAA", body)
+        self.enqueue("BBBBBBBBBBBB", body)
+        self.assertEqual(list(self.queue._ahead), ["AAAAAAAAAAAA"])
+        self.assertEqual(self.queue._ahead_bytes, len(body))
+
+    def test_large_message_not_kept(self):
+        """
+        Content over L{OutboundQueue.read_whole_below} is never kept.
+        """
+        self.queue.max_active = 0
+        self.queue.read_whole_below = 10
+        self.enqueue("AAAAAAAAAAAA", b"Subject: big\n\n" + b"x" * 80 + b"\n")
+        self.assertEqual(self.queue._ahead, {})
+
+    def test_deleted_message_forgotten(self):
+        """
+        A message deleted before its first attempt leaves nothing kept.
+        """
+        self.queue.max_active = 0
+        self.enqueue("AAAAAAAAAAAA", b"Subject: x\n\nx\n")
+        self.successResultOf(self.queue.delete("AAAAAAAAAAAA"))
+        self.assertEqual((self.queue._ahead, self.queue._ahead_bytes), ({}, 0))
+
+    def test_courier_crash_defers(self):
+        """
+        A courier that raises (a bug) defers each recipient of that domain
+        with a 4.3.0 and a logged traceback, with one domain or several.
+        """
+        for n, rcpts in enumerate([["r@y.test"], ["r@y.test", "q@z.test"]]):
+            queue_id = f"{n:012X}"
+            self.queue.records[queue_id] = record = QueueRecord(
+                queue_id, "s@x.test", 0.0, [RecipientState(r) for r in rcpts])
+            self.queue._push(queue_id, 0.0)
+            self.queue._run_due()
+            for d in self.courier.pending:
+                d.errback(RuntimeError("bug"))
+            self.courier.pending = []
+            self.assertEqual([r.dsn for r in record.recipients], ["4.3.0"] * len(rcpts))
+            self.assertTrue(all("internal error" in r.last_error for r in record.recipients))
+            self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), len(rcpts))
+
+    def test_slot_freed_while_the_outcome_is_stored(self):
+        """
+        An attempt that has delivered gives its slot to the next due
+        message while its removal (an unlink and an fsync) is still
+        running; the message itself is not attempted again meanwhile, and
+        the queue stops only once the removal is done.
+        """
+        removals = []
+        blocking = self.queue._blocking
+
+        def held(f, *args):
+            if getattr(f, "__name__", "") == "remove":
+                removals.append(Deferred())
+                return removals[-1].addCallback(lambda _: f(*args))
+            return blocking(f, *args)
+
+        self.queue._blocking = held
+        self.queue.max_active = 1
+        sent = {"r@y.test": Outcome(Reply(250, "2.0.0", "ok"), "relay")}
+        self.enqueue("AAAAAAAAAAAA", b"Subject: one\n\nx\n")
+        self.enqueue("BBBBBBBBBBBB", b"Subject: two\n\nx\n")
+        self.clock.advance(0)
+        self.assertEqual(len(self.courier.pending), 1)
+        self.courier.pending.pop().callback(sent)
+        self.assertEqual(len(removals), 1)
+        self.assertEqual(len(self.courier.pending), 1)  # the next one started
+        self.assertEqual(sorted(self.queue.active), ["AAAAAAAAAAAA", "BBBBBBBBBBBB"])
+        self.queue.flush()
+        self.clock.advance(0)
+        self.assertEqual(len(self.courier.contents), 2)  # A is not attempted again
+        stopped = self.queue.stopService()
+        self.courier.pending.pop().callback(sent)
+        self.assertNoResult(stopped)
+        for d in removals:
+            d.callback(None)
+        self.successResultOf(stopped)
+        self.assertEqual(self.store.removed, ["AAAAAAAAAAAA", "BBBBBBBBBBBB"])
+        self.assertEqual((self.queue.active, self.queue._settling), ({}, set()))
+
+    def test_one_timer_for_a_burst(self):
+        """
+        Many messages queued in one reactor turn arm one timer, not one
+        each (each armed and cancelled in turn).
+        """
+        self.queue.max_active = 20
+        armed = []
+        call_later = self.clock.callLater
+        self.clock.callLater = lambda *a, **k: armed.append(a) or call_later(*a, **k)
+        for n in range(5):
+            self.enqueue(f"{n:012X}", b"Subject: x\n\nx\n")
+        self.assertEqual(len(armed), 1)
+        self.clock.advance(0)
+        self.assertEqual(len(self.courier.pending), 5)
 
 
 class GroupCommitTests(SynchronousTestCase):

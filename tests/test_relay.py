@@ -177,6 +177,37 @@ class RelayTests(TestCase):
         self.assertEqual(os.listdir(server.queue.store.msg_dir), [])
 
     @inlineCallbacks
+    def test_messages_back_to_back_keep_their_content(self):
+        """
+        Messages queued one after the other go out back to back on one
+        cached session, each with its own content (kept in memory from its
+        enqueue), dot-stuffing intact; a deferred one goes out at its retry
+        with the content read from its queue file.
+        """
+        server = yield self.server()
+        for number in range(3):
+            yield self.inject(server, [f"r{number}@remote.test"],
+                              content=MESSAGE.replace(b"outbound", b"number %d" % number))
+            yield self.run_queue(server)
+        self.assertEqual(self.sink.policy.connections, 1)
+        for number, (_, rcpts, content) in enumerate(self.sink.policy.received):
+            self.assertEqual(rcpts, [f"r{number}@remote.test"])
+            self.assertIn(b"Subject: number %d\n" % number, content)
+            self.assertTrue(content.endswith(b"\nline one\n.dot line\n"))
+        self.resolver.mx["down.test"] = [(10, "dead.failover.test")]
+        yield self.inject(server, ["later@down.test"],
+                          content=MESSAGE.replace(b"outbound", b"retried"))
+        yield self.run_queue(server)
+        self.assertEqual(len(self.sink.policy.received), 3)
+        self.assertEqual(server.queue._ahead, {})
+        self.ports["127.0.0.12"] = self.sink.number  # the host is back
+        yield self.run_queue(server, advance=3600)
+        [_, rcpts, content] = self.sink.policy.received[3]
+        self.assertEqual(rcpts, ["later@down.test"])
+        self.assertIn(b"Subject: retried\n", content)
+        self.assertEqual(os.listdir(server.queue.store.envelope_dir), [])
+
+    @inlineCallbacks
     def test_failover_and_a_fallback(self):
         """
         A dead MX is skipped for the next one; a domain without MX gets its

@@ -137,6 +137,48 @@ class DialogTests(SynchronousTestCase):
         self.assertEqual(result.reply_for("a@x.test")[:2], (550, "5.1.1"))
         self.assertEqual(result.reply_for("b@x.test")[:2], (250, "2.0.0"))
 
+    def test_content_in_memory_is_one_write(self):
+        """
+        Content in memory (what the queue reads ahead for small mail) goes
+        out dot-stuffed with the final dot in a single write, with no
+        producer; the MAIL/RCPT/DATA group is one write before it.
+        """
+        writes = []
+        write = self.transport.write
+        self.transport.write = lambda data: (writes.append(data), write(data))[1]
+        self.start(content=b"Subject: x\n\n.hi\nbye")
+        self.server(b"220 mx ESMTP\r\n", b"250-mx\r\n250 PIPELINING\r\n")
+        del writes[:]
+        self.server(b"250 ok\r\n250 ok\r\n250 ok\r\n354 go\r\n")
+        self.assertIsNone(self.transport.producer)
+        self.assertEqual(writes, [b"Subject: x\r\n\r\n..hi\r\nbye\r\n.\r\n"])
+        self.server(b"250 2.0.0 queued\r\n", b"221 bye\r\n")
+        self.assertEqual(self.successResultOf(self.result).data.code, 250)
+
+    def test_content_from_a_file_is_streamed(self):
+        """
+        Content that is not in memory (a large message's open file) is
+        streamed by a producer, and dot-stuffed the same way.
+        """
+        class File(io.BufferedReader):
+            pass
+
+        content = b"Subject: x\n\n.hi\n" + b"y" * 40000 + b"\n"
+        transaction = Transaction("s@y.test", ["a@x.test"], File(io.BytesIO(content)),
+                                  len(content))
+        self.result = ensureDeferred(send_transaction(self.proto, "me.test", transaction,
+                                                      timeouts=Timeouts()))
+        self.server(b"220 mx ESMTP\r\n", b"250-mx\r\n250 PIPELINING\r\n")
+        self.sent()
+        self.server(b"250 ok\r\n250 ok\r\n354 go\r\n")
+        self.assertIsNotNone(self.transport.producer)
+        while self.transport.producer is not None:
+            self.transport.producer.resumeProducing()
+        self.assertEqual(self.sent(), b"Subject: x\r\n\r\n..hi\r\n" + b"y" * 40000
+                         + b"\r\n.\r\n")
+        self.server(b"250 2.0.0 queued\r\n", b"221 bye\r\n")
+        self.assertEqual(self.successResultOf(self.result).data.code, 250)
+
     def test_pipelined_closed_after_421(self):
         """
         A server that answers a RCPT with 421 and closes: that recipient

@@ -19,6 +19,9 @@ For a domain in C{--require-tls}, STARTTLS is required and the
 certificate is verified against the host name (service-identity, the
 system's CAs): no TLS means a deferral, never clear text.
 At most L{max_per_domain} sessions run to one domain at once.
+MX and address answers are kept for their TTL (at most
+L{dns_ttl_limit}), so a backlog to one domain costs one lookup per TTL,
+not one per message; failed lookups are never kept.
 MTA-STS (RFC 8461) and TLS reporting: with a C{tls_policy}
 (L{mailstack.queue.tlspolicy}), a domain reached by MX whose policy is
 C{enforce} gets only its policy's MX hosts and verified TLS, as with
@@ -27,6 +30,7 @@ C{--require-tls}; each session's TLS outcome is recorded.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
 from dataclasses import dataclass
@@ -96,6 +100,7 @@ class Outcome:
         return "bounced" if self.reply.code >= 500 else "deferred"
 
 
+@functools.lru_cache(maxsize=4096)  # asked at every attempt for the same few hosts
 def is_ip(text: str) -> bool:
     try:
         ipaddress.ip_address(text)
@@ -113,6 +118,8 @@ class Courier:
     max_per_domain = 20  # Postfix default_destination_concurrency_limit
     idle_time = 2.0  # seconds a session waits for the next message (Postfix: 2s)
     reuse_limit = 100  # transactions per session
+    dns_ttl_limit = 3600.0  # the longest an MX or address answer is kept
+    dns_cache_size = 10000  # answers kept at most (all dropped when full)
 
     def __init__(
         self,
@@ -152,6 +159,19 @@ class Courier:
         # MTA-STS and TLS reporting (mailstack.queue.tlspolicy.TLSPolicy), or None.
         self.tls_policy = tls_policy
 
+    @property
+    def resolver(self) -> Any:
+        """
+        The resolver of MX and address lookups; the answers kept are its
+        own: a new resolver starts with none.
+        """
+        return self._resolver
+
+    @resolver.setter
+    def resolver(self, resolver: Any) -> None:
+        self._resolver = resolver
+        self._answers: dict[tuple[str, str], tuple[float, Any]] = {}
+
     def _tcp_endpoint(self, ip: str, port: int) -> IStreamClientEndpoint:
         six = ":" in ip
         source = next((a for a in self.bind_addresses if (":" in a) == six), None)
@@ -169,20 +189,9 @@ class Courier:
         route = self.routes.get(domain) or self.routes.get("*")
         if route is not None:
             return [(route.host, route.port)]
-        try:
-            answers, _, _ = await self.resolver.lookupMailExchange(domain)
-        except DNSNameError:
-            raise RouteError(Reply(550, "5.1.2",
-                                   f"Host or domain name not found: {domain}")) from None
-        except DomainError as e:
-            # SERVFAIL, REFUSED, ...: RFC 5321 5.1 allows the A/AAAA fallback
-            # only when the lookup succeeds with no MX; anything else defers.
-            raise RouteError(Reply(451, "4.4.3", f"DNS lookup of the MX of {domain} failed: "
-                                                 f"{type(e).__name__}")) from e
-        except Exception as e:  # any failure of the (replaceable) resolver defers: re-raised
-            raise RouteError(Reply(451, "4.4.3", f"DNS lookup of {domain} failed: {e}")) from e
-        mx = [(a.payload.preference, str(a.payload.name).rstrip("."))
-              for a in answers if a.type == dns.MX]
+        mx = self._recall("mx", domain.lower())
+        if mx is None:
+            mx = await self._lookup_mx(domain)
         if len(mx) == 1 and mx[0][1] == "":
             raise RouteError(Reply(556, "5.1.10", f"Domain {domain} does not accept mail "
                                                   "(null MX)"))
@@ -195,23 +204,78 @@ class Courier:
             hosts.extend((name, self.port) for name in same)
         return hosts
 
+    async def _lookup_mx(self, domain: str) -> list[tuple[int, str]]:
+        """
+        The MX records of C{domain} as (preference, host), from DNS, kept
+        for their TTL.
+        """
+        try:
+            answers, _, _ = await self.resolver.lookupMailExchange(domain)
+        except DNSNameError:
+            raise RouteError(Reply(550, "5.1.2",
+                                   f"Host or domain name not found: {domain}")) from None
+        except DomainError as e:
+            # SERVFAIL, REFUSED, ...: RFC 5321 5.1 allows the A/AAAA fallback
+            # only when the lookup succeeds with no MX; anything else defers.
+            raise RouteError(Reply(451, "4.4.3", f"DNS lookup of the MX of {domain} failed: "
+                                                 f"{type(e).__name__}")) from e
+        except Exception as e:  # any failure of the (replaceable) resolver defers: re-raised
+            raise RouteError(Reply(451, "4.4.3", f"DNS lookup of {domain} failed: {e}")) from e
+        records = [a for a in answers if a.type == dns.MX]
+        mx = [(a.payload.preference, str(a.payload.name).rstrip(".")) for a in records]
+        self._remember("mx", domain.lower(), mx, records)
+        return mx
+
     async def addresses(self, host: str) -> list[str]:
         """
         The IPv4 and IPv6 addresses of a host (an IP literal is itself).
         """
         if is_ip(host):
             return [host]
+        cached = self._recall("address", host.lower())
+        if cached is not None:
+            return list(cached)
         found: list[str] = []
+        records: list[Any] = []
+        complete = True
         for lookup, rtype in ((self.resolver.lookupAddress, dns.A),
                               (self.resolver.lookupIPV6Address, dns.AAAA)):
             try:
                 answers, _, _ = await lookup(host)
             except Exception:  # noqa: BLE001 - any failed lookup of one type: try the other
+                complete = False
                 continue
+            records.extend(a for a in answers if a.type == rtype)
             found.extend(a.payload.dottedQuad() if rtype == dns.A else
                          _ipv6(a.payload.address)
                          for a in answers if a.type == rtype)
+        if complete and found:
+            self._remember("address", host.lower(), tuple(found), records)
         return found
+
+    def _recall(self, kind: str, name: str) -> Any:
+        """
+        An answer kept by L{_remember} and not expired, or None.
+        """
+        kept = self._answers.get((kind, name))
+        if kept is None:
+            return None
+        if kept[0] <= self.reactor.seconds():
+            del self._answers[(kind, name)]
+            return None
+        return kept[1]
+
+    def _remember(self, kind: str, name: str, value: Any, records: Sequence[Any]) -> None:
+        """
+        Keep C{value} for the smallest TTL of C{records} (not at all for
+        none, or a TTL of 0), at most L{dns_ttl_limit} seconds.
+        """
+        ttl = min(min((r.ttl for r in records), default=0), self.dns_ttl_limit)
+        if ttl <= 0:
+            return
+        if len(self._answers) >= self.dns_cache_size:
+            self._answers.clear()
+        self._answers[(kind, name)] = (self.reactor.seconds() + ttl, value)
 
     # One attempt
 

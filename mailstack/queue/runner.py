@@ -33,6 +33,7 @@ from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
 from twisted.internet.task import LoopingCall
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
@@ -86,11 +87,16 @@ class OutboundQueue(Service):
         self.jitter = jitter
         self.records: dict[str, QueueRecord] = {}
         self.active: dict[str, Deferred[None]] = {}
+        self._settling: set[str] = set()  # in active, only storing their outcome
         self._heap: list[tuple[float, int, str, float]] = []
         self._seq = itertools.count()
         self._timer: Any = None
         self.bounce_to: Callable[[str, bytes], Deferred[Any]] | None = None
         self.loaded: Deferred[int] = Deferred()
+        # The content of small messages just queued, kept for their first
+        # attempt (see _keep_ahead).
+        self._ahead: dict[str, bytes] = {}
+        self._ahead_bytes = 0
 
     def _blocking(self, f: Callable[..., Any], *args: Any) -> Deferred[Any]:
         return deferToThreadPool(self.reactor, self.pool, f, *args)
@@ -138,6 +144,7 @@ class OutboundQueue(Service):
         """
         log.warn("queue: {qid}: {reason}; moved to queue/corrupt/", qid=queue_id, reason=reason)
         self.records.pop(queue_id, None)
+        self._take_ahead(queue_id)
         d = self._blocking(self.store.quarantine, queue_id, reason)
         return d.addErrback(lambda f: log.error("queue: {qid}: cannot move it aside: {error}",
                                                 qid=queue_id, error=f.value))
@@ -167,14 +174,21 @@ class OutboundQueue(Service):
     def _rearm(self) -> None:
         if not self.running:
             return
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
-        self._timer = None
+        timer = self._timer
         # At capacity, the next attempt to finish runs _run_due itself; a
         # timer now would only spin (found by benchmarks/relay.py).
-        if self._heap and len(self.active) < self.max_active:
-            delay = max(0.0, self._heap[0][0] - self.clock.seconds())
-            self._timer = self.clock.callLater(delay, self._run_due)
+        if self._heap and self._busy() < self.max_active:
+            at = self._heap[0][0]
+            if timer is not None and timer.active() and timer.getTime() <= at:
+                return  # already armed in time (many messages queued in one turn)
+            if timer is not None and timer.active():
+                timer.cancel()
+            self._timer = self.clock.callLater(max(0.0, at - self.clock.seconds()),
+                                               self._run_due)
+            return
+        if timer is not None and timer.active():
+            timer.cancel()
+        self._timer = None
 
     def _run_due(self) -> None:
         # Also called when an attempt finishes: a timer still armed is
@@ -183,7 +197,7 @@ class OutboundQueue(Service):
             self._timer.cancel()
         self._timer = None
         now = self.clock.seconds()
-        while self._heap and self._heap[0][0] <= now and len(self.active) < self.max_active:
+        while self._heap and self._heap[0][0] <= now and self._busy() < self.max_active:
             _, _, queue_id, due = heapq.heappop(self._heap)
             record = self.records.get(queue_id)
             if record is None or queue_id in self.active or record.next_attempt != due:
@@ -196,8 +210,29 @@ class OutboundQueue(Service):
 
     def _finished(self, queue_id: str) -> None:
         self.active.pop(queue_id, None)
+        self._settling.discard(queue_id)
         if self.running:
             self._run_due()
+
+    def _busy(self) -> int:
+        """
+        The attempts that count against L{max_active}: those still
+        delivering, not those only writing down their outcome (up to
+        L{max_active} of them: at most twice that many at once in all).
+        """
+        return len(self.active) - min(len(self._settling), self.max_active)
+
+    def _settle(self, queue_id: str) -> None:
+        """
+        The attempt for C{queue_id} is done delivering and only writes its
+        outcome down (an unlink or a rewrite, each with an fsync): its
+        slot goes to the next due message now, while the message itself
+        stays in L{active} (never attempted twice at once).
+        """
+        if queue_id in self.active and queue_id not in self._settling:
+            self._settling.add(queue_id)
+            if self.running:
+                self._run_due()
 
     def delay_after(self, attempts: int) -> float:
         """
@@ -218,9 +253,11 @@ class OutboundQueue(Service):
         """
         record = new_record(envelope, wall_seconds(self.clock))
         d = self._blocking(self.store.stage, record, spool)
-        return d.addCallback(lambda _: StagedMessage(self, record))
+        return d.addCallback(lambda _: StagedMessage(self, record, self._copy_small(spool)))
 
-    def _schedule(self, record: QueueRecord) -> None:
+    def _schedule(self, record: QueueRecord, content: bytes | None = None) -> None:
+        if content is not None:
+            self._keep_ahead(record.queue_id, content)
         self.records[record.queue_id] = record
         self._push(record.queue_id, record.next_attempt)
         self._rearm()
@@ -287,6 +324,7 @@ class OutboundQueue(Service):
         Drop a message without bouncing it.
         """
         record = self.records.pop(queue_id, None)
+        self._take_ahead(queue_id)
         d = self._blocking(self.store.remove, queue_id)
 
         def removed(found: bool) -> bool:
@@ -309,11 +347,42 @@ class OutboundQueue(Service):
         """
         return self.store.read_content(queue_id, self.read_whole_below)
 
+    # Small content of messages just queued is kept in memory for their
+    # first attempt, up to this many bytes in all: a message relayed at
+    # once costs no thread hand-off and no read of its file.
+    ahead_limit = 8 * 1024 * 1024
+
+    def _copy_small(self, spool: MessageSpool) -> bytes | None:
+        """
+        The content of a small message from its spool (in memory, so no
+        I/O on the reactor thread), the bytes the store just wrote; None
+        for a larger one.
+        """
+        if spool.size > min(self.read_whole_below, spool.memory_limit):
+            return None
+        try:
+            return spool.read()
+        except ValueError:  # closed meanwhile: the attempt reads the file
+            return None
+
+    def _keep_ahead(self, queue_id: str, content: bytes) -> None:
+        if self._ahead_bytes + len(content) <= self.ahead_limit and queue_id not in self._ahead:
+            self._ahead[queue_id] = content
+            self._ahead_bytes += len(content)
+
+    def _take_ahead(self, queue_id: str) -> bytes | None:
+        content = self._ahead.pop(queue_id, None)
+        if content is not None:
+            self._ahead_bytes -= len(content)
+        return content
+
     async def _attempt(self, record: QueueRecord) -> None:
         queue_id = record.queue_id
+        data = self._take_ahead(queue_id)
         try:
             # No stat, open or read on the reactor thread for small mail.
-            data = await self._blocking(self._read_content, queue_id)
+            if data is None:
+                data = await self._blocking(self._read_content, queue_id)
         except FileNotFoundError:
             await self._quarantine(record.queue_id, "the content file is missing")
             return
@@ -338,8 +407,17 @@ class OutboundQueue(Service):
                 domain, record.sender, [r.address for r in rcpts],
                 open_content, record.size)
 
-        results = await DeferredList(
-            [ensureDeferred(one(d, rs)) for d, rs in by_domain.items()], consumeErrors=True)
+        results: list[tuple[bool, Any]]
+        if len(by_domain) == 1:
+            # The common case, one domain: no Deferred per domain to gather.
+            [(domain, rcpts)] = by_domain.items()
+            try:
+                results = [(True, await one(domain, rcpts))]
+            except Exception:  # noqa: BLE001 - as DeferredList would: a 451 for each recipient
+                results = [(False, Failure())]
+        else:
+            results = await DeferredList(
+                [ensureDeferred(one(d, rs)) for d, rs in by_domain.items()], consumeErrors=True)
         now = wall_seconds(self.clock)
         for (ok, outcomes), rcpts in zip(results, by_domain.values()):
             for rcpt in rcpts:
@@ -374,6 +452,7 @@ class OutboundQueue(Service):
             record.warned = await self._bounce(record, still, delayed=True)
         if record.queue_id not in self.records:
             return  # deleted meanwhile
+        self._settle(record.queue_id)
         if not still and not unnotified:
             try:
                 await self._blocking(self.store.remove, record.queue_id)
@@ -458,10 +537,12 @@ class StagedMessage:
     A message staged in the queue, waiting for the dispatcher's word.
     """
 
-    def __init__(self, queue: OutboundQueue, record: QueueRecord) -> None:
+    def __init__(self, queue: OutboundQueue, record: QueueRecord,
+                 content: bytes | None = None) -> None:
         self.queue = queue
         self.record = record
         self.committed = False
+        self.content = content  # kept for the first attempt of a small message
 
     def commit(self) -> Deferred[None]:
         record = self.record
@@ -471,7 +552,8 @@ class StagedMessage:
             self.committed = True
             log_queued(record)
             if record.queue_id not in self.queue.records:  # a sweep may have been first
-                self.queue._schedule(record)
+                self.queue._schedule(record, self.content)
+            self.content = None
 
         return d.addCallback(stored)
 
@@ -480,6 +562,8 @@ class StagedMessage:
             log.warn("{qid}: removed from the queue again: another store failed",
                      qid=self.record.queue_id)
             self.queue.records.pop(self.record.queue_id, None)
+            self.queue._take_ahead(self.record.queue_id)
+        self.content = None
         return self.queue._blocking(self.queue.store.abort, self.record.queue_id)
 
 

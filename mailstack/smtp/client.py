@@ -19,6 +19,7 @@ turns bytes into replies (L{SMTPClientProtocol}).
 from __future__ import annotations
 
 import base64
+import io
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Sequence
 
@@ -372,8 +373,15 @@ async def run_transaction(session: Session, transaction: Transaction,
     if data_reply.code != 354:
         raise SMTPClientError(data_reply, "DATA")
     stuffer = DotStuffer()
-    await FileSender().beginFileTransfer(transaction.content, proto.transport, stuffer)
-    proto.transport.write(stuffer.finish())
+    if isinstance(transaction.content, io.BytesIO):
+        # Content already in memory (the queue reads small messages ahead):
+        # the whole of it and the final dot in one write, not a producer's
+        # chunk per reactor turn and a write of its own for the dot.
+        body = stuffer(transaction.content.read())
+        proto.transport.write(body + stuffer.finish())
+    else:
+        await FileSender().beginFileTransfer(transaction.content, proto.transport, stuffer)
+        proto.transport.write(stuffer.finish())
     result.data = await proto.read_reply(timeouts.data_end)
     session.clean = True
     return result
