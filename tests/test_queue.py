@@ -158,8 +158,13 @@ class StagingStore:
         self.staged = []
         self.removed = []
 
-    def content_path(self, queue_id):
-        return self.path
+    def read_content(self, queue_id, limit):
+        with open(self.path, "rb") as f:
+            data = f.read(limit + 1)
+        return data if len(data) <= limit else None
+
+    def open_content(self, queue_id):
+        return open(self.path, "rb")
 
     def stage(self, record, spool):
         record.size = spool.size

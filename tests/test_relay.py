@@ -205,7 +205,7 @@ class RelayTests(TestCase):
         [_, rcpts, content] = self.sink.policy.received[3]
         self.assertEqual(rcpts, ["later@down.test"])
         self.assertIn(b"Subject: retried\n", content)
-        self.assertEqual(os.listdir(server.queue.store.envelope_dir), [])
+        self.assertEqual(os.listdir(server.queue.store.msg_dir), [])
 
     @inlineCallbacks
     def test_failover_and_a_fallback(self):
