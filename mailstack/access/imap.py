@@ -901,9 +901,20 @@ class IMAPServer(imap4.IMAP4Server):
 
     def do_SELECT(self, tag: bytes, name: bytes, rw: int, command: bytes) -> None:
         async def work() -> None:
-            self._deselect()
-            mailbox = _mailbox_name(name)
-            mbox = await self.account.select(mailbox, bool(rw))  # type: ignore[union-attr]
+            # The folder left stays watched until the new one is selected:
+            # selecting it again finds the state its sessions share.
+            account = self.account
+            assert account is not None
+            held = None
+            if self.mbox is not None:
+                held = account.watches.acquire(self.mbox.folder.path)
+            try:
+                self._deselect()
+                mailbox = _mailbox_name(name)
+                mbox = await account.select(mailbox, bool(rw))
+            finally:
+                if held is not None:
+                    account.watches.release(held)
             if mbox is None:
                 self.sendNegativeResponse(tag, b"No such folder")
                 return
@@ -1079,6 +1090,7 @@ class IMAPServer(imap4.IMAP4Server):
         mark_seen = _sets_seen(query)
         cached = level == HEADER and fetch_cacheable(query)
         envelope = any(item.type == "envelope" for item in query)
+        dated = any(item.type == "internaldate" for item in query)
         vanished = 0
         self.transport.registerProducer(self, True)
         try:
@@ -1089,7 +1101,8 @@ class IMAPServer(imap4.IMAP4Server):
                         level < WHOLE or size < BATCH_BYTES or end == start):
                     size += items[end][1].size
                     end += 1
-                loaded = await mbox.load(items[start:end], level, mark_seen, cached, envelope)
+                loaded = await mbox.load(items[start:end], level, mark_seen, cached, envelope,
+                                         dated)
                 start = end
                 if level == NOTHING:
                     out = render_all(loaded, query, uid)
@@ -1104,7 +1117,7 @@ class IMAPServer(imap4.IMAP4Server):
             self.sendNegativeResponse(tag, b"[EXPUNGEISSUED] Some messages were expunged")
         else:
             self.sendPositiveResponse(tag, b"FETCH completed")
-        if level <= HEADER and items:
+        if level == HEADER and items:
             mbox.save_index()  # after the answer
 
     select_FETCH = _command(do_FETCH, arg_seqset, imap4.IMAP4Server.arg_fetchatt)
@@ -1198,16 +1211,28 @@ class IMAPServer(imap4.IMAP4Server):
             folder = account.existing(mailbox)
             wanted = _client_flags(flags or [])
             when = _parse_date(date)
+            added: list[int] = []
+            mbox = self.mbox
+            selected = mbox is not None and mbox.folder.path == folder.path
+
+            def add() -> None:
+                added.append(folder.add(lf(message.read()), wanted, when))
+
             try:
-                uid = await account.run(lambda: folder.add(lf(message.read()), wanted, when))
+                if mbox is not None and selected:
+                    # One worker job: the message stored, then the folder
+                    # rescanned for this session's view.
+                    changes = await mbox.refresh(before=add)
+                else:
+                    await account.run(add)
             except TooManyKeywords as e:
                 self.sendNegativeResponse(tag, b"[LIMIT] " + str(e).encode())
                 return
-            validity = await account.run(folder.uid_validity)
+            uid, validity = added[0], folder.validity
             log.info("imap: APPEND to {folder} by {client}", folder=safe(mailbox),
                      client=self.client)
-            if self.mbox is not None and self.mbox.folder.path == folder.path:
-                await self._refresh()
+            if mbox is not None and selected:
+                self._report(changes)
             self.sendPositiveResponse(tag, b"[APPENDUID %d %d] APPEND completed"
                                       % (validity, uid))
 
@@ -1225,8 +1250,7 @@ class IMAPServer(imap4.IMAP4Server):
             chosen = None
             if uids is not None:
                 chosen = {e.uid for _, e in mbox.resolve(uids, True)}
-            await mbox.remove_deleted(chosen)
-            await self._refresh()
+            self._report(await mbox.refresh(remove=mbox.deleted(chosen)))
             self.sendPositiveResponse(tag, b"EXPUNGE completed")
 
         self._run(tag, work())
