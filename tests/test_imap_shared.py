@@ -244,3 +244,31 @@ class UidListTailTests(TestCase):
         third = folder.scan(state=state, generation=3)
         self.assertIsNot(state.uidlist, parsed)
         self.assertNotEqual(third.validity, first.validity)
+
+
+class KnownRenderTests(TestCase):
+    """
+    FETCH of what the view knows is written without a worker thread by
+    L{render_known}, byte for byte as L{render} writes it.
+    """
+
+    def test_same_bytes(self):
+        from twisted.mail import imap4
+
+        from mailstack.access.folder import Entry, shared_flags
+        from mailstack.access.imap import render, render_known
+        from mailstack.access.mailbox import Loaded
+
+        parser = imap4.IMAP4Server()
+        entries = [(1, Entry(7, "a", "cur", "a:2,S", 120, False, shared_flags("S", []))),
+                   (2, Entry(9, "b", "cur", "b:2,", 99, True, shared_flags("", []))),
+                   (3, Entry(12, "c", "cur", "c:2,FT", 5, False, {"\\Flagged", "$Work"}))]
+        for text in (b"(FLAGS UID RFC822.SIZE)", b"(UID FLAGS)", b"FLAGS", b"RFC822.SIZE",
+                     b"(RFC822.SIZE FLAGS)"):
+            query, _ = parser.arg_fetchatt(text)
+            for uid in (False, True):
+                expected = b"".join(render(Loaded(seq, entry, None, 0.0), query, uid)
+                                    for seq, entry in entries)
+                self.assertEqual(render_known(entries, query, uid), expected, (text, uid))
+                # Twice: the second time from the cache of flag texts.
+                self.assertEqual(render_known(entries, query, uid), expected, (text, uid))

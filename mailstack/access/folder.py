@@ -521,8 +521,8 @@ class Folder:
         """
         if state is not None:
             with state.lock:
-                return self._scan(claim_new, sizes or {}, state, generation)
-        return self._scan(claim_new, sizes or {}, None, generation)
+                return self._scan(claim_new, sizes if sizes is not None else {}, state, generation)
+        return self._scan(claim_new, sizes if sizes is not None else {}, None, generation)
 
     def _scan(self, claim_new: bool, sizes: dict[str, int], state: FolderState | None,
               generation: int) -> Snapshot:

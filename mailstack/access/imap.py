@@ -31,6 +31,7 @@ from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.mail import imap4
 from twisted.mail.imap4 import (
@@ -78,9 +79,27 @@ def _command(*table: Any) -> Any:
     return table
 
 
+_FLAG_TEXTS: dict[tuple[int, bool], tuple[Any, bytes]] = {}
+
+
 def _flags(entry: Entry) -> bytes:
-    names = sorted(entry.flags) + (["\\Recent"] if entry.recent else [])
-    return b"FLAGS (" + " ".join(names).encode() + b")"
+    """
+    C{FLAGS (...)} of a message, made once per flag set object: a folder's
+    messages share a few sets (L{mailstack.access.folder.shared_flags}),
+    and a set is replaced, never changed in place.  The cache holds the
+    set, so its id cannot name another while the entry is there.
+    """
+    flags = entry.flags
+    key = (id(flags), entry.recent)
+    found = _FLAG_TEXTS.get(key)
+    if found is not None and found[0] is flags:
+        return found[1]
+    names = sorted(flags) + (["\\Recent"] if entry.recent else [])
+    text = b"FLAGS (" + " ".join(names).encode() + b")"
+    if len(_FLAG_TEXTS) >= 4096:
+        _FLAG_TEXTS.clear()
+    _FLAG_TEXTS[key] = (flags, text)
+    return text
 
 
 def _fetch_level(query: list[Any]) -> int:
@@ -171,6 +190,27 @@ def render(loaded: Loaded, query: list[Any], uid: bool) -> bytes:
     if wants_flags:
         items.append(_flags(entry))
     return b"* %d FETCH (" % loaded.seq + b" ".join(items) + b")\r\n"
+
+
+def render_known(items: list[tuple[int, Entry]], query: list[Any], uid: bool) -> bytes:
+    """
+    The FETCH responses of a batch asking only what a session's view knows
+    (UID, FLAGS, RFC822.SIZE), as L{render} would write them.
+    """
+    kinds = [item.type for item in query]
+    lead = uid and "uid" not in kinds
+    out = []
+    for seq, entry in items:
+        parts = [b"UID %d" % entry.uid] if lead else []
+        for kind in kinds:
+            if kind == "uid":
+                parts.append(b"UID %d" % entry.uid)
+            elif kind == "flags":
+                parts.append(_flags(entry))
+            else:
+                parts.append(b"RFC822.SIZE %d" % entry.size)
+        out.append(b"* %d FETCH (" % seq + b" ".join(parts) + b")\r\n")
+    return b"".join(out)
 
 
 def render_all(loaded: list[Loaded | None], query: list[Any], uid: bool
@@ -1091,6 +1131,7 @@ class IMAPServer(imap4.IMAP4Server):
         cached = level == HEADER and fetch_cacheable(query)
         envelope = any(item.type == "envelope" for item in query)
         dated = any(item.type == "internaldate" for item in query)
+        known = all(item.type in ("uid", "flags", "rfc822size") for item in query)
         vanished = 0
         self.transport.registerProducer(self, True)
         try:
@@ -1101,6 +1142,13 @@ class IMAPServer(imap4.IMAP4Server):
                         level < WHOLE or size < BATCH_BYTES or end == start):
                     size += items[end][1].size
                     end += 1
+                if known:  # all in the view: no file, no thread
+                    self.transport.write(render_known(items[start:end], query, uid))
+                    start = end
+                    await self._writable()
+                    if start < len(items):  # let the other sessions have a turn
+                        await deferLater(self.factory.reactor, 0, lambda: None)
+                    continue
                 loaded = await mbox.load(items[start:end], level, mark_seen, cached, envelope,
                                          dated)
                 start = end
