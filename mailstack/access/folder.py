@@ -721,16 +721,21 @@ class Folder:
                 if not self.locate(entry):
                     return
 
-    def add(self, content: bytes, flags: set[str], date: float | None = None) -> int:
+    def add(self, content: bytes, flags: set[str], date: float | None = None,
+            state: FolderState | None = None) -> int:
         """
         Store a message (LF line endings) durably in C{cur/}; its UID.
+
+        @param state: the folder's shared state, whose uid list is used
+            (L{register}).
         """
         self.check()
         size = len(content)
         name = unique_name(self.hostname, size, vsize=size + content.count(b"\n"))
         base = name
-        with self.locked():
-            self._add_keywords(flags)
+        if any(is_keyword(f) for f in flags):
+            with self.locked():
+                self._add_keywords(flags)
         target = f"{name}:2,{info_from_flags(flags, self.keywords)}"
         tmp = os.path.join(self.path, "tmp", name)
         write_file(tmp, [content])
@@ -742,7 +747,7 @@ class Folder:
             discard(tmp)
             raise
         fsync_directory(os.path.join(self.path, "cur"))
-        return self.register([base])[0]
+        return self.register([base], state)[0]
 
     def link_from(self, source: str, entry: Entry, move: bool = False) -> str:
         """
@@ -771,13 +776,24 @@ class Folder:
                     write_file(target, [f.read()])
         return name
 
-    def register(self, bases: list[str]) -> list[int]:
+    def register(self, bases: list[str], state: FolderState | None = None) -> list[int]:
         """
         UIDs for messages just put here, in order.
+
+        @param state: the folder's shared state: its uid list is read only
+            for lines added since (L{_load_with}), and kept current.
         """
+        if state is None:
+            return self._register(bases, None)
+        with state.lock:
+            return self._register(bases, state)
+
+    def _register(self, bases: list[str], state: FolderState | None) -> list[int]:
         with self.locked():
-            uidlist = self._load()
+            uidlist = self._load() if state is None else self._load_with(state)
             self._assign(uidlist, bases)
+            if state is not None:
+                state.uidlist_stat = _stat_key(os.path.join(self.path, UIDLIST))
             self.validity = uidlist.validity
             return [uidlist.uids[b] for b in bases]
 

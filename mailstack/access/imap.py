@@ -1263,8 +1263,11 @@ class IMAPServer(imap4.IMAP4Server):
             mbox = self.mbox
             selected = mbox is not None and mbox.folder.path == folder.path
 
+            state = mbox.watch.state if mbox is not None and mbox.watch is not None else None
+
             def add() -> None:
-                added.append(folder.add(lf(message.read()), wanted, when))
+                added.append(folder.add(lf(message.read()), wanted, when,
+                                        state if selected else None))
 
             try:
                 if mbox is not None and selected:
