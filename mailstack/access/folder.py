@@ -191,9 +191,9 @@ class FolderState:
     know; a SELECT of a folder unchanged since uses the snapshot and
     scans nothing (L{take}).
 
-    @ivar generation: the watch's generation read before the scan that
-        made the snapshot (-1: none yet); set by the caller, on the reactor
-        thread.
+    @ivar generation: the watch's generation read (on the reactor thread)
+        before the scan that made the snapshot began (-1: none yet); set by
+        that scan with the snapshot, under C{lock}.
     """
 
     def __init__(self) -> None:
@@ -212,8 +212,9 @@ class FolderState:
     def take(self, generation: int, path: str) -> Snapshot | None:
         """
         The snapshot (shared: see L{Snapshot.own}) if it still describes
-        the folder at C{path}, else None: nothing changed in C{new/} or C{cur/} since it was made
-        (the watch's C{generation} is the one it was made at), the uid list
+        the folder at C{path}, else None: nothing changed in C{new/} or
+        C{cur/} since it was made (the watch's C{generation} is the one it
+        was made at), the uid list
         and keyword list are the files read then (two C{stat} calls), no
         scan is under way, and nothing is \\Recent or waiting in C{new/},
         so that selecting the folder again claims nothing (a claim by
