@@ -26,6 +26,7 @@ import errno
 import fcntl
 import os
 import sys
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -154,6 +155,19 @@ class Snapshot:
     validity: int
     uid_next: int
     entries: list[Entry]  # by UID
+    # Set when the entries are a FolderState's, shared and never to be
+    # changed (their recent is False): the lowest UID recent for the
+    # session that scanned.  Callers copy what they keep (L{own}).
+    recent_from: int | None = None
+
+    def own(self, entry: Entry) -> Entry:
+        """
+        C{entry} as a session may keep and change it.
+        """
+        if self.recent_from is None:
+            return entry
+        return Entry(entry.uid, entry.base, entry.sub, entry.name, entry.size,
+                     entry.uid >= self.recent_from, entry.flags, entry.inode)
 
 
 @dataclass
@@ -163,6 +177,71 @@ class UidList:
     uids: dict[str, int]  # base name -> UID
     lines: int  # entry lines in the file, live or not
     clean: bool  # the file parsed and ends with a newline
+
+
+class FolderState:
+    """
+    What the last scan of a folder found, shared by the sessions of the
+    process that have the folder selected (it hangs on the folder's
+    L{mailstack.access.watch.FolderWatch}, which says when it may be out
+    of date): the parsed uid list with the C{stat} it was read at, the
+    messages by base name with their sizes and flags, and the
+    L{Snapshot} made.  A scan given it reads only the lines appended to
+    the uid list since, and measures and parses only the names it does not
+    know; a SELECT of a folder unchanged since uses the snapshot and
+    scans nothing (L{take}).
+
+    @ivar generation: the watch's generation read (on the reactor thread)
+        before the scan that made the snapshot began (-1: none yet); set by
+        that scan with the snapshot, under C{lock}.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()  # scans of several threads of this process
+        self.generation = -1
+        self.uidlist: UidList | None = None
+        self.uidlist_stat: tuple[int, int, int] | None = None  # inode, size, mtime_ns
+        self.keywords_stat: tuple[int, int, int] | None = None
+        self.known: dict[str, Entry] = {}  # base -> the entry last made, by any scan
+        self.names: dict[str, str] = {}  # file name -> base name, as last listed
+        self.snapshot: Snapshot | None = None
+        self.first_recent = 0
+        self.waiting = 0  # messages of the snapshot in new/
+        self.keywords: list[str] = []
+
+    def take(self, generation: int, path: str) -> Snapshot | None:
+        """
+        The snapshot (shared: see L{Snapshot.own}) if it still describes
+        the folder at C{path}, else None: nothing changed in C{new/} or
+        C{cur/} since it was made (the watch's C{generation} is the one it
+        was made at), the uid list
+        and keyword list are the files read then (two C{stat} calls), no
+        scan is under way, and nothing is \\Recent or waiting in C{new/},
+        so that selecting the folder again claims nothing (a claim by
+        another process changes no directory).
+        """
+        if not self.lock.acquire(blocking=False):
+            return None  # a scan is under way: its result is newer
+        try:
+            snapshot = self.snapshot
+            if (snapshot is None or generation != self.generation or self.waiting
+                    or self.first_recent < snapshot.uid_next
+                    or _stat_key(os.path.join(path, UIDLIST)) != self.uidlist_stat
+                    or _stat_key(os.path.join(path, KEYWORDS)) != self.keywords_stat):
+                return None
+            # Nothing is recent: the scan's recent_from was for its session.
+            return Snapshot(snapshot.validity, snapshot.uid_next, snapshot.entries,
+                            snapshot.uid_next)
+        finally:
+            self.lock.release()
+
+
+def _stat_key(path: str) -> tuple[int, int, int] | None:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class Folder:
@@ -177,6 +256,7 @@ class Folder:
         self.root = root or path  # where the account's UIDVALIDITY counter lives
         self.base = base  # trusted directory above: nothing below it may be a link
         self.keywords: list[str] = []  # as last read, index = letter - 'a'
+        self.validity = 0  # the UIDVALIDITY as last read by register()
 
     # -- keywords ----------------------------------------------------------------
 
@@ -387,27 +467,46 @@ class Folder:
 
     # -- listing -------------------------------------------------------------
 
-    def _files(self, inodes: dict[str, int] | None = None) -> dict[str, tuple[str, str]]:
+    def _files(self, inodes: dict[str, int] | None = None,
+               names: dict[str, str] | None = None) -> dict[str, tuple[str, str]]:
+        """
+        The messages listed, by base name: (subdirectory, file name).
+
+        @param names: file name -> base name of the last listing, used and
+            updated (the names are interned once).
+        """
         found: dict[str, tuple[str, str]] = {}
+        listed: dict[str, str] = {}
+        known = names if names is not None else {}
         for sub in ("new", "cur"):  # a name in cur/ wins over the same in new/
             try:
                 entries = list(os.scandir(os.path.join(self.path, sub)))
             except FileNotFoundError:
                 continue
             for entry in entries:
-                if entry.name.startswith("."):
+                name = entry.name
+                if name.startswith("."):
                     continue
                 if entry.is_symlink():
                     log.warn("maildir: refusing the symbolic link {path}", path=entry.path)
                     continue
-                name = sys.intern(entry.name)  # one copy for every session's view
-                base = sys.intern(split_name(name)[0])
+                base = known.get(name)
+                if base is None:
+                    name = sys.intern(name)  # one copy for every session's view
+                    base = sys.intern(split_name(name)[0])
+                else:
+                    name = sys.intern(name)
+                listed[name] = base
                 found[base] = (sub, name)
                 if inodes is not None:
                     inodes[base] = entry.inode()  # from the listing: no stat
+        if names is not None:
+            names.clear()
+            names.update(listed)
         return found
 
-    def scan(self, claim_new: bool = False, sizes: dict[str, int] | None = None) -> Snapshot:
+    def scan(self, claim_new: bool = False, sizes: dict[str, int] | None = None,
+             state: FolderState | None = None, generation: int = -1) -> Snapshot:
         """
         Every message with its UID, assigning UIDs to new arrivals.
 
@@ -415,14 +514,25 @@ class Folder:
             messages from C{new/} to C{cur/}, and it alone sees the messages
             that arrived since the last such session as \\Recent.
         @param sizes: sizes already known by base name, to skip measuring.
+        @param state: the folder's state shared by the process's sessions
+            (L{FolderState}): what it knows is not read or measured again,
+            and it is updated with what this scan found.
+        @param generation: the folder watch's generation, read before this
+            scan began: the state's from now on.
         """
-        sizes = sizes or {}
+        if state is not None:
+            with state.lock:
+                return self._scan(claim_new, sizes if sizes is not None else {}, state, generation)
+        return self._scan(claim_new, sizes if sizes is not None else {}, None, generation)
+
+    def _scan(self, claim_new: bool, sizes: dict[str, int], state: FolderState | None,
+              generation: int) -> Snapshot:
         self.check()
         with self.locked():
-            uidlist = self._load()
+            uidlist = self._load() if state is None else self._load_with(state)
             keywords = self._read_keywords()
             inodes: dict[str, int] = {}
-            files = self._files(inodes)
+            files = self._files(inodes, state.names if state is not None else None)
             fresh = sorted((b for b in files if b not in uidlist.uids), key=arrival_key)
             self._assign(uidlist, fresh)
             gone = len(uidlist.uids) - len(files)
@@ -434,6 +544,10 @@ class Folder:
             if claim_new and first_recent < uidlist.next:
                 self._claim_recent(uidlist)
             uids = {base: uidlist.uids[base] for base in files}
+            if state is not None:
+                state.uidlist_stat = _stat_key(os.path.join(self.path, UIDLIST))
+                state.keywords_stat = _stat_key(os.path.join(self.path, KEYWORDS))
+        known = state.known if state is not None and state.keywords == keywords else {}
         entries = []
         for base, (sub, name) in files.items():
             if claim_new and sub == "new":
@@ -444,6 +558,16 @@ class Folder:
                 except FileNotFoundError:
                     continue  # another session claimed or removed it meanwhile
                 sub, name = "cur", sys.intern(target)
+            uid = uids[base]
+            inode = inodes.get(base, 0)
+            old = known.get(base)
+            if old is not None and old.name == name and old.sub == sub and old.uid == uid:
+                if state is not None and old.inode == inode:
+                    entries.append(old)  # the state's, unchanged: shared
+                else:
+                    entries.append(Entry(uid, base, sub, name, old.size, state is None
+                                         and uid >= first_recent, old.flags, inode))
+                continue
             size = sizes.get(base)
             if size is None:
                 try:
@@ -451,10 +575,66 @@ class Folder:
                 except FileNotFoundError:
                     continue
             info = split_name(name)[1] or ""
-            entries.append(Entry(uids[base], base, sub, name, size, uids[base] >= first_recent,
-                                 shared_flags(info, keywords), inodes.get(base, 0)))
+            entries.append(Entry(uid, base, sub, name, size,
+                                 state is None and uid >= first_recent,
+                                 shared_flags(info, keywords), inode))
         entries.sort(key=lambda e: e.uid)
-        return Snapshot(uidlist.validity, uidlist.next, entries)
+        if state is None:
+            return Snapshot(uidlist.validity, uidlist.next, entries)
+        snapshot = Snapshot(uidlist.validity, uidlist.next, entries, first_recent)
+        if not isinstance(sizes, _AnySize):
+            state.snapshot = snapshot
+            state.known = {e.base: e for e in entries}
+            state.keywords = keywords
+            state.first_recent = uidlist.next if claim_new else first_recent
+            state.waiting = sum(1 for e in entries if e.sub == "new")
+            state.generation = generation
+        return snapshot
+
+    def _load_with(self, state: FolderState) -> UidList:
+        """
+        L{_load} through the shared state: the uid list parsed before if
+        the file is the one read then, only its new lines read if it grew
+        (lines are only appended to a file; a rewrite is a new inode).
+        Call with the lock held.
+        """
+        path = os.path.join(self.path, UIDLIST)
+        key = _stat_key(path)
+        cached, before = state.uidlist, state.uidlist_stat
+        if cached is not None and key is not None and before is not None:
+            if key == before:
+                return cached
+            if key[0] == before[0] and key[1] > before[1] and self._read_tail(
+                    path, before[1], cached):
+                return cached
+        uidlist = self._load()
+        state.uidlist = uidlist
+        return uidlist
+
+    def _read_tail(self, path: str, offset: int, uidlist: UidList) -> bool:
+        """
+        Add the lines appended to the uid list after C{offset} to
+        C{uidlist}; False (nothing changed) if they are not whole, valid
+        lines, for L{_load} to deal with.
+        """
+        with open(path, "rb") as f:
+            f.seek(offset)
+            text = f.read().decode("ascii", "replace")
+        if not text.endswith("\n"):
+            return False
+        added: list[tuple[str, int]] = []
+        taken = set(uidlist.uids.values())
+        for line in text[:-1].split("\n"):
+            uid_text, _, base = line.partition(" ")
+            if not uid_text.isdigit() or not base or int(uid_text) in taken:
+                return False
+            taken.add(int(uid_text))
+            added.append((base, int(uid_text)))
+        for base, uid in added:
+            uidlist.uids[base] = uid
+            uidlist.next = max(uidlist.next, uid + 1)
+        uidlist.lines += len(added)
+        return True
 
     def status(self) -> Snapshot:
         """
@@ -542,16 +722,21 @@ class Folder:
                 if not self.locate(entry):
                     return
 
-    def add(self, content: bytes, flags: set[str], date: float | None = None) -> int:
+    def add(self, content: bytes, flags: set[str], date: float | None = None,
+            state: FolderState | None = None) -> int:
         """
         Store a message (LF line endings) durably in C{cur/}; its UID.
+
+        @param state: the folder's shared state, whose uid list is used
+            (L{register}).
         """
         self.check()
         size = len(content)
         name = unique_name(self.hostname, size, vsize=size + content.count(b"\n"))
         base = name
-        with self.locked():
-            self._add_keywords(flags)
+        if any(is_keyword(f) for f in flags):
+            with self.locked():
+                self._add_keywords(flags)
         target = f"{name}:2,{info_from_flags(flags, self.keywords)}"
         tmp = os.path.join(self.path, "tmp", name)
         write_file(tmp, [content])
@@ -563,7 +748,7 @@ class Folder:
             discard(tmp)
             raise
         fsync_directory(os.path.join(self.path, "cur"))
-        return self.register([base])[0]
+        return self.register([base], state)[0]
 
     def link_from(self, source: str, entry: Entry, move: bool = False) -> str:
         """
@@ -592,13 +777,25 @@ class Folder:
                     write_file(target, [f.read()])
         return name
 
-    def register(self, bases: list[str]) -> list[int]:
+    def register(self, bases: list[str], state: FolderState | None = None) -> list[int]:
         """
         UIDs for messages just put here, in order.
+
+        @param state: the folder's shared state: its uid list is read only
+            for lines added since (L{_load_with}), and kept current.
         """
+        if state is None:
+            return self._register(bases, None)
+        with state.lock:
+            return self._register(bases, state)
+
+    def _register(self, bases: list[str], state: FolderState | None) -> list[int]:
         with self.locked():
-            uidlist = self._load()
+            uidlist = self._load() if state is None else self._load_with(state)
             self._assign(uidlist, bases)
+            if state is not None:
+                state.uidlist_stat = _stat_key(os.path.join(self.path, UIDLIST))
+            self.validity = uidlist.validity
             return [uidlist.uids[b] for b in bases]
 
     def uid_validity(self) -> int:

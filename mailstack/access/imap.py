@@ -31,6 +31,7 @@ from twisted.cred.portal import Portal
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 from twisted.logger import Logger
 from twisted.mail import imap4
 from twisted.mail.imap4 import (
@@ -78,9 +79,27 @@ def _command(*table: Any) -> Any:
     return table
 
 
+_FLAG_TEXTS: dict[tuple[int, bool], tuple[Any, bytes]] = {}
+
+
 def _flags(entry: Entry) -> bytes:
-    names = sorted(entry.flags) + (["\\Recent"] if entry.recent else [])
-    return b"FLAGS (" + " ".join(names).encode() + b")"
+    """
+    C{FLAGS (...)} of a message, made once per flag set object: a folder's
+    messages share a few sets (L{mailstack.access.folder.shared_flags}),
+    and a set is replaced, never changed in place.  The cache holds the
+    set, so its id cannot name another while the entry is there.
+    """
+    flags = entry.flags
+    key = (id(flags), entry.recent)
+    found = _FLAG_TEXTS.get(key)
+    if found is not None and found[0] is flags:
+        return found[1]
+    names = sorted(flags) + (["\\Recent"] if entry.recent else [])
+    text = b"FLAGS (" + " ".join(names).encode() + b")"
+    if len(_FLAG_TEXTS) >= 4096:
+        _FLAG_TEXTS.clear()
+    _FLAG_TEXTS[key] = (flags, text)
+    return text
 
 
 def _fetch_level(query: list[Any]) -> int:
@@ -171,6 +190,27 @@ def render(loaded: Loaded, query: list[Any], uid: bool) -> bytes:
     if wants_flags:
         items.append(_flags(entry))
     return b"* %d FETCH (" % loaded.seq + b" ".join(items) + b")\r\n"
+
+
+def render_known(items: list[tuple[int, Entry]], query: list[Any], uid: bool) -> bytes:
+    """
+    The FETCH responses of a batch asking only what a session's view knows
+    (UID, FLAGS, RFC822.SIZE), as L{render} would write them.
+    """
+    kinds = [item.type for item in query]
+    lead = uid and "uid" not in kinds
+    out = []
+    for seq, entry in items:
+        parts = [b"UID %d" % entry.uid] if lead else []
+        for kind in kinds:
+            if kind == "uid":
+                parts.append(b"UID %d" % entry.uid)
+            elif kind == "flags":
+                parts.append(_flags(entry))
+            else:
+                parts.append(b"RFC822.SIZE %d" % entry.size)
+        out.append(b"* %d FETCH (" % seq + b" ".join(parts) + b")\r\n")
+    return b"".join(out)
 
 
 def render_all(loaded: list[Loaded | None], query: list[Any], uid: bool
@@ -901,9 +941,20 @@ class IMAPServer(imap4.IMAP4Server):
 
     def do_SELECT(self, tag: bytes, name: bytes, rw: int, command: bytes) -> None:
         async def work() -> None:
-            self._deselect()
-            mailbox = _mailbox_name(name)
-            mbox = await self.account.select(mailbox, bool(rw))  # type: ignore[union-attr]
+            # The folder left stays watched until the new one is selected:
+            # selecting it again finds the state its sessions share.
+            account = self.account
+            assert account is not None
+            held = None
+            if self.mbox is not None:
+                held = account.watches.acquire(self.mbox.folder.path)
+            try:
+                self._deselect()
+                mailbox = _mailbox_name(name)
+                mbox = await account.select(mailbox, bool(rw))
+            finally:
+                if held is not None:
+                    account.watches.release(held)
             if mbox is None:
                 self.sendNegativeResponse(tag, b"No such folder")
                 return
@@ -1079,6 +1130,8 @@ class IMAPServer(imap4.IMAP4Server):
         mark_seen = _sets_seen(query)
         cached = level == HEADER and fetch_cacheable(query)
         envelope = any(item.type == "envelope" for item in query)
+        dated = any(item.type == "internaldate" for item in query)
+        known = all(item.type in ("uid", "flags", "rfc822size") for item in query)
         vanished = 0
         self.transport.registerProducer(self, True)
         try:
@@ -1089,7 +1142,15 @@ class IMAPServer(imap4.IMAP4Server):
                         level < WHOLE or size < BATCH_BYTES or end == start):
                     size += items[end][1].size
                     end += 1
-                loaded = await mbox.load(items[start:end], level, mark_seen, cached, envelope)
+                if known:  # all in the view: no file, no thread
+                    self.transport.write(render_known(items[start:end], query, uid))
+                    start = end
+                    await self._writable()
+                    if start < len(items):  # let the other sessions have a turn
+                        await deferLater(self.factory.reactor, 0, lambda: None)
+                    continue
+                loaded = await mbox.load(items[start:end], level, mark_seen, cached, envelope,
+                                         dated)
                 start = end
                 if level == NOTHING:
                     out = render_all(loaded, query, uid)
@@ -1104,7 +1165,7 @@ class IMAPServer(imap4.IMAP4Server):
             self.sendNegativeResponse(tag, b"[EXPUNGEISSUED] Some messages were expunged")
         else:
             self.sendPositiveResponse(tag, b"FETCH completed")
-        if level <= HEADER and items:
+        if level == HEADER and items:
             mbox.save_index()  # after the answer
 
     select_FETCH = _command(do_FETCH, arg_seqset, imap4.IMAP4Server.arg_fetchatt)
@@ -1198,16 +1259,31 @@ class IMAPServer(imap4.IMAP4Server):
             folder = account.existing(mailbox)
             wanted = _client_flags(flags or [])
             when = _parse_date(date)
+            added: list[int] = []
+            mbox = self.mbox
+            selected = mbox is not None and mbox.folder.path == folder.path
+
+            state = mbox.watch.state if mbox is not None and mbox.watch is not None else None
+
+            def add() -> None:
+                added.append(folder.add(lf(message.read()), wanted, when,
+                                        state if selected else None))
+
             try:
-                uid = await account.run(lambda: folder.add(lf(message.read()), wanted, when))
+                if mbox is not None and selected:
+                    # One worker job: the message stored, then the folder
+                    # rescanned for this session's view.
+                    changes = await mbox.refresh(before=add)
+                else:
+                    await account.run(add)
             except TooManyKeywords as e:
                 self.sendNegativeResponse(tag, b"[LIMIT] " + str(e).encode())
                 return
-            validity = await account.run(folder.uid_validity)
+            uid, validity = added[0], folder.validity
             log.info("imap: APPEND to {folder} by {client}", folder=safe(mailbox),
                      client=self.client)
-            if self.mbox is not None and self.mbox.folder.path == folder.path:
-                await self._refresh()
+            if mbox is not None and selected:
+                self._report(changes)
             self.sendPositiveResponse(tag, b"[APPENDUID %d %d] APPEND completed"
                                       % (validity, uid))
 
@@ -1225,8 +1301,7 @@ class IMAPServer(imap4.IMAP4Server):
             chosen = None
             if uids is not None:
                 chosen = {e.uid for _, e in mbox.resolve(uids, True)}
-            await mbox.remove_deleted(chosen)
-            await self._refresh()
+            self._report(await mbox.refresh(remove=mbox.deleted(chosen)))
             self.sendPositiveResponse(tag, b"EXPUNGE completed")
 
         self._run(tag, work())

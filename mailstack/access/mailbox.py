@@ -58,6 +58,8 @@ SPECIAL = {"Sent": "\\Sent", "Drafts": "\\Drafts", "Trash": "\\Trash", "Junk": "
 SUBSCRIPTIONS = "subscriptions"
 
 NOTHING, HEADER, WHOLE = 0, 1, 2
+INDEX_SAVE_INTERVAL = 5.0  # seconds between two writes of a folder's index
+_index_saved: dict[str, float] = {}  # folder path -> when its index was last written
 
 
 def folder_dirname(name: str) -> str:
@@ -329,7 +331,8 @@ class MaildirMailbox:
         self.name = name
         self.folder = folder
         self.rw = rw
-        self.view: list[Entry] = snapshot.entries
+        self.view: list[Entry] = (snapshot.entries if snapshot.recent_from is None
+                                  else [snapshot.own(e) for e in snapshot.entries])
         self.validity = snapshot.validity
         self.uid_next = snapshot.uid_next
         self.listeners: list[Any] = []
@@ -339,6 +342,7 @@ class MaildirMailbox:
             generation = watch.poll()
         self.watch: FolderWatch | None = watch
         self._generation = generation  # the watch's, read before the last scan began
+        self._unsaved_index: FolderIndex | None = None  # changed, its write put off
 
     def _run(self, f: Any, *args: Any) -> Deferred[Any]:
         return self.account.run(f, *args)
@@ -382,6 +386,9 @@ class MaildirMailbox:
         The session leaves the folder: give its watch back.
         """
         watch, self.watch = self.watch, None
+        unsaved = self._unsaved_index
+        if unsaved is not None and unsaved.dirty:
+            self._write_index(unsaved, self.account.reactor.seconds())  # type: ignore[attr-defined]  # IReactorTime too
         if watch is not None:
             self.account.watches.release(watch)
             if not self.account.watches.watched(self.folder.path):
@@ -389,12 +396,31 @@ class MaildirMailbox:
                 # is read again from its file at the next FETCH).
                 indexes.forget(self.folder.path)
 
-    def refresh(self) -> Deferred[Changes]:
-        sizes = {e.base: e.size for e in self.view}
-        generation = self.watch.poll() if self.watch is not None else 0
+    def refresh(self, remove: list[Entry] | None = None, before: Any = None
+                ) -> Deferred[Changes]:
+        """
+        Bring the view up to date, and say what changed.  The scan is
+        shared: when another session of the process already scanned the
+        folder since its last change, its snapshot serves without a scan
+        (L{FolderState.take}); else a scan in a worker thread reads only
+        what the folder's state does not know yet.
+
+        @param remove: messages to remove first, in the same worker job
+            (EXPUNGE).
+        @param before: a callable to run first in that job (APPEND).
+        """
+        watch = self.watch
+        generation = watch.poll() if watch is not None else 0
+        state = watch.state if watch is not None else None
+        sizes = {} if state is not None else {e.base: e.size for e in self.view}
 
         def scan() -> Snapshot:
-            return self.folder.scan(claim_new=self.rw, sizes=sizes)
+            if before is not None:
+                before()
+            for entry in remove or ():
+                self.folder.remove(entry)
+            return self.folder.scan(claim_new=self.rw, sizes=sizes, state=state,
+                                    generation=generation)
 
         def apply(snapshot: Snapshot) -> Changes:
             self._generation = generation
@@ -410,13 +436,13 @@ class MaildirMailbox:
                 if fresh is None:
                     continue
                 known.add(entry.uid)
-                flags_before = set(entry.flags)
+                flags_before = entry.flags  # replaced, never changed in place
                 entry.sub, entry.name, entry.flags = fresh.sub, fresh.name, fresh.flags
                 entry.inode = fresh.inode
                 kept.append(entry)
-                if entry.flags != flags_before:
+                if flags_before is not fresh.flags and flags_before != fresh.flags:
                     changes.flags.append((len(kept), entry))
-            added = [e for e in snapshot.entries if e.uid not in known]
+            added = [snapshot.own(e) for e in snapshot.entries if e.uid not in known]
             self.view = kept + added
             self.uid_next = snapshot.uid_next
             if added or changes.expunged:
@@ -425,27 +451,56 @@ class MaildirMailbox:
                 changes.recent = self.getRecentCount()
             return changes
 
+        if state is not None and not remove and before is None:
+            snapshot = state.take(generation, self.folder.path)
+            if snapshot is not None:
+                self.folder.keywords = list(state.keywords)
+                return succeed(apply(snapshot))
         return self._run(scan).addCallback(apply)
 
     # -- operations for the server ----------------------------------------------
 
     def load(self, items: list[tuple[int, Entry]], level: int,
-             mark_seen: bool = False, cached: bool = False, envelope: bool = False
-             ) -> Deferred[list[Loaded | None]]:
+             mark_seen: bool = False, cached: bool = False, envelope: bool = False,
+             dated: bool = True) -> Deferred[list[Loaded | None]]:
+        """
+        L{load} in a worker thread; what the view knows (FLAGS, UID,
+        RFC822.SIZE: C{level} L{NOTHING} and not C{dated}) at once, with no
+        file touched and no thread.
+        """
+        if level == NOTHING and not dated and not mark_seen:
+            return succeed([Loaded(seq, entry, None, 0.0) for seq, entry in items])
         return self._run(load, self.folder, items, level, mark_seen and self.rw, cached,
                          envelope)
 
-    def save_index(self) -> None:
+    def save_index(self, force: bool = False) -> None:
         """
         Write the folder's index in a worker thread if it changed (after a
         FETCH was answered), keeping the records of the messages this
-        session sees.
+        session sees.  Not within L{INDEX_SAVE_INTERVAL} seconds of the
+        last write of the folder's index by this process, unless
+        C{force}d: sessions that keep appending and listing would rewrite
+        the whole index at every command.  What is left unwritten is
+        written by a later FETCH, or when the session leaves the folder.
         """
-        live = [e.base for e in self.view]
         index = indexes.get(self.folder.path)  # read already by the FETCH
-        if index.dirty:
-            self._run(index.save, live).addErrback(
-                lambda f: log.failure("imap: writing the index failed", f))
+        if not index.dirty:
+            return
+        path = self.folder.path
+        now = self.account.reactor.seconds()  # type: ignore[attr-defined]  # IReactorTime too
+        if not force and now < _index_saved.get(path, -INDEX_SAVE_INTERVAL) + INDEX_SAVE_INTERVAL:
+            self._unsaved_index = index
+            return
+        self._write_index(index, now)
+
+    def _write_index(self, index: FolderIndex, now: float) -> None:
+        self._unsaved_index = None
+        if len(_index_saved) > 1024:
+            _index_saved.clear()
+        _index_saved[self.folder.path] = now
+        live = [e.base for e in self.view]
+        self._run(index.save, live).addErrback(
+            lambda f: log.failure("imap: writing the index failed", f))
 
     def store_flags(self, items: list[tuple[int, Entry]], flags: Iterable[str],
                     mode: int) -> Deferred[list[tuple[int, Entry]]]:
@@ -467,13 +522,20 @@ class MaildirMailbox:
 
         return self._run(work)
 
+    def deleted(self, uids: set[int] | None = None) -> list[Entry]:
+        """
+        The messages this session sees as \\Deleted (only those in C{uids},
+        if given).
+        """
+        return [e for e in self.view if "\\Deleted" in e.flags
+                and (uids is None or e.uid in uids)]
+
     def remove_deleted(self, uids: set[int] | None = None) -> Deferred[None]:
         """
         Remove the messages this session sees as \\Deleted (only those in
         C{uids}, if given).
         """
-        doomed = [e for e in self.view if "\\Deleted" in e.flags
-                  and (uids is None or e.uid in uids)]
+        doomed = self.deleted(uids)
 
         def work() -> None:
             for entry in doomed:
@@ -585,7 +647,7 @@ class MaildirMailbox:
         return self._run(lambda: self.folder.add(lf(message.read()), set(flags), None))
 
     def expunge(self) -> Deferred[list[int]]:
-        d = self.remove_deleted().addCallback(lambda _: self.refresh())
+        d = self.refresh(remove=self.deleted())
         return d.addCallback(lambda changes: changes.expunged)
 
     def fetch(self, messages: Any, uid: bool) -> Deferred[list[tuple[int, MaildirMessage]]]:
@@ -803,17 +865,29 @@ class MaildirAccount:
     # -- IAccount --------------------------------------------------------------------
 
     def select(self, name: str, rw: bool = True) -> Deferred[MaildirMailbox | None]:
-        watch = self.watches.acquire(self.folder(name).path)
+        """
+        The folder's view for a session: from the snapshot the process's
+        sessions share when the folder did not change since it was made
+        (no scan, no worker thread), else from a scan.
+        """
+        path = self.folder(name).path
+        watch = self.watches.acquire(path)
         generation = watch.poll()  # before the scan: a change during it is seen next
+        label = "INBOX" if name.upper() == "INBOX" else name
+        state = watch.state
+        snapshot = state.take(generation, path)
+        if snapshot is not None:
+            folder = self.folder(name)
+            folder.keywords = list(state.keywords)
+            return succeed(MaildirMailbox(self, label, folder, snapshot, rw, watch, generation))
 
         def work() -> MaildirMailbox | None:
             try:
                 folder = self.existing(name)
             except MissingFolder:
                 return None
-            snapshot = folder.scan(claim_new=rw)
-            return MaildirMailbox(self, "INBOX" if name.upper() == "INBOX" else name,
-                                  folder, snapshot, rw, watch, generation)
+            snapshot = folder.scan(claim_new=rw, state=state, generation=generation)
+            return MaildirMailbox(self, label, folder, snapshot, rw, watch, generation)
 
         def done(mbox: MaildirMailbox | None) -> MaildirMailbox | None:
             if mbox is None:

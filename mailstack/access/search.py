@@ -11,6 +11,7 @@ the header block only when a key needs it, the body only for BODY/TEXT.
 from __future__ import annotations
 
 import email.utils
+import re
 import time
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -63,9 +64,15 @@ def in_set(n: int, ranges: Ranges, last: int) -> bool:
     return False
 
 
+_SET_WORD = re.compile(rb"[0-9:*,]+")
+
+
 def is_set(word: Any) -> bool:
-    return isinstance(word, bytes) and bool(word) and all(
-        c in b"0123456789:*," for c in word)
+    """
+    Whether a search key is a sequence set (asked of every key of every
+    message searched: one regex match).
+    """
+    return isinstance(word, bytes) and _SET_WORD.fullmatch(word) is not None
 
 
 @dataclass

@@ -40,6 +40,8 @@ from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.filepath import FilePath
 
+from mailstack.access.folder import FolderState
+
 log = Logger()
 
 SETTLE = 2.0  # seconds: a directory changed this recently may change again unseen
@@ -81,6 +83,9 @@ class FolderWatch:
     @ivar generation: goes up on every change (or possible change) seen.
     @ivar notified: True while inotify watches the folder; False when it is
         polled with C{stat}.
+    @ivar state: what the last scan of the folder by any of these sessions
+        found (L{FolderState}); it serves while C{generation} stays the
+        one it was made at.
     """
 
     def __init__(self, watches: "Watches", path: str) -> None:
@@ -93,6 +98,7 @@ class FolderWatch:
         self.descriptors: list[FilePath[Any]] = []
         self._fingerprint = fingerprint(path)
         self._pending = False
+        self.state = FolderState()
 
     # -- asking ---------------------------------------------------------------------
 
