@@ -73,8 +73,7 @@ def raw_fields(header: bytes) -> list[tuple[bytes, bytes]]:
     fields: list[tuple[bytes, bytes]] = []
     name: bytes | None = None
     value: list[bytes] = []
-    for number in range(count):
-        line = lines[number]
+    for line in lines[:count]:
         if line[0] in (32, 9):  # a continuation
             if name is not None:
                 value.append(line)
@@ -83,9 +82,7 @@ def raw_fields(header: bytes) -> list[tuple[bytes, bytes]]:
             fields.append((name, _value(name, value)))
             name = None
         if line.startswith(b"From "):
-            if number == count - 1:
-                break  # the first line of a body
-            continue  # an mbox separator, not a field
+            continue  # an mbox separator (or a body's first line), not a field
         colon = line.find(b":")
         if colon <= 0:
             continue  # no field name
@@ -110,10 +107,12 @@ class HeaderFields:
     lowercased name, as IMAP shows it.
     """
 
-    __slots__ = ("values",)
+    __slots__ = ("values", "raw_type")
 
-    def __init__(self, values: dict[bytes, list[bytes]]) -> None:
+    def __init__(self, values: dict[bytes, list[bytes]], raw_type: bytes | None = None
+                 ) -> None:
         self.values = values
+        self.raw_type = raw_type  # the first Content-Type's raw value
 
     @classmethod
     def parse(cls, header: bytes) -> HeaderFields:
@@ -121,9 +120,25 @@ class HeaderFields:
         The fields of a header block (its blank line optional).
         """
         values: dict[bytes, list[bytes]] = {}
+        raw_type = None
         for name, value in raw_fields(header):
-            values.setdefault(name.lower(), []).append(shown(value))
-        return cls(values)
+            lowered = name.lower()
+            if lowered == b"content-type" and raw_type is None:
+                raw_type = value
+            values.setdefault(lowered, []).append(shown(value))
+        return cls(values, raw_type)
+
+    def content_type(self, default: str) -> str:
+        """
+        The content type, lowercased, as C{email}'s C{get_content_type}
+        gives it: C{default} without the field, C{text/plain} when it is
+        not one C{type/subtype}.
+        """
+        if self.raw_type is None:
+            return default
+        # 8-bit octets as U+FFFD, as the email package showed them.
+        kind = self.raw_type.decode("ascii", "replace").partition(";")[0].strip().lower()
+        return kind if kind.count("/") == 1 else "text/plain"
 
     @staticmethod
     def key(name: str) -> bytes | None:

@@ -201,7 +201,7 @@ class Part:
     @property
     def type(self) -> str:
         if self._type is None:
-            kind = self.fields.get_content_type()
+            kind = self.values.content_type(self._default_type)
             if self.opaque:
                 kind = "application/octet-stream"
             elif kind.startswith("multipart/") and not self.fields.get_param("boundary"):
