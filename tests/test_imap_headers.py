@@ -240,3 +240,32 @@ class SameAnswersTests(SynchronousTestCase):
         ENVELOPE could differ from one read from the file).
         """
         self.assertTrue(set(ENVELOPE_FIELDS) <= CACHED_FIELDS)
+
+
+address_text = st.lists(st.sampled_from([
+    "a", "b.c", "x@y", "@", ".", ",", " ", "\t", "<", ">", "Name", "J.", "\u00e9", "\x0b",
+    "\udce9", '"', "(", ")", ":", ";", "[", "]", "\\", "\r\n", "=?utf-8?q?x?=",
+]), max_size=20).map("".join)
+
+
+class AddressTests(SynchronousTestCase):
+    @settings(max_examples=500, deadline=None)
+    @given(address_text)
+    @example("Sender 5 <sender5@remote.test>, a@b.c,, <x@y> ,")
+    @example(" A  B\t<x.y@z> , c@d,")
+    def test_simple_forms(self, text):
+        """
+        The common forms read without tokens give what the tokenizer gives.
+        """
+        from mailstack.access import addresses
+
+        simple = addresses._simple(text)
+        if simple is not None:
+            self.assertEqual(simple, addresses._parse(text), text)
+        self.assertEqual(addresses.parse_addresses(text), addresses._parse(text), text)
+
+    def test_simple_used(self):
+        from mailstack.access import addresses
+
+        self.assertIsNotNone(addresses._simple("Sender 5 <s5@remote.test>, a@b.test"))
+        self.assertIsNone(addresses._simple('"Quoted" <q@x>'))

@@ -58,12 +58,27 @@ def _value(name: bytes, lines: list[bytes]) -> bytes:
     return first.rstrip(b"\r\n")
 
 
+# The common case: every line "name:value" ended by CRLF, nothing else.
+_SIMPLE_BLOCK = re.compile(rb"(?:[\041-\071\073-\176]+:[^\r\n]*\r\n)*")
+_SIMPLE_FIELD = re.compile(rb"([\041-\071\073-\176]+):[ \t]*([^\r\n]*)\r\n")
+
+
 def raw_fields(header: bytes) -> list[tuple[bytes, bytes]]:
     """
     The fields of a header block in order, as (name as written, raw value);
     see the module's description for what counts.
     """
-    lines = _FOLD.sub(b"", bounded_header(header)).splitlines(True)
+    data = _FOLD.sub(b"", bounded_header(header))
+    end = _SIMPLE_BLOCK.match(data).end()  # type: ignore[union-attr]  # matches b""
+    if end == len(data) or data.startswith(b"\r\n", end):
+        # Only simple fields, then the end or a blank line: the same as
+        # below, in two regular expression scans.
+        return _SIMPLE_FIELD.findall(data, 0, end)
+    return _general_fields(data)
+
+
+def _general_fields(data: bytes) -> list[tuple[bytes, bytes]]:
+    lines = data.splitlines(True)
     count = 0
     match = _LINE.match
     for line in lines:

@@ -54,6 +54,9 @@ def literal(value: bytes) -> bytes:
     return b"{%d}\r\n" % len(value) + value
 
 
+_UNQUOTABLE = re.compile(rb"[\x00\r\n\x80-\xff]")
+
+
 def string(value: bytes | str | None) -> bytes:
     """
     An IMAP nstring: NIL, a quoted string, or a literal when it must be.
@@ -62,7 +65,7 @@ def string(value: bytes | str | None) -> bytes:
         return b"NIL"
     if isinstance(value, str):
         value = value.encode("utf-8", "surrogateescape")
-    if len(value) > 1000 or re.search(rb"[\x00\r\n\x80-\xff]", value):
+    if len(value) > 1000 or _UNQUOTABLE.search(value):
         return literal(value)
     return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
