@@ -23,11 +23,14 @@ from twisted.trial.unittest import SynchronousTestCase
 from mailstack.access import search
 from mailstack.access.addresses import parse_addresses
 from mailstack.access.headers import HeaderFields, raw_fields
-from mailstack.access.index import CACHED_FIELDS, ENVELOPE_FIELDS, CachedPart, make_record
+from mailstack.access.index import (
+    CACHED_FIELDS, ENVELOPE_FIELDS, CachedPart, decode_records, encode_records, make_record,
+    reduced_header,
+)
 from mailstack.access.limits import (
     MAX_ADDRESS_FIELD, MAX_ENVELOPE_ADDRESSES, MAX_HEADER_PARSE,
 )
-from mailstack.access.mime import Part, crlf, string
+from mailstack.access.mime import Part, crlf, header_fields, string
 from mailstack.access.search import Candidate, matches
 
 # -- the reference: what mime.Part did with the email package ------------------------
@@ -176,6 +179,12 @@ def check_same(test, header):
         return
     test.assertEqual(record.envelope, expected, block)
     test.assertEqual(record.values, old.cached_values(), block)
+    again = decode_records(encode_records({"base": record}))["base"]  # through the file
+    test.assertEqual((again.header, again.values, again.envelope),
+                     (record.header, record.values, record.envelope), block)
+    for text in (block, block + b"X: after\r\n", block.rstrip(b"\r\n")):
+        test.assertEqual(reduced_header(text), b"".join(
+            raw for name, raw in header_fields(text) if name in CACHED_FIELDS) + b"\r\n")
     lazy = CachedPart(make_record(block, stat, 100))  # ENVELOPE made from the record
     test.assertEqual(lazy.envelope(), expected, block)
     wanted = [b"FROM", b"Subject", b"date", b"TO", b"x-other"]

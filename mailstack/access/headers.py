@@ -136,11 +136,17 @@ class HeaderFields:
         """
         values: dict[bytes, list[bytes]] = {}
         raw_type = None
+        eight_bit = _EIGHT_BIT.search(header) is not None
         for name, value in raw_fields(header):
             lowered = name.lower()
             if lowered == b"content-type" and raw_type is None:
                 raw_type = value
-            values.setdefault(lowered, []).append(shown(value))
+            value = shown(value) if eight_bit else value.strip()
+            found = values.get(lowered)
+            if found is None:
+                values[lowered] = [value]
+            else:
+                found.append(value)
         return cls(values, raw_type)
 
     def content_type(self, default: str) -> str:

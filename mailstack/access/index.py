@@ -30,6 +30,7 @@ L{MAX_FOLDERS} folders.
 from __future__ import annotations
 
 import os
+import re
 import struct
 import threading
 import zlib
@@ -64,17 +65,29 @@ class Record:
     What the cache knows of one message.
     """
 
-    __slots__ = ("size", "inode", "mtime", "header", "values", "envelope", "texts")
+    __slots__ = ("size", "inode", "mtime", "header", "_values", "_parsed", "envelope", "texts")
 
     def __init__(self, size: int, inode: int, mtime: float, header: bytes,
-                 values: dict[bytes, list[bytes]], envelope: bytes | None) -> None:
+                 values: dict[bytes, list[bytes]] | None, envelope: bytes | None) -> None:
         self.size = size
         self.inode = inode
         self.mtime = mtime
         self.header = header  # the cached fields' lines, then CRLF
-        self.values = values  # lowercased field name -> its values as IMAP shows them
+        # Lowercased field name -> its values as IMAP shows them; None when
+        # they are those of the cached lines themselves (a header block of
+        # one-line fields only), parsed from them when first asked for.
+        self._values = values
+        self._parsed: dict[bytes, list[bytes]] | None = None  # of the lines, in memory only
         self.envelope = envelope  # made when first asked for
         self.texts: dict[str, list[str]] = {}  # SEARCH's decoded values, in memory only
+
+    @property
+    def values(self) -> dict[bytes, list[bytes]]:
+        if self._values is not None:
+            return self._values
+        if self._parsed is None:
+            self._parsed = HeaderFields.parse(self.header).values
+        return self._parsed
 
     def encode(self, base: bytes) -> bytes:
         """
@@ -83,15 +96,17 @@ class Record:
         items = [base, self.header]
         if self.envelope is not None:
             items.append(self.envelope)
-        for name, found in self.values.items():
-            for value in found:
-                items += (name, value)
-        return (_FIXED.pack(self.size, self.inode, self.mtime, len(items),
-                            self.envelope is not None)
+        if self._values is not None:
+            for name, found in self._values.items():
+                for value in found:
+                    items += (name, value)
+        flags = (self.envelope is not None) | (self._values is not None) << 1
+        return (_FIXED.pack(self.size, self.inode, self.mtime, len(items), flags)
                 + struct.pack("<%dI" % len(items), *map(len, items)) + b"".join(items))
 
 
-_FIXED = struct.Struct("<QQdIB")  # size, inode, mtime, items, has an envelope
+_FIXED = struct.Struct("<QQdIB")  # size, inode, mtime, items, flags (_ENVELOPE, _VALUES)
+_ENVELOPE, _VALUES = 1, 2
 _MAGIC = b"mailstack-index\n"
 _TOP = struct.Struct("<III")  # version, records, CRC-32 of the records
 MAX_INDEX_FILE = 1 << 30  # a larger file is not read (an empty cache)
@@ -131,9 +146,11 @@ def decode_records(data: bytes) -> dict[str, Record]:
     for _ in range(count):
         if pos + fixed_size > end:
             raise ValueError("truncated")
-        size, inode, mtime, n, has_envelope = fixed(data, pos)
+        size, inode, mtime, n, flags = fixed(data, pos)
         pos += fixed_size
-        if n < 2 + has_envelope or (n - 2 - has_envelope) % 2 or has_envelope > 1:
+        has_envelope = flags & _ENVELOPE
+        if (n < 2 + has_envelope or (n - 2 - has_envelope) % 2 or flags > 3
+                or (n > 2 + has_envelope and not flags & _VALUES)):
             raise ValueError("bad record")
         if pos + 4 * n > end:
             raise ValueError("truncated")
@@ -145,9 +162,11 @@ def decode_records(data: bytes) -> dict[str, Record]:
                 raise ValueError("truncated")
             items.append(data[pos:pos + length])
             pos += length
-        values: dict[bytes, list[bytes]] = {}
-        for i in range(2 + has_envelope, n, 2):
-            values.setdefault(items[i], []).append(items[i + 1])
+        values: dict[bytes, list[bytes]] | None = None
+        if flags & _VALUES:
+            values = {}
+            for i in range(2 + has_envelope, n, 2):
+                values.setdefault(items[i], []).append(items[i + 1])
         if not -_MTIME_RANGE < mtime < _MTIME_RANGE:  # NaN too: not an INTERNALDATE
             continue  # this record only: the message is read again
         base = items[0].decode("utf-8", "surrogateescape")
@@ -172,7 +191,13 @@ class CachedPart:
         self.record = record
         self.header = record.header
         self.texts = record.texts  # see mailstack.access.search
-        self.values = HeaderFields(record.values)
+        self._values: HeaderFields | None = None
+
+    @property
+    def values(self) -> HeaderFields:
+        if self._values is None:
+            self._values = HeaderFields(self.record.values)
+        return self._values
 
     def envelope(self) -> bytes:
         if self.record.envelope is None:
@@ -193,10 +218,20 @@ class CachedPart:
         return select_fields(self.record.header, names, negate)
 
 
+_SIMPLE_LINES = re.compile(rb"(?:[\041-\071\073-\176]+:[^\r\n]*\r\n)*")
+_SIMPLE_LINE = re.compile(rb"([\041-\071\073-\176]+):[^\r\n]*\r\n")
+
+
 def reduced_header(header: bytes) -> bytes:
     """
     The lines of the cached fields of a header block (CRLF), in order.
     """
+    end = _SIMPLE_LINES.match(header).end()  # type: ignore[union-attr]  # matches b""
+    if end == len(header) or header[end:] == b"\r\n":
+        # Only one-line fields, then the end or the blank line: what
+        # header_fields gives them, read by a regular expression.
+        return b"".join(m[0] for m in _SIMPLE_LINE.finditer(header, 0, end)
+                        if m[1].lower() in CACHED_FIELDS) + b"\r\n"
     return b"".join(raw for name, raw in header_fields(header) if name in CACHED_FIELDS) + b"\r\n"
 
 
@@ -213,11 +248,21 @@ def make_record(header: bytes, stat: os.stat_result, size: int, envelope: bool =
     """
     if len(header) > MAX_HEADER_PARSE or not -_MTIME_RANGE < stat.st_mtime < _MTIME_RANGE:
         return None
-    fields = HeaderFields.parse(header)
-    values = {name: found for name, found in fields.values.items() if name in CACHED_FIELDS}
-    record = Record(size, stat.st_ino, stat.st_mtime, reduced_header(header), values, None)
+    end = _SIMPLE_LINES.match(header).end()  # type: ignore[union-attr]  # matches b""
+    if end == len(header) or header[end:] == b"\r\n":
+        # One-line fields only: the cached lines parse to the same values
+        # as the whole block, so the record keeps the lines alone.
+        reduced = b"".join(m[0] for m in _SIMPLE_LINE.finditer(header, 0, end)
+                           if m[1].lower() in CACHED_FIELDS) + b"\r\n"
+        record = Record(size, stat.st_ino, stat.st_mtime, reduced, None, None)
+    else:
+        fields = HeaderFields.parse(header)
+        values = {name: found for name, found in fields.values.items()
+                  if name in CACHED_FIELDS}
+        record = Record(size, stat.st_ino, stat.st_mtime, reduced_header(header), values,
+                        None)
     if envelope:
-        record.envelope = render_envelope(fields)
+        record.envelope = render_envelope(HeaderFields(record.values))
     return record
 
 
