@@ -148,10 +148,12 @@ def _mailbox(tokens: list[tuple[str, str]]) -> Address | None:
 # comma separated, with no quoting, comment, group, route or literal.
 _ATOM = r'[^()<>@,;:\\".\[\] \t\r\n]+'
 _DOTTED = rf'{_ATOM}(?:\.{_ATOM})*'
+# Matched against a piece stripped of spaces and tabs, so that no two
+# runs of blanks meet (which would make a long run quadratic).
 _SIMPLE_NAME_ADDR = re.compile(
-    rf'[ \t]*((?:{_ATOM}[ \t]+)*?{_ATOM})?[ \t]*<[ \t]*({_DOTTED})[ \t]*@[ \t]*({_DOTTED})'
-    r'[ \t]*>[ \t]*')
-_SIMPLE_ADDR_SPEC = re.compile(rf'[ \t]*({_DOTTED})[ \t]*@[ \t]*({_DOTTED})[ \t]*')
+    rf'((?:{_ATOM}[ \t]+)*?{_ATOM})?[ \t]*<[ \t]*({_DOTTED})[ \t]*@[ \t]*({_DOTTED})'
+    r'[ \t]*>')
+_SIMPLE_ADDR_SPEC = re.compile(rf'({_DOTTED})[ \t]*@[ \t]*({_DOTTED})')
 _NOT_SIMPLE = re.compile(r'["():;\\\[\]\r\n]')
 _SPACES = re.compile(r"[ \t]+")
 _SIMPLE_MAX = 4096  # longer values take the general way
@@ -166,6 +168,7 @@ def _simple(text: str) -> list[Address] | None:
         return None
     out = []
     for piece in text.split(","):
+        piece = piece.strip(" \t")
         match = _SIMPLE_ADDR_SPEC.fullmatch(piece)
         if match is not None:
             out.append(Address(None, None, match[1], match[2]))
@@ -175,7 +178,7 @@ def _simple(text: str) -> list[Address] | None:
             name = match[1]
             out.append(Address(_SPACES.sub(" ", name) if name else None, None, match[2],
                                match[3]))
-        elif piece.strip(" \t"):
+        elif piece:
             return None
     return out
 
