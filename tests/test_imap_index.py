@@ -6,6 +6,8 @@ same answers as reading the messages.
 
 import json
 import os
+import struct
+import zlib
 
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -19,8 +21,8 @@ from mailstack.access import mailbox
 from mailstack.access.folder import Folder, ensure_folder
 from mailstack.access.imap import render
 from mailstack.access.index import (
-    INDEX, VERSION, CachedPart, FolderIndex, fetch_cacheable, indexes, make_record,
-    search_cacheable,
+    INDEX, VERSION, CachedPart, FolderIndex, decode_records, encode_records, fetch_cacheable,
+    indexes, make_record, search_cacheable,
 )
 from mailstack.access.mailbox import HEADER, Loaded
 from mailstack.access.mime import Part
@@ -87,7 +89,7 @@ class SameAnswersTests(SynchronousTestCase):
 
     def check(self, message):
         stat = os.stat(__file__)
-        record = make_record(Part(message), stat, len(message))
+        record = make_record(Part(message).header, stat, len(message))
         self.assertIsNotNone(record)
         full, cached = Part(message), CachedPart(record)
         entry = mailbox.Entry(7, "base", "cur", "base:2,", len(message), flags={"\\Seen"})
@@ -121,7 +123,7 @@ class SameAnswersTests(SynchronousTestCase):
         the limit must stay invisible, as without the cache).
         """
         message = b"X-Pad: " + b"x" * 300000 + b"\r\nSubject: late\r\n\r\nbody\r\n"
-        self.assertIsNone(make_record(Part(message), os.stat(__file__), len(message)))
+        self.assertIsNone(make_record(Part(message).header, os.stat(__file__), len(message)))
 
 
 def _folder(test, messages=MESSAGES):
@@ -211,15 +213,15 @@ class IndexFileTests(SynchronousTestCase):
         self.envelopes()
         self.save()
         path = os.path.join(self.folder.path, INDEX)
-        with open(path) as f:
-            data = json.load(f)
-        for value in data["messages"].values():
-            value[5] = '("forged")'
-        bases = sorted(data["messages"])
-        data["messages"][bases[0]][1] += 1  # another inode
-        data["messages"][bases[1]][0] += 1  # another size
-        with open(path, "w") as f:
-            json.dump(data, f)
+        with open(path, "rb") as f:
+            records = decode_records(f.read())
+        for record in records.values():
+            record.envelope = b'("forged")'
+        bases = sorted(records)
+        records[bases[0]].inode += 1  # another inode
+        records[bases[1]].size += 1  # another size
+        with open(path, "wb") as f:
+            f.write(encode_records(records))
         indexes.forget(self.folder.path)
         del self.opened[:]
         envelopes = self.envelopes()
@@ -239,10 +241,12 @@ class IndexFileTests(SynchronousTestCase):
         path = os.path.join(self.folder.path, INDEX)
         with open(path, "rb") as f:
             good = f.read()
-        old = json.loads(good)
-        old["version"] = VERSION - 1
-        for broken in [good[:len(good) // 2], b"\x00garbage", b"[]", json.dumps(old).encode(),
-                       b'{"version": %d, "messages": {"x": [1]}}' % VERSION, b""]:
+        old = json.dumps({"version": 2, "messages": {}}).encode()  # the JSON of version 2
+        magic = good[:good.index(b"\n") + 1]
+        other_version = magic + struct.pack("<I", VERSION - 1) + good[len(magic) + 4:]
+        flipped = good[:-3] + bytes([good[-3] ^ 1]) + good[-2:]  # the checksum fails
+        for broken in [good[:len(good) // 2], good[:-1], good + b"x", b"\x00garbage", b"[]",
+                       old, other_version, flipped, magic, b""]:
             with open(path, "wb") as f:
                 f.write(broken)
             indexes.forget(self.folder.path)
@@ -251,7 +255,55 @@ class IndexFileTests(SynchronousTestCase):
             self.assertEqual(len(self.opened), len(MESSAGES), broken[:20])
             self.save()
             with open(path, "rb") as f:
-                self.assertEqual(json.loads(f.read())["version"], VERSION)
+                self.assertEqual(decode_records(f.read()).keys(),
+                                 {e.base for e in self.folder.scan().entries})
+
+    def test_hostile_records(self):
+        """
+        Records whose lengths and counts lie (with a valid checksum) make
+        the file an empty cache; a record whose time is no date
+        (NaN, out of range) is dropped alone.  Never an exception.
+        """
+        self.envelopes()
+        self.save()
+        path = os.path.join(self.folder.path, INDEX)
+        with open(path, "rb") as f:
+            good = f.read()
+        magic = good[:good.index(b"\n") + 1]
+        head = len(magic) + 12
+
+        def with_body(body, count):
+            return magic + struct.pack("<III", VERSION, count, zlib.crc32(body)) + body
+
+        records = decode_records(good)
+        body = good[head:]
+        fixed = struct.Struct("<QQdIB")
+        size, inode, mtime, items, has_env = fixed.unpack_from(body, 0)
+        lying = [
+            with_body(body, len(records) + 1),  # one record more than there is
+            with_body(fixed.pack(size, inode, mtime, 0xFFFFFFFF, has_env) + body[fixed.size:],
+                      len(records)),  # items beyond the file
+            with_body(fixed.pack(size, inode, mtime, items, 7) + body[fixed.size:],
+                      len(records)),  # not a flag
+            with_body(fixed.pack(size, inode, mtime, items + 1, has_env) + body[fixed.size:],
+                      len(records)),  # an odd number of value items
+            with_body(body[:fixed.size] + struct.pack("<I", 0xFFFFFFF0)
+                      + body[fixed.size + 4:], len(records)),  # a length past the end
+        ]
+        for broken in lying:
+            with self.assertRaises(ValueError):
+                decode_records(broken)
+            with open(path, "wb") as f:
+                f.write(broken)
+            self.assertEqual(FolderIndex(self.folder.path).records, {})
+        for bad_time in (float("nan"), float("inf"), 1e300, -1e300):
+            forged = dict(records)
+            first = sorted(forged)[0]
+            old = forged[first]
+            forged[first] = type(old)(old.size, old.inode, bad_time, old.header, old.values,
+                                      old.envelope)
+            kept = decode_records(encode_records(forged))
+            self.assertEqual(set(kept), set(records) - {first})
 
     def test_gone_dropped(self):
         self.envelopes()

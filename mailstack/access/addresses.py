@@ -14,6 +14,7 @@ parse is kept as well as it can be.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 _SPECIALS = '()<>@,;:\\".[]'
@@ -143,10 +144,54 @@ def _mailbox(tokens: list[tuple[str, str]]) -> Address | None:
     return Address(comments[-1] if comments else None, None, mailbox, host or "")
 
 
+# The common forms, read without tokens: "a@b.c" and "Some Name <a@b.c>",
+# comma separated, with no quoting, comment, group, route or literal.
+_ATOM = r'[^()<>@,;:\\".\[\] \t\r\n]+'
+_DOTTED = rf'{_ATOM}(?:\.{_ATOM})*'
+# Matched against a piece stripped of spaces and tabs, so that no two
+# runs of blanks meet (which would make a long run quadratic).
+_SIMPLE_NAME_ADDR = re.compile(
+    rf'((?:{_ATOM}[ \t]+)*?{_ATOM})?[ \t]*<[ \t]*({_DOTTED})[ \t]*@[ \t]*({_DOTTED})'
+    r'[ \t]*>')
+_SIMPLE_ADDR_SPEC = re.compile(rf'({_DOTTED})[ \t]*@[ \t]*({_DOTTED})')
+_NOT_SIMPLE = re.compile(r'["():;\\\[\]\r\n]')
+_SPACES = re.compile(r"[ \t]+")
+_SIMPLE_MAX = 4096  # longer values take the general way
+
+
+def _simple(text: str) -> list[Address] | None:
+    """
+    The addresses of a value in only the common forms, as L{_parse} reads
+    them; None when the value has anything else.
+    """
+    if len(text) > _SIMPLE_MAX or _NOT_SIMPLE.search(text):
+        return None
+    out = []
+    for piece in text.split(","):
+        piece = piece.strip(" \t")
+        match = _SIMPLE_ADDR_SPEC.fullmatch(piece)
+        if match is not None:
+            out.append(Address(None, None, match[1], match[2]))
+            continue
+        match = _SIMPLE_NAME_ADDR.fullmatch(piece)
+        if match is not None:
+            name = match[1]
+            out.append(Address(_SPACES.sub(" ", name) if name else None, None, match[2],
+                               match[3]))
+        elif piece:
+            return None
+    return out
+
+
 def parse_addresses(text: str) -> list[Address]:
     """
     The addresses of a header field's value, groups marked.
     """
+    found = _simple(text)
+    return found if found is not None else _parse(text)
+
+
+def _parse(text: str) -> list[Address]:
     tokens = _tokens(text)
     out: list[Address] = []
     current: list[tuple[str, str]] = []

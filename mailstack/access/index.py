@@ -29,22 +29,26 @@ L{MAX_FOLDERS} folders.
 
 from __future__ import annotations
 
-import json
 import os
+import re
+import struct
 import threading
+import zlib
 from collections import OrderedDict
 from typing import Any, Iterable
 
 from twisted.logger import Logger
 
 from mailstack.access.limits import MAX_HEADER_PARSE
-from mailstack.access.mime import Part, header_fields, select_fields
+from mailstack.access.headers import HeaderFields
+from mailstack.access.mime import envelope as render_envelope
+from mailstack.access.mime import header_fields, select_fields
 from mailstack.safeio import discard, private_file, temporary_name
 
 log = Logger()
 
 INDEX = "mailstack-index"
-VERSION = 2
+VERSION = 3  # 3: a binary format (2 was JSON); another version is rebuilt
 MAX_FOLDERS = 64  # parsed indexes kept in memory, least recently used out
 CACHED_FIELDS = frozenset({
     b"from", b"to", b"cc", b"bcc", b"subject", b"date", b"message-id", b"references",
@@ -52,7 +56,6 @@ CACHED_FIELDS = frozenset({
     b"list-id", b"content-transfer-encoding", b"mime-version", b"priority",
     b"x-mailer", b"user-agent", b"delivered-to", b"return-path",
 })
-_CACHED_NAMES = frozenset(name.decode("ascii") for name in CACHED_FIELDS)
 ENVELOPE_FIELDS = (b"date", b"subject", b"from", b"sender", b"reply-to", b"to", b"cc",
                    b"bcc", b"in-reply-to", b"message-id")
 
@@ -62,38 +65,119 @@ class Record:
     What the cache knows of one message.
     """
 
-    __slots__ = ("size", "inode", "mtime", "header", "values", "envelope", "texts")
+    __slots__ = ("size", "inode", "mtime", "header", "_values", "_parsed", "envelope", "texts")
 
     def __init__(self, size: int, inode: int, mtime: float, header: bytes,
-                 values: dict[str, list[bytes]], envelope: bytes | None) -> None:
+                 values: dict[bytes, list[bytes]] | None, envelope: bytes | None) -> None:
         self.size = size
         self.inode = inode
         self.mtime = mtime
         self.header = header  # the cached fields' lines, then CRLF
-        self.values = values  # field name -> its values as the parser gives them
+        # Lowercased field name -> its values as IMAP shows them; None when
+        # they are those of the cached lines themselves (a header block of
+        # one-line fields only), parsed from them when first asked for.
+        self._values = values
+        self._parsed: dict[bytes, list[bytes]] | None = None  # of the lines, in memory only
         self.envelope = envelope  # made when first asked for
         self.texts: dict[str, list[str]] = {}  # SEARCH's decoded values, in memory only
 
-    def to_json(self) -> list[Any]:
-        return [self.size, self.inode, self.mtime, self.header.decode("latin-1"),
-                {k: [v.decode("latin-1") for v in vs] for k, vs in self.values.items()},
-                None if self.envelope is None else self.envelope.decode("latin-1")]
+    @property
+    def values(self) -> dict[bytes, list[bytes]]:
+        if self._values is not None:
+            return self._values
+        if self._parsed is None:
+            self._parsed = HeaderFields.parse(self.header).values
+        return self._parsed
 
-    @classmethod
-    def from_json(cls, value: Any) -> Record:
-        size, inode, mtime, header, values, envelope = value
-        if not (isinstance(size, int) and isinstance(inode, int)
-                and isinstance(mtime, (int, float)) and isinstance(header, str)
-                and isinstance(values, dict)
-                and (envelope is None or isinstance(envelope, str))):
+    def encode(self, base: bytes) -> bytes:
+        """
+        The record in the file's format (see L{decode_records}).
+        """
+        items = [base, self.header]
+        if self.envelope is not None:
+            items.append(self.envelope)
+        if self._values is not None:
+            for name, found in self._values.items():
+                for value in found:
+                    items += (name, value)
+        flags = (self.envelope is not None) | (self._values is not None) << 1
+        return (_FIXED.pack(self.size, self.inode, self.mtime, len(items), flags)
+                + struct.pack("<%dI" % len(items), *map(len, items)) + b"".join(items))
+
+
+_FIXED = struct.Struct("<QQdIB")  # size, inode, mtime, items, flags (_ENVELOPE, _VALUES)
+_ENVELOPE, _VALUES = 1, 2
+_MAGIC = b"mailstack-index\n"
+_TOP = struct.Struct("<III")  # version, records, CRC-32 of the records
+MAX_INDEX_FILE = 1 << 30  # a larger file is not read (an empty cache)
+
+
+def encode_records(records: dict[str, Record]) -> bytes:
+    """
+    The index file's bytes: L{_MAGIC}, the version, the number of records
+    and a CRC-32 of what follows, then each record: its fixed part
+    (L{_FIXED}: size, inode, mtime, number of items, whether an ENVELOPE
+    is there), the items' lengths (32 bits each), the items: the base
+    name, the cached lines, the ENVELOPE if made, then a field's name and
+    one value per pair.  Little-endian; nothing is evaluated on reading.
+    """
+    body = b"".join(r.encode(base.encode("utf-8", "surrogateescape"))
+                    for base, r in records.items())
+    return _MAGIC + _TOP.pack(VERSION, len(records), zlib.crc32(body)) + body
+
+
+def decode_records(data: bytes) -> dict[str, Record]:
+    """
+    The records of an index file's bytes.
+
+    @raise ValueError: anything wrong with it (then it is an empty cache).
+    """
+    if not data.startswith(_MAGIC) or len(data) < len(_MAGIC) + _TOP.size:
+        raise ValueError("not an index")
+    version, count, crc = _TOP.unpack_from(data, len(_MAGIC))
+    if version != VERSION:
+        raise ValueError("another version")
+    pos = len(_MAGIC) + _TOP.size
+    if zlib.crc32(memoryview(data)[pos:]) != crc:
+        raise ValueError("bad checksum")
+    records: dict[str, Record] = {}
+    end = len(data)
+    fixed, fixed_size = _FIXED.unpack_from, _FIXED.size
+    for _ in range(count):
+        if pos + fixed_size > end:
+            raise ValueError("truncated")
+        size, inode, mtime, n, flags = fixed(data, pos)
+        pos += fixed_size
+        has_envelope = flags & _ENVELOPE
+        if (n < 2 + has_envelope or (n - 2 - has_envelope) % 2 or flags > 3
+                or (n > 2 + has_envelope and not flags & _VALUES)):
             raise ValueError("bad record")
-        parsed = {}
-        for name, found in values.items():
-            if not isinstance(found, list) or not all(isinstance(v, str) for v in found):
-                raise ValueError("bad record")
-            parsed[str(name)] = [v.encode("latin-1") for v in found]
-        return cls(size, inode, float(mtime), header.encode("latin-1"), parsed,
-                   None if envelope is None else envelope.encode("latin-1"))
+        if pos + 4 * n > end:
+            raise ValueError("truncated")
+        lengths = struct.unpack_from("<%dI" % n, data, pos)
+        pos += 4 * n
+        items = []
+        for length in lengths:
+            if pos + length > end:
+                raise ValueError("truncated")
+            items.append(data[pos:pos + length])
+            pos += length
+        values: dict[bytes, list[bytes]] | None = None
+        if flags & _VALUES:
+            values = {}
+            for i in range(2 + has_envelope, n, 2):
+                values.setdefault(items[i], []).append(items[i + 1])
+        if not -_MTIME_RANGE < mtime < _MTIME_RANGE:  # NaN too: not an INTERNALDATE
+            continue  # this record only: the message is read again
+        base = items[0].decode("utf-8", "surrogateescape")
+        records[base] = Record(size, inode, mtime, items[1], values,
+                               items[2] if has_envelope else None)
+    if pos != end:
+        raise ValueError("trailing bytes")
+    return records
+
+
+_MTIME_RANGE = float(1 << 36)  # seconds either side of 1970 a timestamp may be
 
 
 class CachedPart:
@@ -107,19 +191,25 @@ class CachedPart:
         self.record = record
         self.header = record.header
         self.texts = record.texts  # see mailstack.access.search
+        self._values: HeaderFields | None = None
+
+    @property
+    def values(self) -> HeaderFields:
+        if self._values is None:
+            self._values = HeaderFields(self.record.values)
+        return self._values
 
     def envelope(self) -> bytes:
         if self.record.envelope is None:
             # Every ENVELOPE field is cached: the same as from the whole header.
-            self.record.envelope = Part(self.record.header).envelope()
+            self.record.envelope = render_envelope(self.values)
         return self.record.envelope
 
     def header_values(self, name: str) -> list[bytes]:
-        return list(self.record.values.get(name.lower(), ()))
+        return self.values.all(name)
 
     def header_value(self, name: str) -> bytes | None:
-        found = self.record.values.get(name.lower())
-        return found[0] if found else None
+        return self.values.value(name)
 
     def section(self, numbers: tuple[int, ...], kind: str, names: list[bytes] = (),  # type: ignore[assignment]
                 negate: bool = False) -> bytes:
@@ -128,31 +218,52 @@ class CachedPart:
         return select_fields(self.record.header, names, negate)
 
 
+_SIMPLE_LINES = re.compile(rb"(?:[\041-\071\073-\176]+:[^\r\n]*\r\n)*")
+_SIMPLE_LINE = re.compile(rb"([\041-\071\073-\176]+):[^\r\n]*\r\n")
+
+
 def reduced_header(header: bytes) -> bytes:
     """
     The lines of the cached fields of a header block (CRLF), in order.
     """
+    end = _SIMPLE_LINES.match(header).end()  # type: ignore[union-attr]  # matches b""
+    if end == len(header) or header[end:] == b"\r\n":
+        # Only one-line fields, then the end or the blank line: what
+        # header_fields gives them, read by a regular expression.
+        return b"".join(m[0] for m in _SIMPLE_LINE.finditer(header, 0, end)
+                        if m[1].lower() in CACHED_FIELDS) + b"\r\n"
     return b"".join(raw for name, raw in header_fields(header) if name in CACHED_FIELDS) + b"\r\n"
 
 
-def make_record(part: Part, stat: os.stat_result, size: int, envelope: bool = False
+def make_record(header: bytes, stat: os.stat_result, size: int, envelope: bool = False
                 ) -> Record | None:
     """
-    The record of a message whose header was parsed as C{part}, read from
-    the file of C{stat}, of C{size} octets as served; its ENVELOPE now if
-    C{envelope}.  None for a header block longer than the parser reads
-    (L{MAX_HEADER_PARSE}: its fields past the limit must stay invisible,
-    as without the cache).
+    The record of a message whose header block (CRLF) is C{header}, read
+    from the file of C{stat}, of C{size} octets as served; its ENVELOPE
+    now if C{envelope}.  One pass over the header block
+    (L{mailstack.access.headers}).  None for a header block longer than
+    the parser reads (L{MAX_HEADER_PARSE}: its fields past the limit must
+    stay invisible, as without the cache) or a file time no INTERNALDATE
+    can show.
     """
-    if len(part.header) > MAX_HEADER_PARSE:
+    if len(header) > MAX_HEADER_PARSE or not -_MTIME_RANGE < stat.st_mtime < _MTIME_RANGE:
         return None
-    values: dict[str, list[bytes]] = {}
-    for name, value in part.fields.items():  # one pass: header_values of each name
-        if name.lower() in _CACHED_NAMES:
-            values.setdefault(name.lower(), []).append(
-                str(value).encode("utf-8", "surrogateescape").strip())
-    return Record(size, stat.st_ino, stat.st_mtime, reduced_header(part.header), values,
-                  part.envelope() if envelope else None)
+    end = _SIMPLE_LINES.match(header).end()  # type: ignore[union-attr]  # matches b""
+    if end == len(header) or header[end:] == b"\r\n":
+        # One-line fields only: the cached lines parse to the same values
+        # as the whole block, so the record keeps the lines alone.
+        reduced = b"".join(m[0] for m in _SIMPLE_LINE.finditer(header, 0, end)
+                           if m[1].lower() in CACHED_FIELDS) + b"\r\n"
+        record = Record(size, stat.st_ino, stat.st_mtime, reduced, None, None)
+    else:
+        fields = HeaderFields.parse(header)
+        values = {name: found for name, found in fields.values.items()
+                  if name in CACHED_FIELDS}
+        record = Record(size, stat.st_ino, stat.st_mtime, reduced_header(header), values,
+                        None)
+    if envelope:
+        record.envelope = render_envelope(HeaderFields(record.values))
+    return record
 
 
 class FolderIndex:
@@ -174,15 +285,12 @@ class FolderIndex:
         records: dict[str, Record] = {}
         try:
             with open(os.path.join(self.path, INDEX), "rb") as f:
-                data = json.loads(f.read())
-            if not isinstance(data, dict) or data.get("version") != VERSION:
-                raise ValueError("another version")
-            for base, value in data["messages"].items():
-                records[str(base)] = Record.from_json(value)
+                if os.fstat(f.fileno()).st_size > MAX_INDEX_FILE:
+                    raise ValueError("too large")
+                records = decode_records(f.read())
         except FileNotFoundError:
             pass  # no index written yet: an empty cache, filled by the next FETCH
-        except (OSError, ValueError, KeyError, TypeError, AttributeError,
-                UnicodeError) as e:
+        except (OSError, ValueError, struct.error, UnicodeError) as e:
             log.info("imap: rebuilding the index of {path} ({error})", path=self.path,
                      error=type(e).__name__)
             records = {}
@@ -219,8 +327,7 @@ class FolderIndex:
             if live is not None:
                 keep = set(live)
                 self.records = {b: r for b, r in self.records.items() if b in keep}
-            data = {"version": VERSION,
-                    "messages": {b: r.to_json() for b, r in self.records.items()}}
+            records = dict(self.records)
             self._dirty = False
         target = os.path.join(self.path, INDEX)
         tmp = temporary_name(target)
@@ -229,7 +336,7 @@ class FolderIndex:
             # whole, missing or unreadable, and then rebuilt.
             # Owner-only, as every file of a mailbox: it holds header fields.
             with open(tmp, "wb", opener=private_file) as f:
-                f.write(json.dumps(data, separators=(",", ":")).encode("ascii"))
+                f.write(encode_records(records))
             os.replace(tmp, target)
         except OSError as e:
             discard(tmp)  # a cache: the next write may succeed

@@ -232,9 +232,9 @@ def _read(folder: Folder, entry: Entry, level: int, index: FolderIndex | None = 
                 stat = os.fstat(f.fileno())
                 mtime = stat.st_mtime
                 if level == HEADER:
-                    part = Part(crlf(_read_header(f)))
+                    part = Part(crlf(_read_header(f)))  # parsed only as needed
                     if index is not None and entry.inode == stat.st_ino:
-                        record = make_record(part, stat, entry.size, envelope)
+                        record = make_record(part.header, stat, entry.size, envelope)
                         if record is not None:
                             index.put(entry.base, record)
                             if cached:  # the ENVELOPE made once

@@ -27,9 +27,9 @@ from email.parser import BytesHeaderParser
 from email.policy import compat32
 
 from mailstack.access.addresses import parse_addresses
+from mailstack.access.headers import HeaderFields, bounded_header
 from mailstack.access.limits import (
-    MAX_ADDRESS_FIELD, MAX_ENVELOPE_ADDRESSES, MAX_HEADER_PARSE, MAX_MIME_DEPTH,
-    MAX_MIME_PARTS,
+    MAX_ADDRESS_FIELD, MAX_ENVELOPE_ADDRESSES, MAX_MIME_DEPTH, MAX_MIME_PARTS,
 )
 
 _parser = BytesHeaderParser(policy=compat32)
@@ -54,6 +54,9 @@ def literal(value: bytes) -> bytes:
     return b"{%d}\r\n" % len(value) + value
 
 
+_UNQUOTABLE = re.compile(rb"[\x00\r\n\x80-\xff]")
+
+
 def string(value: bytes | str | None) -> bytes:
     """
     An IMAP nstring: NIL, a quoted string, or a literal when it must be.
@@ -62,7 +65,7 @@ def string(value: bytes | str | None) -> bytes:
         return b"NIL"
     if isinstance(value, str):
         value = value.encode("utf-8", "surrogateescape")
-    if len(value) > 1000 or re.search(rb"[\x00\r\n\x80-\xff]", value):
+    if len(value) > 1000 or _UNQUOTABLE.search(value):
         return literal(value)
     return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
 
@@ -131,15 +134,9 @@ class _Budget:
         self.parts = 0
 
 
-def _bounded_header(header: bytes) -> bytes:
-    """
-    The part of a header block the C{email} parser sees (at a line end):
-    fields past L{MAX_HEADER_PARSE} do not count for the structure.
-    """
-    if len(header) <= MAX_HEADER_PARSE:
-        return header
-    cut = header.rfind(b"\r\n", 0, MAX_HEADER_PARSE)
-    return header[:cut + 2 if cut > 0 else MAX_HEADER_PARSE] + b"\r\n"
+# The part of a header block the C{email} parser sees (at a line end):
+# fields past MAX_HEADER_PARSE do not count for the structure.
+_bounded_header = bounded_header
 
 
 def _bounded_addresses(value: bytes) -> str:
@@ -184,15 +181,49 @@ class Part:
                 self._body_start = end
             else:
                 self.header, self._body_start = raw[start:blank + 4], blank + 4
-        # Values unfolded (a folded boundary= or subject is one line).
-        self.fields: Message = _parser.parsebytes(_FOLD.sub(b"", _bounded_header(self.header)))
-        self.fields.set_default_type(default_type)
-        self.type = self.fields.get_content_type()
-        if self.opaque:
-            self.type = "application/octet-stream"
-        elif self.type.startswith("multipart/") and not self.fields.get_param("boundary"):
-            self.type = "text/plain"  # a multipart without a boundary is one text part
+        self._default_type = default_type
+        # Parsed when first needed: a header listing or an ENVELOPE needs
+        # only the field values (HeaderFields), not the email package.
+        self._fields: Message | None = None
+        self._type: str | None = None
+        self._values: HeaderFields | None = None
         self._children: list[Part] | None = None
+
+    @property
+    def fields(self) -> Message:
+        """
+        The header fields as the C{email} package parses them (for the
+        content type and its parameters).
+        """
+        if self._fields is None:
+            # Values unfolded (a folded boundary= or subject is one line).
+            self._fields = _parser.parsebytes(_FOLD.sub(b"", _bounded_header(self.header)))
+            self._fields.set_default_type(self._default_type)
+        return self._fields
+
+    @property
+    def type(self) -> str:
+        if self._type is None:
+            kind = self.values.content_type(self._default_type)
+            if self.opaque:
+                kind = "application/octet-stream"
+            elif kind.startswith("multipart/") and not self.fields.get_param("boundary"):
+                kind = "text/plain"  # a multipart without a boundary is one text part
+            self._type = kind
+        return self._type
+
+    @type.setter
+    def type(self, value: str) -> None:
+        self._type = value
+
+    @property
+    def values(self) -> HeaderFields:
+        """
+        The field values as IMAP shows them (L{mailstack.access.headers}).
+        """
+        if self._values is None:
+            self._values = HeaderFields.parse(self.header)
+        return self._values
 
     @property
     def raw(self) -> bytes:
@@ -280,17 +311,13 @@ class Part:
         return parts
 
     def header_value(self, name: str) -> bytes | None:
-        value = self.fields.get(name)
-        if value is None:
-            return None
-        return str(value).encode("utf-8", "surrogateescape").strip()
+        return self.values.value(name)
 
     def header_values(self, name: str) -> list[bytes]:
         """
         Every occurrence of a field, unfolded only as far as the raw bytes go.
         """
-        return [str(v).encode("utf-8", "surrogateescape").strip()
-                for v in self.fields.get_all(name) or []]
+        return self.values.all(name)
 
     # -- sections --------------------------------------------------------------
 
@@ -389,25 +416,37 @@ class Part:
         return b"(" + out + b")"
 
     def envelope(self) -> bytes:
-        def addresses(name: str, fallback: str | None = None) -> bytes:
-            value = self.header_value(name)
-            found = (parse_addresses(_bounded_addresses(value))[:MAX_ENVELOPE_ADDRESSES]
-                     if value else [])
-            if not found and fallback is not None:
-                return addresses(fallback)
-            items = [b"(" + b" ".join([string(a.name), string(a.route), string(a.mailbox),
-                                       string(a.host)]) + b")" for a in found]
-            return b"(" + b"".join(items) + b")" if items else b"NIL"
+        return envelope(self.values)
 
-        return b"(" + b" ".join([
-            string(self.header_value("date")),
-            string(self.header_value("subject")),
-            addresses("from"),
-            addresses("sender", "from"),
-            addresses("reply-to", "from"),
-            addresses("to"),
-            addresses("cc"),
-            addresses("bcc"),
-            string(self.header_value("in-reply-to")),
-            string(self.header_value("message-id")),
-        ]) + b")"
+
+def envelope(fields: HeaderFields) -> bytes:
+    """
+    The ENVELOPE of a header block's fields.
+    """
+    rendered: dict[str, bytes] = {}
+
+    def addresses(name: str, fallback: str | None = None) -> bytes:
+        if name in rendered:
+            return rendered[name]
+        value = fields.value(name)
+        found = (parse_addresses(_bounded_addresses(value))[:MAX_ENVELOPE_ADDRESSES]
+                 if value else [])
+        if not found and fallback is not None:
+            return addresses(fallback)
+        items = [b"(" + b" ".join([string(a.name), string(a.route), string(a.mailbox),
+                                   string(a.host)]) + b")" for a in found]
+        out = rendered[name] = b"(" + b"".join(items) + b")" if items else b"NIL"
+        return out
+
+    return b"(" + b" ".join([
+        string(fields.value("date")),
+        string(fields.value("subject")),
+        addresses("from"),
+        addresses("sender", "from"),
+        addresses("reply-to", "from"),
+        addresses("to"),
+        addresses("cc"),
+        addresses("bcc"),
+        string(fields.value("in-reply-to")),
+        string(fields.value("message-id")),
+    ]) + b")"

@@ -135,6 +135,8 @@ def _text(value: bytes | None) -> str:
     if value is None:
         return ""
     raw = value.decode("utf-8", "replace")
+    if "=?" not in raw:  # no encoded word: what make_header(decode_header()) gives
+        return raw.lower()
     try:
         return str(make_header(decode_header(raw))).lower()
     except (ValueError, LookupError, UnicodeError):
