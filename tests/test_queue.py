@@ -18,7 +18,6 @@ from mailstack.queue.courier import Outcome
 from mailstack.queue.runner import OutboundQueue
 from mailstack.smtp.reply import Reply
 from mailstack.delivery.maildir import DirectorySyncer
-from mailstack.message import MessageSpool
 from mailstack.queue.store import QueueRecord, QueueStore, RecipientState
 
 
