@@ -170,6 +170,34 @@ class Dispatcher:
                 log.error("{qid}: could not remove a stored copy after a failure: {error}",
                           qid=envelope.queue_id, error=e)
 
+    async def _to_postmaster(self, envelope: Envelope, rcpt: Address, error: Exception) -> None:
+        """
+        Address a bounce whose recipient (the original message's local
+        sender) does not exist or cannot receive to the postmaster
+        (C{--postmaster}, else C{postmaster@} the first domain) instead,
+        with a log line; if even that fails, log it and drop the bounce.
+        """
+        postmaster = self.router.postmaster
+        if postmaster is None or self.router.is_local(postmaster):
+            # postmaster@ a local domain always resolves: to --postmaster,
+            # or to the postmaster's own Maildir when that is nobody.
+            domain = postmaster.domain if postmaster is not None else rcpt.domain
+            postmaster = Address("postmaster", domain)
+        try:
+            resolution = await self.router.lookup(postmaster)
+        except (UnknownRecipient, AliasLoop, EmptyResolution) as e2:
+            log.error("{qid}: to=<{to}> status=bounced (cannot deliver the bounce: {e}; "
+                      "nor to <{postmaster}>: {e2}); dropped",
+                      qid=envelope.queue_id, to=safe(rcpt), e=safe(error),
+                      postmaster=safe(postmaster), e2=safe(e2))
+            tally.delivery("bounced", "local")
+            return
+        log.warn("{qid}: to=<{to}> cannot receive the bounce ({e}); sent to the postmaster "
+                 "<{postmaster}> instead", qid=envelope.queue_id, to=safe(rcpt), e=safe(error),
+                 postmaster=safe(postmaster))
+        if postmaster not in envelope.rcpts:
+            envelope.add(postmaster, resolution)
+
     def inject(self, sender: Address | None, recipients: Sequence[Address], content: bytes,
                client: str = "local", queue_id: str | None = None,
                user: Any = None) -> Deferred[str]:
@@ -198,6 +226,12 @@ class Dispatcher:
                 try:
                     resolution = await self.router.lookup(rcpt)
                 except (UnknownRecipient, AliasLoop, EmptyResolution) as e:
+                    if client == "bounce" and sender is None and user is None:
+                        # Our own report to a local sender that cannot
+                        # receive it: the postmaster gets it (Postfix's
+                        # double bounce), never a report about the report.
+                        await self._to_postmaster(envelope, rcpt, e)
+                        continue
                     log.warn("{qid}: to=<{to}> status=bounced (unknown local recipient: {e})",
                              qid=envelope.queue_id, to=safe(rcpt), e=safe(e))
                     tally.delivery("bounced", "local")
