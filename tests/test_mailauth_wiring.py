@@ -668,6 +668,28 @@ class SigningTests(TestCase):
         verify_both(self, self.sink.policy.received[-1][2], self.dnsfunc)
 
     @inlineCallbacks
+    def test_sendmail_to_local_recipient_signed(self):
+        """
+        Mail injected with the real C{mailstack sendmail} for a LOCAL
+        recipient only is signed exactly as the same mail submitted over
+        587 is (both are our own users' mail, origin C{local} and
+        C{submission}): two signatures that verify, in the Maildir copy.
+        """
+        server = yield self.server()
+        content = message("alice@example.test", subject="local").replace(b"\r\n", b"\n")
+        result = yield in_thread(sendmail, ["-i", "-f", "alice@example.test", "dave@localhost"],
+                                 content, server.data_dir)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        yield server.pickup.poke()
+        yield self.submit(server, message("alice@example.test", subject="submitted"),
+                          rcpts=("dave@localhost",))
+        delivered = read_messages(server, "dave@localhost")
+        self.assertEqual(len(delivered), 2)
+        for copy in delivered:
+            verify_both(self, copy, self.dnsfunc)
+        self.assertEqual(self.sink.policy.received, [])
+
+    @inlineCallbacks
     def test_rotation(self):
         """
         A second key set stays inactive (mail is signed with s1) until it
