@@ -4,7 +4,8 @@ The submission policy (RFC 6409): mail from our own users' clients.
 
   - AUTH PLAIN and LOGIN (RFC 4954), offered and accepted only over TLS;
   - MAIL and RCPT need AUTH; the envelope sender must belong to the user
-    (their address, its plus-addresses, or an alias that reaches them);
+    (their address, its plus-addresses, or an alias that reaches them),
+    and so must every C{From:} address in a local domain;
   - recipients anywhere: local ones through the router, remote ones to
     the outbound queue;
   - a missing C{Message-ID:} or C{Date:} is added (RFC 6409 8);
@@ -17,6 +18,7 @@ from __future__ import annotations
 import base64
 import binascii
 import secrets
+from email.utils import getaddresses
 from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
@@ -29,6 +31,7 @@ from mailstack.address import Address, AddressError, parse_address
 from mailstack.clock import wall_seconds
 from mailstack.delivery.router import AliasLoop, EmptyResolution, Resolution, UnknownRecipient
 from mailstack.logsafe import safe
+from mailstack.mailauth.lookup import to_alabel
 from mailstack.message import Envelope, MessageSpool, rfc5322_date
 from mailstack.smtp.policy import ReceivingPolicy
 from mailstack.smtp.reply import Reply, SMTPError
@@ -211,7 +214,46 @@ class SubmissionPolicy(ReceivingPolicy):
             raise SMTPError(*NEED_AUTH)
         return super().rcpt(session, envelope, rcpt)
 
+    async def header_senders_owned(self, session: Any, envelope: Envelope,
+                                   spool: MessageSpool) -> None:
+        """
+        The addresses of the C{From:} fields (RFC 5322.From, what DKIM
+        signs for and DMARC aligns with) that are in a local domain must
+        belong to the user, as the envelope sender must: otherwise one user
+        could send mail as another local user, signed with the domain's
+        DKIM key (mox and maddy refuse it too).  Addresses of other domains
+        pass: they are never signed here, and DMARC judges them at the
+        receiver.
+
+        @raise SMTPError: C{550 5.7.1} naming the address.
+        """
+        values = []
+        for field in spool.header_fields():
+            name, _, value = field.partition(b":")
+            if name.strip().lower() == b"from":
+                values.append(value.decode("utf-8", "replace").replace("\r", "")
+                              .replace("\n", ""))
+        local = {d.lower().rstrip(".") for d in self.router.domains}
+        for _name, text in getaddresses(values):
+            domain = to_alabel(text.rpartition("@")[2]).rstrip(".")
+            if not text or "@" not in text or domain not in local:
+                continue
+            try:
+                owned = await self.owns(session.user, parse_address(text))
+            except AddressError:
+                owned = False
+            if not owned:
+                log.info("{qid}: reject: DATA from {client}: From: <{address}> not owned by "
+                         "{user}", qid=envelope.queue_id, client=session.client,
+                         address=safe(text), user=session.user)
+                raise SMTPError(550, "5.7.1", f"<{text}>: From: header address rejected: "
+                                              f"not owned by user {session.user}")
+
     def deliver(self, session: Any, envelope: Envelope, spool: MessageSpool) -> Deferred[Any]:
+        return Deferred.fromCoroutine(self._deliver(session, envelope, spool))
+
+    async def _deliver(self, session: Any, envelope: Envelope, spool: MessageSpool) -> Any:
+        await self.header_senders_owned(session, envelope, spool)
         names = set(spool.header_names())
         if "message-id" not in names:
             token = secrets.token_hex(8)
@@ -219,4 +261,4 @@ class SubmissionPolicy(ReceivingPolicy):
                              .encode("ascii"))
         if "date" not in names:
             spool.add_header(f"Date: {rfc5322_date(wall_seconds(self.clock))}\n".encode("ascii"))
-        return super().deliver(session, envelope, spool)
+        return await super().deliver(session, envelope, spool)
