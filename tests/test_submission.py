@@ -167,6 +167,9 @@ class SubmissionTests(TestCase):
             (b"From: alice@localhost, bob@example.test", 550),
             (b"From: alice@localhost\r\nFrom: bob@example.test", 550),
             (b"From: \"bob\"@example.test", 550),
+            # Hidden from a view of the first 256 KiB of the header only:
+            (b"X-Pad: " + b"p" * 900 + b"\r\n" + (b"X-Pad: " + b"p" * 900 + b"\r\n") * 300
+             + b"From: bob@example.test", 550),
         ]
 
         def send(client):
@@ -176,10 +179,14 @@ class SubmissionTests(TestCase):
                 client.rcpt("bob@example.test")
                 replies.append(client.data(field + f"\r\nSubject: {number}\r\n\r\nx\r\n"
                                            .encode()))
+            # A message that is all header, From: its last line.
+            client.mail("alice@localhost")
+            client.rcpt("bob@example.test")
+            replies.append(client.data(b"Subject: 99\r\nFrom: bob@example.test\r\n"))
             return replies
 
         replies = yield self.session(send)
-        self.assertEqual([code for code, _ in replies], [code for _, code in cases])
+        self.assertEqual([code for code, _ in replies], [code for _, code in cases] + [550])
         for code, text in replies:
             if code == 550:
                 self.assertTrue(text.startswith(b"5.7.1 <"), text)

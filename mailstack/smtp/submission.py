@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import secrets
 from email.utils import getaddresses
 from typing import Any
@@ -25,12 +26,14 @@ from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from mailstack.address import Address, AddressError, parse_address
 from mailstack.clock import wall_seconds
 from mailstack.delivery.router import AliasLoop, EmptyResolution, Resolution, UnknownRecipient
 from mailstack.logsafe import safe
+from mailstack.mailauth.header import header_end
 from mailstack.mailauth.lookup import to_alabel
 from mailstack.message import Envelope, MessageSpool, rfc5322_date
 from mailstack.smtp.policy import ReceivingPolicy
@@ -42,6 +45,29 @@ log = Logger()
 MECHANISMS = ("PLAIN", "LOGIN")
 NEED_TLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 NEED_AUTH = Reply(530, "5.7.0", "Authentication required")
+
+
+def _from_values(spool: MessageSpool) -> list[bytes]:
+    """
+    The values of every C{From:} field in the header section of the
+    message in C{spool} (the whole section, where the DKIM signer looks,
+    L{mailstack.mailauth.header.header_end}), unfolded; lenient where the
+    signer is strict, so it finds at least what the signer finds.  In a
+    worker thread: it reads the spool.
+    """
+    message = spool.read()
+    values: list[bytes] = []
+    current = False
+    for line in re.split(rb"\r?\n", message[:header_end(message)]):
+        if line[:1] in (b" ", b"\t"):
+            if current:
+                values[-1] += line
+            continue
+        name, colon, value = line.partition(b":")
+        current = bool(colon) and name.strip().lower() == b"from"
+        if current:
+            values.append(value)
+    return values
 
 
 class _Cancelled(Exception):
@@ -227,14 +253,22 @@ class SubmissionPolicy(ReceivingPolicy):
 
         @raise SMTPError: C{550 5.7.1} naming the address.
         """
-        values = []
-        for field in spool.header_fields():
-            name, _, value = field.partition(b":")
-            if name.strip().lower() == b"from":
-                values.append(value.decode("utf-8", "replace").replace("\r", "")
-                              .replace("\n", ""))
+        # Both views of the header: the spool's (its first 256 KiB) and
+        # the whole header section, where the DKIM signer looks, so that no
+        # From: hides from one of them (after a huge header, or as the last
+        # line of a message without a body).
+        raw = [value for name, _, value in
+               (field.partition(b":") for field in spool.header_fields())
+               if name.strip().lower() == b"from"]
+        raw += await deferToThread(_from_values, spool)
+        values = [value.decode("utf-8", "replace").replace("\r", "").replace("\n", "")
+                  for value in raw]
         local = {d.lower().rstrip(".") for d in self.router.domains}
+        checked = set()
         for _name, text in getaddresses(values):
+            if text in checked:
+                continue
+            checked.add(text)
             domain = to_alabel(text.rpartition("@")[2]).rstrip(".")
             if not text or "@" not in text or domain not in local:
                 continue
