@@ -384,6 +384,21 @@ class ReceivingChecksTests(TestCase):
         self.assertEqual(fields[1], b"Authentication-Results: other.test; spf=pass")
 
     @inlineCallbacks
+    def test_forged_results_removed_without_body(self):
+        """
+        A forged field as the last line of a message that has no body (no
+        empty line after the header) is removed too.
+        """
+        content = (message("bob@pass.test").split(b"\r\n\r\n")[0]
+                   + b"\r\nAuthentication-Results: mx.test; dmarc=pass (forged)\r\n")
+        code, _ = yield self.send("bob@pass.test", content)
+        self.assertEqual(code, 250)
+        [stored] = self.delivered()
+        self.assertNotIn(b"forged", stored)
+        [ours] = header_fields(stored, "Authentication-Results")
+        self.assertTrue(ours.startswith(b"Authentication-Results: mx.test;"))
+
+    @inlineCallbacks
     def test_loopback_not_checked(self):
         """
         Mail from a loopback client (this host's own programs) is not
