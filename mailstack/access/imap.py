@@ -49,7 +49,7 @@ from mailstack.access.mailbox import (
     wildcard_match,
 )
 from mailstack.access.mime import lf, literal, string
-from mailstack.access.search import SearchError, imap_date, parse_set
+from mailstack.access.search import SearchError, check_depth, imap_date, parse_set
 from mailstack.access.watch import FolderWatch
 from mailstack.logsafe import safe
 from mailstack.nofollow import SymlinkRefused
@@ -1144,6 +1144,7 @@ class IMAPServer(imap4.IMAP4Server):
             if charset and charset.upper() not in (b"UTF-8", b"US-ASCII"):
                 self.sendNegativeResponse(tag, b"[BADCHARSET (UTF-8 US-ASCII)] Unsupported")
                 return
+            check_depth(query)
             found = await mbox.search_ids(query, bool(uid))
             self.sendUntaggedResponse(b"SEARCH" + b"".join(b" %d" % n for n in found))
             self.sendPositiveResponse(tag, b"SEARCH completed")
