@@ -475,6 +475,25 @@ class ReadingTests(IMAPTestMixin, TestCase):
         self.assertNotIn(b"Projects", b"\n".join(top))
 
 
+    @inlineCallbacks
+    def test_rename_under_itself_refused(self):
+        """
+        RENAME of a folder into its own subtree is NO and changes nothing
+        (it moved the children under themselves: A.B.C became A.B.X.C).
+        """
+        def work(client):
+            ok(client.create("A"))
+            ok(client.create("A.B"))
+            ok(client.create("A.B.C"))
+            refused = client.rename("A.B", "A.B.X")
+            return refused, ok(client.list('""', "A*"))
+
+        refused, names = yield self.imap(work)
+        self.assertEqual(refused[0], "NO")
+        self.assertIn(b"under itself", refused[1][0])
+        self.assertEqual(sorted(n.rsplit(b" ", 1)[1] for n in names),
+                         [b'"A"', b'"A.B"', b'"A.B.C"'])
+
 def PLAIN_RECEIVED(files, subject):
     """
     The stored file (as served) whose Subject is C{subject}.
