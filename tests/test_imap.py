@@ -649,6 +649,41 @@ class HostileInputTests(IMAPTestMixin, TestCase):
             self.assertEqual(answers[tag], b"OK", tag)
 
 
+    @inlineCallbacks
+    def test_append_nul_and_impossible_dates(self):
+        """
+        APPEND of a literal with a NUL octet is NO and stores nothing (RFC
+        3501 literals are CHAR8; FETCH could not serve it); an APPEND
+        date-time that does not exist (31-Feb, zone +9999, hour 24) is BAD
+        instead of being moved to another day; a real one is kept.
+        """
+        def appends():
+            session = RawSession(self.server, self.context)
+            replies = []
+            for n, (date, data) in enumerate([
+                    (b"", b"Subject: nul\r\n\r\nhe\x00lo\r\n"),
+                    (b' "31-Feb-2020 00:00:00 +0000"', b"Subject: d\r\n\r\nx\r\n"),
+                    (b' "01-Jan-2020 00:00:00 +9999"', b"Subject: d\r\n\r\nx\r\n"),
+                    (b' "01-Jan-2020 24:00:00 +0000"', b"Subject: d\r\n\r\nx\r\n"),
+                    (b' " 7-Jul-1996 02:44:25 -0700"', b"Subject: ok\r\n\r\nx\r\n")]):
+                tag = b"a%d" % n
+                session.send(tag + b" APPEND INBOX ()" + date + b" {%d}\r\n" % len(data))
+                first = session.reader.readline()
+                if first.startswith(b"+"):
+                    session.send(data + b"\r\n")
+                    first = session.until(tag + b" ")[-1]
+                replies.append(first.split(b" ")[1])
+            session.send(b"f FETCH 1:* (INTERNALDATE BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n")
+            fetched = b"".join(session.until(b"f "))
+            session.close()
+            return replies, fetched
+
+        replies, fetched = yield in_thread(appends)
+        self.assertEqual(replies, [b"NO", b"BAD", b"BAD", b"BAD", b"OK"])
+        self.assertNotIn(b"nul", fetched)
+        self.assertNotIn(b"Subject: d", fetched)
+        self.assertIn(b'INTERNALDATE " 7-Jul-1996 09:44:25 +0000"', fetched)
+
 class LiteralTests(IMAPTestMixin, TestCase):
     """
     Literals behind a pipelined command, and in SEARCH (found by running
