@@ -110,6 +110,22 @@ class SendTests(TestCase):
         self.assertIn(b"Subject: =?utf-8?q?=C3=A9?=", result.stdout)
         self.assertIn(b"body from stdin", result.stdout)
 
+    def test_line_breaks_in_fields_are_bad_input(self):
+        """
+        A CR or LF in --subject, --from, --to or a --header value (a field
+        injection such as a hidden Bcc) is exit 65 with one line naming
+        the field, never a traceback.
+        """
+        for args in (("--subject", "hi\r\nBcc: evil@x.test"),
+                     ("--header", "X-A: 1\rBcc: evil@x.test"),
+                     ("--to", "b@y.test\nBcc: evil@x.test")):
+            result = mailstack("send", "--from", "a@x.test", "--to", "b@y.test", *args,
+                               "--body", "x", "--dry-run")
+            self.assertEqual(result.returncode, 65, (args, result.stderr))
+            self.assertNotIn(b"Traceback", result.stderr)
+            self.assertTrue(result.stderr.startswith(b"mailstack: bad "), result.stderr)
+            self.assertEqual(result.stdout, b"")
+
 
 class SendmailTests(TestCase):
     @inlineCallbacks
