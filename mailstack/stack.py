@@ -228,6 +228,7 @@ class StackBase(MultiService):
         """
         dispatcher.transforms = self.transforms
         dispatcher.agents = self.agents
+        dispatcher.hostname = self.config.hostname  # for reports on injected mail
         if self.filters:
             dispatcher.inject_check = checked_injection(
                 FilteredPolicy(None, self.filters, self.reactor))

@@ -163,6 +163,35 @@ class SendmailTests(TestCase):
         self.assertEqual(len(second), 1)
         self.assertTrue(second[0].endswith(b"\n\nx\n"))
 
+    @inlineCallbacks
+    def test_unknown_local_recipient_bounces_to_sender(self):
+        """
+        C{sendmail} to a local user that does not exist (a typo in a cron
+        MAILTO) delivers to the others and sends the sender an RFC 3464
+        report naming the unknown one with 5.1.1 (it was only logged, and
+        the mail went nowhere without a word); the report is from <>.
+        """
+        data_dir = short_tempdir(self)
+        server = yield start_server(self, data_dir=data_dir, smtp=LISTEN)
+        add_user(server, "alice@localhost")
+        add_user(server, "bob@localhost")
+        message = b"Subject: nightly\n\nall good\n"
+        result = yield in_thread(mailstack, "--data-dir", data_dir, "sendmail", "-f",
+                                 "alice@localhost", "bob@localhost", "bbo@localhost",
+                                 stdin=message)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        yield server.pickup.poke()
+        [delivered] = read_messages(server, "bob@localhost")
+        self.assertIn(b"Subject: nightly", delivered)
+        [bounce] = read_messages(server, "alice@localhost")
+        self.assertIn(b"Return-Path: <>\n", bounce)
+        report = email.message_from_bytes(bounce, policy=email.policy.default)
+        self.assertEqual(report.get_content_type(), "multipart/report")
+        status = list(report.iter_parts())[1].get_payload()[1]
+        self.assertEqual((status["Final-Recipient"], status["Action"], status["Status"]),
+                         ("rfc822; bbo@localhost", "failed", "5.1.1"))
+        self.assertIn("Subject: nightly", list(report.iter_parts())[2].get_content())
+
 
 class SendmailArgumentTests(SynchronousTestCase):
     def test_flags(self):
