@@ -260,7 +260,7 @@ def _parse_date(value: bytes | None) -> float | None:
     """
     An APPEND date-time (RFC 3501: C{"17-Jul-1996 02:44:25 -0700"}) as a
     timestamp; a date that does not exist (31-Feb) or a zone past 23:59 is
-    L{IllegalClientResponse} (BAD), not a date moved elsewhere.
+    C{IllegalClientResponse} (BAD), not a date moved elsewhere.
     """
     if value is None:
         return None
