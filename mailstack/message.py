@@ -68,6 +68,7 @@ class MessageSpool:
         self.lines = 0  # LF count: the CRLF size (IMAP, POP3) is size + lines
         self._head = bytearray()
         self._head_done = False
+        self._head_cut = False  # the header went on past head_limit
         self._lock = threading.Lock()
         self._closed = False
         self._writes: Deferred[None] | None = None  # the last queued spill write
@@ -196,6 +197,7 @@ class MessageSpool:
         elif len(self._head) > self.head_limit:
             del self._head[self.head_limit :]
             self._head_done = True
+            self._head_cut = True
 
     def _spill(self, data: bytes) -> None:
         if self._directory is not None:
@@ -236,7 +238,12 @@ class MessageSpool:
                 spans.append((pos, pos + len(line)))
                 starts.append(_HEADER_NAME.match(line) is not None)
             pos += len(line)
-        if not self._head.endswith(b"\n") or not self._head_done:
+        # The fields are read once the message is complete (filters at DATA,
+        # deliveries): a header without a body ends with the message, so
+        # its last field is whole; only a header cut at head_limit may end
+        # in a partial field (a forged field as the last line of a message
+        # without a body must still be seen, and removed).
+        if not self._head.endswith(b"\n") or self._head_cut:
             spans, starts = spans[:-1], starts[:-1]  # maybe cut short
         return [span for span, ok in zip(spans, starts) if ok and span not in self._cuts]
 

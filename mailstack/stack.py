@@ -68,6 +68,13 @@ class ThreadPoolService(Service):
             self.pool.stop()
 
 
+class CannotListen(StartupError):
+    """
+    A listener could not bind its port at start (the reason, Twisted's
+    C{CannotListenError}, is logged before).
+    """
+
+
 class Listener(StreamServerEndpointService):
     """
     A server endpoint that says in the log where it listens, once it does.
@@ -82,15 +89,29 @@ class Listener(StreamServerEndpointService):
         #: Called with this listener when its port cannot be bound (Twisted
         #: has logged why); L{StackBase} stops the server then.
         self.on_failure: Callable[[Listener], None] | None = None
+        #: True once binding the port has failed.
+        self.failed = False
 
     def privilegedStartService(self) -> None:
+        """
+        Bind the port.  Twisted's stream endpoints bind at once, so a port
+        that cannot be bound is known here, while twistd starts the
+        application: raise L{CannotListen} then, and twistd exits with
+        status 1 (it has no other way to end with a failure status once
+        its reactor runs).
+
+        @raise CannotListen: the port could not be bound.
+        """
         super().privilegedStartService()
         self._waitingForPort.addCallback(self._listening)
+        if self.failed:
+            raise CannotListen(f"{self.label}: cannot listen (the error is logged above)")
 
     def _listening(self, port: IListeningPort | None) -> IListeningPort | None:
         if port is None:
             # Twisted's own errback logged the failure (CannotListenError)
             # and handed on None: this listener will never listen.
+            self.failed = True
             if self.on_failure is not None:
                 self.on_failure(self)
             return None
@@ -207,6 +228,7 @@ class StackBase(MultiService):
         """
         dispatcher.transforms = self.transforms
         dispatcher.agents = self.agents
+        dispatcher.hostname = self.config.hostname  # for reports on injected mail
         if self.filters:
             dispatcher.inject_check = checked_injection(
                 FilteredPolicy(None, self.filters, self.reactor))

@@ -388,7 +388,8 @@ MALFORMED_IMAP = [
     b"t STORE 1 +FLAGS (\\Seen", b"t STORE x +FLAGS (\\Seen)", b"t SEARCH",
     b"t SEARCH BOGUS", b"t SEARCH (ALL", b"t SEARCH ALL)", b"t SEARCH SINCE notadate",
     b"t SEARCH LARGER x", b"t SEARCH UID abc", b"t SEARCH HEADER", b"t SEARCH CHARSET",
-    b"t SEARCH {-1}", b"t COPY", b"t COPY 1", b"t COPY x INBOX", b"t COPY 1 &Jj-",
+    b"t SEARCH {-1}",
+    b"t COPY", b"t COPY 1", b"t COPY x INBOX", b"t COPY 1 &Jj-",
     b"t MOVE 1", b"t UID", b"t UID FETCH", b"t UID BOGUS 1", b"t UID FETCH x FLAGS",
     b"t UID EXPUNGE", b"t UID EXPUNGE x", b"t EXPUNGE extra", b"t CLOSE extra",
     b"t UNSELECT extra", b"t IDLE extra", b"t STARTTLS extra", b"t CAPABILITY extra",
@@ -458,6 +459,40 @@ class MalformedTests(TestCase):
             tls.close()
             return results
         return in_thread(run)
+
+    @inlineCallbacks
+    def test_imap_deep_search(self):
+        """
+        SEARCH keys nested thousands deep (NOT NOT ..., OR ALL OR ALL ...,
+        parentheses and NOT mixed) in a selected folder get BAD (they got
+        NO [SERVERBUG], a recursion error in the server); real nesting
+        still answers, and the session goes on.
+        """
+        deep = [b"NOT " * 5000 + b"ALL", b"OR ALL " * 3000 + b"ALL",
+                b"OR (NOT " * 300 + b"ALL" + b") ALL" * 300]
+
+        def run():
+            raw = socket.create_connection(("127.0.0.1", self.server.ports["imaps"]), 30)
+            tls = self.context.wrap_socket(raw, server_hostname="localhost")
+            reader = tls.makefile("rb")
+            reader.readline()
+            replies = []
+            for n, line in enumerate([b"LOGIN alice@localhost alice-pw", b"SELECT INBOX"]
+                                     + [b"SEARCH " + q for q in deep]
+                                     + [b"SEARCH OR OR SUBJECT x FROM bob NOT (SEEN) ALL"]):
+                tls.sendall(b"t%d " % n + line + b"\r\n")
+                lines = []
+                while not lines or not lines[-1].startswith(b"t%d " % n):
+                    lines.append(reader.readline())
+                replies.append(lines)
+            tls.close()
+            return replies
+
+        replies = yield in_thread(run)
+        for lines in replies[2:5]:
+            self.check_reply("select", b"SEARCH", lines)
+            self.assertEqual(lines[-1].split(b" ")[1], b"BAD", lines)
+        self.assertEqual(replies[5], [b"* SEARCH 1\r\n", b"t5 OK SEARCH completed\r\n"])
 
     @inlineCallbacks
     def test_imap_every_state(self):

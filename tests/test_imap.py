@@ -475,6 +475,25 @@ class ReadingTests(IMAPTestMixin, TestCase):
         self.assertNotIn(b"Projects", b"\n".join(top))
 
 
+    @inlineCallbacks
+    def test_rename_under_itself_refused(self):
+        """
+        RENAME of a folder into its own subtree is NO and changes nothing
+        (it moved the children under themselves: A.B.C became A.B.X.C).
+        """
+        def work(client):
+            ok(client.create("A"))
+            ok(client.create("A.B"))
+            ok(client.create("A.B.C"))
+            refused = client.rename("A.B", "A.B.X")
+            return refused, ok(client.list('""', "A*"))
+
+        refused, names = yield self.imap(work)
+        self.assertEqual(refused[0], "NO")
+        self.assertIn(b"under itself", refused[1][0])
+        self.assertEqual(sorted(n.rsplit(b" ", 1)[1] for n in names),
+                         [b'"A"', b'"A.B"', b'"A.B.C"'])
+
 def PLAIN_RECEIVED(files, subject):
     """
     The stored file (as served) whose Subject is C{subject}.
@@ -629,6 +648,41 @@ class HostileInputTests(IMAPTestMixin, TestCase):
         for tag in (b"x2", b"x13", b"x14", b"x15", b"x18"):
             self.assertEqual(answers[tag], b"OK", tag)
 
+
+    @inlineCallbacks
+    def test_append_nul_and_impossible_dates(self):
+        """
+        APPEND of a literal with a NUL octet is NO and stores nothing (RFC
+        3501 literals are CHAR8; FETCH could not serve it); an APPEND
+        date-time that does not exist (31-Feb, zone +9999, hour 24) is BAD
+        instead of being moved to another day; a real one is kept.
+        """
+        def appends():
+            session = RawSession(self.server, self.context)
+            replies = []
+            for n, (date, data) in enumerate([
+                    (b"", b"Subject: nul\r\n\r\nhe\x00lo\r\n"),
+                    (b' "31-Feb-2020 00:00:00 +0000"', b"Subject: d\r\n\r\nx\r\n"),
+                    (b' "01-Jan-2020 00:00:00 +9999"', b"Subject: d\r\n\r\nx\r\n"),
+                    (b' "01-Jan-2020 24:00:00 +0000"', b"Subject: d\r\n\r\nx\r\n"),
+                    (b' " 7-Jul-1996 02:44:25 -0700"', b"Subject: ok\r\n\r\nx\r\n")]):
+                tag = b"a%d" % n
+                session.send(tag + b" APPEND INBOX ()" + date + b" {%d}\r\n" % len(data))
+                first = session.reader.readline()
+                if first.startswith(b"+"):
+                    session.send(data + b"\r\n")
+                    first = session.until(tag + b" ")[-1]
+                replies.append(first.split(b" ")[1])
+            session.send(b"f FETCH 1:* (INTERNALDATE BODY.PEEK[HEADER.FIELDS (SUBJECT)])\r\n")
+            fetched = b"".join(session.until(b"f "))
+            session.close()
+            return replies, fetched
+
+        replies, fetched = yield in_thread(appends)
+        self.assertEqual(replies, [b"NO", b"BAD", b"BAD", b"BAD", b"OK"])
+        self.assertNotIn(b"nul", fetched)
+        self.assertNotIn(b"Subject: d", fetched)
+        self.assertIn(b'INTERNALDATE " 7-Jul-1996 09:44:25 +0000"', fetched)
 
 class LiteralTests(IMAPTestMixin, TestCase):
     """

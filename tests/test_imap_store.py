@@ -11,7 +11,7 @@ from mailstack.access.folder import UIDLIST, Folder, ensure_folder
 from mailstack.access.mailbox import MailboxException, folder_dirname, wildcard_match
 from mailstack.access.mime import Part, crlf, string
 from mailstack.access.search import (
-    Candidate, SearchError, in_set, matches, needs, parse_set,
+    Candidate, SearchError, check_depth, in_set, matches, needs, parse_set,
 )
 
 
@@ -227,6 +227,29 @@ class SearchTests(TestCase):
         self.assertEqual(needs([b"UNSEEN", b"UID", b"1:*"]), 0)
         self.assertEqual(needs([b"OR", b"FROM", b"x", b"SEEN"]), 1)
         self.assertEqual(needs([[b"TEXT", b"x"]]), 2)
+
+
+class SearchDepthTests(TestCase):
+    def test_depth(self):
+        """
+        What real clients send passes (Thunderbird's quick filter ORs four
+        keys; keys with arguments named NOT or OR are arguments, not
+        operators); thousands of NOT or OR levels are a L{SearchError}
+        (BAD), measured without recursing, while as many ORs one after the
+        other (each closed) are not deep at all.
+        """
+        check_depth([b"OR", b"OR", b"OR", b"FROM", b"x", b"TO", b"x", b"CC", b"x",
+                     b"SUBJECT", b"x", b"UNDELETED"])
+        check_depth([b"SUBJECT", b"NOT", b"BODY", b"OR", b"NOT", [b"NOT", b"SEEN"]])
+        check_depth([b"OR", b"ALL", b"ALL"] * 5000)
+        check_depth([b"NOT"] * 100 + [b"ALL"])
+        self.assertRaises(SearchError, check_depth, [b"NOT"] * 101 + [b"ALL"])
+        self.assertRaises(SearchError, check_depth, [b"OR", b"ALL"] * 3000 + [b"ALL"])
+        nested: list = [b"ALL"]
+        for _ in range(150):
+            nested = [nested]
+        self.assertRaises(SearchError, check_depth, nested)
+        self.assertRaises(SearchError, check_depth, [b"OR", [b"NOT"] * 200 + [b"ALL"], b"ALL"])
 
 
 class InterfaceTests(TestCase):

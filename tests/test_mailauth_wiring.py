@@ -384,6 +384,21 @@ class ReceivingChecksTests(TestCase):
         self.assertEqual(fields[1], b"Authentication-Results: other.test; spf=pass")
 
     @inlineCallbacks
+    def test_forged_results_removed_without_body(self):
+        """
+        A forged field as the last line of a message that has no body (no
+        empty line after the header) is removed too.
+        """
+        content = (message("bob@pass.test").split(b"\r\n\r\n")[0]
+                   + b"\r\nAuthentication-Results: mx.test; dmarc=pass (forged)\r\n")
+        code, _ = yield self.send("bob@pass.test", content)
+        self.assertEqual(code, 250)
+        [stored] = self.delivered()
+        self.assertNotIn(b"forged", stored)
+        [ours] = header_fields(stored, "Authentication-Results")
+        self.assertTrue(ours.startswith(b"Authentication-Results: mx.test;"))
+
+    @inlineCallbacks
     def test_loopback_not_checked(self):
         """
         Mail from a loopback client (this host's own programs) is not
@@ -666,6 +681,28 @@ class SigningTests(TestCase):
         yield self.run_queue(server)
         yield arrived
         verify_both(self, self.sink.policy.received[-1][2], self.dnsfunc)
+
+    @inlineCallbacks
+    def test_sendmail_to_local_recipient_signed(self):
+        """
+        Mail injected with the real C{mailstack sendmail} for a LOCAL
+        recipient only is signed exactly as the same mail submitted over
+        587 is (both are our own users' mail, origin C{local} and
+        C{submission}): two signatures that verify, in the Maildir copy.
+        """
+        server = yield self.server()
+        content = message("alice@example.test", subject="local").replace(b"\r\n", b"\n")
+        result = yield in_thread(sendmail, ["-i", "-f", "alice@example.test", "dave@localhost"],
+                                 content, server.data_dir)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        yield server.pickup.poke()
+        yield self.submit(server, message("alice@example.test", subject="submitted"),
+                          rcpts=("dave@localhost",))
+        delivered = read_messages(server, "dave@localhost")
+        self.assertEqual(len(delivered), 2)
+        for copy in delivered:
+            verify_both(self, copy, self.dnsfunc)
+        self.assertEqual(self.sink.policy.received, [])
 
     @inlineCallbacks
     def test_rotation(self):

@@ -110,6 +110,22 @@ class SendTests(TestCase):
         self.assertIn(b"Subject: =?utf-8?q?=C3=A9?=", result.stdout)
         self.assertIn(b"body from stdin", result.stdout)
 
+    def test_line_breaks_in_fields_are_bad_input(self):
+        """
+        A CR or LF in --subject, --from, --to or a --header value (a field
+        injection such as a hidden Bcc) is exit 65 with one line naming
+        the field, never a traceback.
+        """
+        for args in (("--subject", "hi\r\nBcc: evil@x.test"),
+                     ("--header", "X-A: 1\rBcc: evil@x.test"),
+                     ("--to", "b@y.test\nBcc: evil@x.test")):
+            result = mailstack("send", "--from", "a@x.test", "--to", "b@y.test", *args,
+                               "--body", "x", "--dry-run")
+            self.assertEqual(result.returncode, 65, (args, result.stderr))
+            self.assertNotIn(b"Traceback", result.stderr)
+            self.assertTrue(result.stderr.startswith(b"mailstack: bad "), result.stderr)
+            self.assertEqual(result.stdout, b"")
+
 
 class SendmailTests(TestCase):
     @inlineCallbacks
@@ -146,6 +162,35 @@ class SendmailTests(TestCase):
         second = [m for m in read_messages(server, "alice@localhost") if b"two" in m]
         self.assertEqual(len(second), 1)
         self.assertTrue(second[0].endswith(b"\n\nx\n"))
+
+    @inlineCallbacks
+    def test_unknown_local_recipient_bounces_to_sender(self):
+        """
+        C{sendmail} to a local user that does not exist (a typo in a cron
+        MAILTO) delivers to the others and sends the sender an RFC 3464
+        report naming the unknown one with 5.1.1 (it was only logged, and
+        the mail went nowhere without a word); the report is from <>.
+        """
+        data_dir = short_tempdir(self)
+        server = yield start_server(self, data_dir=data_dir, smtp=LISTEN)
+        add_user(server, "alice@localhost")
+        add_user(server, "bob@localhost")
+        message = b"Subject: nightly\n\nall good\n"
+        result = yield in_thread(mailstack, "--data-dir", data_dir, "sendmail", "-f",
+                                 "alice@localhost", "bob@localhost", "bbo@localhost",
+                                 stdin=message)
+        self.assertEqual(result.returncode, 0, result.stderr)
+        yield server.pickup.poke()
+        [delivered] = read_messages(server, "bob@localhost")
+        self.assertIn(b"Subject: nightly", delivered)
+        [bounce] = read_messages(server, "alice@localhost")
+        self.assertIn(b"Return-Path: <>\n", bounce)
+        report = email.message_from_bytes(bounce, policy=email.policy.default)
+        self.assertEqual(report.get_content_type(), "multipart/report")
+        status = list(report.iter_parts())[1].get_payload()[1]
+        self.assertEqual((status["Final-Recipient"], status["Action"], status["Status"]),
+                         ("rfc822; bbo@localhost", "failed", "5.1.1"))
+        self.assertIn("Subject: nightly", list(report.iter_parts())[2].get_content())
 
 
 class SendmailArgumentTests(SynchronousTestCase):

@@ -436,6 +436,31 @@ class SpoolRemovalTests(SynchronousTestCase):
             self.assertRaises(IndexError, spool.remove_header_fields, [2])
             self.assertEqual(spool.read(), content)
 
+    def test_header_without_body(self):
+        """
+        A message that is all header (no empty line, no body) ends with
+        its last field, which is a field like any other: a forged
+        C{Authentication-Results} there must be found to be removed.
+        """
+        from mailstack.message import MessageSpool
+        spool = MessageSpool()
+        spool.write(b"Subject: hi\nAuthentication-Results: mx.test; dmarc=pass\n")
+        self.assertEqual(spool.header_names(), ["subject", "authentication-results"])
+        spool.remove_header_fields([1])
+        self.assertEqual(spool.read(), b"Subject: hi\n")
+
+    def test_header_cut_at_limit(self):
+        """
+        Past the head limit the last (maybe partial) field is left out.
+        """
+        from mailstack.message import MessageSpool
+        spool = MessageSpool()
+        first = b"Subject: hi\nX-Long: " + b"a" * 40 + b"\n"
+        spool.head_limit = len(first)  # cut at a line end: a continuation follows
+        spool.write(first + b" more\n")
+        spool.write(b"\nbody\n")
+        self.assertEqual([f[:8] for f in spool.header_fields()], [b"Subject:"])
+
     def test_no_header(self):
         from mailstack.message import MessageSpool
         spool = MessageSpool()

@@ -86,6 +86,43 @@ class POP3Tests(TestCase):
         self.assertEqual(uids, [os.path.basename(p) for p in files])
 
     @inlineCallbacks
+    def test_deleted_message_gone_from_listings(self):
+        """
+        RFC 1939: after DELE 1, STAT counts only message 2, LIST and UIDL
+        list only 2 (UIDL broke off with an error in the middle of its
+        listing, LIST showed "1 0"), LIST 1, UIDL 1, RETR 1 and a second
+        DELE 1 are errors; RSET brings it back.
+        """
+        def run(client):
+            before = client.stat(), client.list()[1], client.uidl()[1]
+            client.dele(1)
+            after = client.stat(), client.list()[1], client.uidl()[1]
+            errors = []
+            for command in ("LIST 1", "UIDL 1", "RETR 1", "TOP 1 0", "DELE 1"):
+                try:
+                    client._shortcmd(command)
+                    errors.append((command, None))
+                except poplib.error_proto as e:
+                    errors.append((command, e.args[0]))
+            client.rset()
+            return before, after, errors, client.stat(), client.noop()
+
+        before, after, errors, reset, noop = yield self.pop(run)
+        (count, total), listing, uidl = before
+        self.assertEqual(count, 2)
+        (count_after, total_after), listing_after, uidl_after = after
+        self.assertEqual(count_after, 1)
+        self.assertEqual(total_after, int(listing[1].split()[1]))
+        self.assertEqual(listing_after, [listing[1]])
+        self.assertEqual(uidl_after, [uidl[1]])
+        for command, error in errors:
+            self.assertIsNotNone(error, command)
+            self.assertTrue(error.startswith(b"-ERR"), (command, error))
+        self.assertEqual(dict(errors)["DELE 1"], b"-ERR message 1 already deleted")
+        self.assertEqual(reset, (count, total))
+        self.assertTrue(noop.startswith(b"+OK"))
+
+    @inlineCallbacks
     def test_dele_applies_at_quit(self):
         """
         DELE removes the file only at QUIT; a session that drops deletes nothing.

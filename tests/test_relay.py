@@ -14,6 +14,7 @@ from twisted.internet.defer import Deferred, DeferredList, inlineCallbacks
 from twisted.internet.endpoints import TCP4ClientEndpoint, serverFromString
 from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.task import Clock, deferLater
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import TestCase
 
 from mailstack.address import parse_address
@@ -317,6 +318,50 @@ class RelayTests(TestCase):
         self.assertEqual(self.sink.policy.received, [])
         self.assertEqual(read_messages(server, "alice@localhost"), [])
         self.assertEqual(os.listdir(server.queue.store.msg_dir), [])
+
+    @inlineCallbacks
+    def test_bounce_to_missing_local_sender_goes_to_postmaster(self):
+        """
+        A failed message from a local sender that does not exist (a script's
+        C{sendmail -f ghost@localhost}) bounces to the postmaster instead of
+        nowhere (Postfix's double bounce), with a log line naming both; the
+        report is from the null sender, so its own failure would never
+        bounce again.
+        """
+        server = yield self.server()
+        events = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
+        self.sink.policy.rcpt_replies = {"x@remote.test": (550, "5.1.1", "No such user")}
+        yield self.inject(server, ["x@remote.test"], sender="ghost@localhost")
+        yield self.run_queue(server)
+        [bounce] = read_messages(server, "postmaster@localhost")
+        self.assertIn(b"Return-Path: <>\n", bounce)
+        self.assertIn(b"Delivered-To: postmaster@localhost\n", bounce)
+        status = list(parse(bounce).iter_parts())[1].get_payload()[1]
+        self.assertEqual(status["Final-Recipient"], "rfc822; x@remote.test")
+        self.assertEqual(server.queue.records, {})
+        lines = [formatEvent(e) for e in events]
+        self.assertTrue(any("to=<ghost@localhost> cannot receive the bounce" in line
+                            and "postmaster <postmaster@localhost>" in line for line in lines),
+                        lines)
+
+    @inlineCallbacks
+    def test_bounce_to_missing_local_sender_follows_postmaster_option(self):
+        """
+        With C{--postmaster} naming a user, that user gets such a bounce; a
+        sender whose alias resolves to nobody (a broken table) counts as
+        unable to receive too.
+        """
+        server = yield self.server(postmaster="alice@localhost")
+        with open(os.path.join(server.data_dir, "aliases"), "a") as f:
+            f.write("broken@localhost: not an address\n")
+        self.sink.policy.rcpt_replies = {"x@remote.test": (550, "5.1.1", "No such user")}
+        yield self.inject(server, ["x@remote.test"], sender="broken@localhost")
+        yield self.run_queue(server)
+        [bounce] = read_messages(server, "alice@localhost")
+        self.assertIn(b"Return-Path: <>\n", bounce)
+        self.assertEqual(read_messages(server, "postmaster@localhost"), [])
 
     @inlineCallbacks
     def test_state_survives_restart(self):

@@ -4,14 +4,18 @@ What both process modes share (L{mailstack.stack}): a listener that cannot
 bind its port stops the server instead of leaving it running without it.
 """
 
+import socket
+
 from twisted.internet import reactor
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.internet.error import CannotListenError
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import LogLevel, globalLogPublisher
-from twisted.trial.unittest import TestCase
+from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from mailstack.stack import Listener, StackBase
+from mailstack.stack import CannotListen, Listener, StackBase
+from tests.processes import Twistd
+from tests.support import short_tempdir
 
 
 class _Reactor:
@@ -41,8 +45,8 @@ class CannotListenTests(TestCase):
         listener = Listener("smtp", endpoint, Factory.forProtocol(Protocol))
         failed = []
         listener.on_failure = failed.append
-        listener.privilegedStartService()
         self.addCleanup(listener.stopService)
+        self.assertRaises(CannotListen, listener.privilegedStartService)
         self.assertEqual(failed, [listener])
         self.assertIsNone(listener.port)
         self.assertFalse(listener.listening.called)
@@ -64,3 +68,27 @@ class CannotListenTests(TestCase):
         [critical] = [e for e in events if e.get("log_level") == LogLevel.critical]
         self.assertEqual((critical["label"], critical["description"]),
                          ("smtp", "tcp:25:interface=127.0.0.1"))
+
+
+class ExitStatusTests(SynchronousTestCase):
+    def test_busy_port_exits_non_zero(self):
+        """
+        A real C{twistd -n mailstack} whose SMTP port is taken ends by
+        itself with a failure status (systemd then reports the failure and
+        restarts it), after the critical line naming the listener; before,
+        it stopped with status 0.
+        """
+        busy = socket.socket()
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        server = Twistd(["--data-dir", short_tempdir(self),
+                         "--smtp", f"tcp:{port}:interface=127.0.0.1",
+                         "--submission", "none", "--submissions", "none",
+                         "--imap", "none", "--imaps", "none", "--pop3", "none"])
+        self.addCleanup(server.stop)
+        server.wait_for(rf"critical\] smtp: cannot listen on tcp:{port}:")
+        status = server.process.wait(60)
+        self.assertEqual(status, 1, server.output())
+        self.assertNotIn("smtp listening on", server.output())

@@ -146,6 +146,57 @@ class SubmissionTests(TestCase):
         self.assertEqual((yield self.session(senders)), [553, 250, 250, 250, 553, 553])
 
     @inlineCallbacks
+    def test_header_from_authorization(self):
+        """
+        Every From: address in a local domain must be the user's, as the
+        envelope sender must (else one user could send as another, with
+        the domain's DKIM signature): 550 5.7.1 after DATA, nothing
+        delivered.  However the field is written (case, trailing dot,
+        folded, encoded name, a list, a second From field).  From: of a
+        foreign domain passes (never signed here).
+        """
+        cases = [
+            (b"From: Alice <alice@localhost>", 250),
+            (b"From: sales@localhost", 250),
+            (b"From: alice+news@LOCALHOST", 250),
+            (b"From: someone@elsewhere.test", 250),
+            (b"From: Bob <bob@example.test>", 550),
+            (b"From: bob@EXAMPLE.TEST.", 550),
+            (b"From: =?utf-8?q?Alice?= <bob@example.test>", 550),
+            (b"From: Alice\r\n <bob@example.test>", 550),
+            (b"From: alice@localhost, bob@example.test", 550),
+            (b"From: alice@localhost\r\nFrom: bob@example.test", 550),
+            (b"From: \"bob\"@example.test", 550),
+            # Hidden from a view of the first 256 KiB of the header only:
+            (b"X-Pad: " + b"p" * 900 + b"\r\n" + (b"X-Pad: " + b"p" * 900 + b"\r\n") * 300
+             + b"From: bob@example.test", 550),
+        ]
+
+        def send(client):
+            replies = []
+            for number, (field, _) in enumerate(cases):
+                client.mail("alice@localhost")
+                client.rcpt("bob@example.test")
+                replies.append(client.data(field + f"\r\nSubject: {number}\r\n\r\nx\r\n"
+                                           .encode()))
+            # A message that is all header, From: its last line.
+            client.mail("alice@localhost")
+            client.rcpt("bob@example.test")
+            replies.append(client.data(b"Subject: 99\r\nFrom: bob@example.test\r\n"))
+            return replies
+
+        replies = yield self.session(send)
+        self.assertEqual([code for code, _ in replies], [code for _, code in cases] + [550])
+        for code, text in replies:
+            if code == 550:
+                self.assertTrue(text.startswith(b"5.7.1 <"), text)
+                self.assertIn(b"not owned by user alice@localhost", text)
+        delivered = read_messages(self.server, "bob@example.test")
+        self.assertEqual(sorted(int(m.split(b"Subject: ")[1].split(b"\n")[0])
+                                for m in delivered),
+                         [n for n, (_, code) in enumerate(cases) if code == 250])
+
+    @inlineCallbacks
     def test_fixups(self):
         """
         A missing Message-ID and Date are added; present ones are kept.

@@ -21,7 +21,7 @@ replaced (see the audit in shared/notes):
 
 from __future__ import annotations
 
-import email.utils
+import datetime
 import math
 import re
 from typing import Any
@@ -50,7 +50,7 @@ from mailstack.access.mailbox import (
     wildcard_match,
 )
 from mailstack.access.mime import lf, literal, string
-from mailstack.access.search import SearchError, imap_date, parse_set
+from mailstack.access.search import SearchError, check_depth, imap_date, parse_set
 from mailstack.access.watch import FolderWatch
 from mailstack.logsafe import safe
 from mailstack.nofollow import SymlinkRefused
@@ -290,14 +290,52 @@ def _parseMbox(name: bytes | str) -> str:
     return text
 
 
+_DATE_TIME = re.compile(rb"( ?[0-9]|[0-9]{2})-([A-Za-z]{3})-([0-9]{4}) "
+                        rb"([0-9]{2}):([0-9]{2}):([0-9]{2}) ([+-])([0-9]{2})([0-9]{2})")
+_MONTHS = [b"jan", b"feb", b"mar", b"apr", b"may", b"jun", b"jul", b"aug", b"sep", b"oct",
+           b"nov", b"dec"]
+
+
 def _parse_date(value: bytes | None) -> float | None:
+    """
+    An APPEND date-time (RFC 3501: C{"17-Jul-1996 02:44:25 -0700"}) as a
+    timestamp; a date that does not exist (31-Feb) or a zone past 23:59 is
+    C{IllegalClientResponse} (BAD), not a date moved elsewhere.
+    """
     if value is None:
         return None
-    # "17-Jul-1996 02:44:25 -0700": only the date's dashes become spaces.
-    parsed = email.utils.parsedate_tz(value.decode("ascii", "replace").replace("-", " ", 2))
-    if parsed is None:
+    match = _DATE_TIME.fullmatch(value)
+    month = match.group(2).lower() if match else b""
+    if match is None or month not in _MONTHS:
         raise IllegalClientResponse("bad date-time")
-    return float(email.utils.mktime_tz(parsed))
+    day, _, year, hour, minute, second, sign, zh, zm = match.groups()
+    try:
+        zone = datetime.timedelta(hours=int(zh), minutes=int(zm))
+        if zone >= datetime.timedelta(days=1) or int(zm) > 59:
+            raise ValueError(value)
+        when = datetime.datetime(int(year), _MONTHS.index(month) + 1, int(day), int(hour),
+                                 int(minute), int(second),
+                                 tzinfo=datetime.timezone(-zone if sign == b"-" else zone))
+    except ValueError:
+        raise IllegalClientResponse("bad date-time") from None
+    return when.timestamp()
+
+
+class NulInMessage(ValueError):
+    """
+    An APPEND literal holding a NUL octet (RFC 3501: a literal is CHAR8,
+    which excludes NUL; BINARY, which would allow it, is not offered).
+    """
+
+
+def _appended(data: bytes) -> bytes:
+    """
+    An APPEND literal as stored (LF line ends); raise L{NulInMessage} for
+    a NUL, which no client could be served in a FETCH literal.
+    """
+    if b"\0" in data:
+        raise NulInMessage()
+    return lf(data)
 
 
 @implementer(IPushProducer)
@@ -1205,6 +1243,7 @@ class IMAPServer(imap4.IMAP4Server):
             if charset and charset.upper() not in (b"UTF-8", b"US-ASCII"):
                 self.sendNegativeResponse(tag, b"[BADCHARSET (UTF-8 US-ASCII)] Unsupported")
                 return
+            check_depth(query)
             found = await mbox.search_ids(query, bool(uid))
             self.sendUntaggedResponse(b"SEARCH" + b"".join(b" %d" % n for n in found))
             self.sendPositiveResponse(tag, b"SEARCH completed")
@@ -1266,7 +1305,7 @@ class IMAPServer(imap4.IMAP4Server):
             state = mbox.watch.state if mbox is not None and mbox.watch is not None else None
 
             def add() -> None:
-                added.append(folder.add(lf(message.read()), wanted, when,
+                added.append(folder.add(_appended(message.read()), wanted, when,
                                         state if selected else None))
 
             try:
@@ -1278,6 +1317,11 @@ class IMAPServer(imap4.IMAP4Server):
                     await account.run(add)
             except TooManyKeywords as e:
                 self.sendNegativeResponse(tag, b"[LIMIT] " + str(e).encode())
+                return
+            except NulInMessage:
+                log.info("imap: APPEND with a NUL octet refused for {client}",
+                         client=self.client)
+                self.sendNegativeResponse(tag, b"NUL octets are not allowed in a message")
                 return
             uid, validity = added[0], folder.validity
             log.info("imap: APPEND to {folder} by {client}", folder=safe(mailbox),

@@ -807,6 +807,9 @@ class MaildirAccount:
         old_dir, new_dir = folder_dirname(old), folder_dirname(new)
         if "" in (old_dir, new_dir):
             raise MailboxException("INBOX cannot be renamed here")
+        if new_dir.startswith(old_dir + "."):
+            # Its children would move under themselves (Dovecot refuses too).
+            raise MailboxException(f"{old} cannot be renamed under itself")
         if not os.path.isdir(os.path.join(self.root, old_dir)):
             raise MailboxException(f"No folder {old}")
         if os.path.exists(os.path.join(self.root, new_dir)):

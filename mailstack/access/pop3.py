@@ -43,6 +43,12 @@ from mailstack.wire import DotStuffer
 log = Logger()
 
 
+class AlreadyDeleted(ValueError):
+    """
+    DELE of a message already marked deleted in this session.
+    """
+
+
 @implementer(pop3.IMailbox)
 class MaildirMailbox:
     """
@@ -62,7 +68,9 @@ class MaildirMailbox:
         if index is None:
             return [0 if m.deleted else m.size for m in self.messages]
         message = self._message(index)
-        return 0 if message.deleted else message.size
+        if message.deleted:
+            raise ValueError(index)  # RFC 1939: a deleted message is no message
+        return message.size
 
     def getMessage(self, index: int) -> Any:
         message = self._message(index)
@@ -81,7 +89,16 @@ class MaildirMailbox:
         return message.uid.encode("ascii", "replace")
 
     def deleteMessage(self, index: int) -> None:
-        self._message(index).deleted = True
+        message = self._message(index)
+        if message.deleted:
+            raise AlreadyDeleted(index)
+        message.deleted = True
+
+    def live(self) -> list[tuple[int, MaildirMessage]]:
+        """
+        The messages not marked deleted, with their 1-based numbers.
+        """
+        return [(n, m) for n, m in enumerate(self.messages, 1) if not m.deleted]
 
     def undeleteMessages(self) -> None:
         for message in self.messages:
@@ -214,10 +231,42 @@ class POP3Server(pop3.POP3):
             if index < 0 or self.mbox is None:
                 raise ValueError(i)
             self.mbox.deleteMessage(index)
+        except AlreadyDeleted:
+            self.failResponse(f"message {index + 1} already deleted")
+            return
         except ValueError:
             self.failResponse("Bad message number argument")
             return
         self.successResponse()
+
+    # RFC 1939: messages marked deleted are not counted by STAT nor listed
+    # by LIST and UIDL (Twisted's POP3 counts them, lists them with size 0,
+    # and its UIDL breaks off with an error in the middle of the listing).
+
+    def do_STAT(self) -> Any:
+        if not isinstance(self.mbox, MaildirMailbox):
+            return super().do_STAT()
+        live = self.mbox.live()
+        self.successResponse(b"%d %d" % (len(live), sum(m.size for _, m in live)))
+        return None
+
+    def do_LIST(self, i: bytes | None = None) -> Any:
+        if i is not None or not isinstance(self.mbox, MaildirMailbox):
+            return super().do_LIST(i)
+        live = self.mbox.live()
+        self.successResponse(b"%d" % len(live))
+        self.transport.writeSequence([b"%d %d\r\n" % (n, m.size) for n, m in live]
+                                     + [b".\r\n"])
+        return None
+
+    def do_UIDL(self, i: bytes | None = None) -> Any:
+        if i is not None or not isinstance(self.mbox, MaildirMailbox):
+            return super().do_UIDL(i)
+        self.successResponse()
+        self.transport.writeSequence(
+            [b"%d %s\r\n" % (n, m.uid.encode("ascii", "replace")) for n, m in self.mbox.live()]
+            + [b".\r\n"])
+        return None
 
     def timeoutConnection(self) -> None:
         log.info("pop3: {client} idle for too long; closed", client=self.client)

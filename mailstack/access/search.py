@@ -106,6 +106,44 @@ FLAG_KEYS = {
 }
 
 
+#: How deep search keys may nest (NOT, OR, parentheses): the matcher
+#: recurses once per level, and real clients nest a few levels at most.
+MAX_DEPTH = 100
+
+
+def check_depth(query: list[Any], limit: int = MAX_DEPTH) -> None:
+    """
+    Raise L{SearchError} (a C{BAD}) when the keys of C{query} nest deeper
+    than C{limit}: C{NOT NOT NOT ...} or C{OR ALL OR ALL ...} thousands
+    deep would otherwise exhaust the matcher's recursion.  Iterative, so
+    any query is measured without recursing.
+    """
+    todo: list[tuple[list[Any], int]] = [(query, 0)]
+    while todo:
+        words, base = todo.pop()
+        owed: list[int] = []  # operands still owed to the open NOT/OR keys
+        i = 0
+        while i < len(words):
+            word = words[i]
+            i += 1
+            level = base + len(owed)
+            if level > limit:
+                raise SearchError(f"search keys nested deeper than {limit}")
+            if isinstance(word, list):
+                todo.append((word, level + 1))
+            elif isinstance(word, bytes):
+                key = word.upper()
+                if key in (b"NOT", b"OR"):
+                    owed.append(1 if key == b"NOT" else 2)
+                    continue
+                i += ARGS.get(key, 0)
+            while owed:  # one operand done: it completes the keys it ends
+                owed[-1] -= 1
+                if owed[-1]:
+                    break
+                owed.pop()
+
+
 def needs(query: list[Any]) -> int:
     """
     What the keys read: 0 nothing, 1 the header block, 2 the whole message.

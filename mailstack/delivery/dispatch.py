@@ -25,6 +25,8 @@ from mailstack.delivery.router import AliasLoop, EmptyResolution, Router, Unknow
 from mailstack.interfaces import IDeliveryAgent, IOutboundQueue, IPrepared, ITwoPhaseStore
 from mailstack.logsafe import safe
 from mailstack.message import Envelope, MessageSpool, new_queue_id
+from mailstack.queue.dsn import build_report
+from mailstack.queue.store import QueueRecord, RecipientState
 
 log = Logger()
 
@@ -110,6 +112,9 @@ class Dispatcher:
         self.transforms: list[Any] = []
         self.inject_check: Any = None
         self.agents: Any = None
+        # The reporting host of the bounces for locally injected mail to
+        # local recipients that do not exist; None: no such bounces.
+        self.hostname: str | None = None
 
     def dispatch(self, envelope: Envelope, spool: MessageSpool) -> Deferred[None]:
         """
@@ -170,12 +175,78 @@ class Dispatcher:
                 log.error("{qid}: could not remove a stored copy after a failure: {error}",
                           qid=envelope.queue_id, error=e)
 
+    async def _to_postmaster(self, envelope: Envelope, rcpt: Address, error: Exception) -> None:
+        """
+        Address a bounce whose recipient (the original message's local
+        sender) does not exist or cannot receive to the postmaster
+        (C{--postmaster}, else C{postmaster@} the first domain) instead,
+        with a log line; if even that fails, log it and drop the bounce.
+        """
+        postmaster = self.router.postmaster
+        if postmaster is None or self.router.is_local(postmaster):
+            # postmaster@ a local domain always resolves: to --postmaster,
+            # or to the postmaster's own Maildir when that is nobody.
+            domain = postmaster.domain if postmaster is not None else rcpt.domain
+            postmaster = Address("postmaster", domain)
+        try:
+            resolution = await self.router.lookup(postmaster)
+        except (UnknownRecipient, AliasLoop, EmptyResolution) as e2:
+            log.error("{qid}: to=<{to}> status=bounced (cannot deliver the bounce: {e}; "
+                      "nor to <{postmaster}>: {e2}); dropped",
+                      qid=envelope.queue_id, to=safe(rcpt), e=safe(error),
+                      postmaster=safe(postmaster), e2=safe(e2))
+            tally.delivery("bounced", "local")
+            return
+        log.warn("{qid}: to=<{to}> cannot receive the bounce ({e}); sent to the postmaster "
+                 "<{postmaster}> instead", qid=envelope.queue_id, to=safe(rcpt), e=safe(error),
+                 postmaster=safe(postmaster))
+        if postmaster not in envelope.rcpts:
+            envelope.add(postmaster, resolution)
+
+    async def _bounce_unknown(self, envelope: Envelope, spool: MessageSpool,
+                              unknown: list[tuple[Address, Exception]]) -> None:
+        """
+        A local user injected mail (C{mailstack sendmail}) for local
+        recipients that do not exist: tell the sender with a DSN, as
+        Postfix's bounce daemon does, instead of only logging it.  The rest
+        of the message is already delivered: a failure here is logged,
+        never raised (the pick-up would deliver everything again).
+        """
+        if self.hostname is None or envelope.sender is None:
+            return
+        failed = []
+        for rcpt, error in unknown:
+            if isinstance(error, AliasLoop):
+                status, text = "5.4.6", "alias loop"
+            elif isinstance(error, EmptyResolution):
+                status, text = "5.3.0", "alias resolves to no recipient"
+            else:
+                status, text = "5.1.1", "User unknown in local recipient table"
+            failed.append(RecipientState(
+                str(rcpt), state="failed", dsn=status,
+                last_error=f"550 {status} <{rcpt}>: Recipient address rejected: {text}",
+                remote_reply=f"x-local; 550 {status} {text}", relay="local"))
+        record = QueueRecord(envelope.queue_id, str(envelope.sender), envelope.received_at,
+                             failed)
+        try:
+            report = build_report(self.hostname, record, failed,
+                                  b"".join(spool.header_fields()),
+                                  wall_seconds(self.clock))
+            bounce_id = await self.inject(None, [envelope.sender], report, client="bounce")
+        except Exception as e:  # noqa: BLE001 - the message itself is delivered; log it
+            log.error("{qid}: cannot send the bounce to <{sender}>: {error}",
+                      qid=envelope.queue_id, sender=safe(envelope.sender), error=safe(e))
+            return
+        log.info("{qid}: sender non-delivery notification: {bounce_id}",
+                 qid=envelope.queue_id, bounce_id=bounce_id)
+
     def inject(self, sender: Address | None, recipients: Sequence[Address], content: bytes,
                client: str = "local", queue_id: str | None = None,
                user: Any = None) -> Deferred[str]:
         """
         Deliver a message made here (a bounce, a local submission) with LF
-        line endings; unknown local recipients are logged and skipped.
+        line endings; unknown local recipients are logged and skipped, and
+        for a local submission the sender gets a bounce about them.
         Fires with the new queue id.  The content is normalised first
         (L{mailstack.delivery.cleanup}): it did not come through SMTP DATA.
 
@@ -193,14 +264,23 @@ class Dispatcher:
             spool.close()
             return fail(spool.error)
 
+        unknown: list[tuple[Address, Exception]] = []
+
         async def checked() -> None:
             for rcpt in recipients:
                 try:
                     resolution = await self.router.lookup(rcpt)
                 except (UnknownRecipient, AliasLoop, EmptyResolution) as e:
+                    if client == "bounce" and sender is None and user is None:
+                        # Our own report to a local sender that cannot
+                        # receive it: the postmaster gets it (Postfix's
+                        # double bounce), never a report about the report.
+                        await self._to_postmaster(envelope, rcpt, e)
+                        continue
                     log.warn("{qid}: to=<{to}> status=bounced (unknown local recipient: {e})",
                              qid=envelope.queue_id, to=safe(rcpt), e=safe(e))
                     tally.delivery("bounced", "local")
+                    unknown.append((rcpt, e))
                     continue
                 envelope.add(rcpt, resolution)
             log.info("{qid}: from=<{sender}> size={size} nrcpt={n} ({client})",
@@ -211,6 +291,8 @@ class Dispatcher:
                 if not await self.inject_check(envelope, spool, user):
                     return  # discarded, logged
             await self.dispatch(envelope, spool)
+            if unknown and user is not None and sender is not None:
+                await self._bounce_unknown(envelope, spool, unknown)
 
         d = Deferred.fromCoroutine(checked())
 

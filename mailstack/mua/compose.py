@@ -35,13 +35,13 @@ def compose(
     domain: str | None = None,
 ) -> EmailMessage:
     message = EmailMessage(policy=POLICY)
-    message["From"] = sender
+    _set(message, "From", sender)
     if to:
-        message["To"] = ", ".join(to)
+        _set(message, "To", ", ".join(to))
     if cc:
-        message["Cc"] = ", ".join(cc)
+        _set(message, "Cc", ", ".join(cc))
     if subject:
-        message["Subject"] = subject
+        _set(message, "Subject", subject)
     message["Date"] = email.utils.formatdate(localtime=True)
     message["Message-ID"] = email.utils.make_msgid(
         domain=domain or sender.rpartition("@")[2].strip("> ") or None)
@@ -53,7 +53,7 @@ def compose(
         if name.lower() == "bcc":
             raise ComposeError("use --bcc, not a Bcc header")
         del message[name]
-        message[name] = value.strip()
+        _set(message, name, value.strip())
     message.set_content(body if body.endswith("\n") or not body else body + "\n")
     for path in attachments:
         try:
@@ -68,6 +68,18 @@ def compose(
         message.add_attachment(data, maintype=maintype, subtype=subtype,
                                filename=os.path.basename(path))
     return message
+
+
+def _set(message: EmailMessage, name: str, value: str) -> None:
+    """
+    Set a header field; a value the email package refuses (a CR or LF
+    that would start another field, an address it cannot parse) is a
+    L{ComposeError} (exit 65), never a traceback.
+    """
+    try:
+        message[name] = value
+    except (ValueError, IndexError, TypeError) as e:
+        raise ComposeError(f"bad {name}: {value!r} ({e})") from None
 
 
 def to_bytes(message: EmailMessage) -> bytes:

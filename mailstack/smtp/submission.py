@@ -4,7 +4,8 @@ The submission policy (RFC 6409): mail from our own users' clients.
 
   - AUTH PLAIN and LOGIN (RFC 4954), offered and accepted only over TLS;
   - MAIL and RCPT need AUTH; the envelope sender must belong to the user
-    (their address, its plus-addresses, or an alias that reaches them);
+    (their address, its plus-addresses, or an alias that reaches them),
+    and so must every C{From:} address in a local domain;
   - recipients anywhere: local ones through the router, remote ones to
     the outbound queue;
   - a missing C{Message-ID:} or C{Date:} is added (RFC 6409 8);
@@ -16,19 +17,24 @@ from __future__ import annotations
 
 import base64
 import binascii
+import re
 import secrets
+from email.utils import getaddresses
 from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
+from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 
 from mailstack.address import Address, AddressError, parse_address
 from mailstack.clock import wall_seconds
 from mailstack.delivery.router import AliasLoop, EmptyResolution, Resolution, UnknownRecipient
 from mailstack.logsafe import safe
+from mailstack.mailauth.header import header_end
+from mailstack.mailauth.lookup import to_alabel
 from mailstack.message import Envelope, MessageSpool, rfc5322_date
 from mailstack.smtp.policy import ReceivingPolicy
 from mailstack.smtp.reply import Reply, SMTPError
@@ -39,6 +45,29 @@ log = Logger()
 MECHANISMS = ("PLAIN", "LOGIN")
 NEED_TLS = Reply(530, "5.7.0", "Must issue a STARTTLS command first")
 NEED_AUTH = Reply(530, "5.7.0", "Authentication required")
+
+
+def _from_values(spool: MessageSpool) -> list[bytes]:
+    """
+    The values of every C{From:} field in the header section of the
+    message in C{spool} (the whole section, where the DKIM signer looks,
+    L{mailstack.mailauth.header.header_end}), unfolded; lenient where the
+    signer is strict, so it finds at least what the signer finds.  In a
+    worker thread: it reads the spool.
+    """
+    message = spool.read()
+    values: list[bytes] = []
+    current = False
+    for line in re.split(rb"\r?\n", message[:header_end(message)]):
+        if line[:1] in (b" ", b"\t"):
+            if current:
+                values[-1] += line
+            continue
+        name, colon, value = line.partition(b":")
+        current = bool(colon) and name.strip().lower() == b"from"
+        if current:
+            values.append(value)
+    return values
 
 
 class _Cancelled(Exception):
@@ -211,7 +240,54 @@ class SubmissionPolicy(ReceivingPolicy):
             raise SMTPError(*NEED_AUTH)
         return super().rcpt(session, envelope, rcpt)
 
+    async def header_senders_owned(self, session: Any, envelope: Envelope,
+                                   spool: MessageSpool) -> None:
+        """
+        The addresses of the C{From:} fields (RFC 5322.From, what DKIM
+        signs for and DMARC aligns with) that are in a local domain must
+        belong to the user, as the envelope sender must: otherwise one user
+        could send mail as another local user, signed with the domain's
+        DKIM key (mox and maddy refuse it too).  Addresses of other domains
+        pass: they are never signed here, and DMARC judges them at the
+        receiver.
+
+        @raise SMTPError: C{550 5.7.1} naming the address.
+        """
+        # Both views of the header: the spool's (its first 256 KiB) and
+        # the whole header section, where the DKIM signer looks, so that no
+        # From: hides from one of them (after a huge header, or as the last
+        # line of a message without a body).
+        raw = [value for name, _, value in
+               (field.partition(b":") for field in spool.header_fields())
+               if name.strip().lower() == b"from"]
+        raw += await deferToThread(_from_values, spool)
+        values = [value.decode("utf-8", "replace").replace("\r", "").replace("\n", "")
+                  for value in raw]
+        local = {d.lower().rstrip(".") for d in self.router.domains}
+        checked = set()
+        for _name, text in getaddresses(values):
+            if text in checked:
+                continue
+            checked.add(text)
+            domain = to_alabel(text.rpartition("@")[2]).rstrip(".")
+            if not text or "@" not in text or domain not in local:
+                continue
+            try:
+                owned = await self.owns(session.user, parse_address(text))
+            except AddressError:
+                owned = False
+            if not owned:
+                log.info("{qid}: reject: DATA from {client}: From: <{address}> not owned by "
+                         "{user}", qid=envelope.queue_id, client=session.client,
+                         address=safe(text), user=session.user)
+                raise SMTPError(550, "5.7.1", f"<{text}>: From: header address rejected: "
+                                              f"not owned by user {session.user}")
+
     def deliver(self, session: Any, envelope: Envelope, spool: MessageSpool) -> Deferred[Any]:
+        return Deferred.fromCoroutine(self._deliver(session, envelope, spool))
+
+    async def _deliver(self, session: Any, envelope: Envelope, spool: MessageSpool) -> Any:
+        await self.header_senders_owned(session, envelope, spool)
         names = set(spool.header_names())
         if "message-id" not in names:
             token = secrets.token_hex(8)
@@ -219,4 +295,4 @@ class SubmissionPolicy(ReceivingPolicy):
                              .encode("ascii"))
         if "date" not in names:
             spool.add_header(f"Date: {rfc5322_date(wall_seconds(self.clock))}\n".encode("ascii"))
-        return super().deliver(session, envelope, spool)
+        return await super().deliver(session, envelope, spool)
