@@ -19,7 +19,7 @@ same text with C{str.format_map} and one time stamp per second.
 from __future__ import annotations
 
 import re
-from typing import Any, Callable
+from typing import IO, Any, Callable, cast
 
 from twisted.logger import (
     FileLogObserver,
@@ -32,6 +32,8 @@ from twisted.logger import (
 )
 from twisted.names import client, dns
 from zope.interface import implementer
+
+from mailstack.turnlog import TurnWriter
 
 # The UDP port lines of DNS queries (legacy log.msg events).
 _NOISE = re.compile(r"DNSDatagramProtocol starting on \d+|\(UDP Port \d+ Closed\)")
@@ -154,20 +156,40 @@ def fast_text(observer: Any) -> bool:
     return True
 
 
-def filter_noise(publisher: LogPublisher = globalLogPublisher) -> None:
+def turn_writes(observer: Any, reactor: Any) -> bool:
+    """
+    Give a file observer a L{mailstack.turnlog.TurnWriter}: the lines of a
+    reactor turn written together; C{True} if it was installed.  Call on
+    the reactor's thread.
+    """
+    target = _file_observer(observer)
+    out = getattr(target, "_outFile", None)
+    if target is None or out is None or isinstance(out, TurnWriter):
+        return False
+    target._outFile = cast(IO[Any], TurnWriter(out, reactor))  # a file as far as it writes
+    return True
+
+
+def filter_noise(publisher: LogPublisher = globalLogPublisher, reactor: Any = None) -> None:
     """
     Put L{NoiseFilter} in front of the observers the log has now (twistd's
     file or standard output), and give text file observers the fast
     formatter (L{fast_text}); call after logging has begun.
+
+    @param reactor: if given, file observers write each reactor turn's
+        lines together (L{turn_writes}); call on its thread.
     """
     observers = getattr(publisher, "_observers", None)
     if observers is None:
         return  # a future Twisted without that list: noise, but nothing lost
     for observer in list(observers):
         fast_text(observer)
+        if reactor is not None:
+            turn_writes(observer, reactor)
         if not isinstance(observer, NoiseFilter):
             publisher.removeObserver(observer)
             publisher.addObserver(NoiseFilter(observer))
 
 
-__all__ = ["FastClassicText", "NoiseFilter", "fast_text", "filter_noise", "is_noise", "quiet_dns"]
+__all__ = ["FastClassicText", "NoiseFilter", "fast_text", "filter_noise", "is_noise", "quiet_dns",
+           "turn_writes"]

@@ -39,6 +39,7 @@ import mailstack
 from mailstack.clock import use_monotonic_time
 from mailstack.config import Config, build_config
 from mailstack.delivery.dispatch import Dispatcher
+from mailstack.logs import fast_text, turn_writes
 from mailstack.proxy import ProxyHeaderFactory
 from mailstack.queue.handoff import QueueHandoff
 from mailstack.queue.store import QueueStore
@@ -272,6 +273,9 @@ def main() -> None:
                                f"#{level.name if level is not None else '-'}")
         write(event)
 
+    # The same fast formatter and per-turn writes as the main process's log.
+    fast_text(write)
+    turn_writes(write, reactor)
     globalLogBeginner.beginLoggingTo([observe], redirectStandardIO=False)
     config = build_config(settings["options"])
     use_monotonic_time(reactor)  # timers must not follow wall-clock steps

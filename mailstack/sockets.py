@@ -14,6 +14,11 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.internet import tcp
+from twisted.protocols.policies import ProtocolWrapper
+
+from mailstack.twisted_privates import buffer_empty
+
 
 def set_nodelay(transport: Any) -> bool:
     """
@@ -29,3 +34,33 @@ def set_nodelay(transport: Any) -> bool:
     except OSError:
         return False  # not a TCP socket (e.g. a UNIX socket), or already closed
     return True
+
+
+def write_now(transport: Any, data: bytes) -> None:
+    """
+    Write C{data} to C{transport}, straight to its socket if nothing is
+    waiting in Twisted's buffer for it (a plain TCP connection, through
+    wrappers that only pass writes on).
+
+    C{transport.write} keeps the data until the next poll says the socket
+    is writable: for a one-line reply to a client that waits for it, that
+    is two C{epoll_ctl} calls (write interest on and off) and one more
+    reactor turn per reply.  Sent here, a reply that fits the socket's
+    buffer (nearly all) goes at once; what does not fit goes to
+    C{transport.write}, after it, so the order is kept.  Under TLS, or
+    whenever Twisted holds unsent data, it is C{transport.write} as usual.
+    """
+    connection = transport
+    while type(connection).write is ProtocolWrapper.write:
+        connection = connection.transport
+    if (not isinstance(connection, tcp.Connection) or connection.TLS
+            or not connection.connected or connection.disconnecting
+            or not buffer_empty(connection)):
+        transport.write(data)
+        return
+    try:
+        sent = connection.socket.send(data)
+    except OSError:
+        sent = 0  # would block, or an error Twisted reports at its next write
+    if sent < len(data):
+        transport.write(data[sent:])

@@ -88,7 +88,7 @@ def makeService(options: Options) -> Any:
     parent = getattr(options, "parent", None) or {}
     owner = privileges.target_ids(parent.get("uid"), parent.get("gid"))
     service = MailStack(options.config, reactor)
-    reactor.callWhenRunning(filter_noise)  # twistd's log observers exist by then
+    reactor.callWhenRunning(filter_noise, reactor=reactor)  # twistd's log observers exist by then
     install_metrics(service, reactor)
     # SIGHUP re-reads the file given with --config; the command line still wins.
     reload.install(service, reactor, lambda: build_config(options, options["config"]))

@@ -181,6 +181,23 @@ PRIVATES: tuple[Private, ...] = (
         "The observers already added (twistd's log file), wrapped in the noise "
         "filter; without it the noise is logged and nothing else changes."),
     Private(
+        "twisted.internet.abstract.FileDescriptor", "_tempDataLen", "attribute", None,
+        ("mailstack.sockets: write_now",),
+        "How much a connection's write buffer holds besides dataBuffer: a "
+        "reply goes straight to the socket only when nothing is waiting "
+        "before it (the order of the bytes)."),
+    Private(
+        "twisted.internet.abstract.FileDescriptor", "_writeDisconnected", "attribute", None,
+        ("mailstack.sockets: write_now",),
+        "Whether the connection's writing half was shut down: then nothing "
+        "is sent straight to the socket."),
+    Private(
+        "twisted.logger.FileLogObserver", "_outFile", "attribute", None,
+        ("mailstack.logs: turn_writes",),
+        "The log's file, replaced by a writer that writes a reactor turn's "
+        "lines together (mailstack.turnlog); without it every line is one "
+        "write, as before, and nothing else changes."),
+    Private(
         "twisted.names.common.ResolverBase", "_lookup", "method",
         ("self", "name", "cls", "type", "timeout"),
         ("mailstack.testing: FakeResolver", "mailstack.mailauth.testing: ZoneResolver"),
@@ -220,6 +237,16 @@ def discard_buffered_input(protocol: Any) -> None:
     @param protocol: a C{LineReceiver} or C{LineOnlyReceiver}.
     """
     protocol._buffer = b""
+
+
+def buffer_empty(connection: Any) -> bool:
+    """
+    Whether a Twisted connection holds no unsent data and may still write.
+
+    @param connection: a C{twisted.internet.abstract.FileDescriptor}.
+    """
+    return (not connection._tempDataLen and connection.offset == len(connection.dataBuffer)
+            and not connection._writeDisconnected)
 
 
 def pop3_pending_user(protocol: Any) -> bytes | None:

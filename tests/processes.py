@@ -29,7 +29,8 @@ class Twistd:
                                         env=env, cwd=cwd or "/", **popen)
         self.lines = []
         self._new = queue.Queue()
-        threading.Thread(target=self._read, daemon=True).start()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
     def _read(self):
         for line in self.process.stdout:
@@ -76,3 +77,6 @@ class Twistd:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+        # The process is gone, but its last lines may still be in the pipe:
+        # read to the end before anyone looks at them.
+        self._reader.join(30)

@@ -74,7 +74,7 @@ class ReactorTests(SynchronousTestCase):
         # Not on trial's running reactor: it would wrap trial's log observer
         # for every later test in the process (each error then counts twice).
         from mailstack import logs
-        self.patch(logs, "filter_noise", lambda: None)
+        self.patch(logs, "filter_noise", lambda publisher=None, reactor=None: None)
         options = tap.Options()
         options.parseOptions(["--data-dir", self.mktemp()])
         from twisted.internet import reactor

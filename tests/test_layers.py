@@ -31,7 +31,7 @@ LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
         "mailstack.proxy", "mailstack.reactors", "mailstack.safeio", "mailstack.shared",
         "mailstack.tally",
         "mailstack.sockets",
-        "mailstack.throttle", "mailstack.tls", "mailstack.transport",
+        "mailstack.throttle", "mailstack.tls", "mailstack.transport", "mailstack.turnlog",
         "mailstack.twisted_privates", "mailstack.users", "mailstack.wire",
         # The reply value every layer answers with, and the plugin package
         # itself (a namespace; the plugins in it are the top layer).

@@ -135,6 +135,32 @@ class SessionTests(SynchronousTestCase):
         self.assertEqual([r[:3] for r in replies], [b"250", b"250", b"354", b"250", b"221"])
         self.assertEqual(len(self.policy.delivered), 1)
 
+    def test_no_pause_for_a_client_that_waits(self):
+        """
+        A pending check pauses the transport only once input arrives behind
+        it: a client that waits for each reply costs no pause and resume
+        (each two epoll_ctl calls); one that sends on is paused at once.
+        """
+        pauses = []
+        original = self.transport.pauseProducing
+
+        def pause():
+            pauses.append(True)
+            original()
+
+        self.transport.pauseProducing = pause
+        pending = Deferred()
+        self.policy.mail_result = pending
+        self.send(b"EHLO c.test\r\nMAIL FROM:<a@b.test>\r\n")
+        self.assertEqual((self.transport.producerState, pauses), ("producing", []))
+        self.send(b"RCPT TO:<u@mx.test>\r\n")
+        self.assertEqual((self.transport.producerState, len(pauses)), ("paused", 1))
+        self.send(b"NOOP\r\n")
+        self.assertEqual(len(pauses), 1)
+        pending.callback(None)
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertEqual([r[:3] for r in self.replies()], [b"250", b"250", b"250"])
+
     def test_async_delivery_keeps_order(self):
         """
         The next MAIL's reply never overtakes DATA's (twisted#8126).

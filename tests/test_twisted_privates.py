@@ -10,6 +10,7 @@ entry's C{why} before adapting mailstack.
 from __future__ import annotations
 
 import ast
+import io
 import inspect
 import os
 import re
@@ -19,11 +20,12 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.error import UnauthorizedLogin
 from twisted.cred.portal import Portal
+from twisted.internet.abstract import FileDescriptor
 from twisted.internet.defer import Deferred, fail
 from twisted.internet.protocol import Factory
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.logger import LogPublisher
+from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.logger import FileLogObserver, LogPublisher
 from twisted.mail import imap4, pop3
 from twisted.protocols import basic
 from twisted.python.failure import Failure
@@ -33,7 +35,7 @@ from twisted.trial.unittest import SynchronousTestCase
 import mailstack
 from mailstack import twisted_privates
 from mailstack.twisted_privates import (
-    PRIVATES, buffered_input_size, discard_buffered_input, forget_pop3_user,
+    PRIVATES, buffer_empty, buffered_input_size, discard_buffered_input, forget_pop3_user,
     pop3_pending_user,
 )
 
@@ -105,6 +107,36 @@ class ShapeTests(SynchronousTestCase):
         publisher = LogPublisher(observer)
         self.assertIsInstance(publisher._observers, list)
         self.assertEqual(publisher._observers, [observer])
+
+    def test_log_file(self) -> None:
+        """
+        C{FileLogObserver} writes to the file in C{_outFile}.
+        """
+        out = io.StringIO()
+        observer = FileLogObserver(out, lambda event: "text\n")
+        self.assertIs(observer._outFile, out)
+        observer._outFile = replaced = io.StringIO()
+        observer({})
+        self.assertEqual((out.getvalue(), replaced.getvalue()), ("", "text\n"))
+
+    def test_write_buffer(self) -> None:
+        """
+        A connection's C{write} keeps data in C{_tempDataLen} (with
+        C{dataBuffer}) until it is sent, and C{_writeDisconnected} is false
+        while the connection may write.
+        """
+        connection = FileDescriptor(reactor=MemoryReactor())
+        connection.connected = True
+        connection.startWriting = lambda: None  # type: ignore[method-assign]  # no real descriptor
+        connection.writeSomeData = lambda data: len(data)  # type: ignore[method-assign]  # all sent
+        self.assertTrue(buffer_empty(connection))
+        connection.write(b"250 ok\r\n")
+        self.assertEqual(connection._tempDataLen, 8)
+        self.assertFalse(buffer_empty(connection))
+        connection.stopWriting = lambda: None  # type: ignore[method-assign]
+        connection.doWrite()
+        self.assertTrue(buffer_empty(connection))
+        self.assertFalse(connection._writeDisconnected)
 
     def test_every_use_is_listed(self) -> None:
         """
