@@ -112,6 +112,22 @@ class DataReaderTests(SynchronousTestCase):
         self.assertIsNone(reader.feed(b".\r\nMAIL FROM:<evil@example.com>\r\n"))
         self.assertEqual(reader.feed(b".\r\nQUIT\r\n"), b"QUIT\r\n")
 
+    def test_dropped_long_line_still_judged(self):
+        """
+        A NUL or a bare CR inside the part of an over-long line that is
+        dropped as it arrives gets the same verdict as when the whole line
+        arrives in one read (found by the chunking fuzz test).
+        """
+        for middle in (b"\0", b"\rz"):
+            data = b"a" * 500 + middle + b"a" * 700 + b"\r\n.\r\n"
+            whole = DataReader(lambda _: None, 10**9)
+            self.assertEqual(whole.feed(data), b"")
+            cut = DataReader(lambda _: None, 10**9)
+            self.assertIsNone(cut.feed(data[:1100]))
+            self.assertEqual(cut.feed(data[1100:]), b"")
+            self.assertEqual(whole.rejection[:2], (550, "5.6.0"))
+            self.assertEqual(cut.rejection, whole.rejection)
+
     def test_exactly_1000_octets(self):
         """
         998 characters and CRLF is the longest allowed line.

@@ -69,6 +69,12 @@ class DataReader:
         """
         if len(partial) >= MAX_TEXT_LINE:
             self.line_too_long = True
+            # What is dropped is still judged, so the verdict does not
+            # depend on how the client's bytes were cut into reads.
+            if b"\0" in partial:
+                self.nul = True
+            if b"\r" in partial[:-1]:  # a CR not followed by LF: bare
+                self.bare_newline = True
             self._at_line_start = False
             self._after_crlf = False
             self._count(len(partial) - 1)
