@@ -570,7 +570,9 @@ class ConcurrencyTests(IMAPTestMixin, TestCase):
         """
         A session whose selected folder another session renames or deletes
         is told so with a BYE and closed (Dovecot's answer), instead of a
-        C{NO [SERVERBUG]} storage error at every later command.
+        C{NO [SERVERBUG]} storage error at every later command; one idling
+        in a folder deleted meanwhile is told at once (it was told nothing,
+        and a traceback was logged).
         """
         def work(client):
             answers = []
@@ -587,6 +589,16 @@ class ConcurrencyTests(IMAPTestMixin, TestCase):
                 answers.append(session.until(b"d "))
                 answers[-1].append(session.reader.read())  # the server closes
                 session.close()
+            # Deleted while the other session idles in it: told at once.
+            ok(client.create("Idle"))
+            session = RawSession(self.server, self.context, select=False)
+            session.send(b"a LOGIN alice@localhost alice-pw\r\nb SELECT Idle\r\n")
+            session.until(b"b ")
+            session.send(b"c IDLE\r\n")
+            self.assertTrue(session.reader.readline().startswith(b"+"))
+            ok(client.delete("Idle"))
+            answers.append([session.reader.readline(), session.reader.read()])
+            session.close()
             return answers
 
         factory = self.server.getServiceNamed("imaps").factory
@@ -603,7 +615,7 @@ class ConcurrencyTests(IMAPTestMixin, TestCase):
             if all(session._lost for session in sessions):
                 break
             yield deferLater(reactor, 0.05, lambda: None)
-        self.assertEqual(len(sessions), 2)
+        self.assertEqual(len(sessions), 3)
         for lines in answers:
             self.assertTrue(lines[0].startswith(b"* BYE"), lines)
             self.assertEqual(lines[1:], [b""], lines)
