@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import os
+import re
 import sys
 import time
 from typing import IO, Any, BinaryIO, Sequence, TextIO, TypeVar, cast
@@ -60,7 +61,9 @@ def _address(text: str) -> Address:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="mailstack", description=__doc__.split("\n\n")[0].strip())
+    # The docstring's first paragraph without its epytext markup (C{...}).
+    description = re.sub(r"[A-Z]\{([^}]*)\}", r"\1", __doc__.split("\n\n")[0].strip())
+    p = argparse.ArgumentParser(prog="mailstack", description=description)
     where = p.add_mutually_exclusive_group()
     where.add_argument("--data-dir", help="the data directory [default: ./mailstack-data]")
     where.add_argument("--config", help="the server's TOML configuration file")

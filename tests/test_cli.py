@@ -3,6 +3,7 @@ Tests for the C{mailstack} command, run as a user would run it.
 """
 
 import os
+import re
 import subprocess
 import sys
 
@@ -97,3 +98,22 @@ class CommandTests(SynchronousTestCase):
         self.assertEqual(self.run_ok("user", "list"), "a@example.test\n")
         result = mailstack("--config", path, "user", "add", "b@other.test", stdin="pw\n")
         self.assertIn("not a local domain", result.stderr)
+
+
+class HelpTests(SynchronousTestCase):
+    def test_no_epytext_markup(self):
+        """
+        C{mailstack --help} and every command's help read as plain text: the
+        docstring's epytext markup (C{mailstack}) is not shown to the user.
+        """
+        from mailstack.cli import parser
+
+        p = parser()
+        texts = [p.format_help()]
+        for action in p._actions:
+            choices = getattr(action, "choices", None)
+            if isinstance(choices, dict):
+                texts += [sub.format_help() for sub in choices.values()]
+        self.assertIn("The mailstack command: manage users", texts[0])
+        for text in texts:
+            self.assertIsNone(re.search(r"[A-Z]\{", text), text)

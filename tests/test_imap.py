@@ -9,10 +9,14 @@ import re
 import socket
 import time
 
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import TestCase
 
 from mailstack.access.folder import UIDLIST
+from mailstack.access.imap import IMAPFactory
+from mailstack.access.limits import AccessLimits
 from tests.support import (
     add_user, client_context, in_thread, maildir_files, smtp_session, start_server,
 )
@@ -560,6 +564,62 @@ class ConcurrencyTests(IMAPTestMixin, TestCase):
         self.assertEqual(stale[0], "NO")
         self.assertEqual(expunges, [b"1"])
         self.assertIn(b"\\Flagged", flags[0])
+
+    @inlineCallbacks
+    def test_selected_folder_renamed_or_deleted(self):
+        """
+        A session whose selected folder another session renames or deletes
+        is told so with a BYE and closed (Dovecot's answer), instead of a
+        C{NO [SERVERBUG]} storage error at every later command; one idling
+        in a folder deleted meanwhile is told at once (it was told nothing,
+        and a traceback was logged).
+        """
+        def work(client):
+            answers = []
+            for name, change in (("Box", lambda: ok(client.rename("Box", "Moved"))),
+                                 ("Gone", lambda: ok(client.delete("Gone")))):
+                ok(client.create(name))
+                ok(client.append(name, None, None, b"Subject: x\r\n\r\nx\r\n"))
+                session = RawSession(self.server, self.context, select=False)
+                session.send(b"a LOGIN alice@localhost alice-pw\r\nb SELECT " + name.encode()
+                             + b"\r\n")
+                session.until(b"b ")
+                change()
+                session.send(b"c NOOP\r\nd NOOP\r\n")
+                answers.append(session.until(b"d "))
+                answers[-1].append(session.reader.read())  # the server closes
+                session.close()
+            # Deleted while the other session idles in it: told at once.
+            ok(client.create("Idle"))
+            session = RawSession(self.server, self.context, select=False)
+            session.send(b"a LOGIN alice@localhost alice-pw\r\nb SELECT Idle\r\n")
+            session.until(b"b ")
+            session.send(b"c IDLE\r\n")
+            self.assertTrue(session.reader.readline().startswith(b"+"))
+            ok(client.delete("Idle"))
+            answers.append([session.reader.readline(), session.reader.read()])
+            session.close()
+            return answers
+
+        factory = self.server.getServiceNamed("imaps").factory
+        while not isinstance(factory, IMAPFactory):  # inside the limits and TLS
+            factory = factory.wrappedFactory
+        # Closed sessions are cut soon after their BYE (default 10 s): the
+        # server reads nothing more, so it never sees the client's close.
+        factory.limits = AccessLimits(close_grace=0.1)
+        sessions = []
+        build = factory.buildProtocol
+        factory.buildProtocol = lambda addr: sessions.append(build(addr)) or sessions[-1]
+        answers = yield self.imap(work)
+        for _ in range(200):
+            if all(session._lost for session in sessions):
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(len(sessions), 3)
+        for lines in answers:
+            self.assertTrue(lines[0].startswith(b"* BYE"), lines)
+            self.assertEqual(lines[1:], [b""], lines)
+            self.assertNotIn(b"SERVERBUG", b"".join(lines))
 
     @inlineCallbacks
     def test_pipelined_commands_answered_in_order(self):

@@ -169,3 +169,36 @@ class POP3Tests(TestCase):
         self.assertTrue(answer.startswith(b"+OK"))
         self.assertEqual(answer.count(b"\r\n"), 1)
         self.assertTrue(after.startswith(b"-ERR"), after)
+
+    @inlineCallbacks
+    def test_renamed_and_removed_under_the_session(self):
+        """
+        RETR and DELE of a message whose file another session renamed find
+        it under its new name (RETR hung with no answer and logged a
+        traceback; DELE left the message in place); RETR of one another
+        session removed is an C{-ERR}, and the session goes on.
+        """
+        yield in_thread(smtp_session, self.server.ports["smtp"], lambda client: client.sendmail(
+            "x@remote.test", ["alice@localhost"], b"Subject: three\r\n\r\n3\r\n"))
+        first, second, third = maildir_files(self.server, "alice@localhost")
+        cur = os.path.join(os.path.dirname(os.path.dirname(first)), "cur")
+
+        def work(client):
+            client.stat()
+            for path in (first, third):
+                os.rename(path, os.path.join(cur, os.path.basename(path) + ":2,S"))
+            os.unlink(second)
+            retrieved = client.retr(1)[1]
+            with self.assertRaises(poplib.error_proto) as gone:
+                client.retr(2)
+            client.dele(1)
+            client.dele(3)  # never retrieved: still known by its old name
+            return retrieved, gone.exception, client.stat()
+
+        retrieved, gone, stat = yield self.pop(work)
+        self.assertEqual(b"\r\n".join(retrieved).split(b"\r\n\r\n", 1)[1] + b"\r\n",
+                         BODY.split(b"\r\n\r\n", 1)[1])
+        self.assertTrue(str(gone).startswith("b'-ERR"), gone)
+        self.assertEqual(stat[0], 1)  # the removed one, still listed
+        self.assertEqual(maildir_files(self.server, "alice@localhost", "cur"), [])
+        self.assertEqual(maildir_files(self.server, "alice@localhost", "new"), [])

@@ -4,6 +4,7 @@ file per message, state records appended, a torn tail ignored, the legacy
 layout (C{content/} + C{envelope/*.json}) still loaded.
 """
 
+import errno
 import json
 import os
 import shutil
@@ -21,6 +22,37 @@ from mailstack.safeio import Disk, RecordingDisk, use_disk
 
 CONTENT = b"Subject: hello\n\nbody line\n"
 LOAD_ERRORS = (OSError, ValueError, TypeError, KeyError, AttributeError)
+
+
+class ShortWriteDisk(Disk):
+    """
+    A disk whose next calls fail as listed: C{(operation, errno)}, or
+    C{("write", SHORT)} for a write that stores half of its data.
+    """
+
+    SHORT = -1
+
+    def __init__(self, faults):
+        self.faults = list(faults)
+
+    def _fault(self, operation):
+        if self.faults and self.faults[0][0] == operation:
+            return self.faults.pop(0)[1]
+        return None
+
+    def write(self, fd, data):
+        fault = self._fault("write")
+        if fault == self.SHORT:
+            return os.write(fd, data[:max(1, len(data) // 2)])
+        if fault is not None:
+            raise OSError(fault, os.strerror(fault))
+        return os.write(fd, data)
+
+    def fsync(self, fd):
+        fault = self._fault("fsync")
+        if fault is not None:
+            raise OSError(fault, os.strerror(fault))
+        os.fsync(fd)
 
 
 class NoSyncDisk(Disk):
@@ -198,6 +230,30 @@ class QueueFileTests(SynchronousTestCase):
         self.assertEqual(state(QueueStore(self.store.directory).load(record.queue_id)),
                          state(loaded))
         self.assertNotIn(record.queue_id, store.torn)
+
+    def test_failed_append_not_followed_by_appends(self):
+        """
+        A state append that fails after part of its record reached the file
+        (ENOSPC after a short write, EIO at the fsync) leaves a tear the
+        running store knows of: the next save rewrites the file instead of
+        appending behind the tear, where the next load would never look,
+        and a restart finds the state saved last.
+        """
+        for faults in ([("write", ShortWriteDisk.SHORT), ("write", errno.ENOSPC)],
+                       [("fsync", errno.EIO)]):
+            store = QueueStore(self.mktemp())
+            record = new_record()
+            add(store, record)
+            disk = ShortWriteDisk(faults)
+            self.addCleanup(use_disk, use_disk(disk))
+            record.attempts = 1
+            self.assertRaises(OSError, store.save, record)
+            use_disk(Disk())
+            record.attempts = 2
+            record.recipients[0].state = SENT
+            store.save(record)
+            self.assertEqual(state(QueueStore(store.directory).load(record.queue_id)),
+                             state(record))
 
     def test_garbage_files(self):
         """

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import datetime
 import math
+import os
 import re
 from typing import Any
 
@@ -587,11 +588,32 @@ class IMAPServer(imap4.IMAP4Server):
             log.warn("imap: {client}: {error} {path}", client=self.client, error=error.strerror,
                      path=error.filename)
             self.sendNegativeResponse(tag, b"[SERVERBUG] Folder unavailable; see the server log")
+        elif isinstance(error, FileNotFoundError) and self._selected_vanished():
+            # Another session renamed or deleted the selected folder: no
+            # command can succeed in it any more (Dovecot says BYE too).
+            self._folder_vanished()
         elif isinstance(error, OSError):  # a full disk, a storage fault: one log line
             self.sendNegativeResponse(tag, self._storage_failed(error))
         else:
             log.failure("imap: command failed for {client}", failure, client=self.client)
             self.sendNegativeResponse(tag, b"[SERVERBUG] Internal error; see the server log")
+
+    def _selected_vanished(self) -> bool:
+        """
+        Whether the selected folder's directory is gone.
+        """
+        mbox = self.mbox
+        folder = getattr(mbox, "folder", None)
+        return folder is not None and not os.path.isdir(folder.path)
+
+    def _folder_vanished(self) -> None:
+        """
+        Another session renamed or deleted the selected folder: no command
+        can succeed in it any more, so say BYE and close (as Dovecot does).
+        """
+        log.info("imap: {client}: the selected folder was renamed or deleted; closed",
+                 client=self.client)
+        self._close(b"* BYE The selected folder was renamed or deleted")
 
     def _count_bad(self) -> None:
         self._bad_in_row += 1
@@ -1124,7 +1146,10 @@ class IMAPServer(imap4.IMAP4Server):
 
         def done(result: Any) -> None:
             self._idle_refresh = None
-            if isinstance(result, Failure):
+            if isinstance(result, Failure) and result.check(FileNotFoundError) \
+                    and self._selected_vanished():
+                self._folder_vanished()
+            elif isinstance(result, Failure):
                 log.failure("imap: IDLE refresh failed for {client}", result,
                             client=self.client)
             elif self._idle_again:

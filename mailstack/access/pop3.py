@@ -77,9 +77,17 @@ class MaildirMailbox:
         if message.deleted:
             raise ValueError(index)
         try:
-            return open_file(message.path)
+            try:
+                return open_file(message.path)
+            except FileNotFoundError:
+                # Renamed by another session (IMAP flags), or removed.
+                if _find(message) is None:
+                    raise ValueError(index) from None
+                return open_file(message.path)
         except SymlinkRefused as e:
             log.warn("pop3: not serving {path}: {error}", path=e.filename, error=e.strerror)
+            raise ValueError(index) from None
+        except FileNotFoundError:
             raise ValueError(index) from None
 
     def getUidl(self, index: int) -> bytes:
@@ -110,7 +118,36 @@ class MaildirMailbox:
                 try:
                     os.unlink(message.path)
                 except FileNotFoundError:
-                    pass  # another session deleted it first: the same outcome
+                    # Renamed by another session (IMAP flags): removed under
+                    # its new name; if it is gone, the outcome is the same.
+                    if _find(message) is not None:
+                        try:
+                            os.unlink(message.path)
+                        except FileNotFoundError:
+                            pass
+
+
+def _find(message: MaildirMessage) -> str | None:
+    """
+    Find a message whose file is no longer where the session listed it:
+    another session gave it another name (C{new/X} to C{cur/X:2,S} when an
+    IMAP client set a flag).  Lists the folder's C{cur/} and C{new/}, so
+    only for a file found missing.
+
+    @return: its path now (also stored in C{message.path}), or C{None} if
+        it is gone.
+    """
+    root = os.path.dirname(os.path.dirname(message.path))
+    for sub in ("cur", "new"):
+        try:
+            names = os.listdir(os.path.join(root, sub))
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if name == message.uid or name.startswith(message.uid + ":"):
+                message.path = os.path.join(root, sub, name)
+                return message.path
+    return None
 
 
 class POP3Server(pop3.POP3):

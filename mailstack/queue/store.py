@@ -292,8 +292,9 @@ class QueueStore:
     def save(self, record: QueueRecord) -> None:
         """
         Record a message's state durably: a state record appended to its
-        file and fsynced (the file rewritten whole when its tail was torn
-        or its appended records have grown large).
+        file and fsynced (the file rewritten whole when its tail was torn,
+        also by an append of this process that failed, or its appended
+        records have grown large).
         """
         queue_id = record.queue_id
         if self._is_legacy(queue_id):
@@ -307,7 +308,14 @@ class QueueStore:
             appended = (os.stat(path).st_size - record.size - len(qfile.MAGIC)
                         - len(record.to_json_compact()) - 2 * qfile.FRAME)
             if appended <= max(self.compact_above, 8 * len(state)):
-                append_file(path, qfile.frame(qfile.STATE, state))
+                try:
+                    append_file(path, qfile.frame(qfile.STATE, state))
+                except BaseException:
+                    # Part of the record may be in the file (a short write
+                    # then ENOSPC, or EIO at the fsync): a tear that the
+                    # next save must not append behind, where no load looks.
+                    self.torn.add(queue_id)
+                    raise
                 return
         self._rewrite(record)
 
