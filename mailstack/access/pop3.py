@@ -6,7 +6,10 @@ POP3 over the Maildirs: Twisted's C{POP3} parser with what it lacks.
     after it in clear text is dropped, like STARTTLS on SMTP;
   - USER/PASS only inside TLS; no APOP (it needs recoverable passwords);
   - RETR and TOP byte-stuffed by L{DotStuffer}, which keeps its line-start
-    state across chunks (Twisted's stuffs each chunk on its own);
+    state across chunks (Twisted's stuffs each chunk on its own), and sent
+    as one write when the message fits in one read; TOP cut by L{TopCut}
+    (Twisted's dropped a last body line without LF); a message removed by
+    another session answers -ERR (Twisted's sent nothing);
   - DELE takes effect at QUIT only; an interrupted session deletes nothing;
   - logins go through the same throttle as SMTP AUTH, before any hash.
 """
@@ -147,7 +150,6 @@ class POP3Server(pop3.POP3):
         self._reading_paused = False
         self._errors = 0
         self._abort_call: Any = None
-        self._stuffer = DotStuffer()
         self._after_stls = False
         peer = self.transport.getPeer()
         self.client = f"[{getattr(peer, 'host', '?')}]:{getattr(peer, 'port', 0)}"
@@ -471,7 +473,7 @@ class POP3Server(pop3.POP3):
             return None
         self._highest = max(self._highest, index + 1)
         top = None if lines is None else TopCut(lines)
-        stuffer = self._stuffer = DotStuffer()
+        stuffer = DotStuffer()
         head = b"+OK %d octets" % size if top is None else b"+OK Top of message follows"
         if isinstance(size, int) and size <= self.inline_read_max:
             d: Deferred[Any] = defer.maybeDeferred(_open_and_read, self.mbox, index, self.CHUNK)
@@ -545,10 +547,6 @@ class POP3Server(pop3.POP3):
         finally:
             self.transport.unregisterProducer()
             f.close()
-
-    def transformChunk(self, chunk: bytes) -> bytes:
-        self.resetTimeout()  # the client is reading: not idle
-        return self._stuffer(chunk)
 
     def connectionLost(self, reason: Any = None) -> None:
         log.info("pop3: disconnect from {client}", client=self.client)
@@ -637,7 +635,7 @@ class _Pacer:
 
     def wait(self) -> Deferred[None]:
         """
-        @return: a L{Deferred} that fires when the transport resumes or stops.
+        @return: a Deferred that fires when the transport resumes or stops.
         """
         self._waiting = Deferred()
         return self._waiting
