@@ -307,15 +307,17 @@ class RetrTopTests(TestCase):
         def run(client, numbers):
             n = numbers["large"]
             return (wire(client, "RETR %d" % n), wire(client, "TOP %d 3" % n),
-                    wire(client, "TOP %d 3999" % n), client.noop())
+                    wire(client, "TOP %d 3999" % n), client.noop(),
+                    (client._shortcmd("LAST"), n))
 
-        retr, top, top_all_but_one, noop = yield self.session(run)
+        retr, top, top_all_but_one, noop, (last, n) = yield self.session(run)
         stored = content.split(b"\n")[:-1]
         stuffed = [b"." + line if line.startswith(b".") else line for line in stored]
         self.assertEqual(retr[1], stuffed)
         self.assertEqual(top[1], stuffed[:1200 + 1 + 3])
         self.assertEqual(top_all_but_one[1], stuffed[:-1])
         self.assertTrue(noop.startswith(b"+OK"))
+        self.assertEqual(last, b"+OK %d" % n)  # Twisted's LAST (RFC 1725) still counts RETR
 
     @inlineCallbacks
     def test_message_removed_under_the_session(self):
