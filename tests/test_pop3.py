@@ -6,7 +6,9 @@ import os
 import poplib
 import socket
 
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
+from twisted.internet.task import deferLater
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
 from mailstack.access.pop3 import TopCut
@@ -318,6 +320,49 @@ class RetrTopTests(TestCase):
         self.assertEqual(top_all_but_one[1], stuffed[:-1])
         self.assertTrue(noop.startswith(b"+OK"))
         self.assertEqual(last, b"+OK %d" % n)  # Twisted's LAST (RFC 1725) still counts RETR
+
+    @inlineCallbacks
+    def test_large_retr_not_read(self):
+        """
+        A client that sends RETR of a large message and reads none of it
+        holds the server to what the transport buffers (the next chunk is
+        read only when the last one is taken); when it goes away the file
+        is closed.
+        """
+        path = os.path.join(self.new, "huge")
+        self.plant({"huge": b"Subject: huge\n\n" + (b"x" * 99 + b"\n") * 200000})  # 20 MB
+
+        def open_on_it():
+            names = []
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    names.append(os.readlink(os.path.join("/proc/self/fd", fd)))
+                except OSError:
+                    pass
+            return names.count(path)
+
+        def start():
+            client = poplib.POP3("localhost", self.server.ports["pop3"], timeout=10)
+            client.stls(context=self.context)
+            client.user("alice@localhost")
+            client.pass_("alice-pw")
+            numbers = {line.split()[1]: line.split()[0] for line in client.uidl()[1]}
+            client._putcmd("RETR %s" % numbers[b"huge"].decode())
+            return client
+
+        client = yield in_thread(start)
+        self.addCleanup(client.file.close)
+        self.addCleanup(client.sock.close)
+        for _ in range(20):  # the server sends what the socket takes, then waits
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(open_on_it(), 1)
+        client.file.close()  # it holds the socket open too
+        client.sock.close()
+        for _ in range(200):
+            if not open_on_it():
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(open_on_it(), 0)
 
     @inlineCallbacks
     def test_message_removed_under_the_session(self):
