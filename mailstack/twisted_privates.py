@@ -113,6 +113,12 @@ PRIVATES: tuple[Private, ...] = (
         "the exception's text (Twisted's sends it to the client).",
         security=True),
     Private(
+        POP3, "_highest", "attribute", None,
+        ("mailstack.access.pop3: RETR, TOP",),
+        "The highest message number retrieved, which Twisted's LAST answers "
+        "and RSET resets; mailstack sends RETR and TOP itself (one write per "
+        "message) and keeps it up to date as Twisted's did."),
+    Private(
         IMAP4_SERVER, "_respond", "method", ("self", "state", "tag", "message"),
         ("mailstack.access.imap: overridden",),
         "Every tagged response passes here: the override marks the command "

@@ -6,8 +6,13 @@ import os
 import poplib
 import socket
 
+from twisted.internet import reactor
 from twisted.internet.defer import inlineCallbacks
-from twisted.trial.unittest import TestCase
+from twisted.internet.task import deferLater
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from mailstack.access.pop3 import TopCut
+from mailstack.wire import DotStuffer
 
 from tests.support import (
     add_user, client_context, in_thread, maildir_files, smtp_session, start_server,
@@ -202,3 +207,247 @@ class POP3Tests(TestCase):
         self.assertEqual(stat[0], 1)  # the removed one, still listed
         self.assertEqual(maildir_files(self.server, "alice@localhost", "cur"), [])
         self.assertEqual(maildir_files(self.server, "alice@localhost", "new"), [])
+
+def wire(client, command):
+    """
+    Send C{command} and return the answer as it came on the wire: the
+    status line and, for a multi-line answer, its lines up to the
+    terminator, still byte-stuffed, without their CRLFs.
+    """
+    client._putcmd(command)
+    status = client.file.readline()
+    if not status.startswith(b"+OK"):
+        return status.rstrip(b"\r\n"), None
+    lines = []
+    while True:
+        line = client.file.readline()
+        if not line.endswith(b"\r\n") or b"\r" in line[:-2] or b"\n" in line[:-2]:
+            raise AssertionError(f"bare CR or LF on the wire: {line!r}")
+        if line == b".\r\n":
+            return status.rstrip(b"\r\n"), lines
+        lines.append(line[:-2])
+
+
+# name -> stored content; RETR and TOP must answer these exactly.
+PLANTED = {
+    "no-body": b"Subject: no body\nX-A: b\n",
+    "dots": b"Subject: dots\n\n.one\n..two\nthree\n.\n",
+    "bare-cr": b"Subject: cr\n\na\rb\r\n.c\rd",
+    "no-final-lf": b"Subject: short\n\nl1\nl2",
+    "empty-header": b"\nbody1\nbody2\n",
+}
+
+
+class RetrTopTests(TestCase):
+    """
+    RETR and TOP on the wire (issue 18 rewrote how they are sent): dot
+    stuffing, CRLF for any line end, TOP's cut, messages larger than one
+    read, and a message removed under a session.
+    """
+
+    @inlineCallbacks
+    def setUp(self):
+        self.server = yield start_server(self, smtp=LISTEN, pop3=LISTEN)
+        add_user(self.server, "alice@localhost", "alice-pw")
+        self.context = client_context(self.server)
+
+        def deliver(client):
+            client.sendmail("x@remote.test", ["alice@localhost"], b"Subject: one\r\n\r\n1\r\n")
+
+        yield in_thread(smtp_session, self.server.ports["smtp"], deliver)
+        self.new = os.path.dirname(maildir_files(self.server, "alice@localhost")[0])
+
+    def plant(self, messages):
+        for name, content in messages.items():
+            with open(os.path.join(self.new, name), "wb") as f:
+                f.write(content)
+
+    def session(self, actions):
+        def run():
+            client = poplib.POP3("localhost", self.server.ports["pop3"], timeout=10)
+            try:
+                client.stls(context=self.context)
+                client.user("alice@localhost")
+                client.pass_("alice-pw")
+                numbers = {line.split()[1].decode(): int(line.split()[0])
+                           for line in client.uidl()[1]}
+                return actions(client, numbers)
+            finally:
+                try:
+                    client.quit()
+                except (poplib.error_proto, OSError):
+                    pass
+        return in_thread(run)
+
+    @inlineCallbacks
+    def test_retr_and_top_edge_cases(self):
+        """
+        A message without a body (TOP gives the whole header), body lines
+        starting with a dot (stuffed), a bare CR and a CRLF in the store
+        (each a line end, never a bare CR on the wire), n larger than the
+        body and a last line without LF (Twisted's TOP dropped it), an
+        empty header.
+        """
+        self.plant(PLANTED)
+
+        def run(client, numbers):
+            answers = {}
+            for name in PLANTED:
+                n = numbers[name]
+                answers[name] = {
+                    command: wire(client, command % n)
+                    for command in ("RETR %d", "TOP %d 0", "TOP %d 1", "TOP %d 2", "TOP %d 99")}
+            return answers
+
+        answers = yield self.session(run)
+        header = [b"Subject: no body", b"X-A: b"]
+        for command in ("RETR %d", "TOP %d 0", "TOP %d 2", "TOP %d 99"):
+            self.assertEqual(answers["no-body"][command][1], header, command)
+        dots = answers["dots"]
+        self.assertEqual(dots["RETR %d"][1],
+                         [b"Subject: dots", b"", b"..one", b"...two", b"three", b".."])
+        self.assertEqual(dots["TOP %d 0"][1], [b"Subject: dots", b""])
+        self.assertEqual(dots["TOP %d 2"][1], [b"Subject: dots", b"", b"..one", b"...two"])
+        self.assertEqual(dots["TOP %d 99"][1], dots["RETR %d"][1])
+        cr = answers["bare-cr"]
+        self.assertEqual(cr["RETR %d"][1], [b"Subject: cr", b"", b"a", b"b", b"..c", b"d"])
+        self.assertEqual(cr["TOP %d 2"][1], [b"Subject: cr", b"", b"a", b"b"])
+        self.assertEqual(cr["TOP %d 99"][1], cr["RETR %d"][1])
+        short = answers["no-final-lf"]
+        self.assertEqual(short["TOP %d 99"][1], [b"Subject: short", b"", b"l1", b"l2"])
+        self.assertEqual(short["TOP %d 1"][1], [b"Subject: short", b"", b"l1"])
+        self.assertEqual(short["RETR %d"][1], short["TOP %d 99"][1])
+        empty = answers["empty-header"]
+        self.assertEqual(empty["TOP %d 0"][1], [b""])
+        self.assertEqual(empty["TOP %d 1"][1], [b"", b"body1"])
+        self.assertEqual(empty["RETR %d"][1], [b"", b"body1", b"body2"])
+        for name in PLANTED:
+            status = answers[name]["RETR %d"][0]
+            self.assertTrue(status.startswith(b"+OK "), status)
+
+    @inlineCallbacks
+    def test_large_message(self):
+        """
+        A message of several reads (read on the thread pool): RETR gives it
+        whole and stuffed; TOP cuts right where the header and the lines
+        asked for cross a read boundary.
+        """
+        header = b"".join(b"X-Pad-%05d: %s\n" % (i, b"h" * 60) for i in range(1200))  # ~90 KiB
+        body = b"".join((b"." if i % 7 == 0 else b"") + b"line %06d %s\n" % (i, b"b" * 80)
+                        for i in range(4000))  # ~370 KiB
+        content = header + b"\n" + body
+        self.plant({"large": content})
+
+        def run(client, numbers):
+            n = numbers["large"]
+            return (wire(client, "RETR %d" % n), wire(client, "TOP %d 3" % n),
+                    wire(client, "TOP %d 3999" % n), client.noop(),
+                    (client._shortcmd("LAST"), n))
+
+        retr, top, top_all_but_one, noop, (last, n) = yield self.session(run)
+        stored = content.split(b"\n")[:-1]
+        stuffed = [b"." + line if line.startswith(b".") else line for line in stored]
+        self.assertEqual(retr[1], stuffed)
+        self.assertEqual(top[1], stuffed[:1200 + 1 + 3])
+        self.assertEqual(top_all_but_one[1], stuffed[:-1])
+        self.assertTrue(noop.startswith(b"+OK"))
+        self.assertEqual(last, b"+OK %d" % n)  # Twisted's LAST (RFC 1725) still counts RETR
+
+    @inlineCallbacks
+    def test_large_retr_not_read(self):
+        """
+        A client that sends RETR of a large message and reads none of it
+        holds the server to what the transport buffers (the next chunk is
+        read only when the last one is taken); when it goes away the file
+        is closed.
+        """
+        path = os.path.join(self.new, "huge")
+        self.plant({"huge": b"Subject: huge\n\n" + (b"x" * 99 + b"\n") * 200000})  # 20 MB
+
+        def open_on_it():
+            names = []
+            for fd in os.listdir("/proc/self/fd"):
+                try:
+                    names.append(os.readlink(os.path.join("/proc/self/fd", fd)))
+                except OSError:
+                    pass
+            return names.count(path)
+
+        def start():
+            client = poplib.POP3("localhost", self.server.ports["pop3"], timeout=10)
+            client.stls(context=self.context)
+            client.user("alice@localhost")
+            client.pass_("alice-pw")
+            numbers = {line.split()[1]: line.split()[0] for line in client.uidl()[1]}
+            client._putcmd("RETR %s" % numbers[b"huge"].decode())
+            return client
+
+        client = yield in_thread(start)
+        self.addCleanup(client.file.close)
+        self.addCleanup(client.sock.close)
+        for _ in range(20):  # the server sends what the socket takes, then waits
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(open_on_it(), 1)
+        client.file.close()  # it holds the socket open too
+        client.sock.close()
+        for _ in range(200):
+            if not open_on_it():
+                break
+            yield deferLater(reactor, 0.05, lambda: None)
+        self.assertEqual(open_on_it(), 0)
+
+    @inlineCallbacks
+    def test_message_removed_under_the_session(self):
+        """
+        A message deleted by another session after the listing: RETR and
+        TOP answer -ERR (Twisted sent no answer at all and the client
+        waited), and the session goes on serving the others.
+        """
+        self.plant({"gone": b"Subject: gone\n\nx\n", "stays": b"Subject: stays\n\ny\n"})
+
+        def run(client, numbers):
+            os.unlink(os.path.join(self.new, "gone"))
+            return (wire(client, "RETR %d" % numbers["gone"]),
+                    wire(client, "TOP %d 1" % numbers["gone"]),
+                    wire(client, "RETR %d" % numbers["stays"]))
+
+        retr, top, other = yield self.session(run)
+        self.assertEqual(retr, (b"-ERR [SYS/PERM] message no longer exists", None))
+        self.assertEqual(top, (b"-ERR [SYS/PERM] message no longer exists", None))
+        self.assertEqual(other[1], [b"Subject: stays", b"", b"y"])
+
+
+class TopCutTests(SynchronousTestCase):
+    """
+    L{TopCut} after L{DotStuffer} gives the same answer however the
+    content is cut into reads.
+    """
+
+    def reference(self, content, lines):
+        stored = content.replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        rows = stored.split(b"\n")
+        if rows[-1] == b"":
+            rows.pop()
+        if b"" in rows:
+            blank = rows.index(b"")
+            rows = rows[:blank + 1 + lines]
+        return b"".join((b"." if r.startswith(b".") else b"") + r + b"\r\n" for r in rows)
+
+    def test_every_split(self):
+        """
+        Every message of L{PLANTED} and a few more, cut at every pair of
+        positions, for n from 0 to 4.
+        """
+        contents = list(PLANTED.values()) + [
+            b"A: b\r\n\r\n.x\r\n\r\ny\r\nz\r\n", b"\n\n\n.\n", b"A: b\n\r\n\r\n", b""]
+        for content in contents:
+            for lines in range(5):
+                expected = self.reference(content, lines)
+                for i in range(len(content) + 1):
+                    for j in range(i, len(content) + 1):
+                        stuffer, top = DotStuffer(), TopCut(lines)
+                        out = b"".join(top(stuffer(part))
+                                       for part in (content[:i], content[i:j], content[j:]))
+                        if not top.done:
+                            out += top(stuffer.finish()[:-3])
+                        self.assertEqual(out, expected, (content, lines, i, j))

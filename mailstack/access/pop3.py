@@ -6,7 +6,10 @@ POP3 over the Maildirs: Twisted's C{POP3} parser with what it lacks.
     after it in clear text is dropped, like STARTTLS on SMTP;
   - USER/PASS only inside TLS; no APOP (it needs recoverable passwords);
   - RETR and TOP byte-stuffed by L{DotStuffer}, which keeps its line-start
-    state across chunks (Twisted's stuffs each chunk on its own);
+    state across chunks (Twisted's stuffs each chunk on its own), and sent
+    as one write when the message fits in one read; TOP cut by L{TopCut}
+    (Twisted's dropped a last body line without LF); a message removed by
+    another session answers -ERR (Twisted's sent nothing);
   - DELE takes effect at QUIT only; an interrupted session deletes nothing;
   - logins go through the same throttle as SMTP AUTH, before any hash.
 """
@@ -21,6 +24,7 @@ from twisted.cred.error import LoginDenied, LoginFailed
 from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.mail import pop3
@@ -76,18 +80,18 @@ class MaildirMailbox:
         message = self._message(index)
         if message.deleted:
             raise ValueError(index)
+        # FileNotFoundError for a message removed under the session (the
+        # server answers -ERR [SYS/PERM] and goes on).
         try:
             try:
                 return open_file(message.path)
             except FileNotFoundError:
                 # Renamed by another session (IMAP flags), or removed.
                 if _find(message) is None:
-                    raise ValueError(index) from None
+                    raise
                 return open_file(message.path)
         except SymlinkRefused as e:
             log.warn("pop3: not serving {path}: {error}", path=e.filename, error=e.strerror)
-            raise ValueError(index) from None
-        except FileNotFoundError:
             raise ValueError(index) from None
 
     def getUidl(self, index: int) -> bytes:
@@ -183,7 +187,6 @@ class POP3Server(pop3.POP3):
         self._reading_paused = False
         self._errors = 0
         self._abort_call: Any = None
-        self._stuffer = DotStuffer()
         self._after_stls = False
         peer = self.transport.getPeer()
         self.client = f"[{getattr(peer, 'host', '?')}]:{getattr(peer, 'port', 0)}"
@@ -470,17 +473,117 @@ class POP3Server(pop3.POP3):
 
         return self._longOperation(d.addBoth(done))
 
+    # RETR and TOP (issue 18).  Twisted sends a message as three writes
+    # (the +OK line, the content through a FileSender pulled by a
+    # cooperator task, the terminator), each its own TLS record and
+    # reactor turn; here a message that fits in one read goes out as a
+    # single write, and a larger one is read in chunks on the thread pool
+    # while the client keeps up.
+    CHUNK = 65536
+    # A message listed at most this size is read on the reactor thread in
+    # one read (what Twisted's FileSender did for every chunk); a larger
+    # one is opened and read on the thread pool.
+    inline_read_max = 65536
+
     def do_RETR(self, i: bytes) -> Any:
-        self._stuffer = DotStuffer()
-        return super().do_RETR(i)
+        return self._send_message(i, None)
 
     def do_TOP(self, i: bytes, size: bytes) -> Any:
-        self._stuffer = DotStuffer()
-        return super().do_TOP(i, size)
+        try:
+            lines = int(size)
+            if lines < 0:
+                raise ValueError(lines)
+        except ValueError:
+            self.failResponse("Bad line count argument")
+            return None
+        return self._send_message(i, lines)
 
-    def transformChunk(self, chunk: bytes) -> bytes:
-        self.resetTimeout()  # the client is reading: not idle
-        return self._stuffer(chunk)
+    def _send_message(self, i: bytes, lines: int | None) -> Any:
+        assert self.mbox is not None
+        try:
+            index = int(i) - 1
+            if index < 0:
+                raise ValueError(index)
+            size = self.mbox.listMessages(index)
+        except (ValueError, IndexError):
+            self.failResponse("Bad message number argument")
+            return None
+        self._highest = max(self._highest, index + 1)
+        top = None if lines is None else TopCut(lines)
+        stuffer = DotStuffer()
+        head = b"+OK %d octets" % size if top is None else b"+OK Top of message follows"
+        if isinstance(size, int) and size <= self.inline_read_max:
+            d: Deferred[Any] = defer.maybeDeferred(_open_and_read, self.mbox, index, self.CHUNK)
+        else:
+            d = deferToThreadPool(self.factory.reactor, self.factory.pool,
+                                  _open_and_read, self.mbox, index, self.CHUNK)
+
+        def opened(result: tuple[Any, bytes]) -> Any:
+            f, chunk = result
+            out = stuffer(chunk)
+            if top is not None:
+                out = top(out)
+            if len(chunk) < self.CHUNK or (top is not None and top.done):
+                f.close()
+                end = b".\r\n" if top is not None and top.done else stuffer.finish()
+                self.transport.write(head + b"\r\n" + out + end)
+                return None
+            self.transport.write(head + b"\r\n" + out)
+            return self._stream(f, stuffer, top)
+
+        def failed(failure: Failure) -> None:
+            if failure.check(FileNotFoundError):
+                log.info("pop3: {client}: message {n} went away before it was read",
+                         client=self.client, n=index + 1)
+                self.failResponse("[SYS/PERM] message no longer exists")
+            elif failure.check(ValueError):
+                self.failResponse("Bad message number argument")
+            elif failure.check(OSError):
+                log.warn("pop3: {client}: cannot read message {n}: {error}",
+                         client=self.client, n=index + 1, error=safe(str(failure.value)))
+                self.failResponse("[SYS/TEMP] cannot read the message now")
+            else:
+                log.failure("pop3: {client}: sending message {n}", failure,
+                            client=self.client, n=index + 1)
+                self.transport.loseConnection()
+
+        return self._longOperation(d.addCallbacks(opened, failed))
+
+    @defer.inlineCallbacks
+    def _stream(self, f: Any, stuffer: DotStuffer, top: TopCut | None) -> Any:
+        """
+        Send the rest of a message larger than one chunk: each chunk read on
+        the thread pool, the next read only once the transport has taken
+        the last write (a client that does not read holds one chunk).
+        """
+        sender = _Pacer()
+        self.transport.registerProducer(sender, True)
+        try:
+            while True:
+                if sender.paused:
+                    yield sender.wait()
+                if sender.stopped:
+                    return
+                chunk = yield deferToThreadPool(self.factory.reactor, self.factory.pool,
+                                                f.read, self.CHUNK)
+                if self.transport.disconnecting or sender.stopped:
+                    return
+                self.resetTimeout()  # the client is reading: not idle
+                out = stuffer(chunk)
+                if top is not None:
+                    out = top(out)
+                if not chunk or top is not None and top.done:
+                    end = b".\r\n" if top is not None and top.done else stuffer.finish()
+                    self.transport.write(out + end)
+                    return
+                self.transport.write(out)
+        except OSError as e:
+            log.warn("pop3: {client}: reading a message failed: {error}; closed",
+                     client=self.client, error=safe(str(e)))
+            self.transport.loseConnection()  # the answer is cut: no way to say so
+        finally:
+            self.transport.unregisterProducer()
+            f.close()
 
     def connectionLost(self, reason: Any = None) -> None:
         log.info("pop3: disconnect from {client}", client=self.client)
@@ -488,6 +591,107 @@ class POP3Server(pop3.POP3):
             self._abort_call.cancel()
         self.mbox = None  # an interrupted session deletes nothing
         super().connectionLost(reason)
+
+
+def _open_and_read(mbox: pop3.IMailbox, index: int, size: int) -> tuple[Any, bytes]:
+    """
+    Open message C{index} of C{mbox} and read its first C{size} bytes.
+
+    @return: the open file and what was read.
+    """
+    f = mbox.getMessage(index)
+    try:
+        return f, f.read(size)
+    except BaseException:
+        f.close()
+        raise
+
+
+class TopCut:
+    """
+    Cuts stuffed CRLF content after the header, the blank line after it
+    and C{lines} lines of the body (RFC 1939 TOP), however the content is
+    cut into chunks.  Content without a blank line is all header and is
+    sent whole.
+
+    The input is L{DotStuffer}'s output, whose CRLFs are never split
+    between two chunks, so a blank line is a C{CRLF} at a line start.
+
+    @ivar done: the cut is reached: nothing more is to be sent.
+    """
+
+    def __init__(self, lines: int) -> None:
+        self.lines = lines
+        self.in_header = True
+        self.done = False
+        self._line_start = True  # the last chunk ended with CRLF
+
+    def __call__(self, out: bytes) -> bytes:
+        """
+        @param out: the next chunk of stuffed content.
+        @return: the part of it to send.
+        """
+        if self.done or not out:
+            return b""
+        start = 0
+        if self.in_header:
+            if self._line_start and out.startswith(b"\r\n"):
+                start = 2
+            else:
+                found = out.find(b"\r\n\r\n")
+                if found < 0:
+                    self._line_start = out.endswith(b"\r\n")
+                    return out
+                start = found + 4
+            self.in_header = False
+        if self.lines == 0:
+            self.done = True
+            return out[:start]
+        if out.count(b"\n", start) < self.lines:
+            self.lines -= out.count(b"\n", start)
+            return out
+        end = start
+        while self.lines:
+            end = out.index(b"\n", end) + 1
+            self.lines -= 1
+        self.done = True
+        return out[:end]
+
+
+@implementer(IPushProducer)
+class _Pacer:
+    """
+    The producer a long RETR registers: remembers whether the transport
+    wants it to pause, and wakes the sending loop when it may go on.
+    """
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.stopped = False
+        self._waiting: Deferred[None] | None = None
+
+    def wait(self) -> Deferred[None]:
+        """
+        @return: a Deferred that fires when the transport resumes or stops.
+        """
+        self._waiting = Deferred()
+        return self._waiting
+
+    def _wake(self) -> None:
+        waiting, self._waiting = self._waiting, None
+        if waiting is not None:
+            waiting.callback(None)
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self._wake()
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+        self._wake()
 
 
 class POP3Factory(Factory[POP3Server]):
