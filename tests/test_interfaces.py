@@ -168,6 +168,7 @@ def instances(testcase):
         mailbox.MaildirAccount: account,
         imap.IMAPServer: imap.IMAPServer(imap_factory, implicit_tls=True),
         pop3.MaildirMailbox: pop3.MaildirMailbox([]),
+        pop3._Pacer: pop3._Pacer(),
         runner.OutboundQueue: queue,
         runner.StagedMessage: runner.StagedMessage(queue, record),
         handoff.QueueHandoff: hand,
