@@ -23,7 +23,7 @@ from mailstack.access.folder import Folder, ensure_folder
 from mailstack.access.imap import render
 from mailstack.access.index import indexes
 from mailstack.access.mailbox import HEADER, load
-from mailstack.access.search import Candidate, matches, needs
+from mailstack.access.search import Candidate, evaluate, needs
 
 
 def main(argv: list[str]) -> None:
@@ -43,14 +43,16 @@ def main(argv: list[str]) -> None:
             loaded = load(folder, items, HEADER, cached=True, envelope=envelope)
             return sum(len(render(m, items_query, False)) for m in loaded if m is not None)
 
+        columns: dict = {}  # as a session's mailbox keeps them
+
         def search(keys: list) -> int:
-            level, found = needs(keys), 0
+            level, candidates = needs(keys), []
             for start in range(0, len(items), 200):
                 for m in load(folder, items[start:start + 200], level, cached=level < 2):
                     if m is not None:
-                        found += matches(keys, Candidate(m.seq, m.entry.uid, set(), m.entry.size,
-                                                         m.internal_date, m.part), count, count)
-            return found
+                        candidates.append(Candidate(m.seq, m.entry.uid, set(), m.entry.size,
+                                                    m.internal_date, m.part))
+            return sum(evaluate(keys, candidates, count, count, columns))
 
         listing = query(b"(BODY.PEEK[HEADER.FIELDS (FROM SUBJECT DATE)])")
         steps = [

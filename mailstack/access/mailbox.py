@@ -46,7 +46,7 @@ from mailstack.access.folder import (
     PERMANENT_FLAGS, Entry, Folder, Snapshot, ensure_folder,
 )
 from mailstack.access.mime import Part, crlf, lf
-from mailstack.access.search import Candidate, Ranges, matches, needs
+from mailstack.access.search import Candidate, Columns, Ranges, evaluate, needs
 from mailstack.access.watch import FolderWatch, Watches
 from mailstack.nofollow import SymlinkRefused, open_file
 from mailstack.safeio import atomic_write, temporary_name
@@ -343,6 +343,9 @@ class MaildirMailbox:
         self.watch: FolderWatch | None = watch
         self._generation = generation  # the watch's, read before the last scan began
         self._unsaved_index: FolderIndex | None = None  # changed, its write put off
+        # SEARCH's header-field texts of every message, with the records
+        # they were made of (see mailstack.access.search.evaluate).
+        self.search_columns: Columns = {}
 
     def _run(self, f: Any, *args: Any) -> Deferred[Any]:
         return self.account.run(f, *args)
@@ -576,7 +579,8 @@ class MaildirMailbox:
         last_uid = view[-1][1].uid if view else 0
 
         def work() -> list[int]:
-            found = []
+            evaluate(query, [], last_seq, last_uid)  # keys lacking arguments: BAD before reading
+            candidates = []
             for start in range(0, len(view), 200):
                 batch = view[start:start + 200]
                 for loaded in load(self.folder, batch, level, cached=cached):
@@ -584,11 +588,11 @@ class MaildirMailbox:
                         continue
                     entry = loaded.entry
                     flags = set(entry.flags) | ({"\\Recent"} if entry.recent else set())
-                    candidate = Candidate(loaded.seq, entry.uid, flags, entry.size,
-                                          loaded.internal_date, loaded.part)
-                    if matches(query, candidate, last_seq, last_uid):
-                        found.append(entry.uid if uid else loaded.seq)
-            return found
+                    candidates.append(Candidate(loaded.seq, entry.uid, flags, entry.size,
+                                                loaded.internal_date, loaded.part))
+            # Column-wise: each header key tested over every message at once.
+            hits = evaluate(query, candidates, last_seq, last_uid, self.search_columns)
+            return [c.uid if uid else c.seq for c, hit in zip(candidates, hits) if hit]
 
         def saved(found: list[int]) -> list[int]:
             if level <= HEADER:
