@@ -19,6 +19,7 @@ from email.header import decode_header, make_header
 from typing import Any, Callable
 
 from mailstack.access.addresses import search_text
+from mailstack.access.headers import HeaderFields
 from mailstack.access.index import CachedPart, Record
 from mailstack.access.mime import Part
 
@@ -212,7 +213,24 @@ def _part_texts(part: Part | CachedPart | None, name: str) -> list[str]:
 
 
 def _decoded_texts(part: Part | CachedPart, name: str) -> list[str]:
-    values = [v.replace(b"\r\n", b"").replace(b"\n", b"") for v in part.header_values(name)]
+    return _decoded(part.header_values(name), name)
+
+
+def _record_texts(record: Record, name: str) -> list[str]:
+    """
+    L{_part_texts} of the record's L{CachedPart}, reading only the field's
+    own lines when the record's values were not parsed yet.
+    """
+    found = record.texts.get(name)
+    if found is None:
+        key = HeaderFields.key(name)
+        values = record.field_values(key) if key is not None else []
+        found = record.texts[name] = _decoded(values, name)
+    return found
+
+
+def _decoded(raw: list[bytes], name: str) -> list[str]:
+    values = [v.replace(b"\r\n", b"").replace(b"\n", b"") for v in raw]
     if name.upper().encode() in ADDRESS_KEYS:
         return [_text(search_text(v.decode("utf-8", "replace")).encode("utf-8"))
                 + " " + _text(v) for v in values]
@@ -452,9 +470,7 @@ def _column(messages: Messages, name: str, columns: Columns | None) -> list[str]
     texts = []
     for source in sources:
         if isinstance(source, Record):
-            found = source.texts.get(name)  # decoded before: no CachedPart made
-            if found is None:
-                found = _part_texts(CachedPart(source), name)
+            found = _record_texts(source, name)
         else:
             found = _part_texts(source, name)
         texts.append(_JOIN.join(found))
