@@ -1,7 +1,8 @@
 """
 The first read of a folder, step by step, in one process (issue 18): the
 first header listing, the index written, the first ENVELOPE, the index
-read anew, the first SEARCH SUBJECT and SEARCH TEXT, over the messages of
+read anew, the first SEARCH SUBJECT and SEARCH TEXT (as a session runs
+them, L{search_folder}), over the messages of
 L{benchmarks.imap_mailbox.fill}, each step's CPU time printed; C{-p}
 prints each step's cProfile (top 8 by own time) as well.
 
@@ -22,8 +23,7 @@ from benchmarks.imap_mailbox import fill
 from mailstack.access.folder import Folder, ensure_folder
 from mailstack.access.imap import render
 from mailstack.access.index import indexes
-from mailstack.access.mailbox import HEADER, load
-from mailstack.access.search import Candidate, matches, needs
+from mailstack.access.mailbox import HEADER, load, search_folder
 
 
 def main(argv: list[str]) -> None:
@@ -43,14 +43,10 @@ def main(argv: list[str]) -> None:
             loaded = load(folder, items, HEADER, cached=True, envelope=envelope)
             return sum(len(render(m, items_query, False)) for m in loaded if m is not None)
 
+        columns: dict = {}  # as a session's mailbox keeps them
+
         def search(keys: list) -> int:
-            level, found = needs(keys), 0
-            for start in range(0, len(items), 200):
-                for m in load(folder, items[start:start + 200], level, cached=level < 2):
-                    if m is not None:
-                        found += matches(keys, Candidate(m.seq, m.entry.uid, set(), m.entry.size,
-                                                         m.internal_date, m.part), count, count)
-            return found
+            return len(search_folder(folder, items, keys, False, columns))
 
         listing = query(b"(BODY.PEEK[HEADER.FIELDS (FROM SUBJECT DATE)])")
         steps = [

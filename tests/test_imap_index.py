@@ -26,7 +26,7 @@ from mailstack.access.index import (
 )
 from mailstack.access.mailbox import HEADER, Loaded
 from mailstack.access.mime import Part
-from mailstack.access.search import Candidate, matches
+from mailstack.access.search import Candidate, SearchError, evaluate, matches
 from tests.test_imap import IMAPTestMixin, deliver, ok
 
 MESSAGES = [
@@ -82,6 +82,17 @@ header_lines = st.lists(st.sampled_from([
 ]), max_size=12)
 
 
+COLUMN_QUERIES = [
+    [b"SUBJECT", b"invoice"], [b"SUBJECT", b"\xc3\xa9t\xc3\xa9"], [b"FROM", b"bob"],
+    [b"TO", b"alice"], [b"CC", b"x@y"], [b"BCC", b"secret"], [b"HEADER", b"Message-ID", b"a@b"],
+    [b"HEADER", b"references", b"b@y"], [b"HEADER", b"subject", b""], [b"SUBJECT", None],
+    [b"NOT", b"SUBJECT", b"invoice"], [b"OR", b"FROM", b"bob", b"TO", b"alice"],
+    [b"SUBJECT", b"e", b"FROM", b"x"], [b"2:4", b"NOT", [b"SEEN", b"FROM", b"bob"]],
+    [b"UID", b"20:40", b"OR", b"SUBJECT", b"twice", b"NOT", b"CC", b"x"],
+    [b"ALL", b"SENTSINCE", b"1-Nov-2026", b"SUBJECT", b"hello"], [b"OR", b"ALL", b"SEEN"],
+]
+
+
 class SameAnswersTests(SynchronousTestCase):
     """
     A message served from its record answers as when read from its file.
@@ -108,9 +119,58 @@ class SameAnswersTests(SynchronousTestCase):
                     matches(query, Candidate(1, 7, set(), 10, 0.0, cached), 1, 7), expected,
                     query)
 
+        fresh = make_record(Part(message).header, stat, len(message))  # nothing decoded yet
+        self.check_columns(full, CachedPart(fresh))
+
+    def check_columns(self, full, cached):
+        """
+        The column-wise evaluator (L{evaluate}) answers as L{matches} does
+        message by message, for single keys and NOT/OR/AND combinations,
+        over messages read from file, from their records and without a
+        part, its columns made and then reused.
+        """
+        other = Part(b"Subject: Invoice 7\r\nFrom: bob@x.test\r\n\r\nbody\r\n")
+        parts = [full, cached, None, other, cached]
+        flags = [set(), {"\\Seen"}, set(), {"\\Seen"}, set()]
+        candidates = [Candidate(n, 10 * n, flags[n - 1], 10, 0.0, part)
+                      for n, part in enumerate(parts, 1)]
+        columns = {}
+        for query in COLUMN_QUERIES:
+            # The columns made (from the record's own lines), then reused.
+            got = [evaluate(query, candidates, len(parts), 10 * len(parts), columns)
+                   for _ in range(2)]
+            expected = [matches(query, c, len(parts), 10 * len(parts)) for c in candidates]
+            self.assertEqual(got, [expected, expected], query)
+
     def test_table(self):
         for message in MESSAGES:
             self.check(message)
+
+    def test_columns_follow_records(self):
+        """
+        Kept columns serve only the records they were made of: a message
+        whose record was replaced (its file changed) is searched anew.
+        """
+        def cached(message):
+            return CachedPart(make_record(Part(message).header, os.stat(__file__), len(message)))
+
+        columns = {}
+        first = [Candidate(1, 1, set(), 10, 0.0, cached(b"Subject: invoice\r\n\r\nx\r\n"))]
+        self.assertEqual(evaluate([b"SUBJECT", b"invoice"], first, 1, 1, columns), [True])
+        second = [Candidate(1, 1, set(), 10, 0.0, cached(b"Subject: other\r\n\r\nx\r\n"))]
+        self.assertEqual(evaluate([b"SUBJECT", b"invoice"], second, 1, 1, columns), [False])
+        self.assertEqual(evaluate([b"SUBJECT", b"invoice"], first, 1, 1, columns), [True])
+
+    def test_needle_with_separator(self):
+        """
+        A needle holding the character that joins a field's values in a
+        column matches no pair of values across their boundary.
+        """
+        message = b"To: a@x.test\r\nTo: b@y.test\r\n\r\nbody\r\n"
+        record = make_record(Part(message).header, os.stat(__file__), len(message))
+        candidates = [Candidate(1, 1, set(), 10, 0.0, CachedPart(record))]
+        self.assertEqual(evaluate([b"TO", b"b@y.test"], candidates, 1, 1, {}), [True])
+        self.assertEqual(evaluate([b"TO", b"x.test\x00b"], candidates, 1, 1, {}), [False])
 
     @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(header_lines)
@@ -135,6 +195,58 @@ def _folder(test, messages=MESSAGES):
         folder.add(message.replace(b"\r\n", b"\n"), set())
     test.addCleanup(indexes.forget, root)
     return folder
+
+
+class SearchFolderTests(SynchronousTestCase):
+    """
+    L{mailbox.search_folder} (what a session's SEARCH runs) answers as
+    L{matches} does over every message read from its file, whichever
+    messages the index knows, with its columns kept between searches.
+    """
+
+    def expected(self, folder, items, query, uid):
+        found = []
+        for seq, entry in items:
+            with open(entry.path(folder.path), "rb") as f:
+                part = Part(f.read().replace(b"\n", b"\r\n"))
+            flags = set(entry.flags) | ({"\\Recent"} if entry.recent else set())
+            candidate = Candidate(seq, entry.uid, flags, entry.size, 0.0, part)
+            if matches(query, candidate, len(items), items[-1][1].uid):
+                found.append(entry.uid if uid else seq)
+        return found
+
+    def check(self, messages, known, uid):
+        folder = _folder(self, messages)
+        items = list(enumerate(folder.scan().entries, 1))
+        # The index knows the messages of `known` only; the others are read.
+        mailbox.load(folder, [i for n, i in enumerate(items) if n in known], HEADER,
+                     cached=True)
+        columns = {}
+        for query in COLUMN_QUERIES:
+            expected = self.expected(folder, items, query, uid)
+            for _ in range(2):  # the columns made (records made too), then reused
+                self.assertEqual(mailbox.search_folder(folder, items, query, uid, columns),
+                                 expected, query)
+
+    def test_table(self):
+        self.check(MESSAGES, {0, 2}, False)
+        self.check(MESSAGES, set(range(len(MESSAGES))), True)
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+    @given(st.lists(header_lines, min_size=1, max_size=5), st.sets(st.integers(0, 4)),
+           st.booleans())
+    def test_varied(self, headers, known, uid):
+        self.check([b"".join(line + b"\r\n" for line in lines) + b"\r\nbody\r\n"
+                    for lines in headers], known, uid)
+
+    def test_malformed_before_reading(self):
+        """
+        A key lacking its argument is answered BAD even in an empty folder.
+        """
+        folder = _folder(self, [])
+        for query in ([b"SUBJECT"], [b"HEADER", b"subject"], [b"NOT"], [b"OR", b"ALL"],
+                      [b"SUBJECT", [b"x"]], [b"UID"]):
+            self.assertRaises(SearchError, mailbox.search_folder, folder, [], query, False)
 
 
 class IndexFileTests(SynchronousTestCase):

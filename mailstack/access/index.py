@@ -40,7 +40,7 @@ from typing import Any, Iterable
 from twisted.logger import Logger
 
 from mailstack.access.limits import MAX_HEADER_PARSE
-from mailstack.access.headers import HeaderFields
+from mailstack.access.headers import HeaderFields, shown
 from mailstack.access.mime import envelope as render_envelope
 from mailstack.access.mime import header_fields, select_fields
 from mailstack.safeio import discard, private_file, temporary_name
@@ -88,6 +88,22 @@ class Record:
         if self._parsed is None:
             self._parsed = HeaderFields.parse(self.header).values
         return self._parsed
+
+    def field_values(self, key: bytes) -> list[bytes]:
+        """
+        Every value of the field named C{key} (lowercased), as L{values}
+        has them, without parsing the other cached lines when they were
+        not parsed yet (a SEARCH of one field over a folder's records).
+        """
+        if self._values is not None:
+            return list(self._values.get(key, ()))
+        if self._parsed is not None:
+            return list(self._parsed.get(key, ()))
+        # One-line "name:value" fields only, within MAX_HEADER_PARSE, no
+        # fold: the values HeaderFields.parse finds for this name.
+        pattern = re.compile(rb"^" + re.escape(key) + rb":[ \t]*([^\r\n]*)\r\n",
+                             re.IGNORECASE | re.MULTILINE)
+        return [shown(value) for value in pattern.findall(self.header)]
 
     def encode(self, base: bytes) -> bytes:
         """

@@ -40,13 +40,13 @@ from zope.interface import implementer
 from mailstack.access.cache import PART_OVERHEAD, PartCache, parsed
 from mailstack.access.limits import MAX_FOLDER_NAME, MAX_FOLDERS, FolderLimit
 from mailstack.access.index import (
-    CachedPart, FolderIndex, indexes, make_record, search_cacheable,
+    CachedPart, FolderIndex, Record, indexes, make_record, search_cacheable,
 )
 from mailstack.access.folder import (
     PERMANENT_FLAGS, Entry, Folder, Snapshot, ensure_folder,
 )
 from mailstack.access.mime import Part, crlf, lf
-from mailstack.access.search import Candidate, Ranges, matches, needs
+from mailstack.access.search import Candidate, Columns, Messages, Ranges, evaluate, needs
 from mailstack.access.watch import FolderWatch, Watches
 from mailstack.nofollow import SymlinkRefused, open_file
 from mailstack.safeio import atomic_write, temporary_name
@@ -220,6 +220,60 @@ def load(folder: Folder, items: list[tuple[int, Entry]], level: int,
     return out
 
 
+def search_folder(folder: Folder, view: list[tuple[int, Entry]], query: list[Any], uid: bool,
+                  columns: Columns | None = None) -> list[int]:
+    """
+    The sequence numbers (or UIDs, if C{uid}) of the messages of C{view}
+    that C{query} matches.  Blocking.
+
+    @param columns: the header-field texts kept between searches (see
+        L{mailstack.access.search.evaluate}).
+    @raise SearchError: the query is malformed.
+    """
+    level = needs(query)
+    cached = search_cacheable(query)
+    last_seq = len(view)
+    last_uid = view[-1][1].uid if view else 0
+    evaluate(query, [], last_seq, last_uid)  # keys lacking arguments: BAD before reading
+    # The messages the index knows are searched from their records,
+    # nothing made per message; the others are read (and recorded).
+    index = indexes.get(folder.path) if cached and level == HEADER else None
+    records = ([index.get(e.base, e.size, e.inode) for _, e in view] if index
+               else [None] * len(view))
+    unknown = [item for item, record in zip(view, records) if record is None]
+    read: dict[int, Loaded | None] = {}
+    for start in range(0, len(unknown), 200):
+        batch = unknown[start:start + 200]
+        for (seq, _), loaded in zip(batch, load(folder, batch, level, cached=cached)):
+            read[seq] = loaded
+    kept: list[tuple[int, Entry]] = []
+    sources: list[Record | Part | None] = []
+    dates: list[float] = []
+    for (seq, entry), record in zip(view, records):
+        if record is None:
+            loaded = read[seq]
+            if loaded is None:
+                continue  # gone
+            part = loaded.part  # recorded now: known by its record
+            sources.append(part.record if isinstance(part, CachedPart) else part)
+            dates.append(loaded.internal_date)
+        else:
+            sources.append(record)
+            dates.append(record.mtime)
+        kept.append((seq, entry))
+
+    def candidate(i: int) -> Candidate:
+        seq, entry = kept[i]
+        flags = set(entry.flags) | ({"\\Recent"} if entry.recent else set())
+        source = sources[i]
+        part = CachedPart(source) if isinstance(source, Record) else source
+        return Candidate(seq, entry.uid, flags, entry.size, dates[i], part)
+
+    # Column-wise: each header key tested over every message at once.
+    hits = evaluate(query, Messages(sources, candidate), last_seq, last_uid, columns)
+    return [entry.uid if uid else seq for (seq, entry), hit in zip(kept, hits) if hit]
+
+
 def _read(folder: Folder, entry: Entry, level: int, index: FolderIndex | None = None,
           cached: bool = False, envelope: bool = False
           ) -> tuple[float, Part | CachedPart | None] | None:
@@ -343,6 +397,9 @@ class MaildirMailbox:
         self.watch: FolderWatch | None = watch
         self._generation = generation  # the watch's, read before the last scan began
         self._unsaved_index: FolderIndex | None = None  # changed, its write put off
+        # SEARCH's header-field texts of every message, with the records
+        # they were made of (see mailstack.access.search.evaluate).
+        self.search_columns: Columns = {}
 
     def _run(self, f: Any, *args: Any) -> Deferred[Any]:
         return self.account.run(f, *args)
@@ -570,25 +627,10 @@ class MaildirMailbox:
 
     def search_ids(self, query: list[Any], uid: bool) -> Deferred[list[int]]:
         level = needs(query)
-        cached = search_cacheable(query)
         view = list(enumerate(self.view, 1))
-        last_seq = len(view)
-        last_uid = view[-1][1].uid if view else 0
 
         def work() -> list[int]:
-            found = []
-            for start in range(0, len(view), 200):
-                batch = view[start:start + 200]
-                for loaded in load(self.folder, batch, level, cached=cached):
-                    if loaded is None:
-                        continue
-                    entry = loaded.entry
-                    flags = set(entry.flags) | ({"\\Recent"} if entry.recent else set())
-                    candidate = Candidate(loaded.seq, entry.uid, flags, entry.size,
-                                          loaded.internal_date, loaded.part)
-                    if matches(query, candidate, last_seq, last_uid):
-                        found.append(entry.uid if uid else loaded.seq)
-            return found
+            return search_folder(self.folder, view, query, uid, self.search_columns)
 
         def saved(found: list[int]) -> list[int]:
             if level <= HEADER:

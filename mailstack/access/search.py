@@ -16,10 +16,11 @@ import time
 from dataclasses import dataclass
 from datetime import date, datetime
 from email.header import decode_header, make_header
-from typing import Any
+from typing import Any, Callable
 
 from mailstack.access.addresses import search_text
-from mailstack.access.index import CachedPart
+from mailstack.access.headers import HeaderFields
+from mailstack.access.index import CachedPart, Record
 from mailstack.access.mime import Part
 
 Ranges = list[tuple[int | None, int | None]]
@@ -197,19 +198,39 @@ def _field_texts(c: Candidate, name: str) -> list[str]:
     Every occurrence of a header field, decoded, lowercased; address
     fields as C{name <mailbox@host>} lists (comments out, groups in).
     """
-    if c.part is None:
+    return _part_texts(c.part, name)
+
+
+def _part_texts(part: Part | CachedPart | None, name: str) -> list[str]:
+    if part is None:
         return []
-    if isinstance(c.part, CachedPart):  # decoded once per message, then kept
-        found = c.part.texts.get(name.lower())
+    if isinstance(part, CachedPart):  # decoded once per message, then kept
+        found = part.texts.get(name.lower())
         if found is None:
-            found = c.part.texts[name.lower()] = _decoded_texts(c, name)
+            found = part.texts[name.lower()] = _decoded_texts(part, name)
         return found
-    return _decoded_texts(c, name)
+    return _decoded_texts(part, name)
 
 
-def _decoded_texts(c: Candidate, name: str) -> list[str]:
-    assert c.part is not None
-    values = [v.replace(b"\r\n", b"").replace(b"\n", b"") for v in c.part.header_values(name)]
+def _decoded_texts(part: Part | CachedPart, name: str) -> list[str]:
+    return _decoded(part.header_values(name), name)
+
+
+def _record_texts(record: Record, name: str) -> list[str]:
+    """
+    L{_part_texts} of the record's L{CachedPart}, reading only the field's
+    own lines when the record's values were not parsed yet.
+    """
+    found = record.texts.get(name)
+    if found is None:
+        key = HeaderFields.key(name)
+        values = record.field_values(key) if key is not None else []
+        found = record.texts[name] = _decoded(values, name)
+    return found
+
+
+def _decoded(raw: list[bytes], name: str) -> list[str]:
+    values = [v.replace(b"\r\n", b"").replace(b"\n", b"") for v in raw]
     if name.upper().encode() in ADDRESS_KEYS:
         return [_text(search_text(v.decode("utf-8", "replace")).encode("utf-8"))
                 + " " + _text(v) for v in values]
@@ -299,6 +320,163 @@ def _one(words: list[Any], c: Candidate, last_seq: int, last_uid: int) -> bool:
         haystack = (c.part.raw if key == b"TEXT" else c.part.body).lower()
         return octets in haystack
     raise SearchError(f"unknown search key {word.decode('ascii', 'replace')}")
+
+
+#: The node kinds of a parsed query (see L{evaluate}).
+_AND, _NOT, _OR, _FIELD, _KEY = range(5)
+#: Between the values of a field in a column's text: a needle holding
+#: it is tested value by value instead.
+_JOIN = "\0"
+
+Columns = dict[str, tuple[list[Any], list[str]]]
+
+
+def _parse_all(words: list[Any]) -> tuple[Any, ...]:
+    nodes = []
+    at = [0]
+    while at[0] < len(words):
+        nodes.append(_parse_one(words, at))
+    return (_AND, nodes)
+
+
+def _parse_one(words: list[Any], at: list[int]) -> tuple[Any, ...]:
+    def take() -> Any:
+        if at[0] >= len(words):
+            raise SearchError("a search key lacks its argument")
+        at[0] += 1
+        return words[at[0] - 1]
+
+    word = take()
+    if isinstance(word, list):
+        return _parse_all(word)
+    if not isinstance(word, bytes):
+        raise SearchError(f"bad search key {word!r}")
+    key = word.upper()
+    if key == b"NOT":
+        return (_NOT, _parse_one(words, at))
+    if key == b"OR":
+        first = _parse_one(words, at)
+        return (_OR, first, _parse_one(words, at))
+    if key in (b"FROM", b"TO", b"CC", b"BCC", b"SUBJECT"):
+        return (_FIELD, key.decode().lower(), _needle(take()))
+    if key == b"HEADER":
+        name = take()
+        needle = _needle(take())
+        if name is None:
+            name = b"NIL"
+        if not isinstance(name, bytes):
+            raise SearchError("bad HEADER field name")
+        return (_FIELD, name.decode("ascii", "replace").lower(), needle)
+    leaf = [word] + [take() for _ in range(0 if is_set(key) else ARGS.get(key, 0))]
+    return (_KEY, leaf)
+
+
+class Messages:
+    """
+    The messages a SEARCH runs over, column by column: what the header
+    keys of each read (its index record, its part read from the file, or
+    None), and its L{Candidate}, made only when a key needs one.
+    """
+
+    def __init__(self, sources: list[Record | Part | None],
+                 candidate: Callable[[int], Candidate]) -> None:
+        """
+        @param sources: per message, its record or its part.
+        @param candidate: the L{Candidate} of the message at an index.
+        """
+        self.sources = sources
+        self._candidate = candidate
+        self._candidates: list[Candidate] | None = None
+
+    @classmethod
+    def of(cls, candidates: list[Candidate]) -> Messages:
+        """
+        The messages of ready-made candidates.
+        """
+        sources = [c.part.record if isinstance(c.part, CachedPart) else c.part
+                   for c in candidates]
+        return cls(sources, candidates.__getitem__)
+
+    def candidates(self) -> list[Candidate]:
+        if self._candidates is None:
+            self._candidates = [self._candidate(i) for i in range(len(self.sources))]
+        return self._candidates
+
+    def part(self, i: int) -> Part | CachedPart | None:
+        source = self.sources[i]
+        return CachedPart(source) if isinstance(source, Record) else source
+
+
+def evaluate(query: list[Any], messages: Messages | list[Candidate], last_seq: int,
+             last_uid: int, columns: Columns | None = None) -> list[bool]:
+    """
+    Whether every key of C{query} holds, for each message (the same
+    answers as L{matches} gives one by one).  Header-field keys (C{FROM},
+    C{TO}, C{CC}, C{BCC}, C{SUBJECT}, C{HEADER}) are tested column-wise:
+    the decoded, lowercased values of the field of every message, one
+    text each, searched in one tight loop; the other keys per message.
+
+    @param messages: the messages, or their candidates.
+    @param columns: where the texts of each field are kept between calls,
+        with the records they were made of: a later search over the same
+        records (the folder unchanged) reuses them.
+    @raise SearchError: a key lacks its argument (checked before any
+        message is looked at), or an argument is malformed.
+    """
+    tree = _parse_all(list(query))
+    if isinstance(messages, list):
+        messages = Messages.of(messages)
+    return _evaluate(tree, messages, last_seq, last_uid, columns)
+
+
+def _evaluate(node: tuple[Any, ...], messages: Messages, last_seq: int,
+              last_uid: int, columns: Columns | None) -> list[bool]:
+    kind = node[0]
+    if kind == _AND:
+        result = [True] * len(messages.sources)
+        for child in node[1]:
+            found = _evaluate(child, messages, last_seq, last_uid, columns)
+            result = [a and b for a, b in zip(result, found)]
+        return result
+    if kind == _NOT:
+        return [not a for a in _evaluate(node[1], messages, last_seq, last_uid, columns)]
+    if kind == _OR:
+        first = _evaluate(node[1], messages, last_seq, last_uid, columns)
+        second = _evaluate(node[2], messages, last_seq, last_uid, columns)
+        return [a or b for a, b in zip(first, second)]
+    if kind == _FIELD:
+        name, needle = node[1], node[2]
+        if not needle or _JOIN in needle:  # "" is in every text, present or not
+            return [any(needle in t for t in _part_texts(messages.part(i), name))
+                    for i in range(len(messages.sources))]
+        return [needle in text for text in _column(messages, name, columns)]
+    words = node[1]
+    return [_one(list(words), c, last_seq, last_uid) for c in messages.candidates()]
+
+
+def _column(messages: Messages, name: str, columns: Columns | None) -> list[str]:
+    """
+    The texts of field C{name} of every message, each one string (its
+    values joined by L{_JOIN}), from C{columns} when made of the same
+    records.
+    """
+    # A cached message is known by its record (replaced when the file
+    # changes); a message read from its file by its part, new each time.
+    sources = messages.sources
+    if columns is not None:
+        kept = columns.get(name)
+        if kept is not None and kept[0] == sources:  # identity: records have no __eq__
+            return kept[1]
+    texts = []
+    for source in sources:
+        if isinstance(source, Record):
+            found = _record_texts(source, name)
+        else:
+            found = _part_texts(source, name)
+        texts.append(_JOIN.join(found))
+    if columns is not None and not any(isinstance(s, Part) for s in sources):
+        columns[name] = (list(sources), texts)  # never a read part: kept for nothing
+    return texts
 
 
 def _compare(key: bytes, day: date, wanted: date) -> bool:
