@@ -34,7 +34,7 @@ from typing import AbstractSet, Iterator, Sequence
 
 from twisted.logger import Logger
 
-from mailstack.access.scan import served_size
+from mailstack.access.scan import find_renamed, served_size
 from mailstack.delivery.maildir import SUBDIRS, arrival_key, unique_name
 from mailstack.nofollow import check_tree, open_file
 from mailstack.safeio import (
@@ -651,17 +651,12 @@ class Folder:
         """
         if os.path.exists(entry.path(self.path)):
             return True
-        for sub in ("cur", "new"):
-            try:
-                names = os.listdir(os.path.join(self.path, sub))
-            except FileNotFoundError:
-                continue
-            for name in names:
-                if split_name(name)[0] == entry.base:
-                    entry.sub, entry.name = sub, name
-                    entry.flags = flags_from_info(split_name(name)[1] or "", self.keywords)
-                    return True
-        return False
+        found = find_renamed(self.path, entry.base)
+        if found is None:
+            return False
+        entry.sub, entry.name = found
+        entry.flags = flags_from_info(split_name(entry.name)[1] or "", self.keywords)
+        return True
 
     def change_flags(self, entries: list[Entry], add: AbstractSet[str] = frozenset(),
                      remove: AbstractSet[str] = frozenset(),

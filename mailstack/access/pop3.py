@@ -16,6 +16,7 @@ POP3 over the Maildirs: Twisted's C{POP3} parser with what it lacks.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 from typing import Any
@@ -34,7 +35,7 @@ from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
 from mailstack.access.limits import AccessLimits
-from mailstack.access.scan import MaildirMessage
+from mailstack.access.scan import MaildirMessage, find_renamed
 from mailstack.logsafe import safe
 from mailstack.nofollow import SymlinkRefused, open_file
 from mailstack.reactors import IMailReactor
@@ -118,40 +119,32 @@ class MaildirMailbox:
 
     def sync(self) -> None:
         for message in self.messages:
-            if message.deleted:
-                try:
-                    os.unlink(message.path)
-                except FileNotFoundError:
-                    # Renamed by another session (IMAP flags): removed under
-                    # its new name; if it is gone, the outcome is the same.
-                    if _find(message) is not None:
-                        try:
-                            os.unlink(message.path)
-                        except FileNotFoundError:
-                            pass
+            if not message.deleted:
+                continue
+            try:
+                os.unlink(message.path)
+            except FileNotFoundError:
+                # Renamed by another session (IMAP flags): removed under its
+                # new name; a message gone already is the same outcome.
+                if _find(message) is not None:
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(message.path)
 
 
 def _find(message: MaildirMessage) -> str | None:
     """
-    Find a message whose file is no longer where the session listed it:
-    another session gave it another name (C{new/X} to C{cur/X:2,S} when an
-    IMAP client set a flag).  Lists the folder's C{cur/} and C{new/}, so
-    only for a file found missing.
+    Find a message whose file is no longer where the session listed it
+    (L{find_renamed}).
 
     @return: its path now (also stored in C{message.path}), or C{None} if
         it is gone.
     """
     root = os.path.dirname(os.path.dirname(message.path))
-    for sub in ("cur", "new"):
-        try:
-            names = os.listdir(os.path.join(root, sub))
-        except FileNotFoundError:
-            continue
-        for name in names:
-            if name == message.uid or name.startswith(message.uid + ":"):
-                message.path = os.path.join(root, sub, name)
-                return message.path
-    return None
+    found = find_renamed(root, message.uid)
+    if found is None:
+        return None
+    message.path = os.path.join(root, *found)
+    return message.path
 
 
 class POP3Server(pop3.POP3):

@@ -81,3 +81,23 @@ def scan(maildir: str, base: str | None = None) -> list[MaildirMessage]:
             found.append(MaildirMessage(path, name.split(":")[0], size))
     found.sort(key=lambda m: arrival_key(m.uid))
     return found
+
+
+def find_renamed(root: str, base: str) -> tuple[str, str] | None:
+    """
+    Find a message of the Maildir at C{root} by its unique base name,
+    whatever info another session gave it since (C{new/X} became
+    C{cur/X:2,S} when an IMAP client set a flag).  Lists C{cur/} and
+    C{new/}, so only for a file found missing.
+
+    @return: its subdirectory and file name now, or C{None} if it is gone.
+    """
+    for sub in ("cur", "new"):
+        try:
+            names = os.listdir(os.path.join(root, sub))
+        except FileNotFoundError:
+            continue
+        for name in names:
+            if name.partition(":")[0] == base:
+                return sub, name
+    return None
