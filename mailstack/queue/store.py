@@ -347,7 +347,7 @@ class QueueStore:
         try:
             unlink(self.path(queue_id))
         except FileNotFoundError:
-            pass
+            pass  # not in msg/: a legacy message, or one removed already
         else:
             self.torn.discard(queue_id)
             return True
