@@ -22,6 +22,29 @@ LISTEN = "tcp:0:interface=127.0.0.1"
 BODY = b"Subject: dots\r\n\r\nfirst\r\n.\r\n..\r\n.x\r\nlast\r\n"
 
 
+
+def pop_session(server, context, actions, tls=True, login=True, timeout=30):
+    """
+    In a thread: a poplib session with C{server} (after STLS and as alice,
+    unless told otherwise) that runs C{actions(client)} and always QUITs.
+    """
+    def run():
+        client = poplib.POP3("localhost", server.ports["pop3"], timeout=timeout)
+        try:
+            if tls:
+                client.stls(context=context)
+            if login:
+                client.user("alice@localhost")
+                client.pass_("alice-pw")
+            return actions(client)
+        finally:
+            try:
+                client.quit()
+            except (poplib.error_proto, OSError):
+                pass  # the test's own actions may have ended the session
+    return in_thread(run)
+
+
 class POP3Tests(TestCase):
     @inlineCallbacks
     def setUp(self):
@@ -36,21 +59,7 @@ class POP3Tests(TestCase):
         yield in_thread(smtp_session, self.server.ports["smtp"], deliver)
 
     def pop(self, actions, tls=True, login=True):
-        def run():
-            client = poplib.POP3("localhost", self.server.ports["pop3"], timeout=30)
-            try:
-                if tls:
-                    client.stls(context=self.context)
-                if login:
-                    client.user("alice@localhost")
-                    client.pass_("alice-pw")
-                return actions(client)
-            finally:
-                try:
-                    client.quit()
-                except (poplib.error_proto, OSError):
-                    pass
-        return in_thread(run)
+        return pop_session(self.server, self.context, actions, tls=tls, login=login)
 
     @inlineCallbacks
     def test_no_password_before_stls(self):
@@ -263,21 +272,15 @@ class RetrTopTests(TestCase):
                 f.write(content)
 
     def session(self, actions):
-        def run():
-            client = poplib.POP3("localhost", self.server.ports["pop3"], timeout=10)
-            try:
-                client.stls(context=self.context)
-                client.user("alice@localhost")
-                client.pass_("alice-pw")
-                numbers = {line.split()[1].decode(): int(line.split()[0])
-                           for line in client.uidl()[1]}
-                return actions(client, numbers)
-            finally:
-                try:
-                    client.quit()
-                except (poplib.error_proto, OSError):
-                    pass
-        return in_thread(run)
+        """
+        Run C{actions(client, numbers)} in a logged-in session, C{numbers}
+        mapping each message's unique name to its number.
+        """
+        def with_numbers(client):
+            numbers = {line.split()[1].decode(): int(line.split()[0])
+                       for line in client.uidl()[1]}
+            return actions(client, numbers)
+        return pop_session(self.server, self.context, with_numbers, timeout=10)
 
     @inlineCallbacks
     def test_retr_and_top_edge_cases(self):
