@@ -25,12 +25,10 @@ import tempfile
 import time
 
 from benchmarks.inbound import process_cpu
+from benchmarks.queue_scale import populate
 from benchmarks.run import Sink
-from mailstack import safeio
-from mailstack.message import MessageSpool
-from mailstack.queue import store as store_module
 from mailstack.queue.control import send_command
-from mailstack.queue.store import QueueRecord, QueueStore, RecipientState
+from mailstack.queue.store import QueueStore
 from mailstack.testing import start_server_process
 
 
@@ -39,21 +37,8 @@ def fill(data_dir, count):
     Write COUNT deferred 1 KiB messages for one remote recipient each
     (without fsync: setup only).
     """
-    store = QueueStore(os.path.join(data_dir, "queue"))
-    real_fsync, real_fsync_dir = os.fsync, safeio.fsync_directory
-    os.fsync = lambda fd: None
-    store_module.fsync_directory = safeio.fsync_directory = lambda d: None
-    try:
-        spool = MessageSpool()
-        spool.write(b"Subject: queued\n\n" + b"x" * 1000 + b"\n")
-        tomorrow = time.time() + 86400
-        for i in range(count):
-            store.add(QueueRecord(f"{i:012X}", "sender@example.org", time.time(),
-                                  [RecipientState("someone@remote.test")],
-                                  next_attempt=tomorrow), spool)
-    finally:
-        os.fsync = real_fsync
-        store_module.fsync_directory = safeio.fsync_directory = real_fsync_dir
+    populate(QueueStore(os.path.join(data_dir, "queue")), count,
+             recipients=("someone@remote.test",), attempts=0, spread=0)
 
 
 def wait_idle(pid, quiet=0.5, limit=120):

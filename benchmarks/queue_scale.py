@@ -46,9 +46,11 @@ def cpu_seconds():
     return usage.ru_utime + usage.ru_stime
 
 
-def populate(store, count):
+def populate(store, count, recipients=("a@remote.test", "b@remote.test"), attempts=3,
+             spread=3600):
     """
-    Write COUNT deferred messages without fsync (setup only).
+    Write COUNT deferred 1 KiB messages without fsync (setup only), due
+    tomorrow within SPREAD seconds of each other.
     """
     real_fsync, real_fsync_dir = os.fsync, safeio.fsync_directory
     os.fsync = lambda fd: None
@@ -59,8 +61,9 @@ def populate(store, count):
         tomorrow = time.time() + 86400
         for i in range(count):
             record = QueueRecord(f"{i:012X}", "sender@example.org", time.time(),
-                                 [RecipientState("a@remote.test"), RecipientState("b@remote.test")],
-                                 attempts=3, next_attempt=tomorrow + i % 3600)
+                                 [RecipientState(address) for address in recipients],
+                                 attempts=attempts,
+                                 next_attempt=tomorrow + (i % spread if spread else 0))
             store.add(record, spool)
     finally:
         os.fsync = real_fsync
